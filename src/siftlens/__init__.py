@@ -1,0 +1,41 @@
+"""siftlens: explain Vision Transformer self-attention in terms of SIFT keypoints.
+
+Public API (imported lazily, so ``import siftlens`` stays light)::
+
+    analyze, AnalysisConfig, AnalysisResult        dataset-level analysis returning tables
+    write_report                                    figures + self-contained report.html from those tables
+    keypoint_map, detect, SiftParams, KeypointMap   SIFT on the model's pixels, patch weight maps
+    capture, Rollout                                per-layer attention capture, attention rollout
+    image_metrics, null_indices, with_null          the metrics and the null model, batched torch
+    load_backend, Backend                           one interface over native, Hugging Face and timm models
+    ViT, ViTConfig, load_vit, save_vit              the project's own ViT
+    ImageSource                                     folders, zips, globs and file lists of images
+    SiftlensError                                   base class of every user-facing error
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "analyze": "analysis", "AnalysisConfig": "analysis", "AnalysisResult": "analysis",
+    "write_report": "report",
+    "keypoint_map": "keypoints", "detect": "keypoints", "SiftParams": "keypoints", "KeypointMap": "keypoints",
+    "capture": "attention", "Rollout": "attention",
+    "image_metrics": "metrics", "null_indices": "metrics", "with_null": "metrics",
+    "load_backend": "models.backends", "Backend": "models.backends",
+    "ViT": "models.vit", "ViTConfig": "models.vit", "load_vit": "models.vit", "save_vit": "models.vit",
+    "ImageSource": "data",
+    "SiftlensError": "errors",
+    "run_analysis": "pipeline", "run_demo": "pipeline",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'siftlens' has no attribute {name!r}")

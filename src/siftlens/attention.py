@@ -1,0 +1,107 @@
+"""Capturing post-softmax attention one layer at a time, and attention rollout.
+
+:func:`capture` is a context manager: it switches the backend to its eager attention path, registers one
+forward hook per selected layer, and removes every hook (and restores the fused path) on exit, also when
+the body raises. It never swallows an exception. Each hook calls ``on_attention(layer, attn)`` with
+``attn: (B, h, S, S)`` as soon as the layer has computed it, so only one layer's attention is alive at a
+time unless the callback keeps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from .errors import AttentionBackendError
+from .models.backends import Backend
+
+OnAttention = Callable[[int, torch.Tensor], None]
+
+
+class Capture:
+    """Handle returned by :func:`capture`; ``seen`` lists the layers observed in the last forward."""
+
+    def __init__(self, layers: list[int]):
+        self.layers = layers
+        self.seen: list[int] = []
+
+    def reset(self) -> None:
+        self.seen = []
+
+    def check(self) -> None:
+        """Raise if a selected layer produced no attention (e.g. a fused kernel was still active)."""
+        missing = [l for l in self.layers if l not in self.seen]
+        if missing:
+            raise AttentionBackendError(
+                f"no attention was observed for layers {missing}: the model did not run its eager "
+                "attention path (a fused kernel such as SDPA or flash attention is still active)"
+            )
+
+
+def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    """None -> all layers; negative indices count from the end; duplicates removed, order kept."""
+    if layers is None:
+        return list(range(num_layers))
+    out = []
+    for l in layers:
+        k = l + num_layers if l < 0 else l
+        if not 0 <= k < num_layers:
+            raise AttentionBackendError(f"layer {l} is out of range for a model with {num_layers} layers")
+        if k not in out:
+            out.append(k)
+    return out
+
+
+@contextlib.contextmanager
+def capture(
+    backend: Backend, on_attention: OnAttention, layers: Sequence[int] | None = None
+) -> Iterator[Capture]:
+    """Call ``on_attention(layer, attn (B, h, S, S))`` for each selected layer during forwards in the block."""
+    sel = resolve_layers(layers, backend.num_layers)
+    cap = Capture(sel)
+    probes = backend.probes()
+    handles = []
+
+    def make_hook(layer: int, extract):
+        def hook(module, args, kwargs, output):
+            attn = extract(module, args, kwargs, output)
+            if attn is None:
+                raise AttentionBackendError(
+                    f"layer {layer} returned no attention weights; the backend's eager path is not active"
+                )
+            cap.seen.append(layer)
+            on_attention(layer, attn)
+
+        return hook
+
+    with backend.eager():
+        try:
+            for layer in sel:
+                module, extract = probes[layer]
+                handles.append(module.register_forward_hook(make_hook(layer, extract), with_kwargs=True))
+            yield cap
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class Rollout:
+    """Attention rollout (Abnar and Zuidema 2020), accumulated one layer at a time.
+
+    For each layer: ``A' = (1 - r) * mean_heads(A) + r * I`` (rows renormalised; ``r`` = residual weight,
+    0.5 in the paper), then ``R <- A' @ R``. ``result``: (B, S, S).
+    """
+
+    def __init__(self, residual: float = 0.5):
+        self.residual = residual
+        self.result: torch.Tensor | None = None
+
+    def update(self, attn: torch.Tensor) -> None:
+        """attn: (B, h, S, S) of the next layer (layers must arrive in order)."""
+        a = attn.float().mean(1)
+        eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+        a = (1 - self.residual) * a + self.residual * eye
+        a = a / a.sum(-1, keepdim=True)
+        self.result = a if self.result is None else a @ self.result

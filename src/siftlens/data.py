@@ -1,0 +1,235 @@
+"""Image sources and robust decoding.
+
+An *image source* is a folder (searched recursively), a zip archive, a folder inside a zip written as
+``archive.zip/inner/folder``, a glob pattern, or an explicit list of files. When the images sit in
+class sub-folders (ImageFolder layout: ``root/<class>/<file>``) the source also carries labels.
+
+Decoding never crashes a run: a file that is not a readable image raises :class:`SkipImage` with a
+reason that the caller counts and lists in the manifest.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import io
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from .errors import ImageSourceError, SkipImage
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DEFAULT_MAX_PIXELS = 100_000_000  # larger images are skipped (decompression-bomb guard)
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str  # what reports show: path relative to the source root
+    path: str  # file path, or member name inside the zip
+
+
+def _split_zip(spec: str) -> tuple[str, str] | None:
+    """``a/b.zip/c/d`` -> (``a/b.zip``, ``c/d``) when ``a/b.zip`` is a file; else None."""
+    p = Path(spec)
+    for parent in [p, *p.parents]:
+        if parent.suffix.lower() == ".zip" and parent.is_file():
+            inner = p.relative_to(parent).as_posix()
+            return str(parent), "" if inner == "." else inner
+    return None
+
+
+class ImageSource:
+    """A list of images with optional ImageFolder labels; reads raw bytes by index.
+
+    The zip file is opened once per process (so it is safe to use from DataLoader workers).
+    """
+
+    def __init__(self, spec: str | os.PathLike | Sequence[str | os.PathLike], limit: int | None = None):
+        self.spec = spec if isinstance(spec, str | os.PathLike) else [str(s) for s in spec]
+        self._zip_path: str | None = None
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_pid: int | None = None
+        entries = self._enumerate(spec)
+        if not entries:
+            raise ImageSourceError(f"no images found in {spec!s}; give a folder, zip, glob or image files")
+        entries.sort(key=lambda e: e.name)
+        self.classes, labels = _imagefolder_labels([e.name for e in entries])
+        if limit is not None:
+            entries = _spread(entries, limit, labels)
+            self.classes, labels = _imagefolder_labels([e.name for e in entries])
+        self.entries = entries
+        self.labels = labels
+
+    # -- enumeration ---------------------------------------------------------------------------
+    def _enumerate(self, spec) -> list[_Entry]:
+        if not isinstance(spec, str | os.PathLike):
+            out = []
+            for s in spec:
+                s = str(s)
+                if not Path(s).is_file():
+                    raise ImageSourceError(f"image file not found: {s}")
+                out.append(_Entry(Path(s).name, s))
+            return out
+        spec = str(spec)
+        z = _split_zip(spec)
+        if z is not None:
+            self._zip_path, inner = z
+            prefix = inner.strip("/") + "/" if inner.strip("/") else ""
+            with zipfile.ZipFile(self._zip_path) as zf:
+                names = [n for n in zf.namelist() if n.startswith(prefix) and _is_image_name(n)]
+            if prefix and not names:
+                raise ImageSourceError(f"no images under '{inner}' inside {self._zip_path}")
+            return [_Entry(n[len(prefix) :], n) for n in names]
+        p = Path(spec)
+        if p.is_dir():
+            files = [f for f in p.rglob("*") if f.is_file() and _is_image_name(f.name)]
+            return [_Entry(f.relative_to(p).as_posix(), str(f)) for f in files]
+        if p.is_file():
+            return [_Entry(p.name, str(p))]
+        if any(ch in spec for ch in "*?["):
+            files = [f for f in _glob.glob(spec, recursive=True) if Path(f).is_file()]
+            return [_Entry(Path(f).name, f) for f in files]
+        raise ImageSourceError(f"image source not found: {spec}")
+
+    # -- access --------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def read_bytes(self, i: int) -> bytes:
+        e = self.entries[i]
+        if self._zip_path is not None:
+            if self._zip is None or self._zip_pid != os.getpid():
+                self._zip = zipfile.ZipFile(self._zip_path)
+                self._zip_pid = os.getpid()
+            return self._zip.read(e.path)
+        with open(e.path, "rb") as f:
+            return f.read()
+
+    def load(self, i: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+        """Decode image ``i`` as RGB; raises SkipImage with a reason for a bad file."""
+        try:
+            data = self.read_bytes(i)
+        except OSError as e:
+            raise SkipImage(f"cannot read file: {e}") from e
+        return decode_image(data, max_pixels=max_pixels)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_zip"] = None
+        return state
+
+
+def _is_image_name(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return not base.startswith(".") and base.lower().endswith(IMAGE_EXTS)
+
+
+def _imagefolder_labels(names: list[str]) -> tuple[list[str] | None, list[int] | None]:
+    """Labels from the first path component when every image sits in a class folder."""
+    if not names or any("/" not in n for n in names):
+        return None, None
+    tops = [n.split("/", 1)[0] for n in names]
+    classes = sorted(set(tops))
+    if len(classes) < 2:
+        return None, None
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, [index[t] for t in tops]
+
+
+def _spread(entries: list[_Entry], limit: int, labels: list[int] | None) -> list[_Entry]:
+    """Take ``limit`` entries, round-robin over classes when labelled, so a limit keeps every class."""
+    if limit >= len(entries):
+        return entries
+    if labels is None:
+        return entries[:limit]
+    by_class: dict[int, list[_Entry]] = {}
+    for e, y in zip(entries, labels, strict=True):
+        by_class.setdefault(y, []).append(e)
+    out: list[_Entry] = []
+    k = 0
+    while len(out) < limit:
+        for y in sorted(by_class):
+            if k < len(by_class[y]) and len(out) < limit:
+                out.append(by_class[y][k])
+        k += 1
+    return sorted(out, key=lambda e: e.name)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> RGB PIL image. Greyscale, palette, RGBA, CMYK and 16-bit images are converted.
+
+    Raises SkipImage for files that are not images, are truncated or corrupt, or exceed
+    ``max_pixels`` (checked from the header, before decoding).
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SkipImage("not an image file (unrecognised format)") from e
+    w, h = img.size
+    if w * h > max_pixels:
+        raise SkipImage(f"image too large ({w}x{h} > {max_pixels} pixels)")
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise SkipImage(f"corrupt or truncated image ({type(e).__name__})") from e
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. High bit-depth images are scaled, not clipped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if img.mode == "F":
+            lo, hi2 = float(arr.min(initial=0)), float(arr.max(initial=1))
+            arr = (arr - lo) / max(hi2 - lo, 1e-12) * 255.0
+        else:
+            arr = arr / hi * 255.0
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_labelled_array(
+    source: ImageSource, size: tuple[int, int], progress=None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode a labelled source into memory, each image resized to ``size`` = (H, W).
+
+    Returns ``images: (N, H, W, 3) uint8``, ``labels: (N,) int64`` and the list of skip reasons.
+    Intended for small images (CIFAR-scale), where decoding once beats re-decoding every epoch.
+    """
+    if source.labels is None:
+        raise ImageSourceError(f"{source.spec!s} is not in ImageFolder layout (root/<class>/<image>)")
+    H, W = size
+    out = np.empty((len(source), H, W, 3), dtype=np.uint8)
+    keep = np.zeros(len(source), dtype=bool)
+    skipped = []
+    for i in range(len(source)):
+        try:
+            img = source.load(i)
+        except SkipImage as e:
+            skipped.append(f"{source.names[i]}: {e.reason}")
+            continue
+        if img.size != (W, H):
+            img = img.resize((W, H), Image.BICUBIC)
+        out[i] = np.asarray(img)
+        keep[i] = True
+        if progress is not None:
+            progress(1)
+    labels = np.asarray(source.labels, dtype=np.int64)
+    return out[keep], labels[keep], skipped

@@ -1,0 +1,38 @@
+"""User-facing errors. Each carries a one-line message that says what to do.
+
+The CLI prints ``SiftlensError`` messages without a traceback (``--debug`` shows one).
+"""
+
+from __future__ import annotations
+
+
+class SiftlensError(Exception):
+    """Base class for every error a user can cause."""
+
+
+class ModelLoadError(SiftlensError):
+    """A model path, name or weights file could not be loaded."""
+
+
+class GeometryError(SiftlensError):
+    """Image size, patch size or grid do not fit together."""
+
+
+class ImageSourceError(SiftlensError):
+    """An image source (folder, zip, glob, file list) is missing or empty."""
+
+
+class AttentionBackendError(SiftlensError):
+    """Attention could not be captured (fused kernel, unsupported model)."""
+
+
+class ConfigError(SiftlensError):
+    """An option value is out of range or inconsistent."""
+
+
+class SkipImage(Exception):
+    """Raised internally for one bad input; it is counted and listed, never fatal."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason

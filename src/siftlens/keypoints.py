@@ -1,0 +1,223 @@
+"""SIFT keypoints on the model's own pixels, and their semantic weight map on the patch grid.
+
+Detection runs on the greyscale version of the image *after* the model's resize/crop and *before*
+normalisation. Small inputs may be upsampled by a factor ``u`` before detection; positions and sizes
+are divided by ``u`` afterwards so they are in model-input pixels.
+
+Weight schemes for patch ``p`` (grid ``g_h x g_w``, patch size ``P``, ``N = g_h * g_w``):
+
+- ``count``: number of keypoints whose centre falls in ``p`` (default);
+- ``response``: sum of the SIFT responses of those keypoints;
+- ``footprint``: each keypoint spreads unit mass as an isotropic Gaussian with sigma = size / 2,
+  integrated over each patch (separable: a product of two 1-D normal CDF differences).
+
+Levels: level 0 holds patches with zero weight; levels 1..L-1 are per-image quantile bins of the
+non-zero weights (``levels="quantile"``), or bins by fixed global thresholds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from .errors import ConfigError, GeometryError
+
+SCHEMES = ("count", "response", "footprint")
+
+
+@dataclass(frozen=True)
+class SiftParams:
+    """Parameters passed to ``cv2.SIFT_create`` plus the upsampling factor ``u``."""
+
+    upsample: float = 1.0
+    n_features: int = 0
+    n_octave_layers: int = 3
+    contrast_threshold: float = 0.04
+    edge_threshold: float = 10.0
+    sigma: float = 1.6
+
+    def __post_init__(self):
+        if self.upsample <= 0:
+            raise ConfigError(f"upsampling factor u must be > 0, got {self.upsample}")
+
+
+@dataclass
+class Keypoints:
+    """Keypoints of one image, in model-input pixel coordinates.
+
+    xy: (K, 2) float32 (x, y); size, response, angle: (K,) float32; desc: (K, 128) float32 or None.
+    """
+
+    xy: np.ndarray
+    size: np.ndarray
+    response: np.ndarray
+    angle: np.ndarray
+    desc: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    @staticmethod
+    def empty(with_desc: bool = False) -> Keypoints:
+        z = np.zeros(0, np.float32)
+        return Keypoints(np.zeros((0, 2), np.float32), z, z.copy(), z.copy(),
+                         np.zeros((0, 128), np.float32) if with_desc else None)
+
+
+_SIFT_CACHE: dict[SiftParams, cv2.SIFT] = {}
+
+
+def _sift(params: SiftParams):
+    s = _SIFT_CACHE.get(params)
+    if s is None:
+        s = cv2.SIFT_create(
+            nfeatures=params.n_features, nOctaveLayers=params.n_octave_layers,
+            contrastThreshold=params.contrast_threshold, edgeThreshold=params.edge_threshold,
+            sigma=params.sigma,
+        )
+        _SIFT_CACHE[params] = s
+    return s
+
+
+def to_gray(img: np.ndarray) -> np.ndarray:
+    """(H, W, 3) or (H, W) uint8 RGB -> (H, W) uint8 greyscale (OpenCV's BT.601 weights)."""
+    if img.ndim == 2:
+        return np.ascontiguousarray(img, dtype=np.uint8)
+    return cv2.cvtColor(np.ascontiguousarray(img, dtype=np.uint8), cv2.COLOR_RGB2GRAY)
+
+
+def detect(img: np.ndarray, params: SiftParams = SiftParams(), descriptors: bool = False) -> Keypoints:
+    """Detect SIFT keypoints on an RGB or grey uint8 image (H, W[, 3]) exactly as the model sees it."""
+    gray = to_gray(img)
+    u = params.upsample
+    if u != 1.0:
+        h, w = gray.shape
+        gray = cv2.resize(gray, (max(1, round(w * u)), max(1, round(h * u))), interpolation=cv2.INTER_CUBIC)
+    sift = _sift(params)
+    if descriptors:
+        kps, desc = sift.detectAndCompute(gray, None)
+    else:
+        kps, desc = sift.detect(gray, None), None
+    if not kps:
+        return Keypoints.empty(descriptors)
+    # cv2 pixel centres sit at integer coordinates; map upsampled coords back: x = (x_u + 0.5)/u - 0.5
+    xy = (np.array([k.pt for k in kps], np.float32) + 0.5) / u - 0.5
+    size = np.array([k.size for k in kps], np.float32) / u
+    resp = np.array([k.response for k in kps], np.float32)
+    ang = np.array([k.angle for k in kps], np.float32)
+    if descriptors:
+        desc = np.zeros((0, 128), np.float32) if desc is None else desc.astype(np.float32)
+    return Keypoints(xy, size, resp, ang, desc)
+
+
+def patch_index(xy: np.ndarray, patch: int, grid: tuple[int, int]) -> np.ndarray:
+    """(K, 2) pixel (x, y) -> (K,) flat patch index in row-major order; centres clipped to the grid."""
+    gh, gw = grid
+    col = np.clip(np.floor((xy[:, 0] + 0.5) / patch).astype(np.int64), 0, gw - 1)
+    row = np.clip(np.floor((xy[:, 1] + 0.5) / patch).astype(np.int64), 0, gh - 1)
+    return row * gw + col
+
+
+def _norm_cdf(z: np.ndarray) -> np.ndarray:
+    """Standard normal CDF, elementwise (float64)."""
+    return torch.special.ndtr(torch.from_numpy(np.asarray(z, np.float64))).numpy()
+
+
+def weight_map(kp: Keypoints, patch: int, grid: tuple[int, int], scheme: str = "count") -> np.ndarray:
+    """Semantic weight of every patch: (g_h * g_w,) float64, row-major.
+
+    Pixel (x, y) covers [x - 0.5, x + 0.5); patch column c covers pixels [c*P - 0.5, (c+1)*P - 0.5).
+    """
+    gh, gw = grid
+    n = gh * gw
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown weight scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if len(kp) == 0:
+        return np.zeros(n, np.float64)
+    if scheme == "count":
+        return np.bincount(patch_index(kp.xy, patch, grid), minlength=n).astype(np.float64)
+    if scheme == "response":
+        return np.bincount(patch_index(kp.xy, patch, grid), weights=kp.response.astype(np.float64),
+                           minlength=n)
+    # footprint: Gaussian mass per patch, separable in x and y; mass outside the image is dropped
+    sigma = np.maximum(kp.size.astype(np.float64) / 2.0, 1e-3)[:, None]  # (K, 1)
+    ex = np.arange(gw + 1) * patch - 0.5  # column edges in pixel coordinates
+    ey = np.arange(gh + 1) * patch - 0.5
+    cx = _norm_cdf((ex[None] - kp.xy[:, :1]) / sigma)  # (K, gw + 1)
+    cy = _norm_cdf((ey[None] - kp.xy[:, 1:]) / sigma)  # (K, gh + 1)
+    mx, my = np.diff(cx, axis=1), np.diff(cy, axis=1)  # (K, gw), (K, gh)
+    return np.einsum("kr,kc->rc", my, mx).reshape(n)
+
+
+def levels_of(weights: np.ndarray, n_levels: int = 3, thresholds: np.ndarray | None = None) -> np.ndarray:
+    """Semantic level of each patch: (N,) int64 in [0, L).
+
+    Level 0: weight 0. Levels 1..L-1: quantile bins of this image's non-zero weights (ties go to the
+    lower bin), or, with ``thresholds`` (L-2 increasing values), bins ``w <= t_1``, ``t_1 < w <= t_2``...
+    """
+    if n_levels < 2:
+        raise ConfigError(f"need at least 2 levels (none / some), got {n_levels}")
+    w = np.asarray(weights, np.float64)
+    lv = np.zeros(w.shape, np.int64)
+    nz = w > 0
+    if not nz.any():
+        return lv
+    if thresholds is not None:
+        t = np.asarray(thresholds, np.float64)
+        if len(t) != n_levels - 2:
+            raise ConfigError(f"{n_levels} levels need {n_levels - 2} thresholds, got {len(t)}")
+        lv[nz] = 1 + np.searchsorted(t, w[nz], side="left")
+        return lv
+    q = np.quantile(w[nz], np.linspace(0, 1, n_levels)[1:-1])
+    lv[nz] = 1 + np.searchsorted(q, w[nz], side="left")
+    return lv
+
+
+@dataclass
+class KeypointMap:
+    """Keypoints of one image laid on the model's patch grid.
+
+    weights: (N,) float64 semantic weight; levels: (N,) int64; keypoints kept for overlays/discovery.
+    """
+
+    weights: np.ndarray
+    levels: np.ndarray
+    grid: tuple[int, int]
+    patch: int
+    keypoints: Keypoints = field(repr=False)
+
+    @property
+    def has_keypoints(self) -> bool:
+        return bool(self.weights.sum() > 0)
+
+    @property
+    def concentration(self) -> np.ndarray:
+        """c_p = w_p / sum_q w_q; all zeros for an image with no keypoints (never NaN)."""
+        s = self.weights.sum()
+        return self.weights / s if s > 0 else np.zeros_like(self.weights)
+
+
+def keypoint_map(
+    img: np.ndarray,
+    patch: int,
+    grid: tuple[int, int] | None = None,
+    scheme: str = "count",
+    n_levels: int = 3,
+    params: SiftParams = SiftParams(),
+    thresholds: np.ndarray | None = None,
+    descriptors: bool = False,
+) -> KeypointMap:
+    """Detect keypoints on ``img`` (H, W, 3) uint8 (the model's pixels) and build its KeypointMap."""
+    h, w = img.shape[:2]
+    if grid is None:
+        if h % patch or w % patch:
+            raise GeometryError(f"patch size {patch} does not divide the image size {h}x{w}")
+        grid = (h // patch, w // patch)
+    if grid[0] * patch > h or grid[1] * patch > w:
+        raise GeometryError(f"grid {grid} of {patch}-pixel patches does not fit a {h}x{w} image")
+    kp = detect(img, params, descriptors=descriptors)
+    wts = weight_map(kp, patch, grid, scheme)
+    return KeypointMap(wts, levels_of(wts, n_levels, thresholds), tuple(grid), patch, kp)

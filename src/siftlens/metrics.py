@@ -1,0 +1,376 @@
+"""The metrics of METHOD.md section 3 as batched torch functions, the null models, and dataset statistics.
+
+Notation (shapes): ``B`` images, ``h`` heads, ``T`` prefix tokens (CLS, distillation, registers) that come
+first, ``N`` patch tokens, ``S = T + N``, ``K`` weight maps per image (index 0 = the observed map, 1..K-1 =
+null-model resamplings of it), ``L`` semantic levels, ``M`` null samples.
+
+Per image, head and weight map (:func:`image_metrics`), with ``Bt`` the row-renormalised patch block of the
+attention and ``a`` the renormalised CLS row:
+
+- ``sal``: semantic attention lift ``mean_i sum_j Bt_ij w_j / mean_j w_j``;
+- ``sal_w``: query-weighted lift ``sum_i c_i sum_j Bt_ij w_j / mean_j w_j`` with ``c = w / sum w``;
+- ``wi``: weighted interrelation ``sum_ij w_i w_j Bt_ij / (sum_i w_i * sum_j w_j / N)``;
+- ``cls_lift``: ``sum_j a_j w_j / mean_j w_j``; ``cls_rho``: Spearman rank correlation of ``a`` and ``w``;
+- ``R``: level interrelation matrix; ``dist``: mean attention distance per query level (pixels);
+  ``entropy``: mean attention entropy per query level (nats).
+
+Note that ``sal_w`` and ``wi`` are the same quantity: substituting ``c_i = w_i / sum w`` and
+``mean_j w_j = sum w / N`` into ``sal_w`` gives the formula of ``wi``. Both keys are returned (they are
+computed once) so that tables keep the vocabulary of METHOD.md.
+
+All metrics are 1.0 (``cls_rho``: 0.0) under uniform attention. An image whose weights are all zero gets
+the neutral 1.0 for the weighted metrics and 0.0 for ``cls_rho``; the caller flags and excludes it.
+
+Precision: the large contraction ``Bt @ [w, one-hot(levels)]`` runs in float32 (on CUDA it follows the
+global TF32 setting of ``torch.backends.cuda.matmul``); the cheap O(B h N) and O(B K N) reductions
+(column means, CLS terms, ranks, distances, entropies, weight sums) run in float64. Outputs are float32.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, GeometryError
+
+METRICS = ("sal", "sal_w", "wi", "cls_lift", "cls_rho", "R", "dist", "entropy")
+NULL_KINDS = ("permute", "shift")
+Z_CLIP = 1e6
+STD_FLOOR = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------
+# per-image metrics
+
+
+def renormalise(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (..., N) scaled to sum to 1; a row with zero sum becomes uniform ``1/N`` (never NaN)."""
+    s = x.sum(-1, keepdim=True)
+    ok = s > 0
+    return torch.where(ok, x / torch.where(ok, s, torch.ones_like(s)), torch.full_like(x, 1.0 / x.shape[-1]))
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks along the last axis of ``x`` (..., N), ties sharing their average rank; float64.
+
+    ``rank = (#{x_j < x_i} + #{x_j <= x_i} + 1) / 2``, from one sort and two batched searchsorted calls.
+    """
+    x = x.contiguous()
+    srt = x.sort(-1).values
+    less = torch.searchsorted(srt, x, side="left")
+    leq = torch.searchsorted(srt, x, side="right")
+    return (less + leq + 1).double() / 2.0
+
+
+def _check_inputs(attn, num_prefix, weights, levels, n_levels, pos, has_cls):
+    if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise GeometryError(f"attention must have shape (B, h, S, S), got {tuple(attn.shape)}")
+    if weights.ndim != 3 or levels.shape != weights.shape:
+        raise GeometryError(
+            f"weights and levels must both have shape (B, K, N); got {tuple(weights.shape)} and "
+            f"{tuple(levels.shape)}"
+        )
+    b, _, s, _ = attn.shape
+    n = weights.shape[-1]
+    if weights.shape[0] != b:
+        raise GeometryError(f"attention holds {b} images but the weight maps hold {weights.shape[0]}")
+    if num_prefix < 0 or s != num_prefix + n:
+        raise GeometryError(
+            f"attention has {s} tokens but {num_prefix} prefix tokens + {n} patches were given; "
+            "check the model's grid and prefix-token count"
+        )
+    if n < 1:
+        raise GeometryError("need at least one patch token")
+    if tuple(pos.shape) != (n, 2):
+        raise GeometryError(f"patch positions must have shape ({n}, 2), got {tuple(pos.shape)}")
+    if has_cls and num_prefix < 1:
+        raise ConfigError("has_cls=True needs at least one prefix token; pass has_cls=False for models "
+                          "without a CLS token")
+    if n_levels < 1:
+        raise ConfigError(f"n_levels must be >= 1, got {n_levels}")
+    if levels.dtype.is_floating_point or levels.dtype == torch.bool:
+        raise ConfigError(f"levels must be an integer tensor, got {levels.dtype}")
+    if levels.numel() and (int(levels.min()) < 0 or int(levels.max()) >= n_levels):
+        raise ConfigError(f"levels must lie in [0, {n_levels}); got values in "
+                          f"[{int(levels.min())}, {int(levels.max())}]")
+
+
+def image_metrics(
+    attn: torch.Tensor,
+    num_prefix: int,
+    weights: torch.Tensor,
+    levels: torch.Tensor,
+    n_levels: int,
+    pos: torch.Tensor,
+    has_cls: bool = True,
+) -> dict[str, torch.Tensor]:
+    """All per-image metrics of METHOD.md section 3 for one layer, batched over images, heads and maps.
+
+    Args:
+        attn: (B, h, S, S) post-softmax attention, ``S = num_prefix + N``, prefix tokens first.
+        num_prefix: T, the number of prefix tokens (CLS, distillation, registers).
+        weights: (B, K, N) semantic weights; ``[:, 0]`` observed, ``[:, 1:]`` null resamplings.
+        levels: (B, K, N) integer semantic levels in ``[0, n_levels)``, resampled like ``weights``.
+        n_levels: L.
+        pos: (N, 2) patch centres in model-input pixels (for distances).
+        has_cls: token 0 is a CLS token; otherwise the "CLS row" is the mean over query rows of ``Bt``.
+
+    Returns float32 tensors on ``attn``'s device:
+        ``sal``, ``sal_w``, ``wi``, ``cls_lift``, ``cls_rho``: (B, h, K);
+        ``R``: (B, h, K, L, L), NaN where level a (queries) or level b (keys) is empty;
+        ``dist`` (pixels) and ``entropy`` (nats): (B, h, K, L), NaN where level a is empty.
+    """
+    _check_inputs(attn, num_prefix, weights, levels, n_levels, pos, has_cls)
+    dev = attn.device
+    bsz, nh = attn.shape[:2]
+    k_maps, n = weights.shape[1:]
+    t = num_prefix
+    L = n_levels
+
+    bt = renormalise(attn[..., t:, t:].float())  # (B, h, N, N), rows sum to 1
+    w32 = weights.to(dev, torch.float32)  # (B, K, N)
+    w64 = weights.to(dev, torch.float64)
+    onehot = (levels.to(dev)[..., None] == torch.arange(L, device=dev))  # (B, K, N, L) bool
+
+    # weight sums; an all-zero map gets neutral 1.0 through a unit denominator and a where() below
+    wsum = w64.sum(-1)  # (B, K)
+    has_w = wsum > 0
+    wmean = torch.where(has_w, wsum / n, torch.ones_like(wsum))  # (B, K)
+    wsq = torch.where(has_w, wsum * wsum / n, torch.ones_like(wsum))  # (B, K)
+
+    def neutral(x: torch.Tensor) -> torch.Tensor:  # x: (B, h, K)
+        return torch.where(has_w[:, None, :], x, torch.ones_like(x)).float()
+
+    # SAL: (column means of Bt) . w
+    colmean = bt.sum(-2, dtype=torch.float64) / n  # (B, h, N)
+    sal = torch.einsum("bhj,bkj->bhk", colmean, w64) / wmean[:, None]
+
+    # one matmul for everything that needs key sums: Bt @ [w^T | one-hot(levels)] -> (B, h, N, K + K*L)
+    rhs = torch.cat([w32.transpose(1, 2), onehot.float().permute(0, 2, 1, 3).reshape(bsz, n, k_maps * L)], -1)
+    keysum = torch.bmm(bt.reshape(bsz, nh * n, n), rhs).view(bsz, nh, n, k_maps * (L + 1))
+    bw = keysum[..., :k_maps]  # (B, h, N, K): sum_j Bt_ij w_j
+    per_level = keysum[..., k_maps:].reshape(bsz, nh, n, k_maps, L)  # (B, h, N, K, L): sum_{j in b} Bt_ij
+
+    # WI = SAL_w = sum_i w_i (Bt w)_i / (sum w)^2 * N
+    wi = torch.einsum("bkn,bhnk->bhk", w32, bw).double() / wsq[:, None]
+
+    # CLS row
+    if has_cls:
+        a = renormalise(attn[:, :, 0, t:].double())  # (B, h, N)
+    else:
+        a = colmean
+    cls_lift = torch.einsum("bhj,bkj->bhk", a, w64) / wmean[:, None]
+
+    # Spearman rho from average ranks (constant a or w -> 0)
+    # attention differences below 1e-5 of the uniform value 1/N are float noise: rank them as ties
+    ra = average_ranks(torch.round(a * (n * 1e5))) - (n + 1) / 2.0  # (B, h, N), centred
+    rw = average_ranks(w64) - (n + 1) / 2.0  # (B, K, N)
+    num = torch.einsum("bhn,bkn->bhk", ra, rw)
+    den = ra.square().sum(-1).sqrt()[..., None] * rw.square().sum(-1).sqrt()[:, None, :]
+    rho = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    rho = rho.clamp(-1.0, 1.0)
+
+    # level counts; n_a = 0 marks a missing level
+    oh32 = onehot.float()
+    cnt = onehot.sum(-2).double()  # (B, K, L)
+    present = cnt > 0
+    cnt_safe = torch.where(present, cnt, torch.ones_like(cnt))
+    nan = torch.tensor(float("nan"), device=dev, dtype=torch.float64)
+
+    # R_ab = mean_{i in a} sum_{j in b} Bt_ij / (n_b / N)
+    r_sum = torch.einsum("bkia,bhikc->bhkac", oh32, per_level).double()  # (B, h, K, L, L)
+    r = r_sum / cnt_safe[:, None, :, :, None] / (cnt_safe[:, None, :, None, :] / n)
+    both = present[:, None, :, :, None] & present[:, None, :, None, :]
+    r = torch.where(both, r, nan)
+
+    # per-query distance and entropy (independent of K), then level means
+    pos64 = pos.to(dev, torch.float64)
+    dmat = torch.cdist(pos64, pos64).float()  # (N, N) pixels
+    d_q = (bt * dmat).sum(-1, dtype=torch.float64)  # (B, h, N)
+    e_q = -torch.special.xlogy(bt, bt).sum(-1, dtype=torch.float64)  # (B, h, N), 0 log 0 = 0
+    per_q = torch.stack([d_q, e_q], -1)  # (B, h, N, 2)
+    lvl = torch.einsum("bkia,bhic->bhkac", onehot.double(), per_q) / cnt_safe[:, None, :, :, None]
+    lvl = torch.where(present[:, None, :, :, None], lvl, nan)  # (B, h, K, L, 2)
+
+    return {
+        "sal": neutral(sal),
+        "sal_w": neutral(wi),
+        "wi": neutral(wi),
+        "cls_lift": neutral(cls_lift),
+        "cls_rho": torch.where(has_w[:, None, :], rho, torch.zeros_like(rho)).float(),
+        "R": r.float(),
+        "dist": lvl[..., 0].float(),
+        "entropy": lvl[..., 1].float(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# null models
+
+
+def null_indices(
+    B: int,
+    N: int,
+    M: int,
+    grid: tuple[int, int] | None = None,
+    kind: str = "permute",
+    generator: torch.Generator | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Index maps of the null model: (B, M, N) int64; null map m of image b is ``w[b, idx[b, m]]``.
+
+    ``permute``: M independent uniform random permutations of the N patch positions per image.
+    ``shift``: M random cyclic 2-D shifts of the row-major ``grid = (g_h, g_w)`` map per image, drawn
+    uniformly, with replacement, from the ``g_h * g_w - 1`` non-zero shifts ``(dy, dx)``; the shifted map
+    is ``torch.roll(w.view(g_h, g_w), (dy, dx), (0, 1))``, i.e.
+    ``w'[r, c] = w[(r - dy) % g_h, (c - dx) % g_w]``.
+    Randomness comes from ``generator`` (on its own device) and the result is moved to ``device``.
+    """
+    if kind not in NULL_KINDS:
+        raise ConfigError(f"unknown null model {kind!r}; choose one of {', '.join(NULL_KINDS)}")
+    if B < 0 or N < 1 or M < 0:
+        raise ConfigError(f"need B >= 0, N >= 1, M >= 0; got B={B}, N={N}, M={M}")
+    gen_dev = generator.device if generator is not None else (device if device is not None else "cpu")
+    if kind == "permute":
+        idx = torch.rand(B, M, N, generator=generator, device=gen_dev).argsort(-1)
+        return idx.to(device if device is not None else gen_dev)
+    if grid is None or grid[0] * grid[1] != N:
+        raise GeometryError(f"the shift null model needs a grid (g_h, g_w) with g_h * g_w = {N}, got {grid}")
+    gh, gw = grid
+    if N < 2:
+        raise ConfigError("the shift null model needs a grid with more than one patch")
+    s = torch.randint(1, N, (B, M), generator=generator, device=gen_dev)  # non-zero flat shift
+    dy, dx = (s // gw)[..., None, None], (s % gw)[..., None, None]
+    rows = torch.arange(gh, device=gen_dev)[:, None]
+    cols = torch.arange(gw, device=gen_dev)[None, :]
+    idx = ((rows - dy) % gh) * gw + (cols - dx) % gw  # (B, M, gh, gw)
+    return idx.reshape(B, M, N).to(device if device is not None else gen_dev)
+
+
+def with_null(
+    weights: torch.Tensor, levels: torch.Tensor, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the observed maps with their null resamplings.
+
+    weights: (B, N) float, levels: (B, N) int, idx: (B, M, N) from :func:`null_indices`.
+    Returns weights (B, 1 + M, N) and levels (B, 1 + M, N); index 0 is the observed map,
+    index 1 + m is ``weights[b, idx[b, m]]`` (levels gathered with the same indices).
+    """
+    if weights.ndim != 2 or levels.shape != weights.shape:
+        raise GeometryError(f"weights and levels must both be (B, N); got {tuple(weights.shape)} and "
+                            f"{tuple(levels.shape)}")
+    b, n = weights.shape
+    if idx.ndim != 3 or idx.shape[0] != b or idx.shape[2] != n:
+        raise GeometryError(f"null indices must be ({b}, M, {n}), got {tuple(idx.shape)}")
+    idx = idx.to(weights.device)
+    m = idx.shape[1]
+    w_null = torch.gather(weights[:, None, :].expand(b, m, n), 2, idx)
+    l_null = torch.gather(levels[:, None, :].expand(b, m, n), 2, idx.to(levels.device))
+    return torch.cat([weights[:, None], w_null], 1), torch.cat([levels[:, None], l_null], 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dataset-level statistics (numpy, float64)
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, np.float64)
+
+
+def bootstrap_ci(
+    values, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap confidence interval of the NaN-ignoring mean over axis 0.
+
+    values: (n, ...) array or tensor (n images). Returns ``(lo, hi)``, each of shape ``values.shape[1:]``
+    (float64): the ``alpha/2`` and ``1 - alpha/2`` percentiles of ``n_boot`` resampled means. A resample is
+    a row of an ``(n_boot, n)`` index matrix, turned into per-image counts, so the means are one matrix
+    product (memory-bounded chunks of resamples). A column's NaN entries are ignored; a column that is
+    all NaN (or ``n == 0``) gives NaN. With ``n == 1``, ``lo == hi ==`` the value.
+    """
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
+    if n_boot < 1:
+        raise ConfigError(f"n_boot must be >= 1, got {n_boot}")
+    v = _np(values)
+    if v.ndim == 0:
+        raise GeometryError("bootstrap_ci needs values of shape (n, ...)")
+    n, tail = v.shape[0], v.shape[1:]
+    if n == 0:
+        return np.full(tail, np.nan), np.full(tail, np.nan)
+    flat = v.reshape(n, -1)
+    ok = ~np.isnan(flat)
+    x, okf = np.where(ok, flat, 0.0), ok.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty((n_boot, flat.shape[1]))
+    chunk = max(1, (1 << 22) // n)  # bound the (chunk, n) count matrix to ~32 MB
+    for s in range(0, n_boot, chunk):
+        e = min(n_boot, s + chunk)
+        idx = rng.integers(0, n, (e - s, n))
+        counts = np.bincount((np.arange(e - s)[:, None] * n + idx).ravel(), minlength=(e - s) * n)
+        counts = counts.reshape(e - s, n).astype(np.float64)
+        tot, cnt = counts @ x, counts @ okf
+        means[s:e] = np.where(cnt > 0, tot / np.maximum(cnt, 1.0), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns -> NaN, silently
+        lo, hi = np.nanpercentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    return lo.reshape(tail), hi.reshape(tail)
+
+
+def null_stats(obs, null) -> tuple[np.ndarray, np.ndarray]:
+    """z-score and empirical two-sided p-value of ``obs`` against its null distribution.
+
+    obs: (...); null: (M, ...) (M null values per entry). NaN null values are ignored (``M`` counts the
+    others); an entry with NaN ``obs`` or no finite null value gives NaN for both.
+
+    ``z = (obs - mean) / std`` with the population std (ddof 0) of the null values. When ``obs`` equals
+    the null mean, ``z = 0``. Otherwise a degenerate null (std below ``STD_FLOOR = 1e-12``) uses that
+    floor, and ``|z|`` is clipped to ``Z_CLIP = 1e6``, so z is always finite.
+    ``p = (1 + #{m : |null_m - mean| >= |obs - mean|}) / (M + 1)``. Returns ``(z, p)``, float64, shape of obs.
+    """
+    o, nl = _np(obs), _np(null)
+    if nl.ndim == 0 or nl.shape[1:] != o.shape:
+        raise GeometryError(f"null must have shape (M, *obs.shape) = (M, {o.shape}), got {nl.shape}")
+    ok = ~np.isnan(nl)
+    m = ok.sum(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(nl, 0) if nl.shape[0] else np.full(o.shape, np.nan)
+        std = np.nanstd(nl, 0) if nl.shape[0] else np.full(o.shape, np.nan)
+    diff = o - mean
+    z = np.clip(diff / np.maximum(std, STD_FLOOR), -Z_CLIP, Z_CLIP)  # exactly 0 when diff == 0
+    with np.errstate(invalid="ignore"):
+        extreme = (np.abs(nl - mean) >= np.abs(diff)) & ok
+    p = (1.0 + extreme.sum(0)) / (m + 1.0)
+    bad = np.isnan(o) | (m == 0)
+    return np.where(bad, np.nan, z), np.where(bad, np.nan, p)
+
+
+def bh_qvalues(p) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values) of a family of tests.
+
+    p: (n,) (or any shape, treated as one family) p-values in [0, 1]. NaN entries stay NaN and do not
+    count in n. ``q_(i) = min_{j >= i} p_(j) * n / j`` over the ascending order, clipped to 1, so q is
+    monotone in p. Returns float64 of p's shape.
+    """
+    pa = _np(p)
+    flat = pa.ravel()
+    ok = ~np.isnan(flat)
+    pv = flat[ok]
+    if pv.size and (pv.min() < 0 or pv.max() > 1):
+        raise ConfigError("p-values must lie in [0, 1]")
+    q = np.full(flat.shape, np.nan)
+    m = pv.size
+    if m:
+        order = np.argsort(pv, kind="stable")
+        scaled = pv[order] * m / np.arange(1, m + 1)
+        scaled = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+        out = np.empty(m)
+        out[order] = scaled
+        q[ok] = out
+    return q.reshape(pa.shape)
+

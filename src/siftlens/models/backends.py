@@ -1,0 +1,261 @@
+"""One interface over the project's ViT, Hugging Face and timm models.
+
+A :class:`Backend` knows, for its model:
+
+- the preprocessing the model expects, split in two: :meth:`Backend.preprocess` turns a PIL image into
+  the exact pixels the model sees (``(H, W, 3) uint8``, after resize/crop, before normalisation; SIFT
+  runs on these), and :meth:`Backend.normalize` turns a batch of them into the model's input tensor;
+- its geometry, read from the model: patch size ``P``, grid ``(g_h, g_w)``, prefix tokens ``T``;
+- where post-softmax attention can be observed: :meth:`Backend.probes` lists, per layer, a module and a
+  function that pulls ``attn: (B, h, S, S)`` out of that module's forward hook arguments, and
+  :meth:`Backend.eager` is a context manager that makes the model materialise attention (fused
+  kernels never do) and restores the previous mode on exit.
+
+Capturing itself lives in :mod:`siftlens.attention`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import GeometryError, ModelLoadError
+
+# extractor(module, args, kwargs, output) -> attn (B, h, S, S)
+Extractor = Callable[[nn.Module, tuple, dict, object], torch.Tensor]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_RESAMPLE = {
+    "nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+    "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING,
+}
+
+
+def resize_center_crop(
+    img: Image.Image,
+    size: tuple[int, int],
+    resize_to: int | tuple[int, int] | None = None,
+    resample: str | int = "bicubic",
+) -> np.ndarray:
+    """Resize then centre-crop to ``size`` = (H, W); returns (H, W, 3) uint8.
+
+    ``resize_to``: an int resizes the shorter side to it (aspect kept), a pair (H, W) resizes to exactly
+    that, None resizes the shorter side to fit ``size`` (the common "resize + centre crop").
+    """
+    H, W = size
+    rs = _RESAMPLE.get(resample, resample) if isinstance(resample, str) else resample
+    w0, h0 = img.size
+    if resize_to is None:
+        scale = max(H / h0, W / w0)
+        new = (max(W, round(w0 * scale)), max(H, round(h0 * scale)))
+    elif isinstance(resize_to, int):
+        scale = resize_to / min(w0, h0)
+        new = (max(1, round(w0 * scale)), max(1, round(h0 * scale)))
+    else:
+        new = (resize_to[1], resize_to[0])
+    if new != (w0, h0):
+        img = img.resize(new, rs)
+    w1, h1 = img.size
+    if (w1, h1) != (W, H):
+        if w1 < W or h1 < H:  # pad (rare: resize_to smaller than the crop)
+            canvas = Image.new("RGB", (max(W, w1), max(H, h1)))
+            canvas.paste(img, ((canvas.width - w1) // 2, (canvas.height - h1) // 2))
+            img, (w1, h1) = canvas, canvas.size
+        left, top = int(round((w1 - W) / 2.0)), int(round((h1 - H) / 2.0))
+        img = img.crop((left, top, left + W, top + H))
+    return np.asarray(img, dtype=np.uint8)
+
+
+class Backend:
+    """Common interface; subclasses fill in the model-specific parts.
+
+    Attributes read from the model: ``patch_size``, ``grid_size`` (g_h, g_w), ``num_prefix_tokens`` (T),
+    ``num_layers``, ``num_heads``, ``input_size`` (H, W), ``mean``, ``std``, ``class_names`` (or None),
+    ``has_cls`` (whether token 0 is a CLS token).
+    """
+
+    kind = "base"
+
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu"):
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.source = ""
+        self.mean: tuple[float, ...] = IMAGENET_MEAN
+        self.std: tuple[float, ...] = IMAGENET_STD
+        self.class_names: list[str] | None = None
+        self.has_cls = True
+
+    # geometry ------------------------------------------------------------------------------------
+    patch_size: int
+    grid_size: tuple[int, int]
+    num_prefix_tokens: int
+    num_layers: int
+    num_heads: int
+    input_size: tuple[int, int]
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def check_geometry(self) -> None:
+        H, W = self.input_size
+        P = self.patch_size
+        if H % P or W % P:
+            raise GeometryError(f"patch size {P} does not divide the model input {H}x{W}")
+        if (H // P, W // P) != tuple(self.grid_size):
+            raise GeometryError(f"grid {self.grid_size} does not match input {H}x{W} with patch {P}")
+
+    def patch_centers(self) -> torch.Tensor:
+        """(N, 2) float32 (x, y) centre of every patch in model-input pixels, row-major."""
+        gh, gw = self.grid_size
+        P = self.patch_size
+        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        return torch.stack([xs.flatten(), ys.flatten()], 1).float() * P + (P - 1) / 2.0
+
+    # preprocessing -------------------------------------------------------------------------------
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        """PIL RGB image -> (H, W, 3) uint8, exactly the pixels the model sees before normalisation."""
+        return resize_center_crop(img, self.input_size)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) float on the model's device and dtype."""
+        x = pixels.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
+        return ((x - mean) / std).to(self.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # attention -----------------------------------------------------------------------------------
+    def probes(self) -> list[tuple[nn.Module, Extractor]]:
+        """Per layer, in order: (module to hook, extractor of attn (B, h, S, S))."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Make attention observable for the duration of the block; restore the previous mode after."""
+        yield
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Run the whole model. x: (B, 3, H, W) -> logits (B, C), or None for a model without a head."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Everything a manifest needs to know about the model and its preprocessing."""
+        return {
+            "backend": self.kind, "source": self.source, "class": type(self.model).__name__,
+            "patch_size": self.patch_size, "grid": list(self.grid_size),
+            "prefix_tokens": self.num_prefix_tokens, "layers": self.num_layers, "heads": self.num_heads,
+            "input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std),
+            "has_cls": self.has_cls, "num_classes": len(self.class_names) if self.class_names else None,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+class NativeBackend(Backend):
+    """The project's own :class:`~siftlens.models.vit.ViT`."""
+
+    kind = "native"
+
+    def __init__(self, model, device="cpu", source: str = ""):
+        super().__init__(model, device)
+        cfg = model.cfg
+        self.source = source
+        self.patch_size = model.patch_size
+        self.grid_size = tuple(model.grid_size)
+        self.num_prefix_tokens = model.num_prefix_tokens
+        self.num_layers = len(model.blocks)
+        self.num_heads = model.blocks[0].attn.heads
+        self.input_size = tuple(cfg.img_size)
+        self.mean, self.std = tuple(cfg.mean), tuple(cfg.std)
+        self.class_names = list(cfg.class_names) or None
+        self.has_cls = cfg.cls_token
+        self.check_geometry()
+
+    def probes(self):
+        return [(blk.attn.probe, _probe_output) for blk in self.model.blocks]
+
+    @contextlib.contextmanager
+    def eager(self):
+        prev = [blk.attn.fused for blk in self.model.blocks]
+        self.model.set_fused(False)
+        try:
+            yield
+        finally:
+            for blk, f in zip(self.model.blocks, prev, strict=True):
+                blk.attn.fused = f
+
+    def forward(self, x):
+        if self.model.cfg.num_classes > 0:
+            return self.model(x)
+        self.model.forward_features(x)
+        return None
+
+
+def _probe_output(module, args, kwargs, output) -> torch.Tensor:
+    return output
+
+
+# -- resolving a --model argument -------------------------------------------------------------------
+BUILTIN = {"default": "default"}
+
+
+def builtin_dir(name: str) -> Path:
+    """Folder of a model that ships inside the package."""
+    from importlib.resources import files
+
+    return Path(str(files("siftlens") / "assets" / "models" / BUILTIN[name]))
+
+
+def load_backend(spec: str, device: str = "cpu", weights: str | None = None) -> Backend:
+    """Resolve ``--model``: a built-in name, a local model folder (siftlens or Hugging Face), or
+    ``timm:<name>`` (with ``weights``: a local .safetensors/.pth file; without, random init)."""
+    from .vit import load_config, load_vit
+
+    if spec in BUILTIN:
+        d = builtin_dir(spec)
+        if not (d / "model.safetensors").exists():
+            raise ModelLoadError(f"built-in model '{spec}' is missing from this installation ({d})")
+        return NativeBackend(load_vit(d), device, source=f"builtin:{spec}")
+    if spec.startswith("timm:"):
+        from .timm_backend import TimmBackend
+
+        return TimmBackend.load(spec[len("timm:") :], device=device, weights=weights)
+    p = Path(spec)
+    if p.is_dir():
+        cfg_file = p / "config.json"
+        if not cfg_file.exists():
+            raise ModelLoadError(f"{spec} has no config.json; is it a siftlens or Hugging Face model folder?")
+        import json
+
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{cfg_file} is not valid JSON ({e.msg})") from e
+        if raw.get("siftlens_model") == "vit":
+            load_config(p)
+            return NativeBackend(load_vit(p), device, source=str(p))
+        from .hf_backend import HFBackend
+
+        return HFBackend.load(str(p), device=device)
+    if p.exists():
+        raise ModelLoadError(f"{spec} is a file; --model takes a model folder, a built-in name or timm:<name>")
+    if "/" in spec and not spec.startswith((".", "/", "~")) and os.path.sep + os.path.sep not in spec:
+        raise ModelLoadError(
+            f"'{spec}' is not a local folder; siftlens runs offline and never downloads from a hub: "
+            "save the model with save_pretrained() elsewhere and pass that folder"
+        )
+    names = ", ".join(sorted(BUILTIN))
+    raise ModelLoadError(f"model '{spec}' not found: give a local model folder, timm:<name>, or one of: {names}")

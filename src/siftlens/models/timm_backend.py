@@ -1,0 +1,223 @@
+"""timm Vision Transformers (``VisionTransformer`` and relatives with ``blocks[i].attn``).
+
+timm is imported lazily, inside :meth:`TimmBackend.load`, so siftlens works without it. Models are created
+with ``pretrained=False`` (never downloaded); weights come from a local ``.safetensors`` or ``.pth`` file.
+
+Attention: in timm's non-fused path each ``Attention`` computes ``attn = softmax(q k^T * scale)`` and passes
+it through ``attn_drop`` (an ``nn.Dropout``, the identity in eval mode); the input of ``attn_drop`` is
+``attn: (B, h, S, S)``. The fused path (``F.scaled_dot_product_attention``) never materialises it, so
+:meth:`TimmBackend.eager` sets ``fused_attn = False`` on every module that has the flag and restores the
+previous values after.
+
+Geometry is read from the model: ``patch_embed.patch_size``, ``patch_embed.img_size`` and ``grid_size``,
+``num_prefix_tokens`` (CLS, distillation, registers); preprocessing from ``model.pretrained_cfg`` (mean,
+std, interpolation, crop_pct, crop_mode) applied at the model's own input size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import GeometryError, ModelLoadError
+from .backends import IMAGENET_MEAN, IMAGENET_STD, Backend, resize_center_crop
+
+DEFAULT_CROP_PCT = 0.875  # timm.data.DEFAULT_CROP_PCT
+_CHECKPOINT_KEYS = ("model", "state_dict")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _attn_drop_input(module, args, kwargs, output) -> torch.Tensor | None:
+    """attn_drop(attn): its input is the post-softmax attention (B, h, S, S)."""
+    if args:
+        return args[0]
+    return kwargs.get("input")
+
+
+class TimmBackend(Backend):
+    """A timm ViT-family model; ``source`` is ``timm:<name>`` (plus the weights file, if any)."""
+
+    kind = "timm"
+
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", source: str = ""):
+        super().__init__(model, device)
+        self.source = source
+        name = source or type(model).__name__
+        blocks = getattr(model, "blocks", None)
+        pe = getattr(model, "patch_embed", None)
+        if blocks is None or pe is None or len(blocks) == 0:
+            raise ModelLoadError(
+                f"timm model {name} has no patch_embed/blocks; siftlens supports ViT-family timm models"
+            )
+        for i, blk in enumerate(blocks):
+            attn = getattr(blk, "attn", None)
+            if not isinstance(getattr(attn, "attn_drop", None), nn.Module) or not hasattr(attn, "fused_attn"):
+                raise ModelLoadError(
+                    f"block {i} of timm model {name} has no attn.attn_drop/attn.fused_attn; siftlens "
+                    "supports timm models whose blocks use timm's standard Attention"
+                )
+        ph, pw = _pair(pe.patch_size)
+        if ph != pw:
+            raise GeometryError(f"non-square patches {ph}x{pw} are not supported")
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        img_size = getattr(pe, "img_size", None)
+        if img_size is None:
+            img_size = tuple(cfg.get("input_size", (3, 224, 224))[-2:])
+        self.patch_size = ph
+        self.input_size = _pair(img_size)
+        grid = getattr(pe, "grid_size", None)
+        H, W = self.input_size
+        self.grid_size = _pair(grid) if grid is not None else (H // ph, W // ph)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+        self.has_cls = getattr(model, "cls_token", None) is not None
+        self.num_layers = len(blocks)
+        self.num_heads = int(blocks[0].attn.num_heads)
+        self.mean = tuple(float(m) for m in cfg.get("mean") or IMAGENET_MEAN)
+        self.std = tuple(float(s) for s in cfg.get("std") or IMAGENET_STD)
+        self.crop_pct = float(cfg.get("crop_pct") or DEFAULT_CROP_PCT)
+        self.crop_mode = str(cfg.get("crop_mode") or "center")
+        self.interpolation = str(cfg.get("interpolation") or "bicubic")
+        if self.crop_mode not in ("center", "squash"):
+            raise ModelLoadError(
+                f"timm crop_mode '{self.crop_mode}' is not supported; set pretrained_cfg crop_mode to "
+                "'center' or 'squash'"
+            )
+        labels = cfg.get("label_names")
+        num_classes = int(getattr(model, "num_classes", 0) or 0)
+        self.class_names = [str(x) for x in labels] if labels and len(labels) == num_classes else None
+        self.check_geometry()
+
+    # loading -------------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls, name: str, device: str | torch.device = "cpu", weights: str | None = None, **model_kwargs
+    ) -> TimmBackend:
+        """``timm.create_model(name, pretrained=False, **model_kwargs)``; then ``weights`` (a local
+        .safetensors / .pth / .pt file, optionally wrapped as {"model": sd} or {"state_dict": sd})."""
+        try:
+            import timm
+        except ImportError as e:
+            raise ModelLoadError(
+                "timm backend needs `pip install timm` (or `pip install siftlens[timm]`); timm needs a "
+                "torchvision that matches your torch"
+            ) from e
+        if weights is not None and not Path(weights).expanduser().is_file():
+            raise ModelLoadError(f"weights file {weights} not found; pass a local .safetensors or .pth file")
+        try:
+            model = timm.create_model(name, pretrained=False, **model_kwargs)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ModelLoadError(
+                    f"timm has no model '{name}'; list candidates with timm.list_models('*vit*')"
+                ) from e
+            raise ModelLoadError(f"could not create timm model '{name}': {_first_line(e)}") from e
+        except (TypeError, ValueError, AssertionError) as e:
+            raise ModelLoadError(f"could not create timm model '{name}': {_first_line(e)}") from e
+        source = f"timm:{name}"
+        if weights is not None:
+            _load_weights(model, Path(weights).expanduser(), name)
+            source += f" ({weights})"
+        return cls(model, device, source=source)
+
+    # preprocessing -------------------------------------------------------------------------------
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        """PIL image -> (H, W, 3) uint8 as timm's eval transform: resize to input / crop_pct, centre crop."""
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        H, W = self.input_size
+        sh, sw = math.floor(H / self.crop_pct), math.floor(W / self.crop_pct)
+        w0, h0 = img.size
+        resize_to: tuple[int, int]
+        if self.crop_mode == "squash":
+            resize_to = (sh, sw)
+        elif sh == sw:
+            # torchvision Resize(int): the shorter side becomes sh, the longer one is truncated
+            short, long = (w0, h0) if w0 <= h0 else (h0, w0)
+            new_long = int(sh * long / short)
+            resize_to = (new_long, sh) if w0 <= h0 else (sh, new_long)
+        else:
+            # timm ResizeKeepRatio: scale so that both sides cover the target, rounding each side
+            ratio = min(h0 / sh, w0 / sw)
+            resize_to = (round(h0 / ratio), round(w0 / ratio))
+        return resize_center_crop(img, (H, W), resize_to=resize_to, resample=self.interpolation)
+
+    # attention -----------------------------------------------------------------------------------
+    def probes(self):
+        """Per block: ``attn.attn_drop``, whose input is attn (B, h, S, S) in the non-fused path."""
+        return [(blk.attn.attn_drop, _attn_drop_input) for blk in self.model.blocks]
+
+    @contextlib.contextmanager
+    def eager(self):
+        """Set ``fused_attn = False`` on every module that has it; restore each previous value after."""
+        mods = [m for m in self.model.modules() if hasattr(m, "fused_attn")]
+        prev = [m.fused_attn for m in mods]
+        try:
+            for m in mods:
+                m.fused_attn = False
+            yield
+        finally:
+            for m, f in zip(mods, prev, strict=True):
+                m.fused_attn = f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x: (B, 3, H, W) -> logits (B, C), or None for a model without a classifier (num_classes=0)."""
+        out = self.model(x)
+        return out if int(getattr(self.model, "num_classes", 0) or 0) > 0 else None
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.update({
+            "timm_class": type(self.model).__name__, "crop_pct": self.crop_pct, "crop_mode": self.crop_mode,
+            "interpolation": self.interpolation,
+        })
+        return d
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    return (int(v[0]), int(v[1]))
+
+
+def _load_weights(model: nn.Module, path: Path, name: str) -> None:
+    """Load a state dict from ``path`` into ``model`` strictly; every failure is a one-line ModelLoadError."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, pickle and zip errors have no common base class
+        raise ModelLoadError(f"could not read weights {path}: {_first_line(e)}") from e
+    for key in _CHECKPOINT_KEYS:
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ModelLoadError(
+            f"{path} does not hold a state dict of tensors (or one under 'model'/'state_dict')"
+        )
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches; torch lists them one per line after a header
+        lines = [s.strip() for s in str(e).splitlines() if "size mismatch" in s] or [_first_line(e)]
+        raise ModelLoadError(f"weights {path} do not fit timm model '{name}': {lines[0]}") from e
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise ModelLoadError(
+            f"weights {path} do not fit timm model '{name}': {len(missing)} missing and {len(unexpected)} "
+            f"unexpected keys (e.g. {example}); pass the model name these weights were trained with"
+        )

@@ -1,0 +1,50 @@
+"""Rendering: figures, plain-English findings and a self-contained HTML report.
+
+This package only receives data (the summary table, the run manifest and a few per-image overlays)
+and never imports the analysis; every function here can be called from a notebook on saved tables.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ..io import write_text
+from .figures import (
+    DPI,
+    distance_entropy,
+    head_heatmap,
+    layer_curves,
+    level_matrices,
+    overlay_figure,
+    save_figure,
+    save_figures,
+)
+from .findings import ReportDataError, findings
+from .html import render_html
+
+__all__ = [
+    "ReportDataError",
+    "distance_entropy",
+    "findings",
+    "head_heatmap",
+    "layer_curves",
+    "level_matrices",
+    "overlay_figure",
+    "render_html",
+    "save_figure",
+    "save_figures",
+    "write_report",
+]
+
+
+def write_report(out_dir: str | os.PathLike, summary: pd.DataFrame, manifest: Mapping,
+                 overlays: Sequence[Mapping] = (), dpi: int = DPI) -> Path:
+    """Save figures to ``out_dir/figures/``; write ``out_dir/report.html`` atomically; return its path."""
+    out = Path(out_dir)
+    figures = save_figures(summary, manifest, overlays, out / "figures", dpi=dpi)
+    page = render_html(summary, manifest, figures, findings(summary, manifest))
+    return write_text(out / "report.html", page)

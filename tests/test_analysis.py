@@ -1,0 +1,138 @@
+"""End-to-end analysis on real computations: exact answers for uniform attention, bad inputs counted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from siftlens.analysis import analyze
+from siftlens.errors import ConfigError
+from siftlens.models.backends import NativeBackend
+from siftlens.models.vit import ViT, ViTConfig
+
+
+def textured(rng, h, w):
+    """A random image with blobs and edges, so SIFT finds keypoints."""
+    img = np.full((h, w, 3), 90, np.uint8)
+    for _ in range(6):
+        y, x = rng.integers(0, h - 6), rng.integers(0, w - 6)
+        img[y : y + rng.integers(3, 7), x : x + rng.integers(3, 7)] = rng.integers(150, 255)
+    return img
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        (d / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(textured(rng, 48, 64)).save(d / cls / f"{i}.png")
+    return d
+
+
+def uniform_model():
+    """A ViT whose queries and keys are all zero: every attention row is exactly uniform."""
+    torch.manual_seed(0)
+    m = ViT(ViTConfig(img_size=(24, 32), patch_size=8, dim=32, depth=2, heads=2, num_classes=2))
+    for blk in m.blocks:
+        with torch.no_grad():
+            blk.attn.qkv.weight[: 2 * 32].zero_()
+            blk.attn.qkv.bias[: 2 * 32].zero_()
+    return m.eval()
+
+
+def test_uniform_attention_gives_exactly_one(image_dir):
+    res = analyze(NativeBackend(uniform_model()), image_dir, null_permutations=30, n_boot=200,
+                  progress=False, rollout=True)
+    s = res.summary
+    assert len(s) and not s.isna().any().any()
+    for metric in ("sal", "sal_w", "wi", "cls_lift"):
+        # rollout (layer 2) adds the residual identity: self-attention lifts WI and SAL_w above 1 there
+        rows = s[(s["metric"] == metric) & ((s["layer"] < 2) | s["metric"].isin(["sal", "cls_lift"]))]
+        np.testing.assert_allclose(rows["mean"], 1.0, atol=1e-5)
+        np.testing.assert_allclose(rows["null_mean"], 1.0, atol=1e-5)
+    wi_roll = s[(s["metric"] == "wi") & (s["layer"] == 2)]["mean"]
+    assert (wi_roll > 1.0).all()
+    np.testing.assert_allclose(s[(s["metric"] == "R") & (s["layer"] < 2)]["mean"], 1.0, atol=1e-5)
+    np.testing.assert_allclose(s[s["metric"] == "cls_rho"]["mean"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(s[(s["metric"] == "entropy") & (s["layer"] < 2)]["mean"], np.log(12), atol=1e-5)
+    assert set(s["layer"]) == {0, 1, 2}, "layer 2 = rollout"
+    assert (s[s["layer"] == 2]["head"] == -1).all()
+    long = res.long
+    assert not long.isna().any().any()
+    assert set(long.columns) == {"image", "layer", "head", "metric", "level_a", "level_b", "value", "z"}
+    assert long["image"].nunique() == 10
+
+
+def test_bad_inputs_are_skipped_counted_and_listed(tmp_path, tiny_vit):
+    rng = np.random.default_rng(1)
+    d = tmp_path / "mixed"
+    d.mkdir()
+    Image.fromarray(textured(rng, 48, 64)).save(d / "good.png")
+    Image.fromarray(textured(rng, 48, 64)).convert("L").save(d / "grey.png")
+    Image.fromarray(textured(rng, 48, 64)).convert("RGBA").save(d / "rgba.png")
+    Image.fromarray(textured(rng, 48, 64)).convert("P").save(d / "palette.png")
+    Image.fromarray(textured(rng, 48, 64)[..., 0].astype(np.uint16) * 257).save(d / "deep16.png")
+    Image.fromarray(np.full((48, 64, 3), 77, np.uint8)).save(d / "flat.png")  # no keypoints
+    Image.fromarray(textured(rng, 48, 64)[:4, :4]).save(d / "tiny.png")  # smaller than a patch
+    (d / "text.jpg").write_text("not an image at all")
+    jpg = d / "trunc.jpg"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpg, quality=95)
+    jpg.write_bytes(jpg.read_bytes()[:1500])
+    res = analyze(NativeBackend(tiny_vit), d, null_permutations=20, n_boot=50, progress=False)
+    im = res.manifest["images"]
+    assert im["total"] == 9
+    assert im["skipped"] == 3 and im["no_keypoints"] == 1 and im["analysed"] == 5
+    reasons = {r["name"]: r["reason"] for r in im["skipped_reasons"]}
+    assert "not an image" in reasons["text.jpg"]
+    assert "truncated" in reasons["trunc.jpg"]
+    assert "smaller than one" in reasons["tiny.png"]
+    imgs = res.images.set_index("name")
+    assert imgs.loc["flat.png", "status"] == "no_keypoints"
+    assert "flat.png" not in set(res.long["image"])
+    json.dumps(res.manifest)  # serialisable
+
+
+def test_outputs_are_written_atomically(tmp_path, image_dir, tiny_vit):
+    res = analyze(NativeBackend(tiny_vit), image_dir, null_permutations=20, n_boot=50, progress=False,
+                  limit=4)
+    paths = res.save(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "images.csv", "manifest.json", "metrics.parquet", "summary.csv"]
+    back = pd.read_parquet(paths["metrics"])
+    assert len(back) == len(res.long)
+    summary = pd.read_csv(paths["summary"])
+    assert not summary.isna().any().any()
+
+
+def test_config_errors(image_dir, tiny_vit):
+    with pytest.raises(ConfigError, match="null"):
+        analyze(NativeBackend(tiny_vit), image_dir, null_permutations=3, progress=False)
+    with pytest.raises(ConfigError, match="scheme"):
+        analyze(NativeBackend(tiny_vit), image_dir, scheme="bogus", progress=False)
+    with pytest.raises(ConfigError, match="unknown analysis option"):
+        analyze(NativeBackend(tiny_vit), image_dir, colour="red", progress=False)
+
+
+def test_batching_does_not_change_results(image_dir, tiny_vit):
+    a = analyze(NativeBackend(tiny_vit), image_dir, null_permutations=20, n_boot=50, progress=False,
+                batch_size=3)
+    b = analyze(NativeBackend(tiny_vit), image_dir, null_permutations=20, n_boot=50, progress=False,
+                batch_size=10)
+    key = ["image", "layer", "head", "metric", "level_a", "level_b"]
+    va = a.long.sort_values(key)["value"].to_numpy()
+    vb = b.long.sort_values(key)["value"].to_numpy()
+    np.testing.assert_allclose(va, vb, rtol=1e-4, atol=1e-5)
+
+
+def test_workers_give_the_same_keypoints(image_dir, tiny_vit):
+    a = analyze(NativeBackend(tiny_vit), image_dir, null_permutations=20, n_boot=50, progress=False)
+    b = analyze(NativeBackend(tiny_vit), image_dir, null_permutations=20, n_boot=50, progress=False,
+                workers=2)
+    pd.testing.assert_frame_equal(a.long, b.long)

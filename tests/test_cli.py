@@ -1,0 +1,75 @@
+"""The command line: help, one-line errors without tracebacks, and a real analyze run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from siftlens.models.vit import save_vit
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "siftlens.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_help_explains_every_command():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("analyze", "demo", "train"):
+        assert cmd in r.stdout
+    r = run("analyze", "--help")
+    assert r.returncode == 0
+    for opt in ("--model", "--images", "--out", "--batch-size", "--device", "--workers", "--layers", "--scheme",
+                "--levels", "--upsample", "--null", "--seed", "--limit"):
+        assert opt in r.stdout
+
+
+@pytest.mark.parametrize(
+    "model, needle",
+    [("does/not/exist/anywhere", "offline"), ("./missing-model-dir", "not found"),
+     ("google/vit-base-patch16-224", "never downloads")],
+)
+def test_model_errors_are_one_line(tmp_path, model, needle):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "imgs" / "a.png")
+    r = run("analyze", "--model", model, "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_train_geometry_error_is_one_line(tmp_path):
+    r = run("train", "--train", str(tmp_path), "--out", str(tmp_path / "o"), "--img-size", "30",
+            "--patch-size", "4")
+    assert r.returncode == 2
+    assert "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_analyze_end_to_end(tmp_path, tiny_vit):
+    save_vit(tiny_vit, tmp_path / "model")
+    rng = np.random.default_rng(0)
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(6):
+        img = np.full((48, 64, 3), 80, np.uint8)
+        for _ in range(5):
+            y, x = rng.integers(0, 40), rng.integers(0, 56)
+            img[y : y + 5, x : x + 5] = rng.integers(150, 255)
+        Image.fromarray(img).save(d / f"{i}.png")
+    (d / "broken.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "out"
+    r = run("analyze", "--model", str(tmp_path / "model"), "--images", str(d), "--out", str(out), "--null", "20",
+            "--bootstrap", "50", "--no-progress", "--batch-size", "4")
+    assert r.returncode == 0, r.stderr
+    assert "analysed 6 images" in r.stdout and "1 skipped" in r.stdout
+    for name in ("metrics.parquet", "summary.csv", "images.csv", "manifest.json", "report.html"):
+        assert (out / name).stat().st_size > 0
+    assert Path(r.stdout.strip().splitlines()[-1].split("report: ")[-1]) == out / "report.html"
+    assert not list(out.glob("*.part")), "no temporary files left behind"

@@ -1,0 +1,480 @@
+"""Tests of siftlens.metrics: closed-form cases, a naive reference, invariances, null models, statistics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from siftlens.errors import ConfigError, GeometryError
+from siftlens.metrics import (
+    average_ranks,
+    bh_qvalues,
+    bootstrap_ci,
+    image_metrics,
+    null_indices,
+    null_stats,
+    renormalise,
+    with_null,
+)
+
+WEIGHTED = ("sal", "sal_w", "wi", "cls_lift")
+PER_LEVEL = ("dist", "entropy")
+
+
+def grid_pos(gh: int, gw: int, patch: int = 16) -> torch.Tensor:
+    """(N, 2) (x, y) patch centres of a row-major grid, as the backends compute them."""
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], 1).float() * patch + (patch - 1) / 2.0
+
+
+def uniform_attn(B: int, h: int, S: int) -> torch.Tensor:
+    return torch.full((B, h, S, S), 1.0 / S)
+
+
+# ----------------------------------------------------------------------------------------------------
+# naive reference: loops over images, heads and maps, straight from METHOD.md section 3 (float64)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return np.array([1 + (x < v).sum() + ((x == v).sum() - 1) / 2 for v in x], np.float64)
+
+
+def _spearman(a: np.ndarray, w: np.ndarray) -> float:
+    ra, rw = _ranks(a), _ranks(w)
+    ra, rw = ra - ra.mean(), rw - rw.mean()
+    den = math.sqrt((ra**2).sum() * (rw**2).sum())
+    return 0.0 if den == 0 else float((ra * rw).sum() / den)
+
+
+def reference(attn, T, weights, levels, L, pos, has_cls):
+    attn, weights, levels, pos = (x.double().numpy() if x.is_floating_point() else x.numpy()
+                                  for x in (attn, weights, levels, pos))
+    B, H = attn.shape[:2]
+    K, N = weights.shape[1:]
+    D = np.sqrt(((pos[:, None] - pos[None]) ** 2).sum(-1))
+    out = {k: np.zeros((B, H, K)) for k in ("sal", "sal_w", "wi", "cls_lift", "cls_rho")}
+    out["R"] = np.full((B, H, K, L, L), np.nan)
+    out["dist"] = np.full((B, H, K, L), np.nan)
+    out["entropy"] = np.full((B, H, K, L), np.nan)
+    for b in range(B):
+        for h in range(H):
+            blk = attn[b, h, T:, T:]
+            bt = np.empty_like(blk)
+            for i in range(N):
+                s = blk[i].sum()
+                bt[i] = blk[i] / s if s > 0 else 1.0 / N
+            if has_cls:
+                row = attn[b, h, 0, T:]
+                a = row / row.sum() if row.sum() > 0 else np.full(N, 1.0 / N)
+            else:
+                a = bt.mean(0)
+            for k in range(K):
+                w, lv = weights[b, k], levels[b, k]
+                if w.sum() > 0:
+                    out["sal"][b, h, k] = np.mean([bt[i] @ w for i in range(N)]) / w.mean()
+                    c = w / w.sum()
+                    out["sal_w"][b, h, k] = sum(c[i] * (bt[i] @ w) for i in range(N)) / w.mean()
+                    out["wi"][b, h, k] = sum(w[i] * w[j] * bt[i, j] for i in range(N) for j in range(N)) / (
+                        w.sum() * w.sum() / N)
+                    out["cls_lift"][b, h, k] = (a @ w) / w.mean()
+                    out["cls_rho"][b, h, k] = _spearman(a, w)
+                else:
+                    for m in WEIGHTED:
+                        out[m][b, h, k] = 1.0
+                for la in range(L):
+                    qa = np.flatnonzero(lv == la)
+                    if len(qa) == 0:
+                        continue
+                    out["dist"][b, h, k, la] = np.mean([(bt[i] * D[i]).sum() for i in qa])
+                    ent = [-sum(p * math.log(p) for p in bt[i] if p > 0) for i in qa]
+                    out["entropy"][b, h, k, la] = np.mean(ent)
+                    for lb in range(L):
+                        kb = np.flatnonzero(lv == lb)
+                        if len(kb) == 0:
+                            continue
+                        out["R"][b, h, k, la, lb] = np.mean([bt[i, kb].sum() for i in qa]) / (len(kb) / N)
+    return out
+
+
+def random_case(seed, B, H, T, N, K, L, *, has_cls=None, zero_img=False, onehot_rows=True):
+    """Random attention (softmax rows, some one-hot rows, some rows with no mass on patches) and
+    integer count weights with zeros; levels drawn from a random subset of [0, L) so some are empty."""
+    g = np.random.default_rng(seed)
+    S = T + N
+    logits = g.normal(0, 2.0, (B, H, S, S))
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    if onehot_rows:
+        for _ in range(g.integers(0, 4)):
+            b, h, i = g.integers(B), g.integers(H), g.integers(S)
+            attn[b, h, i] = 0.0
+            attn[b, h, i, g.integers(S)] = 1.0  # a one-hot row; if it hits a prefix token the patch row is 0
+    w = g.integers(0, 4, (B, K, N)).astype(np.float64) * (g.random((B, K, N)) < 0.6)
+    if zero_img or g.random() < 0.2:
+        w[g.integers(B)] = 0.0
+    allowed = g.choice(L, size=g.integers(1, L + 1), replace=False)
+    lv = allowed[g.integers(0, len(allowed), (B, K, N))]
+    pos = g.uniform(0, 64, (N, 2))
+    if has_cls is None:
+        has_cls = T > 0
+    return (torch.tensor(attn, dtype=torch.float32), T, torch.tensor(w, dtype=torch.float32),
+            torch.tensor(lv, dtype=torch.int64), L, torch.tensor(pos, dtype=torch.float32), has_cls)
+
+
+def assert_metrics_close(got, want, atol=1e-5, rtol=1e-4):
+    for key, val in want.items():
+        g = got[key].double().numpy() if isinstance(got[key], torch.Tensor) else got[key]
+        np.testing.assert_allclose(g, val, atol=atol, rtol=rtol, equal_nan=True, err_msg=key)
+
+
+# ----------------------------------------------------------------------------------------------------
+# closed-form cases
+
+
+def test_uniform_attention_is_neutral():
+    # 2x2 grid, weights with all three levels present, CLS + 1 register
+    N, T = 4, 2
+    w = torch.tensor([[[2.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 2.0]]])  # (1, 2, 4): observed + one resampling
+    lv = torch.tensor([[[2, 0, 1, 0], [0, 1, 0, 2]]])
+    out = image_metrics(uniform_attn(1, 3, T + N), T, w, lv, 3, grid_pos(2, 2), has_cls=True)
+    for key in WEIGHTED:
+        assert out[key].shape == (1, 3, 2)
+        torch.testing.assert_close(out[key], torch.ones(1, 3, 2), atol=1e-6, rtol=0)
+    assert torch.equal(out["cls_rho"], torch.zeros(1, 3, 2))
+    assert out["R"].shape == (1, 3, 2, 3, 3) and not out["R"].isnan().any()
+    torch.testing.assert_close(out["R"], torch.ones(1, 3, 2, 3, 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["entropy"], torch.full((1, 3, 2, 3), math.log(4)), atol=1e-6, rtol=0)
+    # every query of a 2x2 grid (16-pixel patches) sees distances 0, 16, 16, 16*sqrt(2): mean 8 + 4*sqrt(2),
+    # which is also the mean pairwise distance of the grid
+    torch.testing.assert_close(out["dist"], torch.full((1, 3, 2, 3), 8 + 4 * math.sqrt(2)), atol=1e-4, rtol=0)
+    for v in out.values():
+        assert v.dtype == torch.float32
+
+
+def test_uniform_attention_random_sizes_and_no_cls():
+    g = torch.Generator().manual_seed(0)
+    B, H, N, K, L = 2, 2, 12, 3, 3
+    w = torch.randint(0, 3, (B, K, N), generator=g).float()
+    lv = torch.randint(0, L, (B, K, N), generator=g)
+    lv[:, :, :L] = torch.arange(L)  # all levels present
+    pos = grid_pos(3, 4, patch=8)
+    out = image_metrics(uniform_attn(B, H, N), 0, w, lv, L, pos, has_cls=False)
+    for key in WEIGHTED:
+        torch.testing.assert_close(out[key], torch.ones(B, H, K), atol=1e-6, rtol=0)
+    assert torch.equal(out["cls_rho"], torch.zeros(B, H, K))
+    torch.testing.assert_close(out["R"], torch.ones(B, H, K, L, L), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["entropy"], torch.full((B, H, K, L), math.log(N)), atol=1e-5, rtol=0)
+    # the level means of the per-query mean distance, weighted by level size, give the mean pairwise distance
+    D = torch.cdist(pos.double(), pos.double())
+    counts = torch.nn.functional.one_hot(lv, L).sum(-2).double()  # (B, K, L)
+    pooled = (out["dist"].double() * counts[:, None]).sum(-1) / N
+    torch.testing.assert_close(pooled, torch.full((B, H, K), D.mean().item(), dtype=torch.float64),
+                               atol=1e-4, rtol=0)
+
+
+def test_attention_on_keypoint_patches_by_hand():
+    # N = 4 patches on a 2x2 grid (16 px), count weights w = [2, 0, 1, 0]: keypoint set J = {0, 2}.
+    # Every row (CLS and patch queries) puts mass 1/2 on each patch of J.
+    T, N = 1, 4
+    w = torch.tensor([[[2.0, 0.0, 1.0, 0.0]]])
+    lv = torch.tensor([[[2, 0, 1, 0]]])  # level 0: {1, 3}; level 1: {2}; level 2: {0}
+    attn = torch.zeros(1, 1, T + N, T + N)
+    attn[..., T + 0] = 0.5
+    attn[..., T + 2] = 0.5
+    out = image_metrics(attn, T, w, lv, 3, grid_pos(2, 2), has_cls=True)
+    # SAL = mean_{j in J} w_j / mean_j w_j = 1.5 / 0.75
+    assert out["sal"].item() == pytest.approx(2.0, abs=1e-6)
+    # WI = sum_i w_i * 1.5 / (3 * 3 / 4) = 4.5 / 2.25; SAL_w equals WI by definition
+    assert out["wi"].item() == pytest.approx(2.0, abs=1e-6)
+    assert out["sal_w"].item() == pytest.approx(2.0, abs=1e-6)
+    assert out["cls_lift"].item() == pytest.approx(2.0, abs=1e-6)
+    # ranks: a = [.5, 0, .5, 0] -> [3.5, 1.5, 3.5, 1.5]; w -> [4, 1.5, 3, 1.5];
+    # centred: [1, -1, 1, -1] . [1.5, -1, .5, -1] = 4; norms 2 and sqrt(4.5)
+    assert out["cls_rho"].item() == pytest.approx(4 / (2 * math.sqrt(4.5)), abs=1e-6)
+    # R_ab: key level 0 gets no mass; levels 1 and 2 get 1/2 each over n_b / N = 1/4 -> 2, for every
+    # query level
+    expected_r = torch.tensor([[0.0, 2.0, 2.0]] * 3)
+    torch.testing.assert_close(out["R"][0, 0, 0], expected_r, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["entropy"][0, 0, 0], torch.full((3,), math.log(2)), atol=1e-6, rtol=0)
+    # distances: queries 0 and 2 (left column) see 0 and 16 -> 8; queries 1 and 3 see 16 and 16*sqrt(2)
+    expected_d = torch.tensor([8 + 8 * math.sqrt(2), 8.0, 8.0])
+    torch.testing.assert_close(out["dist"][0, 0, 0], expected_d, atol=1e-4, rtol=0)
+
+
+def test_all_zero_weights_are_neutral_and_finite():
+    T, N = 1, 6
+    attn = torch.softmax(torch.randn(2, 2, T + N, T + N, generator=torch.Generator().manual_seed(1)), -1)
+    w = torch.zeros(2, 3, N)
+    w[1] = torch.tensor([1.0, 0, 0, 2, 0, 0])
+    lv = (w > 0).long()
+    out = image_metrics(attn, T, w, lv, 2, grid_pos(2, 3), has_cls=True)
+    for key in WEIGHTED:
+        assert torch.equal(out[key][0], torch.ones(2, 3))
+        assert torch.isfinite(out[key]).all()
+    assert torch.equal(out["cls_rho"][0], torch.zeros(2, 3))
+    # image 0 has no keypoints: only level 0 exists, so R has only the (0, 0) entry
+    assert not out["R"][0, ..., 0, 0].isnan().any()
+    assert out["R"][0, ..., 1, :].isnan().all() and out["R"][0, ..., :, 1].isnan().all()
+    assert out["dist"][0, ..., 1].isnan().all() and not out["dist"][0, ..., 0].isnan().any()
+
+
+def test_zero_patch_rows_fall_back_to_uniform():
+    # a query that attends only to the CLS token has an all-zero patch row: it counts as uniform
+    T, N = 1, 4
+    attn = torch.zeros(1, 1, T + N, T + N)
+    attn[..., 0] = 1.0
+    w = torch.tensor([[[2.0, 0.0, 1.0, 0.0]]])
+    lv = torch.tensor([[[2, 0, 1, 0]]])
+    out = image_metrics(attn, T, w, lv, 3, grid_pos(2, 2), has_cls=True)
+    for key in WEIGHTED:
+        assert out[key].item() == pytest.approx(1.0, abs=1e-6)
+    assert out["cls_rho"].item() == 0.0
+    torch.testing.assert_close(out["entropy"][0, 0, 0], torch.full((3,), math.log(4)), atol=1e-6, rtol=0)
+    assert torch.equal(renormalise(torch.zeros(2, 5)), torch.full((2, 5), 0.2))
+
+
+def test_matches_naive_reference_fixed_cases():
+    for seed, (B, H, T, N, K, L) in enumerate([(2, 3, 1, 9, 4, 3), (1, 2, 0, 7, 2, 2), (3, 1, 2, 16, 3, 4)]):
+        case = random_case(seed, B, H, T, N, K, L)
+        assert_metrics_close(image_metrics(*case), reference(*case))
+
+
+def test_average_ranks_ties():
+    x = torch.tensor([[3.0, 1.0, 3.0, 0.0, 1.0, 1.0]])
+    torch.testing.assert_close(average_ranks(x), torch.tensor([[5.5, 3.0, 5.5, 1.0, 3.0, 3.0]],
+                                                              dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------------
+# invariances
+
+
+def test_relabelling_patches_changes_nothing():
+    B, H, T, N, K, L = 2, 3, 2, 12, 4, 3
+    attn, _, w, lv, _, pos, _ = random_case(7, B, H, T, N, K, L)
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(3))
+    full = torch.cat([torch.arange(T), T + perm])
+    attn_p = attn[:, :, full][:, :, :, full]
+    a = image_metrics(attn, T, w, lv, L, pos, has_cls=True)
+    b = image_metrics(attn_p, T, w[..., perm], lv[..., perm], L, pos[perm], has_cls=True)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, equal_nan=True, msg=key)
+
+
+def test_batch_independence():
+    B, H, T, N, K, L = 3, 2, 1, 10, 5, 3
+    case = list(random_case(11, B, H, T, N, K, L, zero_img=True))
+    attn, _, w, lv, _, pos, _ = case
+    full = image_metrics(attn, T, w, lv, L, pos, has_cls=True)
+    for b in range(B):
+        one = image_metrics(attn[b:b + 1], T, w[b:b + 1], lv[b:b + 1], L, pos, has_cls=True)
+        for key in full:
+            torch.testing.assert_close(full[key][b:b + 1], one[key], atol=1e-6, rtol=1e-6, equal_nan=True,
+                                       msg=key)
+
+
+def test_input_dtypes_agree():
+    case = list(random_case(5, 2, 2, 1, 8, 3, 3))
+    base = image_metrics(*case)
+    case[0] = case[0].double()
+    case[2] = case[2].double()
+    again = image_metrics(*case)
+    for key in base:
+        assert again[key].dtype == torch.float32
+        torch.testing.assert_close(base[key], again[key], atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_bad_inputs_raise():
+    attn = uniform_attn(1, 1, 5)
+    w = torch.ones(1, 1, 4)
+    lv = torch.zeros(1, 1, 4, dtype=torch.long)
+    pos = grid_pos(2, 2)
+    with pytest.raises(GeometryError):
+        image_metrics(attn, 2, w, lv, 2, pos)  # 2 + 4 != 5 tokens
+    with pytest.raises(ConfigError):
+        image_metrics(uniform_attn(1, 1, 4), 0, w, lv, 2, pos, has_cls=True)  # no CLS token to read
+    with pytest.raises(ConfigError):
+        image_metrics(attn, 1, w, lv + 2, 2, pos)  # level out of range
+    with pytest.raises(GeometryError):
+        image_metrics(attn, 1, w, lv, 2, pos[:3])
+
+
+# ----------------------------------------------------------------------------------------------------
+# property tests on random shapes
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(0, 2), N=st.integers(1, 20),
+    K=st.integers(1, 5), L=st.integers(2, 4), cls_flag=st.booleans(),
+)
+def test_property_random_shapes(seed, B, H, T, N, K, L, cls_flag):
+    case = random_case(seed, B, H, T, N, K, L, has_cls=cls_flag and T > 0)
+    attn, T, w, lv, L, pos, has_cls = case
+    out = image_metrics(*case)
+    for key in (*WEIGHTED, "cls_rho"):
+        assert out[key].shape == (B, H, K)
+        assert torch.isfinite(out[key]).all(), key
+    assert (out["cls_rho"].abs() <= 1).all()
+    torch.testing.assert_close(out["sal_w"], out["wi"])
+    present = torch.nn.functional.one_hot(lv, L).sum(-2) > 0  # (B, K, L)
+    both = present[:, None, :, :, None] & present[:, None, :, None, :]
+    assert out["R"].shape == (B, H, K, L, L)
+    assert torch.equal(out["R"].isnan(), ~both.expand_as(out["R"]))
+    assert torch.isfinite(out["R"][both.expand_as(out["R"])]).all()
+    for key in PER_LEVEL:
+        assert out[key].shape == (B, H, K, L)
+        mask = present[:, None].expand_as(out[key])
+        assert torch.equal(out[key].isnan(), ~mask)
+        assert torch.isfinite(out[key][mask]).all()
+    assert (out["entropy"][present[:, None].expand_as(out["entropy"])] <= math.log(N) + 1e-5).all()
+    # each query level's row of R, weighted by n_b / N, sums to 1 (rows of Bt sum to 1)
+    frac = present.double() * torch.nn.functional.one_hot(lv, L).sum(-2) / N  # (B, K, L)
+    rowsum = (out["R"].double().nan_to_num(0.0) * frac[:, None, :, None, :]).sum(-1)
+    ok = present[:, None].expand_as(rowsum)
+    torch.testing.assert_close(rowsum[ok], torch.ones_like(rowsum[ok]), atol=1e-5, rtol=0)
+    assert_metrics_close(out, reference(*case))
+
+
+# ----------------------------------------------------------------------------------------------------
+# null models
+
+
+def test_with_null_permutations_keep_the_observed_map_and_multiset():
+    g = torch.Generator().manual_seed(0)
+    B, N, M = 3, 10, 7
+    w = torch.randint(0, 4, (B, N), generator=g).float()
+    lv = torch.randint(0, 3, (B, N), generator=g)
+    idx = null_indices(B, N, M, kind="permute", generator=g)
+    assert idx.shape == (B, M, N) and idx.dtype == torch.int64
+    assert torch.equal(idx.sort(-1).values, torch.arange(N).expand(B, M, N))
+    wk, lk = with_null(w, lv, idx)
+    assert wk.shape == (B, M + 1, N) and lk.shape == (B, M + 1, N)
+    assert torch.equal(wk[:, 0], w) and torch.equal(lk[:, 0], lv)
+    assert torch.equal(wk.sort(-1).values, w.sort(-1).values[:, None].expand(B, M + 1, N))
+    # weights and levels travel together: the null map m is w[idx[m]], l[idx[m]]
+    for m in range(M):
+        assert torch.equal(wk[:, m + 1], w.gather(1, idx[:, m]))
+        assert torch.equal(lk[:, m + 1], lv.gather(1, idx[:, m]))
+    # reproducible from the generator
+    a = null_indices(B, N, M, generator=torch.Generator().manual_seed(5))
+    b = null_indices(B, N, M, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_shift_null_is_a_cyclic_2d_shift():
+    # grid 2 x 3, cells [[0, 1, 2], [3, 4, 5]]; shifted map w'[r, c] = w[(r - dy) % 2, (c - dx) % 3]
+    by_hand = {
+        (0, 1): [2, 0, 1, 5, 3, 4],
+        (0, 2): [1, 2, 0, 4, 5, 3],
+        (1, 0): [3, 4, 5, 0, 1, 2],
+        (1, 1): [5, 3, 4, 2, 0, 1],
+        (1, 2): [4, 5, 3, 1, 2, 0],
+    }
+    for (dy, dx), m in by_hand.items():
+        rolled = torch.roll(torch.arange(6).view(2, 3), (dy, dx), (0, 1)).flatten().tolist()
+        assert rolled == m
+    idx = null_indices(2, 6, 300, grid=(2, 3), kind="shift", generator=torch.Generator().manual_seed(0))
+    seen = {tuple(r) for r in idx.reshape(-1, 6).tolist()}
+    assert seen == {tuple(m) for m in by_hand.values()}  # all non-zero shifts, never the identity
+    w = torch.tensor([[5.0, 0.0, 1.0, 0.0, 2.0, 0.0]])
+    wk, _ = with_null(w, (w > 0).long(), idx[:1, :4])
+    for m in range(4):
+        assert any(torch.equal(wk[0, m + 1], torch.roll(w.view(2, 3), s, (0, 1)).flatten()) for s in by_hand)
+    with pytest.raises(GeometryError):
+        null_indices(1, 6, 2, grid=(2, 2), kind="shift")
+    with pytest.raises(ConfigError):
+        null_indices(1, 6, 2, kind="rotate")
+
+
+@pytest.mark.parametrize("kind", ["permute", "shift"])
+def test_null_distribution_of_uniform_attention_is_exactly_one(kind):
+    B, H, T, N, M, L = 2, 2, 1, 12, 20, 3
+    g = torch.Generator().manual_seed(1)
+    w = torch.randint(0, 5, (B, N), generator=g).float()
+    lv = torch.randint(0, L, (B, N), generator=g)
+    idx = null_indices(B, N, M, grid=(3, 4), kind=kind, generator=g)
+    wk, lk = with_null(w, lv, idx)
+    out = image_metrics(uniform_attn(B, H, T + N), T, wk, lk, L, grid_pos(3, 4), has_cls=True)
+    sal = out["sal"]
+    assert torch.equal(sal, sal[..., :1].expand_as(sal))  # the null value is identical to the observed one
+    torch.testing.assert_close(sal, torch.ones_like(sal), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["wi"], torch.ones_like(sal), atol=1e-5, rtol=0)
+    z, p = null_stats(sal[..., 0].numpy(), np.moveaxis(sal[..., 1:].numpy(), -1, 0))
+    assert np.all(z == 0) and np.all(p == 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dataset-level statistics
+
+
+def test_bootstrap_ci_contains_mean_and_shrinks():
+    g = np.random.default_rng(0)
+    small, large = g.normal(1.0, 0.5, 40), g.normal(1.0, 0.5, 2000)
+    lo_s, hi_s = bootstrap_ci(small, n_boot=500)
+    lo_l, hi_l = bootstrap_ci(large, n_boot=500)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert hi_l - lo_l < 0.5 * (hi_s - lo_s)
+    # the standard error is 0.5 / sqrt(2000); the 95% interval is about 2 * 1.96 of it wide
+    assert (hi_l - lo_l) == pytest.approx(2 * 1.96 * 0.5 / math.sqrt(2000), rel=0.2)
+
+
+def test_bootstrap_ci_matches_loop_definition_and_handles_nan():
+    g = np.random.default_rng(1)
+    v = g.normal(size=(30, 2, 3))
+    v[g.random(v.shape) < 0.2] = np.nan
+    v[:, 1, 2] = np.nan  # an all-NaN column
+    lo, hi = bootstrap_ci(v, n_boot=200, alpha=0.1, seed=4)
+    assert lo.shape == hi.shape == (2, 3)
+    assert np.isnan(lo[1, 2]) and np.isnan(hi[1, 2])
+    idx = np.random.default_rng(4).integers(0, 30, (200, 30))
+    with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):
+        means = np.nanmean(v[idx], axis=1)  # (200, 2, 3)
+    ok = np.ones((2, 3), bool)
+    ok[1, 2] = False
+    np.testing.assert_allclose(lo[ok], np.percentile(means, 5, axis=0)[ok], rtol=1e-12)
+    np.testing.assert_allclose(hi[ok], np.percentile(means, 95, axis=0)[ok], rtol=1e-12)
+    mean = np.nanmean(v[:, ok], 0)
+    assert np.all(lo[ok] <= mean) and np.all(mean <= hi[ok])
+    one_lo, one_hi = bootstrap_ci(np.array([[0.7, np.nan]]))
+    assert one_lo[0] == one_hi[0] == 0.7 and np.isnan(one_lo[1]) and np.isnan(one_hi[1])
+    t_lo, t_hi = bootstrap_ci(torch.tensor([1.0, 2.0, 3.0]), n_boot=100)
+    assert t_lo.shape == () and 1.0 <= t_lo <= 2.0 <= t_hi <= 3.0
+
+
+def test_null_stats_by_hand():
+    z, p = null_stats(np.array(3.0), np.array([1.0, 2.0, 3.0, 2.0]))
+    # mean 2, population std sqrt(0.5); |null - 2| = [1, 0, 1, 0] >= 1 twice -> p = 3 / 5
+    assert z == pytest.approx(1 / math.sqrt(0.5)) and p == pytest.approx(0.6)
+    # degenerate null: equal -> z 0, p 1; different -> clipped z with the sign, smallest p
+    z, p = null_stats(np.array([2.0, 2.5, 1.0]), np.full((9, 3), 2.0))
+    np.testing.assert_array_equal(z, [0.0, 1e6, -1e6])
+    np.testing.assert_allclose(p, [1.0, 0.1, 0.1])
+    # NaN null values are ignored; NaN observations and all-NaN nulls give NaN
+    null = np.array([[1.0, np.nan, np.nan], [3.0, 1.0, np.nan], [np.nan, 2.0, np.nan]])
+    z, p = null_stats(np.array([2.0, np.nan, 1.0]), null)
+    assert z[0] == 0.0 and p[0] == 1.0
+    assert np.isnan(z[1]) and np.isnan(p[1]) and np.isnan(z[2]) and np.isnan(p[2])
+
+
+def test_bh_qvalues_by_hand():
+    # sorted p: 0.01, 0.03, 0.04, 0.5 -> p * n / rank = 0.04, 0.06, 0.0533, 0.5 -> running min from the top
+    q = bh_qvalues(np.array([0.01, 0.04, 0.03, 0.5]))
+    np.testing.assert_allclose(q, [0.04, 0.16 / 3, 0.16 / 3, 0.5])
+    np.testing.assert_allclose(bh_qvalues([0.01, 0.02, 0.03, 0.04, 0.05]), [0.05] * 5)
+    np.testing.assert_allclose(bh_qvalues([0.01, np.nan, 0.04]), [0.02, np.nan, 0.04])  # n = 2
+    np.testing.assert_allclose(bh_qvalues([0.9, 0.8]), [0.9, 0.9])
+    assert bh_qvalues(np.array([])).shape == (0,)
+    p = np.random.default_rng(0).random(50)
+    q = bh_qvalues(p)
+    assert np.all(q >= p - 1e-12) and np.all(q <= 1)  # p * n / n may round down
+    order = np.argsort(p)
+    assert np.all(np.diff(q[order]) >= 0)
+    with pytest.raises(ConfigError):
+        bh_qvalues([0.5, 1.5])

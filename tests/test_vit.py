@@ -1,0 +1,110 @@
+"""The project's ViT: fused == eager, capture lifecycle, geometry, persistence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from siftlens.attention import Rollout, capture
+from siftlens.errors import AttentionBackendError, GeometryError, ModelLoadError
+from siftlens.models.backends import NativeBackend, load_backend
+from siftlens.models.vit import ViT, ViTConfig, load_vit, save_vit
+
+
+def test_fused_and_eager_agree(tiny_vit):
+    x = torch.randn(3, 3, 24, 32)
+    with torch.no_grad():
+        a = tiny_vit(x)
+        tiny_vit.set_fused(False)
+        b = tiny_vit(x)
+        tiny_vit.set_fused(True)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def manual_attention(model: ViT, x: torch.Tensor) -> list[torch.Tensor]:
+    """Recompute every layer's softmax attention by hand from the weights."""
+    out = []
+    t = model.embed(x)
+    for blk in model.blocks:
+        h = blk.norm1(t)
+        B, S, D = h.shape
+        q, k, _ = blk.attn.qkv(h).view(B, S, 3, blk.attn.heads, -1).permute(2, 0, 3, 1, 4)
+        out.append(((q @ k.transpose(-2, -1)) * blk.attn.scale).softmax(-1))
+        t = blk(t)
+    return out
+
+
+def test_capture_matches_manual_attention_for_the_whole_batch(tiny_vit):
+    be = NativeBackend(tiny_vit)
+    assert be.grid_size == (3, 4) and be.num_prefix_tokens == 2 and be.patch_size == 8
+    x = torch.randn(3, 3, 24, 32)
+    got = {}
+    with torch.no_grad(), capture(be, lambda l, a: got.__setitem__(l, a.clone())) as cap:
+        be.forward(x)
+    cap.check()
+    with torch.no_grad():
+        ref = manual_attention(tiny_vit, x)
+    assert sorted(got) == [0, 1]
+    for l in range(2):
+        assert got[l].shape == (3, 4, 14, 14)
+        torch.testing.assert_close(got[l], ref[l], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[l].sum(-1), torch.ones(3, 4, 14))
+    assert all(blk.attn.fused for blk in tiny_vit.blocks), "fused mode restored"
+
+
+def test_hooks_are_removed_even_when_the_body_raises(tiny_vit):
+    be = NativeBackend(tiny_vit)
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture(be, lambda l, a: None):
+            raise RuntimeError("boom")
+    assert all(not blk.attn.probe._forward_hooks for blk in tiny_vit.blocks)
+    assert all(blk.attn.fused for blk in tiny_vit.blocks)
+    with pytest.raises(ValueError, match="from callback"):
+        with capture(be, lambda l, a: (_ for _ in ()).throw(ValueError("from callback"))):
+            be.forward(torch.randn(1, 3, 24, 32))
+    assert all(not blk.attn.probe._forward_hooks for blk in tiny_vit.blocks)
+
+
+def test_selected_layers_and_missing_attention_is_loud(tiny_vit):
+    be = NativeBackend(tiny_vit)
+    seen = []
+    with capture(be, lambda l, a: seen.append(l), layers=[-1]) as cap:
+        be.forward(torch.randn(2, 3, 24, 32))
+    assert seen == [1]
+    with pytest.raises(AttentionBackendError):
+        with capture(be, lambda l, a: None, layers=[5]):
+            pass
+    with capture(be, lambda l, a: None) as cap:
+        pass  # no forward ran: nothing observed
+    with pytest.raises(AttentionBackendError):
+        cap.check()
+
+
+def test_rollout_rows_are_distributions(tiny_vit):
+    be = NativeBackend(tiny_vit)
+    r = Rollout()
+    with torch.no_grad(), capture(be, lambda l, a: r.update(a)):
+        be.forward(torch.randn(2, 3, 24, 32))
+    assert r.result.shape == (2, 14, 14)
+    torch.testing.assert_close(r.result.sum(-1), torch.ones(2, 14))
+
+
+def test_geometry_errors_and_persistence(tmp_path, tiny_vit):
+    with pytest.raises(GeometryError):
+        ViTConfig(img_size=(30, 32), patch_size=8)
+    with pytest.raises(GeometryError):
+        tiny_vit(torch.randn(1, 3, 32, 32))
+    save_vit(tiny_vit, tmp_path / "m")
+    back = load_vit(tmp_path / "m")
+    x = torch.randn(2, 3, 24, 32)
+    torch.testing.assert_close(back(x), tiny_vit(x))
+    be = load_backend(str(tmp_path / "m"))
+    assert isinstance(be, NativeBackend) and be.input_size == (24, 32)
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_backend(str(tmp_path / "nothing-here"))
+    with pytest.raises(ModelLoadError, match="offline"):
+        load_backend("google/vit-base-patch16-224")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{nope")
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        load_backend(str(tmp_path / "bad"))
