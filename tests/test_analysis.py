@@ -62,12 +62,22 @@ def test_uniform_attention_gives_exactly_one(image_dir):
     np.testing.assert_allclose(s[(s["metric"] == "R") & (s["layer"] < 2)]["mean"], 1.0, atol=1e-5)
     np.testing.assert_allclose(s[s["metric"] == "cls_rho"]["mean"], 0.0, atol=1e-6)
     np.testing.assert_allclose(s[(s["metric"] == "entropy") & (s["layer"] < 2)]["mean"], np.log(12), atol=1e-5)
+    # relative distance: exactly as far as uniform attention, for every level, although the raw distances
+    # of the levels differ with where their patches sit; rollout's identity term makes it more local
+    rel = s[(s["metric"] == "dist_rel") & (s["layer"] < 2)]
+    assert len(rel) and set(rel["level_a"]) <= {0, 1, 2} and (rel["level_b"] == -1).all()
+    for col in ("mean", "ci_lo", "ci_hi", "null_mean", "null_lo", "null_hi"):
+        np.testing.assert_allclose(rel[col], 1.0, atol=1e-6)
+    assert (s[(s["metric"] == "dist_rel") & (s["layer"] == 2)]["mean"] < 1.0).all()
     assert set(s["layer"]) == {0, 1, 2}, "layer 2 = rollout"
     assert (s[s["layer"] == 2]["head"] == -1).all()
     long = res.long
     assert not long.isna().any().any()
     assert set(long.columns) == {"image", "layer", "head", "metric", "level_a", "level_b", "value", "z"}
     assert long["image"].nunique() == 10
+    lrel = long[(long["metric"] == "dist_rel") & (long["layer"] < 2)]
+    assert len(lrel) and np.allclose(lrel["value"], 1.0, atol=1e-6)
+    assert set(long["metric"]) >= {"dist", "dist_rel", "entropy"}
 
 
 def test_bad_inputs_are_skipped_counted_and_listed(tmp_path, tiny_vit):
@@ -136,3 +146,20 @@ def test_workers_give_the_same_keypoints(image_dir, tiny_vit):
     b = analyze(NativeBackend(tiny_vit), image_dir, null_permutations=20, n_boot=50, progress=False,
                 workers=2)
     pd.testing.assert_frame_equal(a.long, b.long)
+
+
+def test_flatten_follows_the_cell_order():
+    # every metric/level gets a distinct code; the flat vector must list them in the order of _cells
+    from siftlens.analysis import LEVEL_METRICS, SCALAR_METRICS, _cells, _flatten
+
+    L, B, h, K = 3, 2, 2, 4
+    code = {m: 100.0 * (i + 1) for i, m in enumerate((*SCALAR_METRICS, "R", *LEVEL_METRICS))}
+    res = {m: torch.full((B, h, K), code[m]) for m in SCALAR_METRICS}
+    res["R"] = code["R"] + torch.arange(L * L, dtype=torch.float32).reshape(L, L).expand(B, h, K, L, L)
+    for m in LEVEL_METRICS:
+        res[m] = code[m] + 10 * torch.arange(L, dtype=torch.float32).expand(B, h, K, L)
+    cells = _cells(L)
+    flat = _flatten(res)
+    assert "dist_rel" in LEVEL_METRICS and flat.shape == (B, h, K, len(cells))
+    want = [code[m] + (a * L + b if m == "R" else 10 * a if a >= 0 else 0) for m, a, b in cells]
+    assert torch.equal(flat[1, 1, 3], torch.tensor(want, dtype=torch.float32))

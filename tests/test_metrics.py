@@ -23,7 +23,7 @@ from siftlens.metrics import (
 )
 
 WEIGHTED = ("sal", "sal_w", "wi", "cls_lift")
-PER_LEVEL = ("dist", "entropy")
+PER_LEVEL = ("dist", "dist_rel", "entropy")
 
 
 def grid_pos(gh: int, gw: int, patch: int = 16) -> torch.Tensor:
@@ -60,6 +60,7 @@ def reference(attn, T, weights, levels, L, pos, has_cls):
     out = {k: np.zeros((B, H, K)) for k in ("sal", "sal_w", "wi", "cls_lift", "cls_rho")}
     out["R"] = np.full((B, H, K, L, L), np.nan)
     out["dist"] = np.full((B, H, K, L), np.nan)
+    out["dist_rel"] = np.full((B, H, K, L), np.nan)
     out["entropy"] = np.full((B, H, K, L), np.nan)
     for b in range(B):
         for h in range(H):
@@ -82,7 +83,8 @@ def reference(attn, T, weights, levels, L, pos, has_cls):
                     out["wi"][b, h, k] = sum(w[i] * w[j] * bt[i, j] for i in range(N) for j in range(N)) / (
                         w.sum() * w.sum() / N)
                     out["cls_lift"][b, h, k] = (a @ w) / w.mean()
-                    out["cls_rho"][b, h, k] = _spearman(a, w)
+                    # METHOD.md: attention values closer than 1e-5 of 1/N are float noise, ranked as ties
+                    out["cls_rho"][b, h, k] = _spearman(np.round(a * (N * 1e5)), w)
                 else:
                     for m in WEIGHTED:
                         out[m][b, h, k] = 1.0
@@ -91,6 +93,8 @@ def reference(attn, T, weights, levels, L, pos, has_cls):
                     if len(qa) == 0:
                         continue
                     out["dist"][b, h, k, la] = np.mean([(bt[i] * D[i]).sum() for i in qa])
+                    u = np.mean([D[i].mean() for i in qa])  # what uniform attention gives these queries
+                    out["dist_rel"][b, h, k, la] = out["dist"][b, h, k, la] / u if u > 0 else 1.0
                     ent = [-sum(p * math.log(p) for p in bt[i] if p > 0) for i in qa]
                     out["entropy"][b, h, k, la] = np.mean(ent)
                     for lb in range(L):
@@ -152,6 +156,7 @@ def test_uniform_attention_is_neutral():
     # every query of a 2x2 grid (16-pixel patches) sees distances 0, 16, 16, 16*sqrt(2): mean 8 + 4*sqrt(2),
     # which is also the mean pairwise distance of the grid
     torch.testing.assert_close(out["dist"], torch.full((1, 3, 2, 3), 8 + 4 * math.sqrt(2)), atol=1e-4, rtol=0)
+    assert torch.equal(out["dist_rel"], torch.ones(1, 3, 2, 3))  # exactly, not just closely
     for v in out.values():
         assert v.dtype == torch.float32
 
@@ -175,6 +180,7 @@ def test_uniform_attention_random_sizes_and_no_cls():
     pooled = (out["dist"].double() * counts[:, None]).sum(-1) / N
     torch.testing.assert_close(pooled, torch.full((B, H, K), D.mean().item(), dtype=torch.float64),
                                atol=1e-4, rtol=0)
+    assert torch.equal(out["dist_rel"], torch.ones(B, H, K, L))
 
 
 def test_attention_on_keypoint_patches_by_hand():
@@ -204,6 +210,82 @@ def test_attention_on_keypoint_patches_by_hand():
     # distances: queries 0 and 2 (left column) see 0 and 16 -> 8; queries 1 and 3 see 16 and 16*sqrt(2)
     expected_d = torch.tensor([8 + 8 * math.sqrt(2), 8.0, 8.0])
     torch.testing.assert_close(out["dist"][0, 0, 0], expected_d, atol=1e-4, rtol=0)
+    # every query of a 2x2 grid has the same uniform distance 8 + 4*sqrt(2)
+    torch.testing.assert_close(out["dist_rel"][0, 0, 0], expected_d / (8 + 4 * math.sqrt(2)), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (3, 3), (1, 5), (14, 14), (7, 5)])
+@pytest.mark.parametrize("T", [0, 1, 4])
+def test_uniform_attention_gives_relative_distance_exactly_one(grid, T):
+    # softmax of constant logits, as a model with zero queries or keys produces it; levels hold central
+    # and border patches alike, whose raw distances differ, but the relative distance is exactly 1.0
+    N = grid[0] * grid[1]
+    g = torch.Generator().manual_seed(N + T)
+    w = torch.randint(0, 3, (2, 4, N), generator=g).float()
+    lv = torch.randint(0, 3, (2, 4, N), generator=g)
+    attn = torch.softmax(torch.zeros(2, 3, T + N, T + N), -1)
+    out = image_metrics(attn, T, w, lv, 3, grid_pos(*grid), has_cls=T > 0)
+    present = torch.nn.functional.one_hot(lv, 3).sum(-2)[:, None].expand_as(out["dist_rel"]) > 0
+    assert torch.equal(out["dist_rel"][present], torch.ones(int(present.sum())))
+    assert out["dist_rel"][~present].isnan().all()
+
+
+def test_relative_distance_removes_the_centre_confound():
+    # 3x3 grid: under uniform attention the centre query is nearer to everything than a corner query, so
+    # raw distance separates the levels; relative distance does not
+    pos = grid_pos(3, 3)
+    lv = torch.zeros(1, 1, 9, dtype=torch.long)
+    lv[0, 0, 4] = 1  # level 1: the centre patch; level 0: the 8 border patches
+    w = lv.float()
+    out = image_metrics(uniform_attn(1, 1, 9), 0, w, lv, 2, pos, has_cls=False)
+    r2, r5 = math.sqrt(2), math.sqrt(5)
+    # mean distance (in units of 16 px) from a patch to all 9: centre 4 + 4 sqrt2, corner 6 + 3 sqrt2 +
+    # 2 sqrt5, edge 5 + 2 sqrt2 + 2 sqrt5
+    centre, corner, edge = (16 * (4 + 4 * r2) / 9, 16 * (6 + 3 * r2 + 2 * r5) / 9, 16 * (5 + 2 * r2 + 2 * r5) / 9)
+    torch.testing.assert_close(out["dist"][0, 0, 0, 1], torch.tensor(centre, dtype=torch.float32))
+    torch.testing.assert_close(out["dist"][0, 0, 0, 0], torch.tensor((corner + edge) / 2, dtype=torch.float32))
+    assert out["dist"][0, 0, 0, 1] < out["dist"][0, 0, 0, 0]  # the confound
+    assert torch.equal(out["dist_rel"], torch.ones(1, 1, 1, 2))
+
+
+def test_self_attention_gives_relative_distance_zero():
+    T, N = 1, 6
+    attn = torch.zeros(2, 2, T + N, T + N)
+    attn[..., 0, :] = 1.0 / (T + N)  # the CLS row may be anything
+    attn[:, :, T:, T:] = torch.eye(N)  # every patch attends only to itself
+    w = torch.tensor([[1.0, 0, 0, 2, 0, 3]]).expand(2, 3, N)
+    lv = torch.tensor([[1, 0, 0, 2, 0, 2]]).expand(2, 3, N)
+    out = image_metrics(attn, T, w, lv, 3, grid_pos(2, 3), has_cls=True)
+    assert torch.equal(out["dist"], torch.zeros(2, 2, 3, 3))
+    assert torch.equal(out["dist_rel"], torch.zeros(2, 2, 3, 3))
+
+
+def test_relative_distance_by_hand_on_a_2x2_grid():
+    # patches 0 1 / 2 3, 16 px apart; every query's uniform distance is u = (0 + 16 + 16 + 16*sqrt(2)) / 4
+    pos = grid_pos(2, 2)
+    attn = torch.zeros(1, 1, 4, 4)
+    attn[0, 0, 0, 0] = 1.0  # query 0 attends to itself: distance 0
+    attn[0, 0, 1, 2] = 1.0  # query 1 attends to the opposite corner: 16*sqrt(2)
+    attn[0, 0, 2] = 0.25  # query 2 is uniform: u
+    attn[0, 0, 3, 1] = attn[0, 0, 3, 2] = 0.5  # query 3 attends to both neighbours: 16
+    lv = torch.tensor([[[1, 0, 0, 1]]])  # level 1 = {0, 3}, level 0 = {1, 2}
+    out = image_metrics(attn, 0, lv.float(), lv, 2, pos, has_cls=False)
+    u, r2 = 8 + 4 * math.sqrt(2), math.sqrt(2)
+    want_dist = torch.tensor([(16 * r2 + u) / 2, (0 + 16) / 2])
+    torch.testing.assert_close(out["dist"][0, 0, 0], want_dist, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["dist_rel"][0, 0, 0], want_dist / u, atol=1e-6, rtol=0)
+    assert out["dist_rel"][0, 0, 0, 1].item() == pytest.approx(2 - r2, abs=1e-6)  # 8 / (8 + 4 sqrt 2)
+
+
+def test_coincident_positions_give_neutral_relative_distance():
+    # one patch, or all centres at one point: no distance to compare against, so dist_rel is the neutral 1
+    out = image_metrics(uniform_attn(1, 1, 2), 1, torch.ones(1, 1, 1), torch.zeros(1, 1, 1, dtype=torch.long),
+                        2, grid_pos(1, 1), has_cls=True)
+    assert out["dist_rel"][0, 0, 0, 0].item() == 1.0 and out["dist_rel"][0, 0, 0, 1].isnan()
+    attn = torch.softmax(torch.randn(1, 1, 3, 3, generator=torch.Generator().manual_seed(0)), -1)
+    lv = torch.tensor([[[0, 1, 1]]])
+    out = image_metrics(attn, 0, lv.float(), lv, 2, torch.zeros(3, 2), has_cls=False)
+    assert torch.equal(out["dist_rel"], torch.ones(1, 1, 1, 2))
 
 
 def test_all_zero_weights_are_neutral_and_finite():

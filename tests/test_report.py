@@ -90,8 +90,15 @@ def make_summary(layers: int = 4, heads: int = 3, n_levels: int = 3, effect: str
                     v = 1 + rng.uniform(-0.01, 0.01)
                 rows.append(_row(l, -1, "R", a, b, v, 0.04, 1.0, 0.05))
         for a in range(n_levels):
+            # raw distance: richer levels look less far, as central patches do under any attention
             d = patch * (1.2 + 2.0 * depth[l] - 0.2 * a) + rng.normal(0, 0.1)
             rows.append(_row(l, -1, "dist", a, -1, d, 0.3, d, 0.5))
+            if effect == "realistic":  # attention grows more local with depth, most for rich queries
+                rel = 1 - 0.3 * depth[l] * (1 + 0.3 * a) + rng.normal(0, 0.005)
+                rows.append(_row(l, -1, "dist_rel", a, -1, rel, 0.02, 1 - 0.39 * depth[l], 0.02))
+            else:
+                rel = 1 + rng.uniform(-0.005, 0.005)
+                rows.append(_row(l, -1, "dist_rel", a, -1, rel, 0.02, 1.0, 0.02))
             e = np.log(grid[0] * grid[1]) * (0.95 - 0.3 * depth[l] - 0.03 * a)
             rows.append(_row(l, -1, "entropy", a, -1, e, 0.05, e, 0.1))
     if rollout:
@@ -194,6 +201,44 @@ def test_findings_realistic_cover_trend_cls_levels_and_distance():
     assert "attend mostly to each other" in text and "'high'" in text
     assert "avoids keypoint-rich patches" in text  # the planted 0.7 head
     assert len(out) <= 8
+
+
+def _distance_sentence(out: list[str]) -> str:
+    hits = [x for x in out if "distance" in x]
+    assert len(hits) == 1, out
+    return hits[0]
+
+
+def test_findings_compare_levels_by_relative_distance():
+    s = make_summary(layers=6, heads=4, effect="realistic")
+    text = _distance_sentence(findings(s, make_manifest(layers=6, heads=4), max_sentences=20))
+    rel = s[(s["metric"] == "dist_rel") & (s["layer"] == 5)].set_index("level_a")["mean"]
+    assert f"in layer 5, 'high' patches attend {rel[2]:.2f}x as far as uniform attention would" in text
+    assert f"'none' patches {rel[0]:.2f}x" in text
+    assert "Relative to uniform attention, mean attention distance (averaged over levels) shrinks" in text
+    rel0 = s[(s["metric"] == "dist_rel") & (s["layer"] == 0)]["mean"].mean()
+    assert f"from {rel0:.2f}x in layer 0" in text
+    # 'high' in the last layer is 0.48x against a null of 0.61x: a departure, with its q-value
+    assert "departs from the shuffled-keypoint null" in text
+    # raw pixels appear only for the depth trend, never as a gap between levels
+    assert "px away" not in text and not re.search(r"'\w+' patches [^;]*px", text)
+
+
+def test_raw_distance_gaps_from_geometry_are_not_findings():
+    # a random model: raw distances differ by level (central patches are near everything) but relative
+    # distance is 1.0 for every level; findings must not turn the raw gap into an attention effect
+    s = make_summary(layers=4, heads=3, effect="null")
+    raw = s[(s["metric"] == "dist") & (s["layer"] == 3)].set_index("level_a")["mean"]
+    assert raw[0] - raw[2] > 3  # the confound is in the table
+    text = _distance_sentence(findings(s, make_manifest(), max_sentences=20))
+    assert re.search(r"in layer 3, 'high' patches attend 1\.00x as far as uniform attention would", text)
+    assert "'none' patches 1.00x" in text
+    assert "within what shuffled keypoints give" in text
+    assert f"{raw[2]:.1f} px" not in text and f"{raw[0]:.1f} px" not in text
+    # without relative distance (an old summary), levels are not compared at all
+    old = findings(s[s["metric"] != "dist_rel"], make_manifest(), max_sentences=20)
+    text = _distance_sentence(old)
+    assert "levels are not compared" in text and "'high'" not in text
 
 
 def test_findings_without_head_rows_or_optional_metrics():

@@ -11,6 +11,9 @@ Public API (imported lazily, so ``import siftlens`` stays light)::
     ViT, ViTConfig, load_vit, save_vit              the project's own ViT
     ImageSource                                     folders, zips, globs and file lists of images
     SiftlensError                                   base class of every user-facing error
+    build_spurious, SpuriousConfig                  the SpuriousCIFAR builder
+    discover, DiscoveryConfig, DiscoveryResult      spurious-correlation discovery with SIFT visual words
+    prompt, PromptConfig, PromptResult              inference-time token interventions and their evaluation
 """
 
 from __future__ import annotations
@@ -30,12 +33,19 @@ _EXPORTS = {
     "ImageSource": "data",
     "SiftlensError": "errors",
     "run_analysis": "pipeline", "run_demo": "pipeline",
+    "SpuriousConfig": "spurious_data",
+    "discover": "spurious", "DiscoveryConfig": "spurious", "DiscoveryResult": "spurious",
+    "prompt": "prompting", "PromptConfig": "prompting", "PromptResult": "prompting",
 }
+_ALIASES = {"build_spurious": ("spurious_data", "build")}
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted([*_EXPORTS, *_ALIASES]) + ["__version__"]
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in _ALIASES:
+        mod, attr = _ALIASES[name]
+        return getattr(importlib.import_module(f".{mod}", __name__), attr)
     raise AttributeError(f"module 'siftlens' has no attribute {name!r}")

@@ -12,8 +12,10 @@ Everything returned is data (pandas tables, numpy arrays, a manifest dict); rend
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,12 +30,12 @@ from .data import DEFAULT_MAX_PIXELS, ImageSource
 from .errors import ConfigError, SkipImage
 from .io import atomic_path, write_json
 from .keypoints import SCHEMES, SiftParams, keypoint_map
-from .metrics import bh_qvalues, bootstrap_ci, image_metrics, null_indices, null_stats, with_null
+from .metrics import bh_qvalues, bootstrap_ci, image_metrics, null_indices, null_stats, prepare_maps, with_null
 from .models.backends import Backend, load_backend
 from .progress import progress_bar
 
 SCALAR_METRICS = ("sal", "sal_w", "wi", "cls_lift", "cls_rho")
-LEVEL_METRICS = ("dist", "entropy")  # per query level a
+LEVEL_METRICS = ("dist", "dist_rel", "entropy")  # per query level a
 MATRIX_METRICS = ("R",)  # per level pair (a, b)
 
 
@@ -117,6 +119,30 @@ def _collate(items: list[dict]) -> list[dict]:
     return items
 
 
+def _make_loader(dataset: Dataset, cfg: AnalysisConfig) -> DataLoader:
+    """The analysis' DataLoader: ``cfg.batch_size`` images per batch, ``cfg.workers`` worker processes."""
+    return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_collate,
+                      persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+
+
+@contextlib.contextmanager
+def _one_cv2_thread_per_worker(workers: int) -> Iterator[None]:
+    """With worker processes, make OpenCV single-threaded for the block: the workers are the parallelism
+    (each would otherwise start a SIFT thread per core). Set in this process before the workers fork, and
+    restored after: calling ``cv2.setNumThreads`` inside a forked worker can hang on the parent's pool."""
+    if not workers:
+        yield
+        return
+    import cv2
+
+    prev = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(prev)
+
+
 # -- result -------------------------------------------------------------------------------------------
 @dataclass
 class AnalysisResult:
@@ -162,16 +188,18 @@ class _Accumulator:
 
     def add(self, li: int, values: torch.Tensor, valid: torch.Tensor) -> None:
         """values: (B, h+1, K, C) with K = 1 + M; valid: (B,) images that count."""
-        v = values.double()
-        v[~valid.to(v.device)] = float("nan")
-        obs, null = v[:, :, 0], v[:, :, 1:]
-        mu = null.mean(2)
-        sd = null.std(2, unbiased=False)
+        # (B, h+1, C, K): the K values of a cell contiguous, so the null reductions run along memory
+        v = values.transpose(2, 3).to(torch.float64, memory_format=torch.contiguous_format)
+        if not bool(valid.all()):
+            v[~valid.to(v.device)] = float("nan")
+        obs, null = v[..., 0], v[..., 1:]
+        mu = null.mean(-1)
+        sd = (null - mu[..., None]).square_().mean(-1).sqrt_()  # population std, two-pass (torch.std is slow)
         z = torch.where(sd > 1e-12, (obs - mu) / sd.clamp_min(1e-12), torch.zeros_like(obs)).clamp(-1e6, 1e6)
         self.obs[li].append(obs.float().cpu().numpy())
         self.z[li].append(z.float().cpu().numpy())
         present = ~torch.isnan(obs)  # (B, h+1, C)
-        self.null_sum[li] += torch.nan_to_num(null).sum(0).cpu().numpy()
+        self.null_sum[li] += torch.nan_to_num(null).sum(0).transpose(1, 2).cpu().numpy()  # (h+1, M, C)
         self.count[li] += present.sum(0).cpu().numpy()
 
 
@@ -230,10 +258,8 @@ def analyze(
     img_rows: list[dict] = []
     overlays: list[dict] = []
 
-    loader = DataLoader(_KeypointDataset(source, backend, cfg, sift), batch_size=cfg.batch_size,
-                        num_workers=cfg.workers, collate_fn=_collate,
-                        persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
-    with progress_bar(progress) as pb:
+    loader = _make_loader(_KeypointDataset(source, backend, cfg, sift), cfg)
+    with progress_bar(progress) as pb, _one_cv2_thread_per_worker(cfg.workers):
         task = pb.add_task("analyse", total=len(source), info="")
         for bi, items in enumerate(loader):
             good = [it for it in items if "skip" not in it]
@@ -283,6 +309,7 @@ def _run_batch(backend, good, cfg, L, M, T, H, layers, layer_slot, pos, acc, bi,
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + bi)
     idx = null_indices(B, N, M, grid=tuple(backend.grid_size), kind=cfg.null_kind, generator=gen).to(dev)
     wk, lk = with_null(w, lv, idx)  # (B, K, N)
+    maps = prepare_maps(wk, lk, L, pos, null_index=idx)  # all that does not depend on attention, once per batch
     want_overlay = max(0, cfg.overlays - len(overlays))
     ov_ids = [k for k in range(B) if bool(valid[k])][:want_overlay]
     cls_maps: dict[int, torch.Tensor] = {}
@@ -291,7 +318,7 @@ def _run_batch(backend, good, cfg, L, M, T, H, layers, layer_slot, pos, acc, bi,
 
     def on_attention(layer: int, attn: torch.Tensor) -> None:
         attn = attn.float()
-        res = image_metrics(attn, T, wk, lk, L, pos, has_cls=backend.has_cls)
+        res = image_metrics(attn, T, wk, lk, L, pos, has_cls=backend.has_cls, maps=maps)
         flat = _flatten(res)  # (B, h, K, C)
         flat = torch.cat([flat, flat.mean(1, keepdim=True)], dim=1)  # head -1 = mean over heads
         acc.add(layer_slot[layer], flat, valid)
@@ -307,7 +334,7 @@ def _run_batch(backend, good, cfg, L, M, T, H, layers, layer_slot, pos, acc, bi,
         logits = backend.forward(x)
     cap.check()
     if rollout is not None:
-        res = image_metrics(rollout.result.unsqueeze(1), T, wk, lk, L, pos, has_cls=backend.has_cls)
+        res = image_metrics(rollout.result.unsqueeze(1), T, wk, lk, L, pos, has_cls=backend.has_cls, maps=maps)
         flat = _flatten(res)  # (B, 1, K, C): rollout is head-averaged, so only the head -1 slot is filled
         full = torch.full((B, H + 1, *flat.shape[2:]), float("nan"), device=flat.device)
         full[:, H] = flat[:, 0]

@@ -75,6 +75,80 @@ def train(
         typer.echo(f"model saved to {out / 'model'}; final {last}")
 
 
+@app.command()
+def pretrain(
+    train: Annotated[str, typer.Option(help="Training images in ImageFolder layout (folder, zip, or "
+                                            "archive.zip/inner/folder); labels are used only for evaluation.")],
+    out: Annotated[Path, typer.Option(help="Output folder: checkpoint.pt, history.json, curves.png, encoder/, "
+                                           "mae/, keypoints.npz.")],
+    val: Annotated[str | None, typer.Option(help="Held-out images (same class folders) for the reconstruction "
+                                                 "loss, k-NN accuracy and the final linear probe.")] = None,
+    policy: Annotated[str, typer.Option(help="Masking policy: random | sift | sift-curriculum | kamim.")] = "random",
+    tau: Annotated[float, typer.Option(help="sift: mask patches with probability ~ (w + eps)^tau (w = keypoints "
+                                            "in the patch); tau > 0 hides keypoint-rich patches.")] = 1.0,
+    tau_max: Annotated[float, typer.Option(help="sift-curriculum: tau ramps linearly from 0 to this.")] = 1.0,
+    eps: Annotated[float, typer.Option(help="Added to the keypoint count before ^tau.")] = 1.0,
+    lam: Annotated[float, typer.Option(help="Loss weight of a masked patch: 1 + lam * N * c_p (c_p: its share "
+                                            "of the image's keypoints); 0 = plain MAE loss.")] = 0.0,
+    kamim_temp: Annotated[float, typer.Option(help="kamim: temperature T of the weights exp(density / T).")]
+    = 0.25,
+    mask_ratio: Annotated[float, typer.Option(help="Fraction of patches masked.")] = 0.75,
+    norm_pix: Annotated[bool, typer.Option(help="Targets: each patch's pixels normalised by its own mean and "
+                                                "variance.")] = False,
+    loss: Annotated[str, typer.Option(help="Per-pixel error: mse (MAE) or l1 (SimMIM / KAMIM).")] = "mse",
+    img_size: Annotated[int, typer.Option(help="Input size; images are resized to it once.")] = 32,
+    patch_size: Annotated[int, typer.Option(help="Patch size P; must divide img-size.")] = 4,
+    dim: Annotated[int, typer.Option(help="Encoder width D.")] = 128,
+    depth: Annotated[int, typer.Option(help="Encoder blocks.")] = 6,
+    heads: Annotated[int, typer.Option(help="Encoder attention heads.")] = 4,
+    decoder_dim: Annotated[int, typer.Option(help="Decoder width.")] = 128,
+    decoder_depth: Annotated[int, typer.Option(help="Decoder blocks.")] = 2,
+    feature: Annotated[str, typer.Option(help="Encoder feature for k-NN and probe: mean (patch tokens) or cls.")]
+    = "mean",
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Global batch size.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, betas 0.9/0.95).")] = 1e-3,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up, in epochs.")] = 2.0,
+    pad: Annotated[int, typer.Option(help="Random-crop padding in pixels (0: no crop).")] = 4,
+    eval_every: Annotated[int, typer.Option(help="Evaluate on --val every this many epochs (and at the end).")]
+    = 1,
+    knn_train_limit: Annotated[int, typer.Option(help="Training images in the k-NN memory bank and the probe's "
+                                                      "training set.")] = 5000,
+    upsample: Annotated[float, typer.Option(help="SIFT upsampling factor u; 0 = automatic (128 / img-size, at "
+                                                 "least 1).")] = 0.0,
+    keypoint_cache: Annotated[str | None, typer.Option(help="Keypoint cache (.npz) shared between runs on the "
+                                                            "same images; default out/keypoints.npz.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for init, shuffling, augmentation and masks.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use at most this many training images.")] = None,
+    val_limit: Annotated[int | None, typer.Option(help="Use at most this many held-out images.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.pt (exactly).")] = False,
+    stop_after: Annotated[int | None, typer.Option(help="Stop after this many epochs in this invocation; "
+                                                        "continue later with --resume.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Masked-autoencoder pre-training of the project's ViT with random or SIFT-guided masking."""
+    from .pretrain.engine import PretrainConfig
+    from .pretrain.engine import pretrain as run_pretrain
+
+    cfg = PretrainConfig(
+        train=train, val=val, out=str(out), policy=policy, tau=tau, tau_max=tau_max, eps=eps, lam=lam,
+        kamim_temp=kamim_temp, mask_ratio=mask_ratio, norm_pix=norm_pix, loss=loss, img_size=img_size,
+        patch_size=patch_size, dim=dim, depth=depth, heads=heads, decoder_dim=decoder_dim,
+        decoder_depth=decoder_depth, feature=feature, epochs=epochs, batch_size=batch_size, lr=lr,
+        warmup_epochs=warmup_epochs, pad=pad, eval_every=eval_every, knn_train_limit=knn_train_limit,
+        upsample=upsample, keypoint_cache=keypoint_cache, seed=seed, device=device, threads=threads, limit=limit,
+        val_limit=val_limit, resume=resume, stop_after=stop_after, progress=progress,
+    )
+    hist = run_pretrain(cfg)
+    last = hist["epochs"][-1] if hist["epochs"] else {}
+    if len(hist["epochs"]) < epochs:
+        typer.echo(f"stopped after epoch {len(hist['epochs'])}/{epochs}; continue with --resume. last: {last}")
+    else:
+        typer.echo(f"encoder saved to {out / 'encoder'}; final {last}")
+
+
 def _layers(spec: str | None) -> list[int] | None:
     if spec is None or spec.strip() in ("", "all"):
         return None
@@ -152,6 +226,140 @@ def demo(
 
     res, paths = run_demo(out, progress=progress)
     _print_outcome(res, paths)
+
+
+@app.command("make-spurious")
+def make_spurious(
+    cifar: Annotated[str, typer.Option(help="CIFAR-10 root with train/ and test/ class folders: a folder or "
+                                            "cifar10-jpg.zip/cifar10.")],
+    out: Annotated[Path, typer.Option(help="Output folder: train/, aligned/, conflicting/ (ImageFolder PNGs, each "
+                                           "with markers.json), markers/, manifest.json.")],
+    marker_size: Annotated[int, typer.Option(help="Marker side in pixels.")] = 8,
+    rho: Annotated[float, typer.Option(help="Share of training images that carry their own class's marker.")]
+    = 0.95,
+    placement: Annotated[str, typer.Option(help="random | top-left | top-right | bottom-left | bottom-right.")]
+    = "random",
+    seed: Annotated[int, typer.Option(help="Seed: the build is a deterministic function of it.")] = 0,
+    markers: Annotated[str | None, typer.Option(help="Folder with one marker image per class, named <class>.png "
+                                                     "(any size); default: the built-in glyphs.")] = None,
+    limit_per_class: Annotated[int | None, typer.Option(help="Use at most this many images per class and split "
+                                                             "(a subset of the full build).")] = None,
+    splits: Annotated[str, typer.Option(help="Comma-separated splits to write.")] = "train,aligned,conflicting",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Build SpuriousCIFAR: CIFAR-10 images with a class-correlated marker glyph planted in each."""
+    from .spurious_data import SpuriousConfig, build
+
+    cfg = SpuriousConfig(cifar=cifar, out=str(out), marker_size=marker_size, rho=rho, placement=placement, seed=seed,
+                         markers=markers, limit_per_class=limit_per_class,
+                         splits=tuple(s.strip() for s in splits.split(",") if s.strip()), progress=progress)
+    man = build(cfg)
+    for split, st in man["splits"].items():
+        typer.echo(f"  {split:12s} {st['images']} images ({st['aligned']} aligned, {st['conflicting']} conflicting)")
+    typer.echo(f"SpuriousCIFAR written to {out}")
+
+
+@app.command()
+def discover(
+    model: Annotated[str, typer.Option(help="A local siftlens or Hugging Face classifier folder, a built-in name, "
+                                            "or timm:<name> (with --weights).")],
+    images: Annotated[str, typer.Option(help="Images: a folder, a zip, archive.zip/inner/folder or a glob.")],
+    out: Annotated[Path, typer.Option(help="Output folder: candidates.csv, discovery.json, keypoints.parquet, "
+                                           "report.html.")],
+    weights: Annotated[str | None, typer.Option(help="Weights file for timm:<name>.")] = None,
+    vocab: Annotated[int, typer.Option(help="Visual words K (k-means clusters of SIFT descriptors).")] = 256,
+    vocab_sample: Annotated[int, typer.Option(help="Descriptors sampled for k-means.")] = 100_000,
+    attention: Annotated[str, typer.Option(help="last (CLS attention of the last layer, mean over heads) or "
+                                                "rollout.")] = "last",
+    boxes: Annotated[str | None, typer.Option(help="JSON of object boxes per image name, [x0, y0, x1, y1] in the "
+                                                   "original image's pixels: adds the off-object share.")] = None,
+    occlude: Annotated[str, typer.Option(help="Causal check: drop (remove tokens) or mean (fill patches with the "
+                                              "image's mean colour).")] = "drop",
+    causal_top: Annotated[int, typer.Option(help="Candidates per class checked by occlusion.")] = 10,
+    causal_images: Annotated[int, typer.Option(help="Images per checked candidate.")] = 32,
+    min_images: Annotated[int, typer.Option(help="Rank a (class, word) only when seen in this many images "
+                                                 "predicted as the class.")] = 5,
+    top: Annotated[int, typer.Option(help="Candidates per class kept in discovery.json and the report.")] = 10,
+    gallery: Annotated[int, typer.Option(help="Example patches per top candidate in the report.")] = 12,
+    upsample: Annotated[float, typer.Option(help="SIFT upsampling factor u; 0 = automatic.")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of k-means, sampling and the occlusion control.")] = 0,
+    limit: Annotated[int | None, typer.Option(help="Use at most this many images (spread over classes).")] = None,
+    evaluate: Annotated[bool | None, typer.Option(help="Score the ranking against a SpuriousCIFAR markers.json in "
+                                                       "--images (default: when present).")] = None,
+    report: Annotated[bool, typer.Option(help="Write report.html.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Find visual words the model attends to, that come with a class, and that its predictions depend on."""
+    from .spurious import DiscoveryConfig
+    from .spurious_report import run_discovery
+
+    cfg = DiscoveryConfig(vocab_size=vocab, vocab_sample=vocab_sample, attention=attention, upsample=upsample,
+                          batch_size=batch_size, workers=workers, device=device, seed=seed, limit=limit,
+                          min_images=min_images, causal_top=causal_top, causal_images=causal_images, occlude=occlude,
+                          top=top, gallery=gallery)
+    res, paths = run_discovery(model, images, out, cfg, boxes=boxes, weights=weights, evaluate=evaluate,
+                               report=report, progress=progress)
+    for c, rows in res.top.items():
+        best = rows[0] if rows else None
+        typer.echo(f"  {c:12s} " + (f"word {best['word']:4d} score {best['score']:.3g}" if best else "no candidate"))
+    if res.evaluation:
+        ev = res.evaluation
+        typer.echo(f"own marker ranked first for {ev['rank1']:.0%} of classes; ranks: {ev['ranks']}")
+    for k, p in paths.items():
+        typer.echo(f"  {k:10s} {p}")
+
+
+@app.command()
+def prompt(
+    model: Annotated[str, typer.Option(help="A local siftlens or Hugging Face classifier folder, a built-in name, "
+                                            "or timm:<name> (with --weights).")],
+    images: Annotated[str, typer.Option(help="Labelled images in ImageFolder layout (folder, zip, "
+                                             "archive.zip/inner/folder).")],
+    out: Annotated[Path, typer.Option(help="Output folder: prompting.json, predictions.csv.")],
+    policy: Annotated[str, typer.Option(help="drop | keep-top | bias | none.")] = "drop",
+    candidates: Annotated[str | None, typer.Option(help="discovery.json (or its folder) from `siftlens discover`: "
+                                                        "its top words flag patches.")] = None,
+    top_words: Annotated[int, typer.Option(help="Flag each class's this many best-ranked words.")] = 1,
+    score_ratio: Annotated[float, typer.Option(help="...of those, only words scoring at least this fraction of the "
+                                                    "class's best score.")] = 0.0,
+    extent: Annotated[str, typer.Option(help="Flag the patch of each flagged keypoint's centre (center) or every "
+                                             "patch its footprint touches (footprint).")] = "center",
+    dilate: Annotated[int, typer.Option(help="Grow flagged patches by this many patches.")] = 0,
+    q: Annotated[float, typer.Option(help="keep-top: fraction of patches kept.")] = 0.5,
+    beta: Annotated[float, typer.Option(help="bias: strength of the semantic prior beta * log(eps + c_j).")] = 1.0,
+    eps: Annotated[float, typer.Option(help="bias: eps in log(eps + c_j).")] = 1e-3,
+    flag_bias: Annotated[float, typer.Option(help="bias: added to the logits of flagged keys.")] = -1e4,
+    layers: Annotated[str | None, typer.Option(help="bias: comma-separated layers (negative from the end); "
+                                                    "default all.")] = None,
+    drop_mode: Annotated[str, typer.Option(help="group (exact removal, one forward per kept count) or mask "
+                                                "(-inf key mask).")] = "group",
+    scheme: Annotated[str, typer.Option(help="Semantic weight per patch: count | footprint.")] = "count",
+    groups: Annotated[str | None, typer.Option(help="SpuriousCIFAR markers.json for groups (default: the one in "
+                                                    "--images, else groups are classes).")] = None,
+    weights: Annotated[str | None, typer.Option(help="Weights file for timm:<name>.")] = None,
+    upsample: Annotated[float, typer.Option(help="SIFT upsampling factor u; 0 = automatic.")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of tie-breaking in keep-top.")] = 0,
+    limit: Annotated[int | None, typer.Option(help="Use at most this many images (spread over classes).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Intervene on patch tokens at inference (no retraining) and report accuracy before and after."""
+    from .prompting import PromptConfig, format_summary, run_prompt
+
+    cfg = PromptConfig(policy=policy, candidates=candidates, top_words=top_words, score_ratio=score_ratio,
+                       extent=extent, dilate=dilate, q=q, beta=beta,
+                       eps=eps, flag_bias=flag_bias, layers=_layers(layers), drop_mode=drop_mode, scheme=scheme,
+                       upsample=upsample, batch_size=batch_size, workers=workers, device=device, seed=seed,
+                       limit=limit, groups=groups)
+    res, paths = run_prompt(model, images, out, cfg, weights=weights, progress=progress)
+    typer.echo(format_summary(res.summary))
+    for k, p in paths.items():
+        typer.echo(f"  {k:11s} {p}")
 
 
 def main() -> None:

@@ -36,3 +36,11 @@ class SkipImage(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class SpuriousDataError(SiftlensError):
+    """A SpuriousCIFAR build, its markers or its sidecar is missing or invalid."""
+
+
+class CandidatesError(SiftlensError):
+    """A discovery output (candidates JSON) is missing, invalid or does not fit the model."""

@@ -17,6 +17,7 @@ non-zero weights (``levels="quantile"``), or bins by fixed global thresholds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import cv2
@@ -104,10 +105,9 @@ def detect(img: np.ndarray, params: SiftParams = SiftParams(), descriptors: bool
     if not kps:
         return Keypoints.empty(descriptors)
     # cv2 pixel centres sit at integer coordinates; map upsampled coords back: x = (x_u + 0.5)/u - 0.5
-    xy = (np.array([k.pt for k in kps], np.float32) + 0.5) / u - 0.5
-    size = np.array([k.size for k in kps], np.float32) / u
-    resp = np.array([k.response for k in kps], np.float32)
-    ang = np.array([k.angle for k in kps], np.float32)
+    xy = (cv2.KeyPoint_convert(kps) + 0.5) / u - 0.5  # (K, 2) float32, read in C
+    size, resp, ang = np.array([(k.size, k.response, k.angle) for k in kps], np.float32).T.copy()
+    size = size / u
     if descriptors:
         desc = np.zeros((0, 128), np.float32) if desc is None else desc.astype(np.float32)
     return Keypoints(xy, size, resp, ang, desc)
@@ -116,9 +116,9 @@ def detect(img: np.ndarray, params: SiftParams = SiftParams(), descriptors: bool
 def patch_index(xy: np.ndarray, patch: int, grid: tuple[int, int]) -> np.ndarray:
     """(K, 2) pixel (x, y) -> (K,) flat patch index in row-major order; centres clipped to the grid."""
     gh, gw = grid
-    col = np.clip(np.floor((xy[:, 0] + 0.5) / patch).astype(np.int64), 0, gw - 1)
-    row = np.clip(np.floor((xy[:, 1] + 0.5) / patch).astype(np.int64), 0, gh - 1)
-    return row * gw + col
+    cr = np.floor((xy + 0.5) / patch).astype(np.int64)  # (K, 2) column, row
+    np.clip(cr, 0, (gw - 1, gh - 1), out=cr)
+    return cr[:, 1] * gw + cr[:, 0]
 
 
 def _norm_cdf(z: np.ndarray) -> np.ndarray:
@@ -171,9 +171,29 @@ def levels_of(weights: np.ndarray, n_levels: int = 3, thresholds: np.ndarray | N
             raise ConfigError(f"{n_levels} levels need {n_levels - 2} thresholds, got {len(t)}")
         lv[nz] = 1 + np.searchsorted(t, w[nz], side="left")
         return lv
-    q = np.quantile(w[nz], np.linspace(0, 1, n_levels)[1:-1])
-    lv[nz] = 1 + np.searchsorted(q, w[nz], side="left")
+    wnz = w[nz]
+    q = _quantile_linear(wnz, np.linspace(0, 1, n_levels)[1:-1])
+    lv[nz] = 1 + np.searchsorted(q, wnz, side="left")
     return lv
+
+
+def _quantile_linear(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``np.quantile(x, q)`` (method "linear") of a 1-D float64 array without NaN, bit for bit the same
+    numbers (numpy's index and interpolation formulas), without its per-call overhead."""
+    s = np.sort(x)
+    n = len(s)
+    out = np.empty(len(q))
+    for k, qk in enumerate(q):  # L - 2 values: scalar float64 arithmetic, the same IEEE operations
+        v = (n - 1) * qk  # virtual index
+        if v >= n - 1:  # numpy takes the last value there
+            a = b = s[-1]
+            t = v + 1.0
+        else:
+            i = math.floor(v)
+            a, b, t = s[i], s[i + 1], v - i
+        d = b - a
+        out[k] = b - d * (1 - t) if t >= 0.5 else a + d * t
+    return out
 
 
 @dataclass

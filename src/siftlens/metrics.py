@@ -12,30 +12,35 @@ attention and ``a`` the renormalised CLS row:
 - ``wi``: weighted interrelation ``sum_ij w_i w_j Bt_ij / (sum_i w_i * sum_j w_j / N)``;
 - ``cls_lift``: ``sum_j a_j w_j / mean_j w_j``; ``cls_rho``: Spearman rank correlation of ``a`` and ``w``;
 - ``R``: level interrelation matrix; ``dist``: mean attention distance per query level (pixels);
-  ``entropy``: mean attention entropy per query level (nats).
+  ``dist_rel``: ``dist`` divided by the mean distance uniform attention would give the same queries
+  (1.0 = as far as uniform attention, below 1 = more local); ``entropy``: mean attention entropy per
+  query level (nats).
 
 Note that ``sal_w`` and ``wi`` are the same quantity: substituting ``c_i = w_i / sum w`` and
 ``mean_j w_j = sum w / N`` into ``sal_w`` gives the formula of ``wi``. Both keys are returned (they are
 computed once) so that tables keep the vocabulary of METHOD.md.
 
-All metrics are 1.0 (``cls_rho``: 0.0) under uniform attention. An image whose weights are all zero gets
-the neutral 1.0 for the weighted metrics and 0.0 for ``cls_rho``; the caller flags and excludes it.
+All ratio metrics (``dist_rel`` included) are 1.0 (``cls_rho``: 0.0) under uniform attention. An image
+whose weights are all zero gets the neutral 1.0 for the weighted metrics and 0.0 for ``cls_rho``; the
+caller flags and excludes it.
 
 Precision: the large contraction ``Bt @ [w, one-hot(levels)]`` runs in float32 (on CUDA it follows the
 global TF32 setting of ``torch.backends.cuda.matmul``); the cheap O(B h N) and O(B K N) reductions
-(column means, CLS terms, ranks, distances, entropies, weight sums) run in float64. Outputs are float32.
+(column means, CLS terms, ranks, distances, relative distances, entropies, weight sums) run in float64.
+Outputs are float32.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .errors import ConfigError, GeometryError
 
-METRICS = ("sal", "sal_w", "wi", "cls_lift", "cls_rho", "R", "dist", "entropy")
+METRICS = ("sal", "sal_w", "wi", "cls_lift", "cls_rho", "R", "dist", "dist_rel", "entropy")
 NULL_KINDS = ("permute", "shift")
 Z_CLIP = 1e6
 STD_FLOOR = 1e-12
@@ -45,23 +50,82 @@ STD_FLOOR = 1e-12
 # per-image metrics
 
 
-def renormalise(x: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` (..., N) scaled to sum to 1; a row with zero sum becomes uniform ``1/N`` (never NaN)."""
+def renormalise(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of ``x`` (..., N) scaled to sum to 1; a row with zero sum becomes uniform ``1/N`` (never NaN).
+
+    ``out``: optional tensor of ``x``'s shape (any strides) to write into.
+    """
     s = x.sum(-1, keepdim=True)
     ok = s > 0
-    return torch.where(ok, x / torch.where(ok, s, torch.ones_like(s)), torch.full_like(x, 1.0 / x.shape[-1]))
+    if bool(ok.all()):  # the common case: one division, no temporaries of x's size
+        return torch.div(x, s, out=out)
+    return torch.where(ok, x / torch.where(ok, s, torch.ones_like(s)), torch.full_like(x, 1.0 / x.shape[-1]),
+                       out=out)
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
     """1-based ranks along the last axis of ``x`` (..., N), ties sharing their average rank; float64.
 
-    ``rank = (#{x_j < x_i} + #{x_j <= x_i} + 1) / 2``, from one sort and two batched searchsorted calls.
+    ``rank = (#{x_j < x_i} + #{x_j <= x_i} + 1) / 2``: from one sort, the first and last sorted position of
+    each run of equal values (``less`` and ``leq - 1``), scattered back to the original order.
     """
     x = x.contiguous()
-    srt = x.sort(-1).values
-    less = torch.searchsorted(srt, x, side="left")
-    leq = torch.searchsorted(srt, x, side="right")
-    return (less + leq + 1).double() / 2.0
+    if x.is_floating_point() and bool(x.isnan().any()):  # NaN breaks runs of equal values: count directly
+        srt = x.sort(-1).values
+        less = torch.searchsorted(srt, x, side="left")
+        leq = torch.searchsorted(srt, x, side="right")
+        return (less + leq + 1).double() / 2.0
+    srt, order = x.sort(-1)
+    n = x.shape[-1]
+    idx = torch.arange(n, device=x.device).expand(srt.shape)
+    starts = torch.ones(srt.shape, dtype=torch.bool, device=x.device)  # a run of equal values starts here
+    starts[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    ends = torch.ones_like(starts)  # ... or ends here
+    ends[..., :-1] = starts[..., 1:]
+    first = torch.where(starts, idx, 0).cummax(-1).values  # = #{x_j < x_i}
+    last = torch.where(ends, idx, n - 1).flip(-1).cummin(-1).values.flip(-1)  # = #{x_j <= x_i} - 1
+    ranks = (first + last + 2).double() / 2.0
+    return torch.empty_like(ranks).scatter_(-1, order, ranks)
+
+
+def _check_maps(weights, levels, n_levels, pos):
+    """The checks of :func:`_check_inputs` that do not involve attention."""
+    if weights.ndim != 3 or levels.shape != weights.shape:
+        raise GeometryError(
+            f"weights and levels must both have shape (B, K, N); got {tuple(weights.shape)} and "
+            f"{tuple(levels.shape)}"
+        )
+    n = weights.shape[-1]
+    if n < 1:
+        raise GeometryError("need at least one patch token")
+    if tuple(pos.shape) != (n, 2):
+        raise GeometryError(f"patch positions must have shape ({n}, 2), got {tuple(pos.shape)}")
+    if n_levels < 1:
+        raise ConfigError(f"n_levels must be >= 1, got {n_levels}")
+    if levels.dtype.is_floating_point or levels.dtype == torch.bool:
+        raise ConfigError(f"levels must be an integer tensor, got {levels.dtype}")
+    if levels.numel() and (int(levels.min()) < 0 or int(levels.max()) >= n_levels):
+        raise ConfigError(f"levels must lie in [0, {n_levels}); got values in "
+                          f"[{int(levels.min())}, {int(levels.max())}]")
+
+
+def _check_attention(attn, num_prefix, maps, n_levels, has_cls):
+    """The checks of :func:`_check_inputs` that involve attention, against prepared maps."""
+    if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise GeometryError(f"attention must have shape (B, h, S, S), got {tuple(attn.shape)}")
+    b, _, n = maps.shape
+    if attn.shape[0] != b:
+        raise GeometryError(f"attention holds {attn.shape[0]} images but the weight maps hold {b}")
+    if num_prefix < 0 or attn.shape[-1] != num_prefix + n:
+        raise GeometryError(
+            f"attention has {attn.shape[-1]} tokens but {num_prefix} prefix tokens + {n} patches were given; "
+            "check the model's grid and prefix-token count"
+        )
+    if n_levels != maps.n_levels:
+        raise ConfigError(f"the maps were prepared for {maps.n_levels} levels, not {n_levels}")
+    if has_cls and num_prefix < 1:
+        raise ConfigError("has_cls=True needs at least one prefix token; pass has_cls=False for models "
+                          "without a CLS token")
 
 
 def _check_inputs(attn, num_prefix, weights, levels, n_levels, pos, has_cls):
@@ -97,6 +161,137 @@ def _check_inputs(attn, num_prefix, weights, levels, n_levels, pos, has_cls):
                           f"[{int(levels.min())}, {int(levels.max())}]")
 
 
+@dataclass
+class WeightMaps:
+    """Everything :func:`image_metrics` needs that depends on the weight maps, levels and patch positions but
+    not on attention: computed once per batch by :func:`prepare_maps` and shared by every layer.
+
+    Shapes: ``B`` images, ``K`` maps, ``N`` patches, ``L`` levels; float64 unless noted.
+    """
+
+    n_levels: int
+    w64: torch.Tensor  # (B, K, N)
+    has_w: torch.Tensor  # (B, K) bool: the map has a non-zero weight
+    wmean: torch.Tensor  # (B, K) mean weight, 1 where has_w is False
+    wsq: torch.Tensor  # (B, K) (sum w)^2 / N, 1 where has_w is False
+    rw: torch.Tensor  # (B, K, N) centred average ranks of w
+    rw_norm: torch.Tensor  # (B, K) their Euclidean norm
+    lhs: torch.Tensor  # (B, K * (L + 1), N) float32: per map, the rows w and one-hot(level 0 .. L-1)
+    rhs: torch.Tensor  # (B * K, N, L + 1) float32: the same, transposed per map
+    ohT: torch.Tensor  # (B, K * L, N) one-hot levels, for level means
+    cnt_safe: torch.Tensor  # (B, K, L) patches per level, 1 where the level is empty
+    present: torch.Tensor  # (B, K, L) bool: the level is not empty
+    both: torch.Tensor  # (B, 1, K, L, L) bool: both levels of a pair are present
+    dmat: torch.Tensor  # (N, N) patch-centre distances in pixels (float32 values)
+    u_lvl: torch.Tensor  # (B, K, L) level means of u_i = mean_j dmat_ij, the distance of uniform attention
+    has_u: torch.Tensor  # (B, K, L) bool: u is positive there
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.w64.shape)
+
+
+def prepare_maps(
+    weights: torch.Tensor, levels: torch.Tensor, n_levels: int, pos: torch.Tensor, device=None,
+    null_index: torch.Tensor | None = None,
+) -> WeightMaps:
+    """The attention-independent part of :func:`image_metrics` for weights, levels: (B, K, N), pos: (N, 2);
+    on ``device`` (default: that of ``weights``).
+
+    ``null_index``: the (B, K - 1, N) indices that made ``weights``, ``levels`` with :func:`with_null`, if
+    so: every null map is then a permutation of the observed one, and its ranks are gathered instead of
+    sorted again (checked; without it, or if the maps are not those permutations, all are ranked).
+    """
+    _check_maps(weights, levels, n_levels, pos)
+    return _prepare_maps(weights, levels, n_levels, pos, device, null_index)
+
+
+def _map_ranks(w64: torch.Tensor, null_index: torch.Tensor | None) -> torch.Tensor:
+    """average_ranks of every map (B, K, N); gathered from map 0 when the others are its permutations."""
+    b, k, n = w64.shape
+    if null_index is not None and k > 1 and tuple(null_index.shape) == (b, k - 1, n):
+        idx = null_index.to(w64.device)
+        if torch.equal(torch.gather(w64[:, :1].expand(b, k - 1, n), 2, idx), w64[:, 1:]):
+            r0 = average_ranks(w64[:, :1])  # (B, 1, N)
+            return torch.cat([r0, torch.gather(r0.expand(b, k - 1, n), 2, idx)], 1)
+    return average_ranks(w64)
+
+
+def _prepare_maps(weights, levels, n_levels, pos, device=None, null_index=None) -> WeightMaps:
+    dev = weights.device if device is None else torch.device(device)
+    b, k, n = weights.shape
+    L = n_levels
+    w32 = weights.to(dev, torch.float32)  # (B, K, N)
+    w64 = weights.to(dev, torch.float64)
+    onehot = levels.to(dev)[..., None] == torch.arange(L, device=dev)  # (B, K, N, L) bool
+
+    # weight sums; an all-zero map gets neutral 1.0 through a unit denominator and a where() below
+    wsum = w64.sum(-1)  # (B, K)
+    has_w = wsum > 0
+    wmean = torch.where(has_w, wsum / n, torch.ones_like(wsum))  # (B, K)
+    wsq = torch.where(has_w, wsum * wsum / n, torch.ones_like(wsum))  # (B, K)
+    rw = _map_ranks(w64, null_index) - (n + 1) / 2.0  # (B, K, N), centred
+    rw_norm = rw.square().sum(-1).sqrt()
+
+    # per map, the rows [w, one-hot(levels)] that the attention is contracted with on both sides
+    lhs = torch.cat([w32[:, :, None, :], onehot.transpose(2, 3).float()], 2).reshape(b, k * (L + 1), n)
+    rhs = lhs.view(b * k, L + 1, n).transpose(1, 2).contiguous()
+
+    # level counts; n_a = 0 marks a missing level
+    cnt = onehot.sum(-2).double()  # (B, K, L)
+    present = cnt > 0
+    cnt_safe = torch.where(present, cnt, torch.ones_like(cnt))
+    both = present[:, None, :, :, None] & present[:, None, :, None, :]
+    ohT = onehot.transpose(2, 3).double().reshape(b, k * L, n)
+
+    # relative distance denominator: level means of u_i = mean_j ||pos_i - pos_j||, the distance uniform
+    # attention gives the same queries (same float32 distances as the attention distances, summed in float64)
+    pos64 = pos.to(dev, torch.float64)
+    dmat = torch.cdist(pos64, pos64).float().double()  # (N, N) pixels
+    u_lvl = (ohT @ dmat.mean(-1)).view(b, k, L) / cnt_safe  # (B, K, L)
+    return WeightMaps(L, w64, has_w, wmean, wsq, rw, rw_norm, lhs, rhs, ohT, cnt_safe, present, both, dmat,
+                      u_lvl, u_lvl > 0)
+
+
+# images per chunk of the attention-sized work: about this many elements of (h, N, N) at a time
+_CHUNK_ELEMS = 1 << 21
+
+
+def _attention_sums(
+    patch_attn: torch.Tensor, m: WeightMaps, col: torch.Tensor, dist: torch.Tensor, ent: torch.Tensor,
+    pairs: torch.Tensor,
+) -> None:
+    """Every O(h N^2) reduction of one chunk of images, written into the given outputs.
+
+    patch_attn: (c, h, N, N) patch block of the attention (any strides); m: maps of these c images.
+    col: (c, h, N) column sums of ``Bt``; dist, ent: (c, h, N) per-query distance and entropy (float64);
+    pairs: (c * K, (L + 1) * h, L + 1) float32, ``[w | one-hot] Bt [w | one-hot]^T`` per map and head.
+    """
+    c, nh, n, _ = patch_attn.shape
+    k_maps = m.shape[1]
+    buf = torch.empty(c, n, nh, n, dtype=torch.float32, device=patch_attn.device)  # (c, N_i, h, N_j)
+    bt = renormalise(patch_attn.float(), out=buf.permute(0, 2, 1, 3))  # (c, h, N, N) view, rows sum to 1
+    xd = bt.double()
+    col.copy_(xd.sum(-2))
+    # sum_j Bt_ij D_ij / sum_j Bt_ij with exact float64 products: dividing by the row sum (1 up to float32
+    # rounding) makes uniform attention give exactly u_i, so dist_rel is exactly 1.0 there
+    rowsum = xd.sum(-1)
+    torch.div(xd.mul_(m.dmat).sum(-1), rowsum, out=dist)
+    del xd
+    torch.neg(torch.special.xlogy(bt, bt).sum(-1, dtype=torch.float64), out=ent)  # 0 log 0 = 0
+    # one matmul contracts the queries of every map: [w | one-hot]_k Bt -> (c, K * (L + 1), h * N); the keys
+    # follow per map, as one batched matmul over (image, map)
+    q = torch.bmm(m.lhs, buf.view(c, n, nh * n)).view(c * k_maps, (m.n_levels + 1) * nh, n)
+    torch.bmm(q, m.rhs, out=pairs)
+
+
+def _slice_maps(m: WeightMaps, s: int, e: int) -> WeightMaps:
+    k = m.shape[1]
+    return WeightMaps(m.n_levels, m.w64[s:e], m.has_w[s:e], m.wmean[s:e], m.wsq[s:e], m.rw[s:e], m.rw_norm[s:e],
+                      m.lhs[s:e], m.rhs[s * k:e * k], m.ohT[s:e], m.cnt_safe[s:e], m.present[s:e], m.both[s:e],
+                      m.dmat, m.u_lvl[s:e], m.has_u[s:e])
+
+
 def image_metrics(
     attn: torch.Tensor,
     num_prefix: int,
@@ -105,6 +300,7 @@ def image_metrics(
     n_levels: int,
     pos: torch.Tensor,
     has_cls: bool = True,
+    maps: WeightMaps | None = None,
 ) -> dict[str, torch.Tensor]:
     """All per-image metrics of METHOD.md section 3 for one layer, batched over images, heads and maps.
 
@@ -116,92 +312,99 @@ def image_metrics(
         n_levels: L.
         pos: (N, 2) patch centres in model-input pixels (for distances).
         has_cls: token 0 is a CLS token; otherwise the "CLS row" is the mean over query rows of ``Bt``.
+        maps: ``prepare_maps(weights, levels, n_levels, pos)``, to compute the parts that do not depend on
+            attention once per batch instead of once per layer; ``weights``, ``levels`` and ``pos`` are
+            then not read again.
 
     Returns float32 tensors on ``attn``'s device:
         ``sal``, ``sal_w``, ``wi``, ``cls_lift``, ``cls_rho``: (B, h, K);
         ``R``: (B, h, K, L, L), NaN where level a (queries) or level b (keys) is empty;
-        ``dist`` (pixels) and ``entropy`` (nats): (B, h, K, L), NaN where level a is empty.
+        ``dist`` (pixels), ``dist_rel`` (ratio) and ``entropy`` (nats): (B, h, K, L), NaN where level a
+        is empty.
+
+    ``dist_rel`` removes the geometry from ``dist``: a query near the image centre is closer to all other
+    patches than a corner query, so its mean distance is smaller even under uniform attention. With
+    ``u_i = mean_j ||pos_i - pos_j||`` (the distance uniform attention gives query ``i``; O(N^2) once,
+    independent of heads and maps), ``dist_rel_a = dist_a / mean_{i in a} u_i``. It is 1.0 under uniform
+    attention and 0.0 when every query attends only to itself. Where those queries' ``u`` is 0 (a single
+    patch, or all patch centres coincide) attention cannot be more or less local than uniform, and the
+    neutral 1.0 is returned.
     """
-    _check_inputs(attn, num_prefix, weights, levels, n_levels, pos, has_cls)
+    if maps is None:
+        _check_inputs(attn, num_prefix, weights, levels, n_levels, pos, has_cls)
+        maps = _prepare_maps(weights, levels, n_levels, pos, device=attn.device)
+    else:
+        _check_attention(attn, num_prefix, maps, n_levels, has_cls)
+    m = maps
     dev = attn.device
     bsz, nh = attn.shape[:2]
-    k_maps, n = weights.shape[1:]
+    k_maps, n = m.shape[1:]
     t = num_prefix
     L = n_levels
 
-    bt = renormalise(attn[..., t:, t:].float())  # (B, h, N, N), rows sum to 1
-    w32 = weights.to(dev, torch.float32)  # (B, K, N)
-    w64 = weights.to(dev, torch.float64)
-    onehot = (levels.to(dev)[..., None] == torch.arange(L, device=dev))  # (B, K, N, L) bool
-
-    # weight sums; an all-zero map gets neutral 1.0 through a unit denominator and a where() below
-    wsum = w64.sum(-1)  # (B, K)
-    has_w = wsum > 0
-    wmean = torch.where(has_w, wsum / n, torch.ones_like(wsum))  # (B, K)
-    wsq = torch.where(has_w, wsum * wsum / n, torch.ones_like(wsum))  # (B, K)
+    # the O(h N^2) work, in chunks of images so that its temporaries stay small (Bt is never kept whole)
+    colmean = torch.empty(bsz, nh, n, dtype=torch.float64, device=dev)  # column means of Bt
+    d_q = torch.empty_like(colmean)  # per-query attention distance (pixels)
+    e_q = torch.empty_like(colmean)  # per-query attention entropy (nats)
+    pairs = torch.empty(bsz * k_maps, (L + 1) * nh, L + 1, device=dev)
+    step = max(1, _CHUNK_ELEMS // max(1, nh * n * n))
+    for s in range(0, bsz, step):
+        e = min(bsz, s + step)
+        _attention_sums(attn[s:e, :, t:, t:], m if step >= bsz else _slice_maps(m, s, e), colmean[s:e], d_q[s:e],
+                        e_q[s:e], pairs[s * k_maps:e * k_maps])
+    colmean /= n
+    pairs = pairs.view(bsz, k_maps, L + 1, nh, L + 1)  # [b, k, query row (w, levels), h, key column]
 
     def neutral(x: torch.Tensor) -> torch.Tensor:  # x: (B, h, K)
-        return torch.where(has_w[:, None, :], x, torch.ones_like(x)).float()
+        return torch.where(m.has_w[:, None, :], x, torch.ones_like(x)).float()
 
     # SAL: (column means of Bt) . w
-    colmean = bt.sum(-2, dtype=torch.float64) / n  # (B, h, N)
-    sal = torch.einsum("bhj,bkj->bhk", colmean, w64) / wmean[:, None]
-
-    # one matmul for everything that needs key sums: Bt @ [w^T | one-hot(levels)] -> (B, h, N, K + K*L)
-    rhs = torch.cat([w32.transpose(1, 2), onehot.float().permute(0, 2, 1, 3).reshape(bsz, n, k_maps * L)], -1)
-    keysum = torch.bmm(bt.reshape(bsz, nh * n, n), rhs).view(bsz, nh, n, k_maps * (L + 1))
-    bw = keysum[..., :k_maps]  # (B, h, N, K): sum_j Bt_ij w_j
-    per_level = keysum[..., k_maps:].reshape(bsz, nh, n, k_maps, L)  # (B, h, N, K, L): sum_{j in b} Bt_ij
+    sal = torch.einsum("bhj,bkj->bhk", colmean, m.w64) / m.wmean[:, None]
 
     # WI = SAL_w = sum_i w_i (Bt w)_i / (sum w)^2 * N
-    wi = torch.einsum("bkn,bhnk->bhk", w32, bw).double() / wsq[:, None]
+    wi = pairs[:, :, 0, :, 0].transpose(1, 2).double() / m.wsq[:, None]
 
     # CLS row
     if has_cls:
         a = renormalise(attn[:, :, 0, t:].double())  # (B, h, N)
     else:
         a = colmean
-    cls_lift = torch.einsum("bhj,bkj->bhk", a, w64) / wmean[:, None]
+    cls_lift = torch.einsum("bhj,bkj->bhk", a, m.w64) / m.wmean[:, None]
 
     # Spearman rho from average ranks (constant a or w -> 0)
     # attention differences below 1e-5 of the uniform value 1/N are float noise: rank them as ties
     ra = average_ranks(torch.round(a * (n * 1e5))) - (n + 1) / 2.0  # (B, h, N), centred
-    rw = average_ranks(w64) - (n + 1) / 2.0  # (B, K, N)
-    num = torch.einsum("bhn,bkn->bhk", ra, rw)
-    den = ra.square().sum(-1).sqrt()[..., None] * rw.square().sum(-1).sqrt()[:, None, :]
+    num = torch.einsum("bhn,bkn->bhk", ra, m.rw)
+    den = ra.square().sum(-1).sqrt()[..., None] * m.rw_norm[:, None, :]
     rho = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
     rho = rho.clamp(-1.0, 1.0)
-
-    # level counts; n_a = 0 marks a missing level
-    oh32 = onehot.float()
-    cnt = onehot.sum(-2).double()  # (B, K, L)
-    present = cnt > 0
-    cnt_safe = torch.where(present, cnt, torch.ones_like(cnt))
     nan = torch.tensor(float("nan"), device=dev, dtype=torch.float64)
 
     # R_ab = mean_{i in a} sum_{j in b} Bt_ij / (n_b / N)
-    r_sum = torch.einsum("bkia,bhikc->bhkac", oh32, per_level).double()  # (B, h, K, L, L)
-    r = r_sum / cnt_safe[:, None, :, :, None] / (cnt_safe[:, None, :, None, :] / n)
-    both = present[:, None, :, :, None] & present[:, None, :, None, :]
-    r = torch.where(both, r, nan)
+    r_sum = pairs[:, :, 1:, :, 1:].permute(0, 3, 1, 2, 4).double()  # (B, h, K, L, L)
+    r = r_sum / m.cnt_safe[:, None, :, :, None] / (m.cnt_safe[:, None, :, None, :] / n)
+    r = torch.where(m.both, r, nan)
 
-    # per-query distance and entropy (independent of K), then level means
-    pos64 = pos.to(dev, torch.float64)
-    dmat = torch.cdist(pos64, pos64).float()  # (N, N) pixels
-    d_q = (bt * dmat).sum(-1, dtype=torch.float64)  # (B, h, N)
-    e_q = -torch.special.xlogy(bt, bt).sum(-1, dtype=torch.float64)  # (B, h, N), 0 log 0 = 0
-    per_q = torch.stack([d_q, e_q], -1)  # (B, h, N, 2)
-    lvl = torch.einsum("bkia,bhic->bhkac", onehot.double(), per_q) / cnt_safe[:, None, :, :, None]
-    lvl = torch.where(present[:, None, :, :, None], lvl, nan)  # (B, h, K, L, 2)
+    # level means of the per-query distance and entropy (computed once for all K maps)
+    per_q = torch.stack([d_q, e_q], -1).permute(0, 2, 1, 3).reshape(bsz, n, nh * 2)  # (B, N, h * 2)
+    lvl = torch.bmm(m.ohT, per_q).view(bsz, k_maps, L, nh, 2).permute(0, 3, 1, 2, 4)
+    lvl = lvl / m.cnt_safe[:, None, :, :, None]
+    lvl = torch.where(m.present[:, None, :, :, None], lvl, nan)  # (B, h, K, L, 2)
+
+    # relative distance: level mean of d_q over the level mean of u_i (see prepare_maps)
+    dist_rel = lvl[..., 0] / torch.where(m.has_u, m.u_lvl, torch.ones_like(m.u_lvl))[:, None]
+    dist_rel = torch.where(m.has_u[:, None], dist_rel, torch.ones_like(dist_rel))  # coincident positions
+    dist_rel = torch.where(m.present[:, None], dist_rel, nan)  # (B, h, K, L)
 
     return {
         "sal": neutral(sal),
         "sal_w": neutral(wi),
         "wi": neutral(wi),
         "cls_lift": neutral(cls_lift),
-        "cls_rho": torch.where(has_w[:, None, :], rho, torch.zeros_like(rho)).float(),
+        "cls_rho": torch.where(m.has_w[:, None, :], rho, torch.zeros_like(rho)).float(),
         "R": r.float(),
         "dist": lvl[..., 0].float(),
+        "dist_rel": dist_rel.float(),
         "entropy": lvl[..., 1].float(),
     }
 

@@ -230,3 +230,19 @@ def train(tc: TrainConfig) -> dict:
 
         dist.destroy_process_group()
     return history
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write the weights of a (possibly unfinished) training checkpoint as a model folder.
+
+    The folder's config records the epochs completed and the last evaluation, so an interim model is
+    never mistaken for a finished one.
+    """
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    cfg = ViTConfig(**ck["history"]["model"])
+    model = ViT(cfg)
+    model.load_state_dict(ck["model"])
+    epochs = ck["history"]["epochs"]
+    planned = ck["history"]["config"]["epochs"]
+    extra = {"train": epochs[-1] if epochs else {}, "epochs_completed": len(epochs), "epochs_planned": planned}
+    return save_vit(model.eval(), out_dir, extra=extra)

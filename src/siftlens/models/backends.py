@@ -16,9 +16,10 @@ Capturing itself lives in :mod:`siftlens.attention`.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ def resize_center_crop(
     return np.asarray(img, dtype=np.uint8)
 
 
-class Backend:
+class Backend(abc.ABC):
     """Common interface; subclasses fill in the model-specific parts.
 
     Attributes read from the model: ``patch_size``, ``grid_size`` (g_h, g_w), ``num_prefix_tokens`` (T),
@@ -139,18 +140,38 @@ class Backend:
         return next(self.model.parameters()).dtype
 
     # attention -----------------------------------------------------------------------------------
+    @abc.abstractmethod
     def probes(self) -> list[tuple[nn.Module, Extractor]]:
         """Per layer, in order: (module to hook, extractor of attn (B, h, S, S))."""
-        raise NotImplementedError
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[None]:
         """Make attention observable for the duration of the block; restore the previous mode after."""
         yield
 
+    @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """Run the whole model. x: (B, 3, H, W) -> logits (B, C), or None for a model without a head."""
-        raise NotImplementedError
+
+    # interventions (prompting, occlusion) ---------------------------------------------------------
+    @abc.abstractmethod
+    def forward_intervened(
+        self,
+        x: torch.Tensor,
+        keep_idx: torch.Tensor | None = None,
+        key_bias: torch.Tensor | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> torch.Tensor | None:
+        """Run the model with patch tokens dropped and/or an additive bias on the attention logits.
+
+        x: (B, 3, H, W). keep_idx: (B, K) long indices in [0, N) of the patch tokens to keep (row-major
+        patch order); the others are removed after the position embeddings were added, so every kept token
+        keeps its own position; prefix tokens (CLS, registers) are always kept. key_bias: (B, N) float,
+        added to the logits of every query towards patch key j (prefix keys get 0; ``-inf`` removes key j
+        from every softmax), in the blocks listed in ``layers`` (negative from the end; None = all). With
+        ``keep_idx``, key_bias still indexes the N original patches. Returns logits (B, C), or None for a
+        model without a classifier. With neither argument it equals :meth:`forward`.
+        """
 
     def describe(self) -> dict:
         """Everything a manifest needs to know about the model and its preprocessing."""
@@ -202,6 +223,44 @@ class NativeBackend(Backend):
             return self.model(x)
         self.model.forward_features(x)
         return None
+
+    def forward_intervened(self, x, keep_idx=None, key_bias=None, layers=None):
+        if keep_idx is not None:
+            check_keep_idx(keep_idx, x.shape[0], self.num_patches)
+        bias = key_bias_tokens(key_bias, keep_idx, self.num_prefix_tokens)
+        tokens = self.model.forward_features(x, keep_idx, bias, bias_layers=layers)
+        if self.model.cfg.num_classes <= 0:
+            return None
+        key_mask = None
+        if bias is not None and layers is None:  # mean pooling skips keys removed from every softmax
+            key_mask = ~torch.isneginf(bias[:, 0, 0])
+        return self.model.head(self.model.pool(tokens, key_mask))
+
+
+def key_bias_tokens(
+    key_bias: torch.Tensor | None, keep_idx: torch.Tensor | None, num_prefix: int
+) -> torch.Tensor | None:
+    """Patch key bias (B, N) -> additive logits bias (B, 1, 1, T + K) over the sequence actually run.
+
+    Prefix keys get 0; with ``keep_idx`` (B, K) only the kept patches' entries remain, in that order.
+    """
+    if key_bias is None:
+        return None
+    if key_bias.ndim != 2:
+        raise GeometryError(f"key_bias must be (B, N), got shape {tuple(key_bias.shape)}")
+    kb = key_bias.float()
+    if keep_idx is not None:
+        kb = torch.gather(kb, 1, keep_idx.to(kb.device))
+    prefix = kb.new_zeros(kb.shape[0], num_prefix)
+    return torch.cat([prefix, kb], 1)[:, None, None, :]
+
+
+def check_keep_idx(keep_idx: torch.Tensor, batch: int, num_patches: int) -> None:
+    """Raise GeometryError unless keep_idx is (B, K) with indices in [0, N)."""
+    if keep_idx.ndim != 2 or keep_idx.shape[0] != batch:
+        raise GeometryError(f"keep_idx must be (B={batch}, K), got shape {tuple(keep_idx.shape)}")
+    if keep_idx.numel() and (int(keep_idx.min()) < 0 or int(keep_idx.max()) >= num_patches):
+        raise GeometryError(f"keep_idx holds indices outside [0, {num_patches})")
 
 
 def _probe_output(module, args, kwargs, output) -> torch.Tensor:

@@ -322,6 +322,48 @@ class HFBackend(Backend):
         out = self.model(pixel_values=x, **self.model_kwargs(x))
         return out.logits if self.is_classifier else None
 
+    def forward_intervened(self, x, keep_idx=None, key_bias=None, layers=None):
+        """Token drop and attention bias on an HF model, through hooks removed on exit.
+
+        Drop: a forward hook on the embeddings module keeps the prefix tokens and gathers the kept patch
+        tokens of its output (position embeddings are already added there). Bias: a forward pre-hook on
+        each chosen layer's attention module adds the bias to its ``attention_mask`` argument, which the
+        eager and SDPA attention functions add to the logits; other implementations (flash attention)
+        run in eager mode for the call. See :meth:`Backend.forward_intervened`.
+        """
+        from .backends import check_keep_idx, key_bias_tokens
+
+        if keep_idx is not None:
+            check_keep_idx(keep_idx, x.shape[0], self.num_patches)
+        handles = []
+        T = self.num_prefix_tokens
+        try:
+            if keep_idx is not None:
+                handles.append(self._embeddings_module().register_forward_hook(_gather_hook(keep_idx, T)))
+            if key_bias is not None:
+                from ..attention import resolve_layers
+
+                bias = key_bias_tokens(key_bias, keep_idx, T).to(x.device)
+                for li in resolve_layers(layers, self.num_layers):
+                    mod = self._attention[li]
+                    _check_takes_attention_mask(mod)
+                    handles.append(mod.register_forward_pre_hook(_bias_pre_hook(bias), with_kwargs=True))
+            impl = getattr(self.model.config, "_attn_implementation", "eager")
+            ctx = contextlib.nullcontext() if impl in ("eager", "sdpa") else self.eager()
+            with ctx:
+                out = self.model(pixel_values=x, **self.model_kwargs(x))
+        finally:
+            for h in handles:
+                h.remove()
+        return out.logits if self.is_classifier else None
+
+    def _embeddings_module(self) -> nn.Module:
+        base = getattr(self.model, "base_model", self.model)
+        emb = getattr(base, "embeddings", None)
+        if emb is None:
+            raise ModelLoadError(f"cannot find the embeddings module of {type(self.model).__name__}")
+        return emb
+
     def describe(self) -> dict:
         d = super().describe()
         pp = self.preprocessing
@@ -336,6 +378,58 @@ class HFBackend(Backend):
             },
         })
         return d
+
+
+# -- intervention hooks ------------------------------------------------------------------------------
+def _gather_hook(keep_idx: torch.Tensor, num_prefix: int):
+    """Forward hook on the embeddings: (B, T + N, D) -> (B, T + K, D); ViT-MAE returns a tuple."""
+
+    def hook(module, args, output):
+        emb = output[0] if isinstance(output, tuple) else output
+        idx = keep_idx.to(emb.device)
+        patches = torch.gather(emb[:, num_prefix:], 1, idx.unsqueeze(-1).expand(-1, -1, emb.shape[-1]))
+        emb = torch.cat([emb[:, :num_prefix], patches], 1)
+        return (emb, *output[1:]) if isinstance(output, tuple) else emb
+
+    return hook
+
+
+def _bias_pre_hook(bias: torch.Tensor):
+    """Forward pre-hook on an attention module: attention_mask <- attention_mask + bias (B, 1, 1, S)."""
+
+    def hook(module, args, kwargs):
+        if len(args) >= 2:
+            mask = args[1]
+        else:
+            mask = kwargs.get("attention_mask")
+        hidden = args[0] if args else kwargs["hidden_states"]
+        b = bias.to(hidden.dtype)
+        if b.shape[-1] != hidden.shape[1]:
+            raise GeometryError(f"attention bias covers {b.shape[-1]} keys but the layer sees {hidden.shape[1]}")
+        if mask is None:
+            new = b
+        elif mask.dtype == torch.bool:
+            new = torch.zeros(mask.shape, dtype=b.dtype, device=b.device).masked_fill(~mask, float("-inf")) + b
+        else:
+            new = mask.to(b.dtype) + b
+        if len(args) >= 2:
+            args = (args[0], new, *args[2:])
+        else:
+            kwargs = {**kwargs, "attention_mask": new}
+        return args, kwargs
+
+    return hook
+
+
+def _check_takes_attention_mask(module: nn.Module) -> None:
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    if "attention_mask" not in params:
+        raise ModelLoadError(
+            f"{type(module).__name__}.forward takes no attention_mask in this transformers version; "
+            "attention bias needs transformers >= 5 (pip install -U transformers)"
+        )
 
 
 # -- helpers reading the config ---------------------------------------------------------------------

@@ -174,6 +174,50 @@ class TimmBackend(Backend):
         out = self.model(x)
         return out if int(getattr(self.model, "num_classes", 0) or 0) > 0 else None
 
+    def forward_intervened(self, x, keep_idx=None, key_bias=None, layers=None):
+        """Token drop and attention bias on a timm ViT, through hooks removed on exit.
+
+        Drop: a forward hook on ``norm_pre`` (applied right after the position embeddings and
+        ``patch_drop``; per token, so gathering after it equals gathering before) keeps the prefix tokens
+        and gathers the kept patch tokens. Bias: a forward pre-hook on each chosen block's ``attn`` passes
+        the bias as its ``attn_mask`` (added to the logits in both the fused and the eager path; timm >= 1.0
+        Attention takes it). See :meth:`Backend.forward_intervened`.
+        """
+        from .backends import check_keep_idx, key_bias_tokens
+
+        if keep_idx is not None:
+            check_keep_idx(keep_idx, x.shape[0], self.num_patches)
+        handles = []
+        T = self.num_prefix_tokens
+        try:
+            if keep_idx is not None:
+                norm_pre = getattr(self.model, "norm_pre", None)
+                if not isinstance(norm_pre, nn.Module):
+                    raise ModelLoadError(
+                        f"timm model {self.source or type(self.model).__name__} has no norm_pre module; token "
+                        "drop needs timm's VisionTransformer layout"
+                    )
+                handles.append(norm_pre.register_forward_hook(_gather_tokens(keep_idx, T)))
+            if key_bias is not None:
+                import inspect
+
+                from ..attention import resolve_layers
+
+                bias = key_bias_tokens(key_bias, keep_idx, T).to(x.device)
+                for li in resolve_layers(layers, self.num_layers):
+                    attn = self.model.blocks[li].attn
+                    if "attn_mask" not in inspect.signature(attn.forward).parameters:
+                        raise ModelLoadError(
+                            "this timm version's Attention takes no attn_mask; attention bias needs a newer "
+                            "timm (pip install -U timm)"
+                        )
+                    handles.append(attn.register_forward_pre_hook(_mask_pre_hook(bias), with_kwargs=True))
+            out = self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return out if int(getattr(self.model, "num_classes", 0) or 0) > 0 else None
+
     def describe(self) -> dict:
         d = super().describe()
         d.update({
@@ -181,6 +225,41 @@ class TimmBackend(Backend):
             "interpolation": self.interpolation,
         })
         return d
+
+
+def _gather_tokens(keep_idx: torch.Tensor, num_prefix: int):
+    """Forward hook: tokens (B, T + N, D) -> (B, T + K, D), the prefix kept, patches gathered."""
+
+    def hook(module, args, output):
+        idx = keep_idx.to(output.device)
+        patches = torch.gather(output[:, num_prefix:], 1, idx.unsqueeze(-1).expand(-1, -1, output.shape[-1]))
+        return torch.cat([output[:, :num_prefix], patches], 1)
+
+    return hook
+
+
+def _mask_pre_hook(bias: torch.Tensor):
+    """Forward pre-hook on timm Attention: attn_mask <- attn_mask + bias (B, 1, 1, S), float additive."""
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["x"]
+        b = bias.to(x.dtype)
+        if b.shape[-1] != x.shape[1]:
+            raise GeometryError(f"attention bias covers {b.shape[-1]} keys but the block sees {x.shape[1]}")
+        mask = args[1] if len(args) >= 2 else kwargs.get("attn_mask")
+        if mask is None:
+            new = b
+        elif mask.dtype == torch.bool:
+            new = torch.zeros(mask.shape, dtype=b.dtype, device=b.device).masked_fill(~mask, float("-inf")) + b
+        else:
+            new = mask.to(b.dtype) + b
+        if len(args) >= 2:
+            args = (args[0], new, *args[2:])
+        else:
+            kwargs = {**kwargs, "attn_mask": new}
+        return args, kwargs
+
+    return hook
 
 
 def _pair(v) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import GeometryError, ModelLoadError
+from ..errors import ConfigError, GeometryError, ModelLoadError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -216,11 +217,22 @@ class ViT(nn.Module):
         x: torch.Tensor,
         keep_idx: torch.Tensor | None = None,
         attn_bias: torch.Tensor | None = None,
+        bias_layers: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """x: (B, C, H, W) -> normed tokens (B, T + K, D). attn_bias: broadcastable to (B, h, S, S)."""
+        """x: (B, C, H, W) -> normed tokens (B, T + K, D). attn_bias: broadcastable to (B, h, S, S).
+
+        bias_layers: indices of the blocks that receive ``attn_bias`` (negative from the end); None = all.
+        """
         t = self.embed(x, keep_idx)
-        for blk in self.blocks:
-            t = blk(t, attn_bias)
+        chosen = None
+        if attn_bias is not None and bias_layers is not None:
+            n = len(self.blocks)
+            bad = [l for l in bias_layers if not -n <= l < n]
+            if bad:
+                raise ConfigError(f"layer(s) {bad} out of range for a model with {n} layers")
+            chosen = {l % n for l in bias_layers}
+        for i, blk in enumerate(self.blocks):
+            t = blk(t, attn_bias if chosen is None or i in chosen else None)
         return self.norm(t)
 
     def pool(self, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -238,9 +250,10 @@ class ViT(nn.Module):
         x: torch.Tensor,
         keep_idx: torch.Tensor | None = None,
         attn_bias: torch.Tensor | None = None,
+        bias_layers: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """x: (B, C, H, W) -> logits (B, num_classes)."""
-        return self.head(self.pool(self.forward_features(x, keep_idx, attn_bias)))
+        return self.head(self.pool(self.forward_features(x, keep_idx, attn_bias, bias_layers)))
 
 
 # -- persistence -----------------------------------------------------------------------------------

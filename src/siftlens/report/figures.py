@@ -283,22 +283,43 @@ def level_matrices(summary: pd.DataFrame, manifest: Mapping | None = None, metri
 
 # ---------------------------------------------------------------- d) distance and entropy per level
 
+DISTANCE_METRICS = ("dist_rel", "entropy", "dist")  # panel order: relative distance first, raw pixels last
+DISTANCE_LABELS = {
+    "dist_rel": ("Attention distance relative to uniform attention",
+                 "distance ÷ uniform attention's\n(1.0 = uniform; lower = more local)"),
+    "entropy": ("Attention entropy per level", "entropy (nats; lower = more focused)"),
+    "dist": ("Raw attention distance (includes patch geometry)", "distance (pixels of model input)"),
+}
+
+
 def distance_entropy(summary: pd.DataFrame, manifest: Mapping | None = None) -> Figure:
-    """Mean attention distance (pixels) and attention entropy (nats) vs layer, one line per level."""
+    """Relative attention distance, attention entropy (nats) and raw distance (pixels) vs layer, per level.
+
+    ``dist_rel`` is the panel to compare levels on: raw distance is smaller for central patches even under
+    uniform attention, so its level gaps mix geometry with attention. The relative panel has a dashed line
+    at 1.0 (uniform attention) and the shuffled-keypoint null band (the 2.5–97.5% range, widest over levels).
+    """
     s = check_summary(summary)
     n_layers = num_layers(s, manifest)
-    d = s[s["metric"].isin(["dist", "entropy"]) & (s["head"] < 0) & (s["layer"] < n_layers)]
-    present = [m for m in ("dist", "entropy") if (d["metric"] == m).any()]
+    d = s[s["metric"].isin(DISTANCE_METRICS) & (s["head"] < 0) & (s["layer"] < n_layers)]
+    present = [m for m in DISTANCE_METRICS if (d["metric"] == m).any()]
     if not present:
-        raise ReportDataError("the summary has no head-mean 'dist' or 'entropy' rows; nothing to plot")
+        raise ReportDataError("the summary has no head-mean 'dist_rel', 'dist' or 'entropy' rows; nothing to plot")
     n_lev = int(max(d["level_a"].max(), 0)) + 1
     names = [_text(x, 20) for x in level_names(manifest, n_lev)]
     colours = _level_colours(n_lev)
-    fig = _figure(5.6 * len(present), 4.0)
+    fig = _figure((5.6 if len(present) < 3 else 4.7) * len(present), 4.0)
     axes = fig.subplots(1, len(present), squeeze=False)[0]
     handles: dict[str, object] = {}
     for ax, metric in zip(axes, present, strict=True):
         m = d[d["metric"] == metric]
+        if metric == "dist_rel":
+            band = m[m["level_a"] >= 0].groupby("layer").agg(lo=("null_lo", "min"), hi=("null_hi", "max"))
+            if len(band):
+                # hatched, so it does not read as the CI band of the (grey) 'none' level
+                ax.fill_between(band.index, band["lo"], band["hi"], facecolor="none", edgecolor="0.72",
+                                hatch="////", lw=0, label="shuffled-keypoint null (2.5–97.5%)")
+            ax.axhline(1.0, ls="--", color=NULL_GREY, lw=1, label="uniform attention (1.0)")
         for lev, g in m.groupby("level_a"):
             g = g.sort_values("layer")
             lev = int(lev)
@@ -309,21 +330,18 @@ def distance_entropy(summary: pd.DataFrame, manifest: Mapping | None = None) -> 
         grid = _model(manifest).get("grid")
         if metric == "entropy" and grid:
             h_uni = float(np.log(int(grid[0]) * int(grid[1])))
-            ax.axhline(h_uni, ls="--", color=NULL_GREY, lw=1, label=f"uniform attention (ln N = {h_uni:.2f})")
+            ax.axhline(h_uni, ls=":", color=NULL_GREY, lw=1.2, label=f"uniform attention entropy (ln N = {h_uni:.2f})")
         _layer_ticks(ax, m["layer"].unique(), n_layers, False)
         ax.set_xlabel("layer (transformer block, 0 = first)")
-        if metric == "dist":
-            ax.set_title("Mean attention distance per level", fontsize=10)
-            ax.set_ylabel("distance (pixels of model input)")
-        else:
-            ax.set_title("Attention entropy per level", fontsize=10)
-            ax.set_ylabel("entropy (nats; lower = more focused)")
+        title, ylabel = DISTANCE_LABELS[metric]
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel, **({"fontsize": 9} if metric == "dist_rel" else {}))
         ax.grid(axis="y", color="0.92", lw=0.6)
         ax.ticklabel_format(axis="y", useOffset=False)
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(lab, h)
     fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
-               ncol=min(len(handles), 5), fontsize=9, frameon=False)
+               ncol=min(len(handles), 4), fontsize=9, frameon=False)
     return fig
 
 
@@ -446,7 +464,7 @@ def available_figures(summary: pd.DataFrame, manifest: Mapping | None = None) ->
         out.append("head_heatmap")
     if ((s["metric"] == "R") & (s["head"] < 0) & (s["level_a"] >= 0) & (s["level_b"] >= 0)).any():
         out.append("level_matrices")
-    if (s["metric"].isin(["dist", "entropy"]) & (s["head"] < 0) & (s["layer"] < n_layers)).any():
+    if (s["metric"].isin(DISTANCE_METRICS) & (s["head"] < 0) & (s["layer"] < n_layers)).any():
         out.append("distance_entropy")
     return out
 

@@ -154,7 +154,7 @@ def findings(summary: pd.DataFrame, manifest: Mapping | None = None, alpha: floa
     scored += _trend(s, n_layers, rule)
     scored += _cls(s, n_layers, rule, manifest)
     scored += _interrelation(s, n_layers, rule, manifest)
-    scored += _distance(s, n_layers, manifest)
+    scored += _distance(s, n_layers, manifest, rule)
     scored.sort(key=lambda t: -t[0])
     return (lead + [t[1] for t in scored])[:max_sentences]
 
@@ -357,31 +357,78 @@ def _interrelation(s: pd.DataFrame, n_layers: int, rule: Rule, manifest) -> list
     return [(abs(float(a["z"])), text)]
 
 
-def _distance(s: pd.DataFrame, n_layers: int, manifest) -> list[tuple[float, str]]:
-    d = s[(s["metric"] == "dist") & (s["head"] < 0) & (s["layer"] < n_layers)]
-    if d["layer"].nunique() < 2:
-        return []
-    per_layer = d.groupby("layer")["mean"].mean().sort_index()
-    first, last = int(per_layer.index[0]), int(per_layer.index[-1])
-    d0, d1 = float(per_layer.iloc[0]), float(per_layer.iloc[-1])
-    rel = (d1 - d0) / max(abs(d0), 1e-9)
-    if abs(rel) > 0.05:
-        text = (f"Mean attention distance (averaged over levels) {'grows' if rel > 0 else 'shrinks'} from "
-                f"{fmt_num(d0, 1)} px in layer {first} to {fmt_num(d1, 1)} px in layer {last}")
-    else:
-        text = (f"Mean attention distance (averaged over levels) stays near {fmt_num((d0 + d1) / 2, 1)} px "
-                f"from layer {first} to layer {last}")
-    lv = d[d["layer"] == last].set_index("level_a")["mean"]
-    if len(lv) >= 2:
-        hi, lo = int(lv.index.max()), int(lv.index.min())
-        names = level_names(manifest, hi + 1)
-        text += (f"; in layer {last}, '{names[hi]}' patches look {fmt_num(lv.loc[hi], 1)} px away against "
-                 f"{fmt_num(lv.loc[lo], 1)} px for '{names[lo]}' patches")
+def _distance(s: pd.DataFrame, n_layers: int, manifest, rule: Rule) -> list[tuple[float, str]]:
+    """How far and how focused attention is: a descriptive sentence, placed after the tested findings.
+
+    Levels are compared with the relative distance ``dist_rel`` only (1.0 = as far as uniform attention
+    would look from the same query patches). Raw distance in pixels is confounded by geometry: patches
+    near the image centre, where keypoints tend to be, are close to all other patches, so they look less
+    far even under uniform attention, and a raw gap between levels is no evidence of an attention effect.
+    Raw pixels appear only in the depth trend, where every layer has the same queries.
+    """
+    def head_means(metric: str) -> pd.DataFrame:
+        return s[(s["metric"] == metric) & (s["head"] < 0) & (s["layer"] < n_layers) & (s["level_a"] >= 0)]
+
+    rel, raw = head_means("dist_rel"), head_means("dist")
+    parts: list[str] = []
+    score = 0.1  # descriptive: after the tested findings
+    base = rel if len(rel) else raw
+    if base["layer"].nunique() >= 2:
+        per_layer = base.groupby("layer")["mean"].mean().sort_index()
+        first, last = int(per_layer.index[0]), int(per_layer.index[-1])
+        d0, d1 = float(per_layer.iloc[0]), float(per_layer.iloc[-1])
+        change = (d1 - d0) / max(abs(d0), 1e-9)
+        score += min(abs(change), 0.3)
+        verb = "grows" if change > 0.05 else "shrinks" if change < -0.05 else None
+        if len(rel):
+            px = ""
+            if raw["layer"].nunique() >= 2:
+                rl = raw.groupby("layer")["mean"].mean()
+                if first in rl.index and last in rl.index:
+                    px = f" (raw distance {fmt_num(rl.loc[first], 1)} px to {fmt_num(rl.loc[last], 1)} px)"
+            if verb:
+                parts.append(f"Relative to uniform attention, mean attention distance (averaged over levels) "
+                             f"{verb} from {fmt_num(d0)}x in layer {first} to {fmt_num(d1)}x in layer "
+                             f"{last}{px}")
+            else:
+                parts.append(f"Relative to uniform attention, mean attention distance (averaged over levels) "
+                             f"stays near {fmt_num((d0 + d1) / 2)}x from layer {first} to layer {last}{px}")
+        elif verb:
+            parts.append(f"Mean attention distance (averaged over levels) {verb} from {fmt_num(d0, 1)} px in "
+                         f"layer {first} to {fmt_num(d1, 1)} px in layer {last}")
+        else:
+            parts.append(f"Mean attention distance (averaged over levels) stays near "
+                         f"{fmt_num((d0 + d1) / 2, 1)} px from layer {first} to layer {last}")
+    if len(rel):
+        last = int(rel["layer"].max())
+        lv = rel[rel["layer"] == last].set_index("level_a").sort_index()
+        if len(lv) >= 2:
+            hi, lo = int(lv.index.max()), int(lv.index.min())
+            names = level_names(manifest, hi + 1)
+            h, z = lv.loc[hi], lv.loc[lo]
+            text = (f"in layer {last}, '{names[hi]}' patches attend {fmt_num(h['mean'])}x as far as uniform "
+                    f"attention would ({_ci(h)}), '{names[lo]}' patches {fmt_num(z['mean'])}x ({_ci(z)})")
+            null = f"({fmt_num(h['null_mean'])}x, {fmt_q(h['q'])})"
+            if rule.departs(lv.loc[[hi]].reset_index()).iloc[0]:
+                text += f"; for '{names[hi]}' patches that departs from the shuffled-keypoint null {null}"
+            elif h["q"] < rule.alpha:
+                text += (f"; for '{names[hi]}' patches that differs from the shuffled-keypoint null by less "
+                         f"than {rule.min_effect:.0%} {null}")
+            else:
+                text += f"; for '{names[hi]}' patches that is within what shuffled keypoints give {null}"
+            parts.append(text if parts else _cap(text))
+    elif len(raw) and parts:
+        parts.append("levels are not compared, because raw distances also reflect where the patches sit "
+                     "(central patches are near everything); this summary has no relative distance "
+                     "'dist_rel' to compare them with")
     e = s[(s["metric"] == "entropy") & (s["head"] < 0) & (s["layer"] < n_layers)]
-    if e["layer"].nunique() >= 2:
+    if parts and e["layer"].nunique() >= 2:
         pe = e.groupby("layer")["mean"].mean().sort_index()
-        text += (f"; attention entropy goes from {fmt_num(pe.iloc[0])} to {fmt_num(pe.iloc[-1])} nats")
+        text = f"attention entropy goes from {fmt_num(pe.iloc[0])} to {fmt_num(pe.iloc[-1])} nats"
         grid = ((manifest or {}).get("model") or {}).get("grid")
         if grid:
             text += f" (uniform attention: {fmt_num(float(np.log(int(grid[0]) * int(grid[1]))))} nats)"
-    return [(0.1 + min(abs(rel), 0.3), text + ".")]  # descriptive: after the tested findings
+        parts.append(text)
+    if not parts:
+        return []
+    return [(score, "; ".join(parts) + ".")]

@@ -62,10 +62,16 @@ CAPTIONS = {
     ),
     "distance_entropy": (
         "How far and how focused attention is, per semantic level",
-        "Left: mean attention distance, i.e. how far (in pixels of the model input) a query patch "
-        "looks on average, one line per semantic level; bands are 95% confidence intervals. Right: "
-        "attention entropy in nats; lower means attention is concentrated on fewer patches, and the "
-        "dashed grey line is the entropy of perfectly uniform attention (ln N for N patches).",
+        "One line per semantic level (mean over heads); coloured bands are 95% confidence intervals. "
+        "Left: relative attention distance, i.e. how far a query patch looks on average divided by how "
+        "far uniform attention would look from the same patches: 1.0 (dashed line) is as far as "
+        "uniform attention, below 1.0 is more local. Compare levels on this panel; the grey band is "
+        "the range it takes when the keypoint maps are shuffled. Middle: attention entropy in nats; "
+        "lower means attention is concentrated on fewer patches, and the dotted grey line is the "
+        "entropy of perfectly uniform attention (ln N for N patches). Right: the raw distance in pixels "
+        "of the model input. Do not read its gaps between levels as an attention effect: patches near "
+        "the image centre, where keypoints tend to be, are close to all other patches, so they look "
+        "less far even when attention is uniform.",
     ),
     "overlay": (
         "Example image",
@@ -97,7 +103,13 @@ GLOSSARY = [
     ("R", "Level interrelation matrix: the attention queries of one level give to keys of another, "
      "divided by the key level's share of patches. 1.0 is the fair share."),
     ("Distance", "Mean attention distance: the attention-weighted average distance, in pixels of the "
-     "model input, between a query patch and the patches it attends to."),
+     "model input, between a query patch and the patches it attends to. It depends on where the "
+     "patch sits: a central patch is near everything, so its distance is small even under uniform "
+     "attention. Use relative distance to compare levels."),
+    ("Relative distance", "Mean attention distance divided by the distance uniform attention would give "
+     "the same query patches. 1.0: attention looks as far as uniform attention; 0.8: 20% less far "
+     "(more local); 0: every patch attends only to itself. Unlike the raw distance, it does not "
+     "favour patches near the image centre."),
     ("Entropy", "Shannon entropy of a query's attention over the patches, in nats. Uniform attention "
      "over N patches gives ln N; attention on a single patch gives 0."),
     ("Null model", "What each metric looks like when attention is unrelated to keypoints: each "

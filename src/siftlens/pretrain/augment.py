@@ -1,0 +1,162 @@
+"""Keypoint-consistent batch augmentation: the keypoint map follows every crop and flip exactly.
+
+SIFT runs once on the cached original images (:class:`KeypointBank`: per image, keypoint centres
+``xy`` and sizes, in model-input pixels, pixel centres at integers). Every training batch draws one
+random crop (with zero padding) and one horizontal flip per image (:func:`draw_augment`, the same
+draws in the same order as :func:`siftlens.train.augment`), applies them to the pixels
+(:func:`apply_augment`) *and* to the cached keypoints (:func:`transform_keypoints`), and rebuilds the
+patch weight map from the moved keypoints (:func:`patch_counts`, the ``count`` scheme of
+:func:`siftlens.keypoints.weight_map`, vectorised over the batch).
+
+Geometry of a crop with padding ``pad`` and offsets ``(dy, dx)``: output pixel ``(r, c)`` is padded
+pixel ``(r + dy, c + dx)``, i.e. original pixel ``(r + dy - pad, c + dx - pad)``; so a keypoint moves
+by ``(pad - dx, pad - dy)``. A horizontal flip maps pixel column ``c`` to ``W - 1 - c`` and a
+keypoint ``x`` to ``W - 1 - x``. Keypoints whose moved centre leaves the image ``[-0.5, W - 0.5) x
+[-0.5, H - 0.5)`` are dropped: they are not visible in the augmented image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..io import atomic_path
+from ..keypoints import SiftParams, detect
+
+
+@dataclass
+class AugParams:
+    """Per-image augmentation of a batch: crop offsets ``dy, dx`` (B,) long in [0, 2 pad] (None when
+    ``pad == 0``: no crop) and ``flip`` (B,) bool."""
+
+    dy: torch.Tensor | None
+    dx: torch.Tensor | None
+    flip: torch.Tensor
+
+
+def draw_augment(batch: int, pad: int, gen: torch.Generator) -> AugParams:
+    """Draw crops and flips for ``batch`` images, consuming ``gen`` exactly as ``train.augment`` does."""
+    dy = dx = None
+    if pad > 0:
+        dy = torch.randint(0, 2 * pad + 1, (batch,), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (batch,), generator=gen)
+    return AugParams(dy, dx, torch.rand(batch, generator=gen) < 0.5)
+
+
+def apply_augment(x: torch.Tensor, p: AugParams, pad: int) -> torch.Tensor:
+    """Crop with zero padding, then flip. x: (B, C, H, W) -> (B, C, H, W)."""
+    B, C, H, W = x.shape
+    if p.dy is not None:
+        xp = F.pad(x, (pad, pad, pad, pad))
+        rows = (p.dy[:, None] + torch.arange(H)[None]).to(x.device)  # (B, H)
+        cols = (p.dx[:, None] + torch.arange(W)[None]).to(x.device)  # (B, W)
+        bidx = torch.arange(B, device=x.device)[:, None, None]
+        x = xp.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    flip = p.flip.to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def transform_keypoints(xy: torch.Tensor, valid: torch.Tensor, p: AugParams, pad: int,
+                        size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move keypoints with the crop and flip of ``p``.
+
+    xy: (B, K, 2) float (x, y) pixels; valid: (B, K) bool -> moved xy (B, K, 2), valid (B, K) with the
+    keypoints that left the image switched off.
+    """
+    H, W = size
+    xy = xy.clone()
+    if p.dy is not None:
+        shift = torch.stack([pad - p.dx, pad - p.dy], dim=-1).to(xy)  # (B, 2)
+        xy += shift[:, None, :]
+    flip = p.flip.to(xy.device)[:, None]
+    xy[..., 0] = torch.where(flip, (W - 1) - xy[..., 0], xy[..., 0])
+    inside = (xy[..., 0] >= -0.5) & (xy[..., 0] < W - 0.5) & (xy[..., 1] >= -0.5) & (xy[..., 1] < H - 0.5)
+    return xy, valid & inside
+
+
+def patch_counts(xy: torch.Tensor, valid: torch.Tensor, patch: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Keypoints per patch: (B, K, 2), (B, K) -> (B, g_h * g_w) float32, row-major.
+
+    Same convention as :func:`siftlens.keypoints.patch_index`: column ``floor((x + 0.5) / P)``.
+    """
+    gh, gw = grid
+    col = torch.floor((xy[..., 0] + 0.5) / patch).long().clamp(0, gw - 1)
+    row = torch.floor((xy[..., 1] + 0.5) / patch).long().clamp(0, gh - 1)
+    out = torch.zeros(xy.shape[0], gh * gw, device=xy.device)
+    return out.scatter_add_(1, row * gw + col, valid.to(out.dtype))
+
+
+@dataclass
+class KeypointBank:
+    """SIFT keypoints of every cached image, padded to the largest count.
+
+    xy: (M, Kmax, 2) float32 model-input pixels; size: (M, Kmax) float32 keypoint diameters (pixels);
+    count: (M,) int64 keypoints of each image (entries past ``count`` are padding). ``fingerprint``
+    identifies the images (a hash of their pixels), so a cache is never applied to other images.
+    """
+
+    xy: np.ndarray
+    size: np.ndarray
+    count: np.ndarray
+    params: SiftParams
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.count)
+
+    def batch(self, idx: torch.Tensor, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """idx: (B,) image indices -> xy (B, Kmax, 2) float32 and valid (B, Kmax) bool."""
+        i = idx.cpu().numpy()
+        xy = torch.from_numpy(self.xy[i]).to(device)
+        valid = torch.arange(self.xy.shape[1])[None, :] < torch.from_numpy(self.count[i])[:, None]
+        return xy, valid.to(device)
+
+    @staticmethod
+    def detect(images: np.ndarray, params: SiftParams, progress: Callable[[int], None] | None = None
+               ) -> KeypointBank:
+        """Run SIFT on uint8 images (M, H, W, 3), exactly as :func:`siftlens.keypoints.detect` does."""
+        kps = []
+        for img in images:
+            kps.append(detect(img, params))
+            if progress is not None:
+                progress(1)
+        count = np.array([len(k) for k in kps], np.int64)
+        kmax = max(int(count.max(initial=0)), 1)
+        xy = np.zeros((len(kps), kmax, 2), np.float32)
+        size = np.zeros((len(kps), kmax), np.float32)
+        for j, k in enumerate(kps):
+            xy[j, : len(k)] = k.xy
+            size[j, : len(k)] = k.size
+        return KeypointBank(xy, size, count, params, fingerprint(images))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write an ``.npz`` atomically (with the SIFT parameters, checked by :meth:`load`)."""
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, xy=self.xy, size=self.size, count=self.count, params=np.array(repr(self.params)),
+                     fingerprint=np.array(self.fingerprint))
+        return Path(path)
+
+    @staticmethod
+    def load(path: str | os.PathLike, params: SiftParams, images: np.ndarray) -> KeypointBank:
+        """Read a bank written by :meth:`save`; it must have been made from ``images`` with ``params``."""
+        with np.load(path) as z:
+            fp = fingerprint(images)
+            if str(z["params"]) != repr(params) or str(z["fingerprint"]) != fp:
+                raise ConfigError(f"keypoint cache {path} was made with other SIFT parameters or images; "
+                                  "delete it or choose another --keypoint-cache")
+            return KeypointBank(z["xy"], z["size"], z["count"], params, fp)
+
+
+def fingerprint(images: np.ndarray) -> str:
+    """A short hash of a uint8 image array (M, H, W, 3): its shape and every pixel."""
+    h = hashlib.blake2b(repr(images.shape).encode(), digest_size=16)
+    h.update(np.ascontiguousarray(images).data)
+    return h.hexdigest()

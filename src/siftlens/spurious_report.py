@@ -1,0 +1,165 @@
+"""The self-contained HTML report of a discovery run: per class, the ranked candidate words with a gallery
+of example patches (crops enlarged without smoothing, the word's keypoints drawn as circles).
+
+Images are embedded as base64 PNG data URIs and the CSS is inline, so the page opens offline; every piece
+of text from data (image and class names) is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .io import write_text
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th{background:#f4f4f4}td.l,th.l{text-align:left}
+.gal{display:flex;flex-wrap:wrap;gap:6px;margin:.3em 0 1.2em}
+.gal figure{margin:0;text-align:center;font-size:.7em;color:#555}
+.gal img{image-rendering:pixelated;border:1px solid #999}
+.note{color:#555;font-size:.9em}.ok{color:#0a0}.bad{color:#c00}
+"""
+
+EXPLAIN = (
+    "For each class, the visual words (clusters of SIFT descriptors) that images <em>predicted</em> as that "
+    "class hold, ranked by <strong>score = share × max(assoc, 0) × (max(causal, 0) + 0.01)</strong>"
+    "{boxes}. <strong>share</strong>: fraction of the CLS token's attention those images put on the patches "
+    "holding the word. <strong>lift</strong>: that attention relative to uniform attention over the same "
+    "patches (1 = no preference). <strong>assoc</strong>: log-odds of the word being present in this class's "
+    "predictions versus the others'. <strong>causal</strong>: mean fall of the predicted class's probability "
+    "when the word's patches are occluded, minus the fall when as many random other patches are occluded "
+    "(checked for the best candidates only; '–' = not checked). A high score marks a word the model looks "
+    "at, that comes with the class, and that the prediction depends on: a candidate shortcut. The gallery "
+    "shows example patches (crops around one keypoint of the word, enlarged; circles are the word's "
+    "keypoints, radius = keypoint size / 2)."
+)
+
+
+def _png(img: np.ndarray) -> str:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    if not ok:  # pragma: no cover - cv2 encodes any uint8 RGB image
+        raise RuntimeError("PNG encoding failed")
+    return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
+
+
+def render_crop(crop: np.ndarray, keypoints: list, scale: int | None = None) -> np.ndarray:
+    """Enlarge ``crop`` (h, w, 3) uint8 by nearest neighbour to about 96 pixels and draw the keypoints
+    (x, y, size) given in crop pixels as cyan circles."""
+    h, w = crop.shape[:2]
+    s = scale or max(1, 96 // max(h, w, 1))
+    big = cv2.resize(np.ascontiguousarray(crop), (w * s, h * s), interpolation=cv2.INTER_NEAREST)
+    for x, y, size in keypoints:
+        c = (int(round((x + 0.5) * s)), int(round((y + 0.5) * s)))
+        r = max(2, int(round(size / 2 * s)))
+        cv2.circle(big, c, r, (0, 0, 0), 3, lineType=cv2.LINE_AA)
+        cv2.circle(big, c, r, (0, 255, 255), 1, lineType=cv2.LINE_AA)
+    return big
+
+
+def _fmt(v, nd=3) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    return f"{v:.{nd}g}"
+
+
+def discovery_html(result, title: str = "siftlens: spurious-correlation candidates") -> str:
+    """The report page for a :class:`~siftlens.spurious.DiscoveryResult`."""
+    e = html.escape
+    m = result.manifest
+    im = m["images"]
+    has_off = "off_object" in result.candidates
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
+             f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>"]
+    acc = im.get("accuracy")
+    parts.append(
+        f"<p class='note'>Model: {e(str(m['model'].get('source') or m['model'].get('class')))} · images: "
+        f"{im['analysed']} analysed ({im['skipped']} skipped) from {e(str(im['source']))} · keypoints: "
+        f"{im['keypoints']} · vocabulary: {len(result.vocabulary)} words · attention: "
+        f"{e(m['config']['attention'])} · occlusion: {e(m['config']['occlude'])} · SIFT upsampling "
+        f"u = {m['sift']['upsample_used']:g}" + (f" · accuracy on these images: {acc:.3f}" if acc is not None else "")
+        + "</p>")
+    parts.append("<p>" + EXPLAIN.format(boxes=" × off_object (share of the word's keypoints outside the "
+                                               "object boxes)" if has_off else "") + "</p>")
+    ev = result.evaluation
+    if ev:
+        parts.append("<h2>Evaluation against the benchmark's marker boxes</h2><p class='note'>Used only to "
+                     "score discovery, never for the ranking: a word belongs to a class's marker when at least "
+                     "half of its keypoints lie inside that marker's boxes.</p><table><tr><th class='l'>class"
+                     "</th><th>rank of own marker</th><th>word</th></tr>")
+        for c, r in ev["ranks"].items():
+            cls = "ok" if r == 1 else "bad"
+            parts.append(f"<tr><td class='l'>{e(c)}</td><td class='{cls}'>{_fmt(r)}</td>"
+                         f"<td>{_fmt(ev['words'].get(c))}</td></tr>")
+        parts.append("</table>")
+    cols = ["rank", "word", "score", "share", "lift", "assoc", "causal", "support"] + (
+        ["off_object"] if has_off else [])
+    for c in result.class_names:
+        rows = result.top.get(c, [])
+        parts.append(f"<h2>{e(c)}</h2>")
+        if not rows:
+            parts.append("<p class='note'>No candidate: no image was predicted as this class, or no word was "
+                         "seen often enough.</p>")
+            continue
+        parts.append("<table><tr>" + "".join(f"<th>{e(k)}</th>" for k in cols) + "</tr>")
+        for r in rows:
+            parts.append("<tr>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in cols) + "</tr>")
+        parts.append("</table>")
+        for r in rows[:5]:
+            ex = result.galleries.get((c, r["word"]), [])
+            if not ex:
+                continue
+            parts.append(f"<div>word {r['word']} (rank {r['rank']})</div><div class='gal'>")
+            for x in ex:
+                img = render_crop(x["crop"], x["keypoints"])
+                parts.append(f"<figure><img src='{_png(img)}' width='{img.shape[1]}' height='{img.shape[0]}' "
+                             f"alt='{e(x['name'])}'><figcaption>{e(x['name'])}<br>attn ×{x['attention']:.2g}"
+                             "</figcaption></figure>")
+            parts.append("</div>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def write_discovery_report(out_dir: str | Path, result) -> Path:
+    """Write ``report.html`` into ``out_dir`` atomically; returns its path."""
+    return write_text(Path(out_dir) / "report.html", discovery_html(result))
+
+
+def run_discovery(
+    model,
+    images,
+    out: str | Path,
+    config=None,
+    boxes=None,
+    weights: str | None = None,
+    evaluate: bool | None = None,
+    report: bool = True,
+    progress: bool = True,
+):
+    """Discover, optionally score against a SpuriousCIFAR sidecar, save tables/JSON and the report.
+
+    evaluate: None = when ``<images>/markers.json`` exists; True requires it. Returns (result, paths).
+    """
+    from .errors import SpuriousDataError
+    from .spurious import discover, evaluate_markers
+    from .spurious_data import find_sidecar, read_sidecar
+
+    side = find_sidecar(images) if isinstance(images, (str, Path)) else None
+    if evaluate and side is None:
+        raise SpuriousDataError(f"--evaluate needs a SpuriousCIFAR sidecar markers.json inside {images}")
+    res = discover(model, images, config, boxes=boxes, progress=progress, weights=weights)
+    if side is not None and evaluate is not False:
+        res.evaluation = {"sidecar": str(side), **evaluate_markers(res, read_sidecar(side))}
+    paths = res.save(out)
+    if report:
+        paths["report"] = write_discovery_report(out, res)
+    return res, paths

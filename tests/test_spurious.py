@@ -1,0 +1,260 @@
+"""SpuriousCIFAR builder, visual vocabulary and discovery (with a tiny model that learns planted markers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from siftlens.errors import CandidatesError, ConfigError, SpuriousDataError
+from siftlens.spurious import (
+    DiscoveryConfig,
+    discover,
+    evaluate_markers,
+    kmeans,
+    load_vocabulary,
+    rootsift,
+)
+from siftlens.spurious_data import (
+    GLYPH_NAMES,
+    SpuriousConfig,
+    build,
+    builtin_markers,
+    check_markers,
+    glyph,
+    read_sidecar,
+)
+from siftlens.spurious_report import run_discovery
+
+CLASSES = ("ant", "bee", "cow")
+
+
+def smooth_image(rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    low = rng.integers(40, 216, (4, 4, 3)).astype(np.uint8)
+    img = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC)).astype(np.int16)
+    return np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory):
+    """A CIFAR-like root: train/ (14 per class) and test/ (6 per class) of 32x32 JPEGs."""
+    root = tmp_path_factory.mktemp("cifar")
+    rng = np.random.default_rng(1)
+    for part, n in (("train", 14), ("test", 6)):
+        for c in CLASSES:
+            (root / part / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(smooth_image(rng)).save(root / part / c / f"{i:04d}.jpg", quality=95)
+    return root
+
+
+def _build(root, out, **kw):
+    return build(SpuriousConfig(cifar=str(root), out=str(out), progress=False, **kw))
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_builder_is_deterministic_by_seed(fake_cifar, tmp_path):
+    _build(fake_cifar, tmp_path / "a", seed=3, rho=0.7)
+    _build(fake_cifar, tmp_path / "b", seed=3, rho=0.7)
+    _build(fake_cifar, tmp_path / "c", seed=4, rho=0.7)
+    for split in ("train", "aligned", "conflicting"):
+        sa, sb, sc = (read_sidecar(tmp_path / x / split / "markers.json")["images"] for x in "abc")
+        assert sa == sb
+        assert sa != sc
+        for name in list(sa)[:10]:
+            assert np.array_equal(_pixels(tmp_path / "a" / split / name), _pixels(tmp_path / "b" / split / name))
+    # a limited build is a subset of the full build
+    _build(fake_cifar, tmp_path / "lim", seed=3, rho=0.7, limit_per_class=5, splits=("aligned",))
+    lim = read_sidecar(tmp_path / "lim" / "aligned" / "markers.json")["images"]
+    full = read_sidecar(tmp_path / "a" / "aligned" / "markers.json")["images"]
+    assert len(lim) == 15 and all(full[k] == v for k, v in lim.items())
+
+
+def test_rho_is_honoured_and_boxes_match_the_marker_pixels(fake_cifar, tmp_path):
+    man = _build(fake_cifar, tmp_path / "d", seed=0, rho=0.8, marker_size=6)
+    assert man["splits"]["train"] == {"images": 42, "aligned": 3 * 11, "conflicting": 3 * 3, "skipped": []}
+    markers = {c: _pixels(tmp_path / "d" / "markers" / f"{c}.png") for c in CLASSES}
+    assert all(m.shape == (6, 6, 3) for m in markers.values())
+    for split in ("train", "aligned", "conflicting"):
+        side = read_sidecar(tmp_path / "d" / split / "markers.json")
+        per_class: dict[str, int] = {}
+        for name, r in side["images"].items():
+            x0, y0, x1, y1 = r["box"]
+            assert x1 - x0 == 6 and y1 - y0 == 6 and 0 <= x0 and x1 <= 32 and 0 <= y0 and y1 <= 32
+            img = _pixels(tmp_path / "d" / split / name)
+            assert np.array_equal(img[y0:y1, x0:x1], markers[r["marker"]]), name
+            assert r["label"] == name.split("/")[0]
+            assert r["aligned"] == (r["marker"] == r["label"])
+            per_class[r["label"]] = per_class.get(r["label"], 0) + (not r["aligned"])
+        if split == "train":
+            assert per_class == {c: 3 for c in CLASSES}  # round((1 - 0.8) * 14) wrong markers per class
+        elif split == "aligned":
+            assert set(per_class.values()) == {0}
+        else:  # conflicting: never the right marker
+            assert per_class == {c: 6 for c in CLASSES}
+            assert all(r["marker"] != r["label"] for r in side["images"].values())
+
+
+def test_user_markers_are_resized_and_must_cover_every_class(fake_cifar, tmp_path):
+    d = tmp_path / "marks"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for c in CLASSES[:2]:
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(d / f"{c}.png")
+    with pytest.raises(SpuriousDataError, match="cow"):
+        _build(fake_cifar, tmp_path / "o1", markers=str(d))
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(d / "cow.png")
+    man = _build(fake_cifar, tmp_path / "o2", markers=str(d), splits=("aligned",), placement="bottom-right")
+    assert man["markers"]["cow"] == "user:cow"
+    side = read_sidecar(tmp_path / "o2" / "aligned" / "markers.json")
+    assert {tuple(r["box"]) for r in side["images"].values()} == {(24, 24, 32, 32)}
+    with pytest.raises(ConfigError, match="rho"):
+        _build(fake_cifar, tmp_path / "o3", rho=1.5)
+
+
+def test_builtin_markers_are_sift_rich_and_distinguishable():
+    assert len(GLYPH_NAMES) == 10 and len({glyph(g).tobytes() for g in GLYPH_NAMES}) == 10
+    rep = check_markers(builtin_markers(list(GLYPH_NAMES)), upsample=4.0, image_size=32)
+    assert min(rep["keypoints"].values()) >= 5, rep["keypoints"]  # on every canvas tried
+    assert rep["overall_nn_accuracy"] >= 0.85 and min(rep["nn_accuracy"].values()) >= 0.5, rep["nn_accuracy"]
+    g = glyph("checker", 16)
+    assert g.shape == (16, 16, 3) and set(np.unique(g)) == {0, 255}
+
+
+def test_real_cifar_build(cifar_zip, tmp_path):
+    man = _build(f"{cifar_zip}/cifar10", tmp_path / "sc", limit_per_class=2, splits=("train", "conflicting"))
+    assert man["classes"][:2] == ["airplane", "automobile"] and man["splits"]["train"]["images"] == 20
+    assert man["markers"]["airplane"] == GLYPH_NAMES[0]
+
+
+def test_kmeans_is_seeded_and_finds_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = torch.cat([c + 0.3 * torch.randn(50, 2, generator=g) for c in centers])
+    a = kmeans(x, 3, seed=1)
+    b = kmeans(x, 3, seed=1)
+    assert torch.equal(a, b)
+    found = sorted(a.round().tolist())
+    assert found == sorted(centers.tolist())
+    with pytest.raises(ConfigError, match="vocab"):
+        kmeans(x[:2], 3)
+    d = rootsift(np.array([[1.0, 3.0], [0.0, 0.0]]))
+    assert torch.allclose(d[0], torch.tensor([0.5, 3**0.5 / 2])) and torch.equal(d[1], torch.zeros(2))
+
+
+# -- discovery on a model that learned planted markers ---------------------------------------------------
+PLANTED = {"ant": "checker", "bee": "ring", "cow": "l-corners"}
+
+
+def noise_image(rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A flat random colour with pixel noise: no class signal at all."""
+    base = rng.integers(70, 180, 3)
+    return np.clip(base[None, None] + rng.integers(-12, 13, (size, size, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Noise images whose only class signal is a planted marker (rho = 1), and a tiny ViT trained on them."""
+    from siftlens.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("planted")
+    data = root / "data"
+    rng = np.random.default_rng(0)
+    recs = {}
+    for c, g in PLANTED.items():
+        (data / c).mkdir(parents=True)
+        for i in range(48):
+            img = noise_image(rng)
+            x0, y0 = (int(v) for v in rng.integers(0, 25, 2))
+            img[y0 : y0 + 8, x0 : x0 + 8] = glyph(g)
+            Image.fromarray(img).save(data / c / f"{i:03d}.png")
+            recs[f"{c}/{i:03d}.png"] = {"label": c, "marker": c, "box": [x0, y0, x0 + 8, y0 + 8], "aligned": True}
+    (data / "markers.json").write_text(json.dumps({"classes": list(PLANTED), "images": recs}))
+    hist = train(TrainConfig(train=str(data), out=str(root / "run"), img_size=32, patch_size=4, dim=32, depth=2,
+                             heads=2, epochs=20, batch_size=16, lr=3e-3, warmup_epochs=0.5, pad=0, progress=False,
+                             seed=0))
+    return data, root / "run" / "model", hist
+
+
+def test_discovery_ranks_the_planted_marker_first(planted, tmp_path):
+    data, model, hist = planted
+    assert hist["epochs"][-1]["train_acc"] > 0.9, hist["epochs"][-1]
+    cfg = DiscoveryConfig(vocab_size=24, batch_size=48, causal_top=4, causal_images=8, gallery=4, top=5)
+    res, paths = run_discovery(str(model), str(data), tmp_path / "disc", cfg, progress=False)
+    ev = res.evaluation
+    assert ev is not None and ev["ranks"] == {c: 1 for c in PLANTED}, (ev, res.top)
+    # the ranked table, JSON, keypoints and a self-contained report are written
+    cand = pd.read_csv(paths["candidates"])
+    assert {"class", "word", "share", "lift", "assoc", "causal", "score", "rank"} <= set(cand.columns)
+    top1 = cand[cand["rank"] == 1]
+    assert len(top1) == 3 and (top1["causal"] > 0).all()
+    kp = pd.read_parquet(paths["keypoints"])
+    assert len(kp) == len(res.features.kp_xy) and kp["word"].between(0, 23).all()
+    html_text = paths["report"].read_text()
+    assert "data:image/png;base64," in html_text and "src='http" not in html_text and "<script" not in html_text
+    vocab = load_vocabulary(tmp_path / "disc")
+    assert vocab.centers.shape == (24, 128) and vocab.classes == list(PLANTED)
+    assert len(vocab.flagged(1)) <= 3 and set(vocab.flagged(1)) <= set(vocab.flagged(3))
+    # the same seed gives the same ranking
+    again = discover(str(model), str(data), cfg, progress=False)
+    pd.testing.assert_frame_equal(again.candidates, res.candidates)
+
+
+def test_discovery_with_object_boxes_and_mean_occlusion(planted, tmp_path):
+    data, model, _ = planted
+    side = read_sidecar(data / "markers.json")
+    # "object" boxes that exclude the marker: the marker's keypoints are all off-object
+    boxes = {}
+    for n, r in side["images"].items():
+        x0, y0, x1, y1 = r["box"]
+        boxes[n] = [0, 0, 32, y0] if y0 >= 8 else [0, y1, 32, 32]
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    cfg = DiscoveryConfig(vocab_size=24, batch_size=48, causal_top=3, causal_images=6, gallery=0, occlude="mean",
+                          attention="rollout")
+    res = discover(str(model), str(data), cfg, boxes=tmp_path / "boxes.json", progress=False)
+    assert "off_object" in res.candidates
+    ev = evaluate_markers(res, side)
+    marker_words = {w for ws in ev["marker_words"].values() for w in ws}
+    off = res.candidates.set_index("word")["off_object"].groupby(level=0).mean()
+    assert all(off[w] > 0.8 for w in marker_words if w in off.index and np.isfinite(off[w]))
+    assert sum(r == 1 for r in ev["ranks"].values()) >= 2, ev["ranks"]
+
+
+def test_discovery_errors_are_one_line(tmp_path, planted):
+    data, model, _ = planted
+    with pytest.raises(ConfigError, match="vocab"):
+        discover(str(model), str(data), DiscoveryConfig(vocab_size=10**6, causal_top=0), progress=False)
+    with pytest.raises(ConfigError, match="attention"):
+        DiscoveryConfig(attention="first").validate()
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(CandidatesError, match="not a discovery output"):
+        load_vocabulary(tmp_path / "bad.json")
+    with pytest.raises(CandidatesError, match="not found"):
+        load_vocabulary(tmp_path / "missing.json")
+
+
+def test_cli_make_spurious_and_discover(fake_cifar, planted, tmp_path):
+    data, model, _ = planted
+    r = subprocess.run([sys.executable, "-m", "siftlens.cli", "make-spurious", "--cifar", str(fake_cifar), "--out",
+                        str(tmp_path / "sc"), "--rho", "0.5", "--no-progress"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "train        42 images (21 aligned, 21 conflicting)" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "siftlens.cli", "discover", "--model", str(model), "--images",
+                        str(data), "--out", str(tmp_path / "d"), "--vocab", "24", "--causal-top", "2",
+                        "--causal-images", "4", "--gallery", "2", "--no-progress"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "own marker ranked first" in r.stdout and (tmp_path / "d" / "report.html").is_file()
+    r = subprocess.run([sys.executable, "-m", "siftlens.cli", "make-spurious", "--cifar", str(tmp_path / "nowhere"),
+                        "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
