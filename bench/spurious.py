@@ -230,12 +230,19 @@ def main() -> None:
 
 
 def print_summary(r: dict) -> None:
+    import numpy as np
+
     for who in ("spurious_model", "control_model"):
         m = r[who]
         print(f"\n== {who}: accuracy aligned {m['accuracy']['aligned']:.3f}, conflicting "
               f"{m['accuracy']['conflicting']:.3f}")
         ranks = m["discovery"]["marker_rank"]
         print(f"   own marker rank per class: {ranks} (rank 1 for {m['discovery']['rank1_share']:.0%})")
+        top1 = [t for t in m["discovery"]["top1"].values() if t]
+        if top1:
+            med = {k: float(np.median([t[k] or 0.0 for t in top1])) for k in ("score", "causal", "assoc")}
+            print(f"   top candidate per class (median over classes): score {med['score']:.3g}, causal "
+                  f"{med['causal']:.3f}, assoc {med['assoc']:.2f}")
         for split in ("conflicting", "aligned"):
             for p, v in m["prompting"][split].items():
                 wb, wa = v["worst_group_before"], v["worst_group_after"]

@@ -131,7 +131,7 @@ def test_builtin_markers_are_sift_rich_and_distinguishable():
 
 
 def test_real_cifar_build(cifar_zip, tmp_path):
-    man = _build(f"{cifar_zip}/cifar10", tmp_path / "sc", limit_per_class=2, splits=("train", "conflicting"))
+    man = _build(str(cifar_zip), tmp_path / "sc", limit_per_class=2, splits=("train", "conflicting"))
     assert man["classes"][:2] == ["airplane", "automobile"] and man["splits"]["train"]["images"] == 20
     assert man["markers"]["airplane"] == GLYPH_NAMES[0]
 

@@ -10,6 +10,7 @@ Public API (imported lazily, so ``import siftlens`` stays light)::
     load_backend, Backend                           one interface over native, Hugging Face and timm models
     ViT, ViTConfig, load_vit, save_vit              the project's own ViT
     ImageSource                                     folders, zips, globs and file lists of images
+    MAE, MAEConfig, PretrainConfig                  masked-autoencoder pre-training (siftlens.pretrain.pretrain runs it)
     SiftlensError                                   base class of every user-facing error
     build_spurious, SpuriousConfig                  the SpuriousCIFAR builder
     discover, DiscoveryConfig, DiscoveryResult      spurious-correlation discovery with SIFT visual words
@@ -33,6 +34,7 @@ _EXPORTS = {
     "ImageSource": "data",
     "SiftlensError": "errors",
     "run_analysis": "pipeline", "run_demo": "pipeline",
+    "MAE": "models.mae", "MAEConfig": "models.mae", "PretrainConfig": "pretrain",
     "SpuriousConfig": "spurious_data",
     "discover": "spurious", "DiscoveryConfig": "spurious", "DiscoveryResult": "spurious",
     "prompt": "prompting", "PromptConfig": "prompting", "PromptResult": "prompting",

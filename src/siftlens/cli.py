@@ -230,8 +230,8 @@ def demo(
 
 @app.command("make-spurious")
 def make_spurious(
-    cifar: Annotated[str, typer.Option(help="CIFAR-10 root with train/ and test/ class folders: a folder or "
-                                            "cifar10-jpg.zip/cifar10.")],
+    cifar: Annotated[str, typer.Option(help="CIFAR-10 root with train/ and test/ class folders (or cifar10/ "
+                                            "holding them): a folder, cifar10-jpg.zip or a folder inside a zip.")],
     out: Annotated[Path, typer.Option(help="Output folder: train/, aligned/, conflicting/ (ImageFolder PNGs, each "
                                            "with markers.json), markers/, manifest.json.")],
     marker_size: Annotated[int, typer.Option(help="Marker side in pixels.")] = 8,

@@ -17,6 +17,7 @@ non-zero weights (``levels="quantile"``), or bins by fixed global thresholds.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -105,9 +106,12 @@ def detect(img: np.ndarray, params: SiftParams = SiftParams(), descriptors: bool
     if not kps:
         return Keypoints.empty(descriptors)
     # cv2 pixel centres sit at integer coordinates; map upsampled coords back: x = (x_u + 0.5)/u - 0.5
-    xy = (cv2.KeyPoint_convert(kps) + 0.5) / u - 0.5  # (K, 2) float32, read in C
+    xy = cv2.KeyPoint_convert(kps)  # (K, 2) float32, read in C; then (x_u + 0.5) / u - 0.5 in place
+    xy += 0.5
+    xy /= u
+    xy -= 0.5
     size, resp, ang = np.array([(k.size, k.response, k.angle) for k in kps], np.float32).T.copy()
-    size = size / u
+    size /= u
     if descriptors:
         desc = np.zeros((0, 128), np.float32) if desc is None else desc.astype(np.float32)
     return Keypoints(xy, size, resp, ang, desc)
@@ -117,7 +121,8 @@ def patch_index(xy: np.ndarray, patch: int, grid: tuple[int, int]) -> np.ndarray
     """(K, 2) pixel (x, y) -> (K,) flat patch index in row-major order; centres clipped to the grid."""
     gh, gw = grid
     cr = np.floor((xy + 0.5) / patch).astype(np.int64)  # (K, 2) column, row
-    np.clip(cr, 0, (gw - 1, gh - 1), out=cr)
+    np.maximum(cr, 0, out=cr)  # clip to the grid (the ufuncs: np.clip's Python wrapper costs more here)
+    np.minimum(cr, (gw - 1, gh - 1), out=cr)
     return cr[:, 1] * gw + cr[:, 0]
 
 
@@ -172,12 +177,18 @@ def levels_of(weights: np.ndarray, n_levels: int = 3, thresholds: np.ndarray | N
         lv[nz] = 1 + np.searchsorted(t, w[nz], side="left")
         return lv
     wnz = w[nz]
-    q = _quantile_linear(wnz, np.linspace(0, 1, n_levels)[1:-1])
+    q = _quantile_linear(wnz, _level_quantiles(n_levels))
     lv[nz] = 1 + np.searchsorted(q, wnz, side="left")
     return lv
 
 
-def _quantile_linear(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+@functools.lru_cache(maxsize=16)
+def _level_quantiles(n_levels: int) -> tuple[float, ...]:
+    """The interior quantiles of L levels, ``np.linspace(0, 1, L)[1:-1]`` (computed once per L)."""
+    return tuple(float(q) for q in np.linspace(0, 1, n_levels)[1:-1])
+
+
+def _quantile_linear(x: np.ndarray, q) -> np.ndarray:
     """``np.quantile(x, q)`` (method "linear") of a 1-D float64 array without NaN, bit for bit the same
     numbers (numpy's index and interpolation formulas), without its per-call overhead."""
     s = np.sort(x)

@@ -112,8 +112,9 @@ def load_markers(directory: str | os.PathLike, classes: list[str], size: int = 8
 class SpuriousConfig:
     """Parameters of a SpuriousCIFAR build (all of them go into ``manifest.json``).
 
-    cifar: the CIFAR-10 root holding ``train/`` and ``test/`` class folders (a folder, or
-    ``cifar10-jpg.zip/cifar10``); markers: a folder of user markers, or None for the built-in glyphs.
+    cifar: the CIFAR-10 root holding ``train/`` and ``test/`` class folders (a folder, a zip, or
+    ``cifar10-jpg.zip/cifar10``; a ``cifar10/`` level below it is found by itself); markers: a folder of
+    user markers, or None for the built-in glyphs.
     """
 
     cifar: str
@@ -142,11 +143,15 @@ class SpuriousConfig:
 
 
 def _source(cifar: str, part: str) -> ImageSource:
+    """``<cifar>/<part>``, or ``<cifar>/cifar10/<part>`` (so the CIFAR-10 zip itself can be given)."""
     spec = cifar.rstrip("/") + "/" + part
     try:
         src = ImageSource(spec)
     except ImageSourceError as e:
-        raise SpuriousDataError(f"no CIFAR-10 '{part}' images at {spec}: {e}") from e
+        try:
+            src = ImageSource(cifar.rstrip("/") + "/cifar10/" + part)
+        except ImageSourceError:
+            raise SpuriousDataError(f"no CIFAR-10 '{part}' images at {spec}: {e}") from e
     if src.classes is None:
         raise SpuriousDataError(f"{spec} is not in ImageFolder layout (<class>/<image>)")
     return src
