@@ -31,10 +31,20 @@ import _common as C
 
 def profile_top(fn, rows: int = 10) -> list[dict]:
     """Top operators by self CPU time over one call of ``fn`` (torch.profiler)."""
+    import os
+
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as p:
-        fn()
+    err = os.dup(2)  # the profiler's C++ side logs to stderr: keep the benchmark's output readable
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            fn()
+    finally:
+        os.dup2(err, 2)
+        os.close(err)
+        os.close(devnull)
     ev = sorted(p.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in ev) or 1.0
     return [{"op": e.key, "calls": e.count, "self_ms": round(e.self_cpu_time_total / 1e3, 2),

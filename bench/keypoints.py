@@ -12,7 +12,9 @@ decoded and preprocessed once, outside the timings.
   keypoints to arrays, patch weight map and levels.
 
 Overhead = median over rounds of time(map) / time(raw) - 1, on one core (``cv2.setNumThreads(1)``; CPU time
-of this single-threaded process, wall time recorded too). Scaling: a fork pool of 1 and of 2 processes
+of this single-threaded process, wall time recorded too); within a round the two alternate image by image
+(raw, map, raw, map, ..., the order swapped every round), so that bursts of other work on the shared
+machine hit both alike. Scaling: a fork pool of 1 and of 2 processes
 maps ``keypoint_map`` over the same images (held by the workers, so only indices and the small weight maps
 cross processes); speedup = wall(1 worker) / wall(2 workers), side by side. OpenCV is set to one thread in
 this process before the pools fork, so every worker inherits it (as the analysis does for its DataLoader
@@ -27,6 +29,7 @@ import cProfile
 import io
 import multiprocessing as mp
 import pstats
+import time
 
 import _common as C
 
@@ -78,15 +81,28 @@ def per_core(which: str, n: int, rounds: int) -> dict:
     pixels, grays, patch, grid, params = prepare(which, n)
     sift = _sift(params)  # the same detector object keypoint_map uses
 
-    def raw():
-        for g in grays:
-            sift.detect(g, None)
-
     def mapped():
         for p in pixels:
             keypoint_map(p, patch, grid, params=params)
 
-    t = C.side_by_side({"raw_sift": raw, "keypoint_map": mapped}, rounds=rounds)
+    # interleaved per image (raw, map, raw, map, ... with the order swapped every round), so that bursts of
+    # other work on the shared machine hit both sides alike; one sum per side and round
+    clock = {"cpu": time.process_time, "wall": time.perf_counter}
+    t = {"raw_sift": {"wall": [], "cpu": []}, "keypoint_map": {"wall": [], "cpu": []}}
+    mapped()  # warm-up
+    for r in range(rounds):
+        acc = {k: {"wall": 0.0, "cpu": 0.0} for k in t}
+        for g, p in zip(grays, pixels, strict=True):
+            steps = [("raw_sift", lambda g=g: sift.detect(g, None)),
+                     ("keypoint_map", lambda p=p: keypoint_map(p, patch, grid, params=params))]
+            for name, fn in steps if r % 2 == 0 else steps[::-1]:
+                c0, w0 = clock["cpu"](), clock["wall"]()
+                fn()
+                acc[name]["cpu"] += clock["cpu"]() - c0
+                acc[name]["wall"] += clock["wall"]() - w0
+        for name in t:
+            for kind in ("wall", "cpu"):
+                t[name][kind].append(acc[name][kind])
     n_kp = [len(sift.detect(g, None)) for g in grays]
     prof = cProfile.Profile()
     prof.enable()
@@ -143,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    n_in, n_c, rounds = (24, 64, 3) if a.quick else (200, 1000, 7)
+    n_in, n_c, rounds = (24, 64, 3) if a.quick else (200, 1000, 9)
     res = {
         "settings": {"cv2.setNumThreads": "1, in the parent before forking (inherited by the workers)",
                      "torch_threads": 1, "rounds": rounds,

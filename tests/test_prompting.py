@@ -121,6 +121,8 @@ def test_bias_only_in_chosen_layers(tiny_vit):
         torch.testing.assert_close(tiny_vit.head(tiny_vit.norm(t)[:, 0]), last, atol=1e-5, rtol=1e-5)
     with pytest.raises(GeometryError):
         be.forward_intervened(x, keep_idx=torch.full((B, 2), N))
+    with pytest.raises(ConfigError, match="out of range"):
+        be.forward_intervened(x, key_bias=bias, layers=[2])
 
 
 def test_keep_top_keeps_the_right_count_and_the_heaviest_patches():
