@@ -45,6 +45,9 @@ import _common as C
 SCALES = {
     "full": dict(limit=10_000, val_limit=2_000, knn_train_limit=5_000, epochs=30, batch_size=256, dim=96, depth=4,
                  heads=4, decoder_dim=128, decoder_depth=2, decoder_heads=4, lr=1e-3, warmup_epochs=3.0),
+    # what fits in under two hours of one CPU core: half the images, 16 epochs of batch 128 (625 steps)
+    "medium": dict(limit=5_000, val_limit=1_000, knn_train_limit=5_000, epochs=16, batch_size=128, dim=96, depth=4,
+                   heads=4, decoder_dim=128, decoder_depth=2, decoder_heads=4, lr=1e-3, warmup_epochs=2.0),
     "quick": dict(limit=600, val_limit=200, knn_train_limit=600, epochs=3, batch_size=64, dim=64, depth=2, heads=4,
                   decoder_dim=64, decoder_depth=1, decoder_heads=4, lr=1e-3, warmup_epochs=1.0),
 }
@@ -230,6 +233,8 @@ def figure(hists: dict, policies: list[str], seeds: list[int], path: Path) -> No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny run proving the pipeline end to end")
+    ap.add_argument("--scale", choices=sorted(SCALES), default=None,
+                    help="full (about 6 core-hours), medium (under 2 core-hours) or quick; default full")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0,1)")
     ap.add_argument("--policies", default="random,sift,sift-curriculum,kamim")
     ap.add_argument("--tau", type=float, default=1.0, help="sift: tau")
@@ -244,7 +249,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    mode = "quick" if args.quick else "full"
+    mode = "quick" if args.quick else (args.scale or "full")
     scale = SCALES[mode]
     seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
     policies = args.policies.split(",")
@@ -272,7 +277,7 @@ def main() -> None:
     runs_summary = {f"{p}/seed{s}": {"final": h["epochs"][-1], "curve": [
         {k: r.get(k) for k in ("epoch", "train_loss", "val_loss", "knn_acc", "tau", "seconds", "prep_seconds")}
         for r in h["epochs"]], "sift_seconds": h.get("sift_seconds")} for (p, s), h in hists.items()}
-    payload = {"scale": scale, "seeds": seeds, "policies": policies,
+    payload = {"scale_name": mode, "scale": scale, "seeds": seeds, "policies": policies,
                "policy_params": {p: policy_kwargs(p, args) for p in policies}, "norm_pix": True,
                "acceleration": acc, "overhead": overhead, "augmentation_agreement": agreement, "checks": checks,
                "runs": runs_summary, "wall_seconds": time.time() - t0}

@@ -182,8 +182,15 @@ def main() -> None:
     ap.add_argument("--control-model", default=None, help="reuse this clean-CIFAR model instead of training one")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for training")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=None, help="override the shortcut model's training epochs")
+    ap.add_argument("--prompt-limit", type=int, default=None,
+                    help="evaluate prompting on this many images per split (spread over classes; default all)")
     a = ap.parse_args()
-    cfg = QUICK if a.quick else FULL
+    cfg = json.loads(json.dumps(QUICK if a.quick else FULL))
+    if a.epochs:
+        cfg["train"]["epochs"] = a.epochs
+    if a.prompt_limit:
+        cfg["prompt_limit"] = a.prompt_limit
     tag = "-quick" if a.quick else ""
     work = Path(a.work or ROOT / "runs" / f"spurious-bench{tag}").resolve()
     out = Path(a.out or ROOT / "bench" / "results" / f"spurious{tag}.json").resolve()

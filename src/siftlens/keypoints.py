@@ -191,7 +191,7 @@ def _level_quantiles(n_levels: int) -> tuple[float, ...]:
 def _quantile_linear(x: np.ndarray, q) -> np.ndarray:
     """``np.quantile(x, q)`` (method "linear") of a 1-D float64 array without NaN, bit for bit the same
     numbers (numpy's index and interpolation formulas), without its per-call overhead."""
-    s = np.sort(x)
+    s = np.sort(x).tolist()
     n = len(s)
     out = np.empty(len(q))
     for k, qk in enumerate(q):  # L - 2 values: scalar float64 arithmetic, the same IEEE operations

@@ -253,6 +253,7 @@ def _prepare_maps(weights, levels, n_levels, pos, device=None, null_index=None) 
                       u_lvl, u_lvl > 0)
 
 
+_TINY = torch.finfo(torch.float32).tiny
 # images per chunk of the attention-sized work: about this many elements of (h, N, N) at a time
 _CHUNK_ELEMS = 1 << 21
 
@@ -278,7 +279,9 @@ def _attention_sums(
     rowsum = xd.sum(-1)
     torch.div(xd.mul_(m.dmat).sum(-1), rowsum, out=dist)
     del xd
-    torch.neg(torch.special.xlogy(bt, bt).sum(-1, dtype=torch.float64), out=ent)  # 0 log 0 = 0
+    # entropy -sum_j p log p: 0 log 0 = 0 because the clamped log stays finite (torch's xlogy gives the same
+    # values to float32 rounding but is not vectorised: 2.4x slower here)
+    torch.neg(bt.mul(bt.clamp_min(_TINY).log_()).sum(-1, dtype=torch.float64), out=ent)
     # one matmul contracts the queries of every map: [w | one-hot]_k Bt -> (c, K * (L + 1), h * N); the keys
     # follow per map, as one batched matmul over (image, map)
     q = torch.bmm(m.lhs, buf.view(c, n, nh * n)).view(c * k_maps, (m.n_levels + 1) * nh, n)

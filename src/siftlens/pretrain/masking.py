@@ -114,21 +114,38 @@ def kamim_density(xy: torch.Tensor, valid: torch.Tensor, size: tuple[int, int], 
     OpenCV radius of 3 pixels of that image. A circle is the annulus ``ring`` (see ``KAMIM_RING``)
     around the centre rounded to 1/16 pixel, stamped from a precomputed table (vectorised).
     xy are model-input pixels (pixel centres at integers).
+
+    Implementation: F lives on a canvas padded by twice the stamp radius on every side, so every stamp
+    pixel has an address without bounds checks; a stamp's padding entries and keypoints too far outside
+    the image to touch it write to one spare cell past the end. Pixels drawn off the image land in the
+    padding, which is cropped before the patch sums.
     """
     if ring not in _STAMPS:
         _STAMPS[ring] = _ring_stamps(ring)
-    offsets, ok = (t.to(xy.device) for t in _STAMPS[ring])
+    offsets, ok = _STAMPS[ring]
+    r = int(offsets.abs().max())  # a stamp reaches at most r pixels from its centre
     H, W = size[0] * scale, size[1] * scale
+    pad = 2 * r  # centres up to r outside the image can still touch it; their stamps stay on the canvas
+    Hp, Wp = H + 2 * pad, W + 2 * pad
     B = valid.shape[0]
+    key = (ring, Wp, str(xy.device))
+    if key not in _STAMPS:  # linear offsets on this canvas
+        _STAMPS[key] = ((offsets[..., 1] * Wp + offsets[..., 0]).to(xy.device), ok.to(xy.device))
+    lin_off, lin_ok = _STAMPS[key]
     b, k = valid.nonzero(as_tuple=True)  # only the V valid keypoints are drawn
     c16 = torch.round(((xy[b, k] + 0.5) * scale - 0.5) * 16).long()  # (V, 2) centres in 1/16 pixel
     base, frac = torch.div(c16, 16, rounding_mode="floor"), c16 % 16
-    px = base[:, None] + offsets[frac[:, 1] * 16 + frac[:, 0]]  # (V, L, 2) pixel (x, y)
-    on = ok[frac[:, 1] * 16 + frac[:, 0]] & (px[..., 0] >= 0) & (px[..., 0] < W) & (px[..., 1] >= 0) & (px[..., 1] < H)
-    img = torch.zeros(B * H * W, dtype=torch.uint8, device=xy.device)
-    img[(b[:, None] * (H * W) + px[..., 1] * W + px[..., 0])[on]] = 1
+    inside = (base[:, 0] >= -r) & (base[:, 0] < W + r) & (base[:, 1] >= -r) & (base[:, 1] < H + r)
+    spare = B * Hp * Wp
+    centre = torch.where(inside, b * (Hp * Wp) + (base[:, 1] + pad) * Wp + base[:, 0] + pad, spare)  # (V,)
+    fi = frac[:, 1] * 16 + frac[:, 0]
+    addr = torch.where(lin_ok[fi] & inside[:, None], centre[:, None] + lin_off[fi], spare)  # (V, L)
+    canvas = torch.zeros(spare + 1, dtype=torch.uint8, device=xy.device)
+    canvas[addr.flatten()] = 1
+    img = canvas[:spare].view(B, Hp, Wp)[:, pad : pad + H, pad : pad + W]
     P = patch * scale
-    covered = img.view(B, H // P, P, W // P, P).sum(dim=(2, 4), dtype=torch.int32)
+    rows = img.reshape(B * (H // P), P, W).sum(dim=1, dtype=torch.int16)  # (B * g_h, W)
+    covered = rows.view(B, H // P, W // P, P).sum(dim=3, dtype=torch.int32)
     return covered.flatten(1).float() / (P * P)
 
 
