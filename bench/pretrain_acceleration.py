@@ -277,7 +277,7 @@ def main() -> None:
     runs_summary = {f"{p}/seed{s}": {"final": h["epochs"][-1], "curve": [
         {k: r.get(k) for k in ("epoch", "train_loss", "val_loss", "knn_acc", "tau", "seconds", "prep_seconds")}
         for r in h["epochs"]], "sift_seconds": h.get("sift_seconds")} for (p, s), h in hists.items()}
-    payload = {"scale_name": mode, "scale": scale, "seeds": seeds, "policies": policies,
+    payload = {"mode": mode, "scale_name": mode, "scale": scale, "seeds": seeds, "policies": policies,
                "policy_params": {p: policy_kwargs(p, args) for p in policies}, "norm_pix": True,
                "acceleration": acc, "overhead": overhead, "augmentation_agreement": agreement, "checks": checks,
                "runs": runs_summary, "wall_seconds": time.time() - t0}

@@ -188,6 +188,19 @@ def test_kamim_weighting_by_hand(scale):
     assert none.sum() == 0 and torch.equal(kamim_weights(none, 0.25), torch.ones(1, 20))
 
 
+@pytest.mark.parametrize("scale", [1, 3])
+def test_kamim_density_at_and_beyond_the_borders(scale):
+    """Circles cut by the image edge, centres outside the image (still touching it, or too far to), in a
+    batch: each image's density equals the per-image reference, and images do not leak into each other."""
+    pts = [[(-0.5, 7.0), (19.4, 0.0), (-3.2, -2.9), (22.0, 8.0)],  # on the edges, outside but touching
+           [(-40.0, 3.0), (9.5, 60.0), (10.0, 7.5), (19.9, 15.9)]]  # far outside (draw nothing), corners
+    dens = kamim_density(torch.tensor(pts), torch.ones(2, 4, dtype=torch.bool), (16, 20), 4, scale)
+    for b in range(2):
+        ref_d, _ = _kamim_reference(pts[b], (16, 20), 4, scale, 0.25)
+        np.testing.assert_allclose(dens[b].numpy(), ref_d, atol=1e-6)
+    assert dens[0].sum() > 0 and dens[1].sum() > 0
+
+
 def test_kamim_density_matches_opencv_draw_keypoints():
     """KAMIM draws keypoints with cv2.drawKeypoints; the vectorised annulus reproduces its patch densities."""
     rng = np.random.default_rng(1)
