@@ -255,6 +255,16 @@ def key_bias_tokens(
     return torch.cat([prefix, kb], 1)[:, None, None, :]
 
 
+def merge_mask_and_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """An attention layer's mask (None, bool "may attend", or additive float) plus an additive key bias
+    (broadcastable to it), as one additive float mask in ``bias``'s dtype."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(~mask, float("-inf")) + bias
+    return mask.to(bias.dtype) + bias
+
+
 def check_keep_idx(keep_idx: torch.Tensor, batch: int, num_patches: int) -> None:
     """Raise GeometryError unless keep_idx is (B, K) with indices in [0, N)."""
     if keep_idx.ndim != 2 or keep_idx.shape[0] != batch:

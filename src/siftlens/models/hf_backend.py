@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import GeometryError, ModelLoadError
-from .backends import IMAGENET_MEAN, IMAGENET_STD, Backend, resize_center_crop
+from .backends import IMAGENET_MEAN, IMAGENET_STD, Backend, merge_mask_and_bias, resize_center_crop
 
 SUPPORTED_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "vit_mae")
 # model types that resample their position embeddings to any input size on every forward
@@ -406,12 +406,7 @@ def _bias_pre_hook(bias: torch.Tensor):
         b = bias.to(hidden.dtype)
         if b.shape[-1] != hidden.shape[1]:
             raise GeometryError(f"attention bias covers {b.shape[-1]} keys but the layer sees {hidden.shape[1]}")
-        if mask is None:
-            new = b
-        elif mask.dtype == torch.bool:
-            new = torch.zeros(mask.shape, dtype=b.dtype, device=b.device).masked_fill(~mask, float("-inf")) + b
-        else:
-            new = mask.to(b.dtype) + b
+        new = merge_mask_and_bias(mask, b)
         if len(args) >= 2:
             args = (args[0], new, *args[2:])
         else:

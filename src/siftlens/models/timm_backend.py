@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import GeometryError, ModelLoadError
-from .backends import IMAGENET_MEAN, IMAGENET_STD, Backend, resize_center_crop
+from .backends import IMAGENET_MEAN, IMAGENET_STD, Backend, merge_mask_and_bias, resize_center_crop
 
 DEFAULT_CROP_PCT = 0.875  # timm.data.DEFAULT_CROP_PCT
 _CHECKPOINT_KEYS = ("model", "state_dict")
@@ -247,12 +247,7 @@ def _mask_pre_hook(bias: torch.Tensor):
         if b.shape[-1] != x.shape[1]:
             raise GeometryError(f"attention bias covers {b.shape[-1]} keys but the block sees {x.shape[1]}")
         mask = args[1] if len(args) >= 2 else kwargs.get("attn_mask")
-        if mask is None:
-            new = b
-        elif mask.dtype == torch.bool:
-            new = torch.zeros(mask.shape, dtype=b.dtype, device=b.device).masked_fill(~mask, float("-inf")) + b
-        else:
-            new = mask.to(b.dtype) + b
+        new = merge_mask_and_bias(mask, b)
         if len(args) >= 2:
             args = (args[0], new, *args[2:])
         else:
