@@ -19,6 +19,7 @@ Results go to ``bench/results/spurious[-quick].json``; the write-up is docs/spur
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -186,7 +187,7 @@ def main() -> None:
     ap.add_argument("--prompt-limit", type=int, default=None,
                     help="evaluate prompting on this many images per split (spread over classes; default all)")
     a = ap.parse_args()
-    cfg = json.loads(json.dumps(QUICK if a.quick else FULL))
+    cfg = copy.deepcopy(QUICK if a.quick else FULL)
     if a.epochs:
         cfg["train"]["epochs"] = a.epochs
     if a.prompt_limit:

@@ -100,7 +100,8 @@ def _ring_stamps(ring: tuple[float, float], q: int = 16) -> tuple[torch.Tensor, 
     return offsets, ok
 
 
-_STAMPS: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
+# ring -> (offsets, ok) of _ring_stamps; (ring, canvas width, device) -> (linear offsets, ok) on that canvas
+_STAMPS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def kamim_density(xy: torch.Tensor, valid: torch.Tensor, size: tuple[int, int], patch: int, scale: int = 1,
