@@ -47,13 +47,14 @@ def uniform_model():
     return m.eval()
 
 
-def test_uniform_attention_gives_exactly_one(image_dir):
-    res = analyze(NativeBackend(uniform_model()), image_dir, null_permutations=30, n_boot=200,
+@pytest.mark.parametrize("null", ["exact", 30])
+def test_uniform_attention_gives_exactly_one(image_dir, null):
+    res = analyze(NativeBackend(uniform_model()), image_dir, null=null, n_boot=200,
                   progress=False, rollout=True)
     s = res.summary
     assert len(s) and not s.isna().any().any()
-    for metric in ("sal", "sal_w", "wi", "cls_lift"):
-        # rollout (layer 2) adds the residual identity: self-attention lifts WI and SAL_w above 1 there
+    for metric in ("sal", "wi", "cls_lift"):
+        # rollout (layer 2) adds the residual identity: self-attention lifts WI above 1 there
         rows = s[(s["metric"] == metric) & ((s["layer"] < 2) | s["metric"].isin(["sal", "cls_lift"]))]
         np.testing.assert_allclose(rows["mean"], 1.0, atol=1e-5)
         np.testing.assert_allclose(rows["null_mean"], 1.0, atol=1e-5)
@@ -73,7 +74,11 @@ def test_uniform_attention_gives_exactly_one(image_dir):
     assert (s[s["layer"] == 2]["head"] == -1).all()
     long = res.long
     assert not long.isna().any().any()
-    assert set(long.columns) == {"image", "layer", "head", "metric", "level_a", "level_b", "value", "z"}
+    assert set(long.columns) == {"image", "layer", "head", "metric", "level_a", "level_b", "value", "null_mean",
+                                 "null_sd", "z"}
+    # head means and rollout reach the per-image table too
+    assert (long["head"] == -1).any() and (long["layer"] == 2).any()
+    assert (long[long["layer"] == 2]["head"] == -1).all()
     assert long["image"].nunique() == 10
     lrel = long[(long["metric"] == "dist_rel") & (long["layer"] < 2)]
     assert len(lrel) and np.allclose(lrel["value"], 1.0, atol=1e-6)
@@ -95,7 +100,7 @@ def test_bad_inputs_are_skipped_counted_and_listed(tmp_path, tiny_vit):
     jpg = d / "trunc.jpg"
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpg, quality=95)
     jpg.write_bytes(jpg.read_bytes()[:1500])
-    res = analyze(NativeBackend(tiny_vit), d, null_permutations=20, n_boot=50, progress=False)
+    res = analyze(NativeBackend(tiny_vit), d, null=20, n_boot=50, progress=False)
     im = res.manifest["images"]
     assert im["total"] == 9
     assert im["skipped"] == 3 and im["no_keypoints"] == 1 and im["analysed"] == 5
@@ -110,11 +115,12 @@ def test_bad_inputs_are_skipped_counted_and_listed(tmp_path, tiny_vit):
 
 
 def test_outputs_are_written_atomically(tmp_path, image_dir, tiny_vit):
-    res = analyze(NativeBackend(tiny_vit), image_dir, null_permutations=20, n_boot=50, progress=False,
+    res = analyze(NativeBackend(tiny_vit), image_dir, null=20, n_boot=50, progress=False,
                   limit=4)
     paths = res.save(tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "images.csv", "manifest.json", "metrics.parquet", "summary.csv"]
+        "images.csv", "images.parts", "manifest.json", "metrics.parquet", "run.json", "summary.csv"]
+    assert not list((tmp_path / "out").rglob("*.part"))  # no temporary left behind
     back = pd.read_parquet(paths["metrics"])
     assert len(back) == len(res.long)
     summary = pd.read_csv(paths["summary"])
@@ -131,9 +137,9 @@ def test_config_errors(image_dir, tiny_vit):
 
 
 def test_batching_does_not_change_results(image_dir, tiny_vit):
-    a = analyze(NativeBackend(tiny_vit), image_dir, null_permutations=20, n_boot=50, progress=False,
+    a = analyze(NativeBackend(tiny_vit), image_dir, null=20, n_boot=50, progress=False,
                 batch_size=3)
-    b = analyze(NativeBackend(tiny_vit), image_dir, null_permutations=20, n_boot=50, progress=False,
+    b = analyze(NativeBackend(tiny_vit), image_dir, null=20, n_boot=50, progress=False,
                 batch_size=10)
     key = ["image", "layer", "head", "metric", "level_a", "level_b"]
     va = a.long.sort_values(key)["value"].to_numpy()
@@ -142,15 +148,16 @@ def test_batching_does_not_change_results(image_dir, tiny_vit):
 
 
 def test_workers_give_the_same_keypoints(image_dir, tiny_vit):
-    a = analyze(NativeBackend(tiny_vit), image_dir, null_permutations=20, n_boot=50, progress=False)
-    b = analyze(NativeBackend(tiny_vit), image_dir, null_permutations=20, n_boot=50, progress=False,
+    a = analyze(NativeBackend(tiny_vit), image_dir, null=20, n_boot=50, progress=False)
+    b = analyze(NativeBackend(tiny_vit), image_dir, null=20, n_boot=50, progress=False,
                 workers=2)
     pd.testing.assert_frame_equal(a.long, b.long)
 
 
 def test_flatten_follows_the_cell_order():
     # every metric/level gets a distinct code; the flat vector must list them in the order of _cells
-    from siftlens.analysis import LEVEL_METRICS, SCALAR_METRICS, _cells, _flatten
+    from siftlens.analysis import LEVEL_METRICS, SCALAR_METRICS, cells
+    from siftlens.analysis.engine import flatten_cells
 
     L, B, h, K = 3, 2, 2, 4
     code = {m: 100.0 * (i + 1) for i, m in enumerate((*SCALAR_METRICS, "R", *LEVEL_METRICS))}
@@ -158,8 +165,8 @@ def test_flatten_follows_the_cell_order():
     res["R"] = code["R"] + torch.arange(L * L, dtype=torch.float32).reshape(L, L).expand(B, h, K, L, L)
     for m in LEVEL_METRICS:
         res[m] = code[m] + 10 * torch.arange(L, dtype=torch.float32).expand(B, h, K, L)
-    cells = _cells(L)
-    flat = _flatten(res)
-    assert "dist_rel" in LEVEL_METRICS and flat.shape == (B, h, K, len(cells))
-    want = [code[m] + (a * L + b if m == "R" else 10 * a if a >= 0 else 0) for m, a, b in cells]
-    assert torch.equal(flat[1, 1, 3], torch.tensor(want, dtype=torch.float32))
+    cell_list = cells(L)
+    flat = flatten_cells(res)
+    assert "dist_rel" in LEVEL_METRICS and flat.shape == (B, h, K, len(cell_list))
+    want = [code[m] + (a * L + b if m == "R" else 10 * a if a >= 0 else 0) for m, a, b in cell_list]
+    assert torch.equal(flat[1, 1, 3], torch.tensor(want, dtype=torch.float64))

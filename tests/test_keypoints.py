@@ -50,17 +50,102 @@ def test_keypoint_on_patch_border_goes_to_the_patch_its_pixel_belongs_to():
     np.testing.assert_array_equal(patch_index(k.xy, 4, (1, 2)), [0, 1])
 
 
+Z3 = Phi(3) - Phi(-3)  # mass of a standard normal inside +-3: footprint Gaussians are cut there
+
+
+def Phi3(z):
+    """The CDF of a standard normal truncated to [-3, 3]."""
+    return (Phi(min(max(z, -3.0), 3.0)) - Phi(-3)) / Z3
+
+
 def test_footprint_map_by_hand():
     # one keypoint at the border x = 3.5 between columns 0 and 1 (1 row): sigma = size/2 = 1
     k = kps([[3.5, 1.5]], size=[2.0])
     w = weight_map(k, 4, (1, 2), "footprint")
-    # x: column 0 covers [-0.5, 3.5), column 1 [3.5, 7.5); y: row 0 covers [-0.5, 3.5)
-    wy = Phi((3.5 - 1.5) / 1) - Phi((-0.5 - 1.5) / 1)
-    expect = [(Phi(0) - Phi(-4)) * wy, (Phi(4) - Phi(0)) * wy]
+    # x: column 0 covers [-0.5, 3.5), column 1 [3.5, 7.5); y: row 0 covers [-0.5, 3.5); the support is
+    # x in [0.5, 6.5], y in [-1.5, 4.5], so y loses the truncated mass below -0.5 and above 3.5
+    wy = Phi3((3.5 - 1.5) / 1) - Phi3((-0.5 - 1.5) / 1)
+    expect = [(Phi3(0) - Phi3(-4)) * wy, (Phi3(4) - Phi3(0)) * wy]
     np.testing.assert_allclose(w, expect, rtol=1e-9)
-    # a tiny keypoint in the middle of a patch puts (almost) all its unit mass there
+    np.testing.assert_allclose(w, [0.5 * wy, 0.5 * wy], rtol=1e-9)
+    # a tiny keypoint in the middle of a patch puts all its unit mass there
     w2 = weight_map(kps([[5.5, 1.5]], size=[0.01]), 4, (1, 2), "footprint")
     np.testing.assert_allclose(w2, [0.0, 1.0], atol=1e-9)
+    # a keypoint on the image's left edge x = -0.5: the half of its square outside the image is dropped,
+    # not moved into the image
+    w3 = weight_map(kps([[-0.5, 3.5]], size=[2.0]), 4, (2, 2), "footprint")
+    np.testing.assert_allclose(w3.sum(), 0.5, rtol=1e-12)
+    np.testing.assert_allclose(w3, [0.25, 0.0, 0.25, 0.0], rtol=1e-12)
+
+
+def test_footprint_is_exactly_zero_outside_the_three_sigma_square():
+    # grid 1x4 of 8-pixel patches: columns [-0.5, 7.5), [7.5, 15.5), [15.5, 23.5), [23.5, 31.5)
+    # sigma = 1: the keypoint at x = 4 covers x in [1, 7], inside column 0 only; column 1 starts 3.5
+    # sigma away (a plain Gaussian puts about 2e-4 there)
+    w = weight_map(kps([[4.0, 3.5]], size=[2.0]), 8, (1, 4), "footprint")
+    assert w[0] > 0.99
+    assert w[1] == 0.0 and w[2] == 0.0 and w[3] == 0.0
+    # far to the right: the lower tail of a plain Gaussian is tiny but positive, here it is 0.0
+    w = weight_map(kps([[27.5, 3.5]], size=[2.0]), 8, (1, 4), "footprint")
+    assert w[0] == 0.0 and w[1] == 0.0 and w[2] == 0.0 and w[3] > 0.99
+    assert levels_of(w, 3).tolist() == [0, 0, 0, 1]
+    # a patch touched only at the edge of the square gets 0 too: x = 4.5, sigma = 1 -> support ends at 7.5
+    assert weight_map(kps([[4.5, 3.5]], size=[2.0]), 8, (1, 4), "footprint")[1] == 0.0
+
+
+def test_footprint_mass_of_an_inner_keypoint_is_one():
+    # sigma = 2.5: the square x in [0.1, 15.1], y in [0.5, 15.5] lies inside the 32x32 image, although
+    # the plain Gaussian would lose about 1e-3 of its mass beyond the left and top edges
+    for xy, size in (([7.6, 8.0], 5.0), ([15.3, 16.1], 5.0), ([20.2, 9.9], 3.3), ([3.0, 28.0], 1.0)):
+        w = weight_map(kps([xy], size=[size]), 8, (4, 4), "footprint")
+        assert abs(w.sum() - 1.0) < 1e-9, (xy, size, w.sum())
+    # several keypoints: each brings its own unit mass
+    w = weight_map(kps([[7.6, 8.0], [15.3, 16.1], [20.2, 9.9]], size=[5.0, 5.0, 3.3]), 8, (4, 4), "footprint")
+    assert abs(w.sum() - 3.0) < 1e-9
+
+
+def test_footprint_level_zero_on_bundled_cifar_images():
+    """On real (32x32 CIFAR) photos, "no keypoint mass" is common under footprint, as under count.
+
+    Measured on these 30 images (3 per class), u = 4, patch 4: count has 997 level-0 patches of 1920,
+    footprint 194 (0.19 of count's); the untruncated Gaussian had 12 (0.012).
+    """
+    from importlib.resources import files
+
+    root = files("siftlens") / "assets" / "demo_images"
+    paths = sorted(p for c in root.iterdir() if c.is_dir() for p in c.iterdir()
+                   if p.name.endswith(".jpg") and int(p.name[:4]) < 3)
+    assert len(paths) == 30
+    zero_count = zero_fp = 0
+    for p in paths:
+        with Image.open(str(p)) as im:
+            px = np.asarray(im.convert("RGB"))
+        params = SiftParams(upsample=4.0)
+        km = keypoint_map(px, patch=4, scheme="count", params=params)
+        fp = keypoint_map(px, patch=4, scheme="footprint", params=params)
+        zero_count += int((km.levels == 0).sum())
+        zero_fp += int((fp.levels == 0).sum())
+        assert np.array_equal(fp.levels == 0, fp.weights == 0)
+        assert ((fp.levels == 0) <= (km.levels == 0)).all()  # a patch holding a centre has mass
+    assert zero_count > 500
+    assert zero_fp >= 0.15 * zero_count
+
+
+def test_footprint_level_zero_on_a_real_photo(imagenet_zip):
+    """One ImageNet photo (the tench) at 224, patch 16: count has 151 level-0 patches of 196, footprint
+    72 (0.48 of count's); the untruncated Gaussian had 0."""
+    from siftlens.models.backends import resize_center_crop
+
+    with zipfile.ZipFile(imagenet_zip) as z:
+        name = sorted(z.namelist())[0]
+        photo = Image.open(io.BytesIO(z.read(name))).convert("RGB")
+    px = resize_center_crop(photo, (224, 224))
+    count0 = int((keypoint_map(px, patch=16).levels == 0).sum())
+    fp = keypoint_map(px, patch=16, scheme="footprint")
+    fp0 = int((fp.levels == 0).sum())
+    assert count0 > 100
+    assert fp0 >= 0.35 * count0
+    assert fp.weights.sum() <= len(fp.keypoints) + 1e-9
 
 
 def test_levels_quantile_and_thresholds():

@@ -22,7 +22,7 @@ from siftlens.metrics import (
     with_null,
 )
 
-WEIGHTED = ("sal", "sal_w", "wi", "cls_lift")
+WEIGHTED = ("sal", "wi", "cls_lift")
 PER_LEVEL = ("dist", "dist_rel", "entropy")
 
 
@@ -44,8 +44,30 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return np.array([1 + (x < v).sum() + ((x == v).sum() - 1) / 2 for v in x], np.float64)
 
 
-def _spearman(a: np.ndarray, w: np.ndarray) -> float:
-    ra, rw = _ranks(a), _ranks(w)
+RANK_TOL = 4 * float(np.finfo(np.float32).eps)  # cls_rho: attention values this close (x max) are ties
+
+
+def _tol_ranks(x: np.ndarray, tol: float) -> np.ndarray:
+    """Average ranks where sorted neighbours within tol * max(|x_i|, |x_j|) of each other are one run of
+    ties (a loop)."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    runs, run = [], [order[0]]
+    for i, j in zip(order, order[1:], strict=False):  # neighbours in sorted order
+        if x[j] - x[i] <= tol * max(abs(x[i]), abs(x[j])):
+            run.append(j)
+        else:
+            runs.append(run)
+            run = [j]
+    runs.append(run)
+    out, pos = np.empty(len(x)), 0
+    for run in runs:
+        out[run] = pos + (len(run) + 1) / 2  # ranks pos + 1 .. pos + len(run), averaged
+        pos += len(run)
+    return out
+
+
+def _spearman(a: np.ndarray, w: np.ndarray, tol: float = 0.0) -> float:
+    ra, rw = (_tol_ranks(a, tol) if tol else _ranks(a)), _ranks(w)
     ra, rw = ra - ra.mean(), rw - rw.mean()
     den = math.sqrt((ra**2).sum() * (rw**2).sum())
     return 0.0 if den == 0 else float((ra * rw).sum() / den)
@@ -83,10 +105,11 @@ def reference(attn, T, weights, levels, L, pos, has_cls):
                     out["wi"][b, h, k] = sum(w[i] * w[j] * bt[i, j] for i in range(N) for j in range(N)) / (
                         w.sum() * w.sum() / N)
                     out["cls_lift"][b, h, k] = (a @ w) / w.mean()
-                    # METHOD.md: attention values closer than 1e-5 of 1/N are float noise, ranked as ties
-                    out["cls_rho"][b, h, k] = _spearman(np.round(a * (N * 1e5)), w)
+                    # docs/method.md: attention values within 4 float32 epsilons of each other (relative
+                    # to their size) are float noise, ranked as ties
+                    out["cls_rho"][b, h, k] = _spearman(a, w, RANK_TOL)
                 else:
-                    for m in WEIGHTED:
+                    for m in (*WEIGHTED, "sal_w"):
                         out[m][b, h, k] = 1.0
                 for la in range(L):
                     qa = np.flatnonzero(lv == la)
@@ -132,7 +155,9 @@ def random_case(seed, B, H, T, N, K, L, *, has_cls=None, zero_img=False, onehot_
 
 def assert_metrics_close(got, want, atol=1e-5, rtol=1e-4):
     for key, val in want.items():
-        g = got[key].double().numpy() if isinstance(got[key], torch.Tensor) else got[key]
+        # the naive query-weighted SAL (sal_w) is the same number as WI, which is what gets reported
+        g = got["wi" if key == "sal_w" else key]
+        g = g.double().numpy() if isinstance(g, torch.Tensor) else g
         np.testing.assert_allclose(g, val, atol=atol, rtol=rtol, equal_nan=True, err_msg=key)
 
 
@@ -197,7 +222,6 @@ def test_attention_on_keypoint_patches_by_hand():
     assert out["sal"].item() == pytest.approx(2.0, abs=1e-6)
     # WI = sum_i w_i * 1.5 / (3 * 3 / 4) = 4.5 / 2.25; SAL_w equals WI by definition
     assert out["wi"].item() == pytest.approx(2.0, abs=1e-6)
-    assert out["sal_w"].item() == pytest.approx(2.0, abs=1e-6)
     assert out["cls_lift"].item() == pytest.approx(2.0, abs=1e-6)
     # ranks: a = [.5, 0, .5, 0] -> [3.5, 1.5, 3.5, 1.5]; w -> [4, 1.5, 3, 1.5];
     # centred: [1, -1, 1, -1] . [1.5, -1, .5, -1] = 4; norms 2 and sqrt(4.5)
@@ -332,6 +356,79 @@ def test_average_ranks_ties():
                                                               dtype=torch.float64))
 
 
+def test_average_ranks_tolerance_separates_close_values():
+    # an attention-like row of N = 10 values near 1/N: 0.1 and 0.1 + 1e-7 are different attention values
+    # (1e-6 of each other, about 8 float32 epsilons), and so are 0.1 - 3e-7 and 0.1 + 5e-7
+    x = torch.tensor([0.1, 0.1 + 1e-7, 0.12, 0.08, 0.1 - 3e-7, 0.11, 0.09, 0.1 + 5e-7, 0.095, 0.105],
+                     dtype=torch.float64)
+    want = torch.tensor([5, 6, 10, 1, 4, 9, 2, 7, 3, 8], dtype=torch.float64)  # all distinct
+    got = average_ranks(x, tol=RANK_TOL)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got[1] - got[0] == 1.0  # 0.1 + 1e-7 ranks right above 0.1, not tied with it
+    torch.testing.assert_close(got, torch.as_tensor(_tol_ranks(x.numpy(), RANK_TOL)), rtol=0, atol=0)
+    # batched rows are independent; tol = 0 is the exact-equality ranking
+    xb = torch.stack([x, torch.full((10,), 0.1, dtype=torch.float64)])
+    torch.testing.assert_close(average_ranks(xb, tol=RANK_TOL)[0], want)
+    assert torch.equal(average_ranks(xb, tol=RANK_TOL)[1], torch.full((10,), 5.5, dtype=torch.float64))
+    assert torch.equal(average_ranks(x, tol=0.0), average_ranks(x))
+
+
+def test_average_ranks_tolerance_ties_float32_noise():
+    f = np.float32(0.1)
+    up, down = np.nextafter(f, np.float32(1)), np.nextafter(f, np.float32(0))
+    # a uniform row computed in float32 with one-ulp noise: all ten values are one run of ties
+    x = torch.tensor(np.array([f, up, f, down, f, f, up, f, down, f], np.float32)).double()
+    assert len(torch.unique(x)) == 3
+    assert torch.equal(average_ranks(x, tol=RANK_TOL), torch.full((10,), 5.5, dtype=torch.float64))
+    assert not torch.equal(average_ranks(x), torch.full((10,), 5.5, dtype=torch.float64))  # exact: 3 runs
+    # noise ties inside a run, real differences separate runs: {0.1, up} < {0.3, nextafter(0.3)}
+    g = np.float32(0.3)
+    y = torch.tensor(np.array([g, f, np.nextafter(g, np.float32(1)), up], np.float32)).double()
+    assert average_ranks(y, tol=RANK_TOL).tolist() == [3.5, 1.5, 3.5, 1.5]
+    # integer input and NaN: NaNs sort last and tie among themselves
+    assert average_ranks(torch.tensor([3, 1, 2]), tol=RANK_TOL).tolist() == [3.0, 1.0, 2.0]
+    z = torch.tensor([0.2, float("nan"), 0.1, float("nan")], dtype=torch.float64)
+    assert average_ranks(z, tol=RANK_TOL).tolist() == [2.0, 3.5, 1.0, 3.5]
+    with pytest.raises(ConfigError):
+        average_ranks(x, tol=-1.0)
+
+
+def test_uniform_attention_with_float32_noise_gives_rho_zero():
+    N, T = 10, 1
+    attn = uniform_attn(1, 2, T + N)
+    noisy = attn[0, 0, 0].numpy().copy()  # 1/11 in float32
+    noisy[[2, 5]] = np.nextafter(noisy[[2, 5]], np.float32(1))
+    noisy[7] = np.nextafter(noisy[7], np.float32(0))
+    attn[0, 0, 0] = torch.from_numpy(noisy)
+    w = torch.arange(N, dtype=torch.float32).view(1, 1, N)
+    out = image_metrics(attn, T, w, (w > 4).long().view(1, 1, N), 2, grid_pos(2, 5), has_cls=True)
+    assert torch.equal(out["cls_rho"], torch.zeros(1, 2, 1))
+
+
+def test_cls_rho_keeps_distinct_close_attention_values_apart():
+    """Five pairs of CLS attention values 3e-7 apart (about 2e-5 of 1/N): real, distinct values, which
+    rounding to 1e-5 of 1/N merged. Weights order each pair the other way round."""
+    N, T = 10, 1
+    base = [0.06, 0.07, 0.09, 0.11, 0.17]  # sum 0.5: the pairs sum to 1 - 5 * 3e-7
+    a = [v + d for v in base for d in (0.0, 3e-7)]
+    attn = torch.zeros(1, 1, T + N, T + N, dtype=torch.float64)
+    attn[0, 0, :, T:] = 1.0 / N
+    attn[0, 0, 0, T:] = torch.tensor(a, dtype=torch.float64)
+    w = torch.tensor([2.0, 1.0, 4.0, 3.0, 6.0, 5.0, 8.0, 7.0, 10.0, 9.0]).view(1, 1, N)
+    lv = torch.ones(1, 1, N, dtype=torch.long)
+    got = image_metrics(attn, T, w, lv, 2, grid_pos(2, 5), has_cls=True)["cls_rho"].item()
+
+    # exact Spearman by hand: a is strictly increasing (ranks 1..10), w has no ties
+    ra = list(range(1, N + 1))
+    rw = [sorted(w.flatten().tolist()).index(v) + 1 for v in w.flatten().tolist()]
+    exact = 1 - 6 * sum((p - q) ** 2 for p, q in zip(ra, rw, strict=True)) / (N * (N * N - 1))
+    assert exact == pytest.approx(1 - 60 / 990)
+    assert got == pytest.approx(exact, abs=1e-6)
+    # what merging each pair into a tie gives: a different number
+    merged = _spearman(np.round(np.array(a) / sum(a) * (N * 1e5)), w.flatten().double().numpy())
+    assert abs(merged - exact) > 0.03
+
+
 # ----------------------------------------------------------------------------------------------------
 # invariances
 
@@ -404,7 +501,7 @@ def test_property_random_shapes(seed, B, H, T, N, K, L, cls_flag):
         assert out[key].shape == (B, H, K)
         assert torch.isfinite(out[key]).all(), key
     assert (out["cls_rho"].abs() <= 1).all()
-    torch.testing.assert_close(out["sal_w"], out["wi"])
+    assert "sal_w" not in out  # reported once, as WI
     present = torch.nn.functional.one_hot(lv, L).sum(-2) > 0  # (B, K, L)
     both = present[:, None, :, :, None] & present[:, None, :, None, :]
     assert out["R"].shape == (B, H, K, L, L)
@@ -464,11 +561,12 @@ def test_shift_null_is_a_cyclic_2d_shift():
         assert rolled == m
     idx = null_indices(2, 6, 300, grid=(2, 3), kind="shift", generator=torch.Generator().manual_seed(0))
     seen = {tuple(r) for r in idx.reshape(-1, 6).tolist()}
-    assert seen == {tuple(m) for m in by_hand.values()}  # all non-zero shifts, never the identity
+    assert seen == {tuple(m) for m in by_hand.values()} | {tuple(range(6))}  # the whole group, identity too
     w = torch.tensor([[5.0, 0.0, 1.0, 0.0, 2.0, 0.0]])
     wk, _ = with_null(w, (w > 0).long(), idx[:1, :4])
     for m in range(4):
-        assert any(torch.equal(wk[0, m + 1], torch.roll(w.view(2, 3), s, (0, 1)).flatten()) for s in by_hand)
+        assert any(torch.equal(wk[0, m + 1], torch.roll(w.view(2, 3), s, (0, 1)).flatten())
+                   for s in [*by_hand, (0, 0)])
     with pytest.raises(GeometryError):
         null_indices(1, 6, 2, grid=(2, 2), kind="shift")
     with pytest.raises(ConfigError):

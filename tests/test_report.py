@@ -172,7 +172,7 @@ def test_findings_name_the_planted_cell_with_its_numbers():
     assert 1 <= len(out) <= 8 and all(isinstance(x, str) and x.endswith(".") for x in out)
     first = out[0]
     assert "layer 2 head 1" in first.lower()
-    assert "2.00x" in first and "1.95–2.05" in first and "q<0.001" in first
+    assert "2.00x" in first and "1.95–2.05" in first and "q=0.0001" in first
     text = " ".join(out)
     assert "indistinguishable from the null" in text
     assert "No layer or head departs" not in text

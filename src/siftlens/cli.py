@@ -163,7 +163,7 @@ def _print_outcome(res, paths) -> None:
     im = m["images"]
     typer.echo(
         f"analysed {im['analysed']} images ({im['no_keypoints']} without keypoints, {im['skipped']} skipped) "
-        f"in {m['timing']['seconds']:.1f} s ({m['timing']['images_per_s']:.1f} images/s)"
+        f"in {m['timing']['seconds']:.1f} s ({m['timing']['images_per_s'] or 0:.1f} images/s)"
     )
     for k in ("metrics", "summary", "manifest"):
         typer.echo(f"  {k:9s} {paths[k]}")
@@ -189,30 +189,61 @@ def analyze(
     levels: Annotated[int, typer.Option(help="Semantic levels L (level 0 = no keypoints).")] = 3,
     upsample: Annotated[float, typer.Option(help="SIFT upsampling factor u; 0 = automatic (4 for 32x32 "
                                                  "inputs, 1 for 224).")] = 0.0,
-    null: Annotated[int, typer.Option(help="Null-model resamplings per image (>= 20).")] = 100,
+    null: Annotated[str, typer.Option(help="Null model: 'exact' (closed-form permutation moments, or every "
+                                           "cyclic shift) or an integer M >= 20 of Monte Carlo maps per image "
+                                           "(the slower reference).")] = "exact",
     null_kind: Annotated[str, typer.Option(help="permute (shuffle patch weights) or shift (cyclic 2-D shifts, "
                                                 "keeps spatial structure).")] = "permute",
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95% confidence intervals.")] = 1000,
     rollout: Annotated[bool, typer.Option(help="Also analyse attention rollout (reported as layer = depth).")]
     = False,
-    seed: Annotated[int, typer.Option(help="Seed of the null model and bootstrap.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo null and the bootstrap (draws are keyed by "
+                                           "image, so batch size, workers and shards do not change results).")] = 0,
     limit: Annotated[int | None, typer.Option(help="Analyse at most this many images (spread over classes).")]
     = None,
     overlays: Annotated[int, typer.Option(help="Images drawn with keypoints and attention in the report.")] = 4,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out (same options; batch size, "
+                                              "workers and device may change).")] = False,
+    shard: Annotated[str | None, typer.Option(help="i/K: analyse only shard i of K (images i, i+K, ...) into --out, "
+                                                   "for SLURM arrays; combine with 'siftlens merge'.")] = None,
     report: Annotated[bool, typer.Option(help="Render figures/ and report.html.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
-    """Measure how attention treats keypoint-rich versus keypoint-poor patches, per layer and head."""
+    """Measure how attention treats keypoint-rich versus keypoint-poor patches, per layer and head.
+
+    Per-image values are written to OUT/metrics.parquet as the run goes, so memory does not grow with the
+    number of images, and an interrupted run continues with --resume. Under torchrun
+    (torchrun --nproc_per_node K -m siftlens.cli analyze ...) the ranks split the images and rank 0 writes the
+    summary and report."""
     from .analysis import AnalysisConfig
+    from .analysis.store import parse_shard
     from .pipeline import run_analysis
 
     cfg = AnalysisConfig(
         scheme=scheme, n_levels=levels, upsample=upsample, layers=_layers(layers), batch_size=batch_size,
-        workers=workers, device=device, null_permutations=null, null_kind=null_kind, n_boot=bootstrap,
+        workers=workers, device=device, null=null, null_kind=null_kind, n_boot=bootstrap,
         seed=seed, limit=limit, rollout=rollout, overlays=overlays,
     )
     src = images[0] if len(images) == 1 else images
-    res, paths = run_analysis(model, src, out, cfg, weights=weights, report=report, progress=progress)
+    part = parse_shard(shard) if shard else None
+    res, paths = run_analysis(model, src, out, cfg, weights=weights, report=report, progress=progress,
+                              resume=resume, shard=part)
+    if part is not None:
+        typer.echo(f"shard {part[0]}/{part[1]} written to {out}; combine all shards with 'siftlens merge'")
+    elif res is not None:
+        _print_outcome(res, paths)
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="Output folder for the combined tables and report.")],
+    shard_dirs: Annotated[list[Path], typer.Argument(help="The folders written by 'analyze --shard i/K'.")],
+    report: Annotated[bool, typer.Option(help="Render figures/ and report.html.")] = True,
+):
+    """Combine the shards of one analysis (written with --shard i/K) into the outputs of a single run."""
+    from .pipeline import run_merge
+
+    res, paths = run_merge(out, shard_dirs, report=report)
     _print_outcome(res, paths)
 
 

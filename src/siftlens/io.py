@@ -57,3 +57,17 @@ def _json_default(o):
     if isinstance(o, tuple | set):
         return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | os.PathLike, what: str = "file", error: type[Exception] | None = None):
+    """Parse the JSON file ``path``; a missing or malformed file raises ``error`` (a SiftlensError subclass,
+    ConfigError by default) with a one-line message naming ``what`` it should have been."""
+    from .errors import ConfigError
+
+    err = error or ConfigError
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise err(f"{what} not found: {path}") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise err(f"{what} {path} is not valid JSON ({str(e).splitlines()[0]})") from e

@@ -9,7 +9,13 @@ Weight schemes for patch ``p`` (grid ``g_h x g_w``, patch size ``P``, ``N = g_h 
 - ``count``: number of keypoints whose centre falls in ``p`` (default);
 - ``response``: sum of the SIFT responses of those keypoints;
 - ``footprint``: each keypoint spreads unit mass as an isotropic Gaussian with sigma = size / 2,
-  integrated over each patch (separable: a product of two 1-D normal CDF differences).
+  truncated to the square ``[x - 3 sigma, x + 3 sigma] x [y - 3 sigma, y + 3 sigma]`` and renormalised
+  to mass 1 on that square (each 1-D factor divided by ``Phi(3) - Phi(-3)``, about 0.9973); ``w_p`` is
+  the mass of the square inside ``p`` (separable: a product of two 1-D truncated-CDF differences). The
+  part of the square outside the image is dropped, so a keypoint near the border gives less than 1 in
+  all. A patch that no keypoint's square overlaps (touching an edge is not overlapping) gets exactly 0,
+  so level 0 ("none") keeps its meaning under this scheme; without the truncation every patch would get
+  some positive Gaussian tail.
 
 Levels: level 0 holds patches with zero weight; levels 1..L-1 are per-image quantile bins of the
 non-zero weights (``levels="quantile"``), or bins by fixed global thresholds.
@@ -131,10 +137,20 @@ def _norm_cdf(z: np.ndarray) -> np.ndarray:
     return torch.special.ndtr(torch.from_numpy(np.asarray(z, np.float64))).numpy()
 
 
+_TRUNC = 3.0  # footprint Gaussians are cut at +-3 sigma in x and in y
+
+
 def weight_map(kp: Keypoints, patch: int, grid: tuple[int, int], scheme: str = "count") -> np.ndarray:
     """Semantic weight of every patch: (g_h * g_w,) float64, row-major.
 
     Pixel (x, y) covers [x - 0.5, x + 0.5); patch column c covers pixels [c*P - 0.5, (c+1)*P - 0.5).
+
+    ``footprint``: keypoint k (sigma_k = size_k / 2, floored at 1e-3) gives patch (row r, column c) the
+    mass ``m_x(c) * m_y(r)`` with ``m_x(c) = (Phi(t(e_{c+1})) - Phi(t(e_c))) / (Phi(3) - Phi(-3))``,
+    ``t(e) = clip((e - x_k) / sigma_k, -3, 3)`` and ``e_c`` the column edges (``m_y`` likewise). That is
+    the Gaussian truncated to the square ``x_k +- 3 sigma_k, y_k +- 3 sigma_k`` and renormalised so its
+    mass on the square is 1; mass of the square outside the image is dropped (not moved to the border
+    patches). Patches the square does not overlap get exactly 0.0.
     """
     gh, gw = grid
     n = gh * gw
@@ -147,13 +163,17 @@ def weight_map(kp: Keypoints, patch: int, grid: tuple[int, int], scheme: str = "
     if scheme == "response":
         return np.bincount(patch_index(kp.xy, patch, grid), weights=kp.response.astype(np.float64),
                            minlength=n)
-    # footprint: Gaussian mass per patch, separable in x and y; mass outside the image is dropped
+    # footprint: truncated Gaussian mass per patch, separable in x and y; mass outside the image is dropped.
+    # Clipping the standardised edges to [-3, 3] makes every edge beyond the support the same number, so
+    # the CDF difference of a patch outside the support is exactly 0 (not a tiny tail).
     sigma = np.maximum(kp.size.astype(np.float64) / 2.0, 1e-3)[:, None]  # (K, 1)
     ex = np.arange(gw + 1) * patch - 0.5  # column edges in pixel coordinates
     ey = np.arange(gh + 1) * patch - 0.5
-    cx = _norm_cdf((ex[None] - kp.xy[:, :1]) / sigma)  # (K, gw + 1)
-    cy = _norm_cdf((ey[None] - kp.xy[:, 1:]) / sigma)  # (K, gh + 1)
-    mx, my = np.diff(cx, axis=1), np.diff(cy, axis=1)  # (K, gw), (K, gh)
+    zx = np.clip((ex[None] - kp.xy[:, :1].astype(np.float64)) / sigma, -_TRUNC, _TRUNC)  # (K, gw + 1)
+    zy = np.clip((ey[None] - kp.xy[:, 1:].astype(np.float64)) / sigma, -_TRUNC, _TRUNC)  # (K, gh + 1)
+    lo, hi = _norm_cdf(np.array([-_TRUNC, _TRUNC]))
+    mx = np.diff(_norm_cdf(zx), axis=1) / (hi - lo)  # (K, gw): per-axis mass, 1 in all on the support
+    my = np.diff(_norm_cdf(zy), axis=1) / (hi - lo)  # (K, gh)
     return np.einsum("kr,kc->rc", my, mx).reshape(n)
 
 
@@ -252,3 +272,9 @@ def keypoint_map(
     kp = detect(img, params, descriptors=descriptors)
     wts = weight_map(kp, patch, grid, scheme)
     return KeypointMap(wts, levels_of(wts, n_levels, thresholds), tuple(grid), patch, kp)
+
+
+def auto_upsample(input_size: tuple[int, int]) -> float:
+    """SIFT upsampling factor u such that SIFT sees at least 128 pixels on the shorter side (u >= 1):
+    4 for 32x32 inputs, 1 for 224x224."""
+    return float(max(1.0, 128.0 / min(input_size)))

@@ -8,7 +8,6 @@ Per image, head and weight map (:func:`image_metrics`), with ``Bt`` the row-reno
 attention and ``a`` the renormalised CLS row:
 
 - ``sal``: semantic attention lift ``mean_i sum_j Bt_ij w_j / mean_j w_j``;
-- ``sal_w``: query-weighted lift ``sum_i c_i sum_j Bt_ij w_j / mean_j w_j`` with ``c = w / sum w``;
 - ``wi``: weighted interrelation ``sum_ij w_i w_j Bt_ij / (sum_i w_i * sum_j w_j / N)``;
 - ``cls_lift``: ``sum_j a_j w_j / mean_j w_j``; ``cls_rho``: Spearman rank correlation of ``a`` and ``w``;
 - ``R``: level interrelation matrix; ``dist``: mean attention distance per query level (pixels);
@@ -16,9 +15,8 @@ attention and ``a`` the renormalised CLS row:
   (1.0 = as far as uniform attention, below 1 = more local); ``entropy``: mean attention entropy per
   query level (nats).
 
-Note that ``sal_w`` and ``wi`` are the same quantity: substituting ``c_i = w_i / sum w`` and
-``mean_j w_j = sum w / N`` into ``sal_w`` gives the formula of ``wi``. Both keys are returned (they are
-computed once) so that tables keep the vocabulary of METHOD.md.
+The query-weighted lift ``sum_i c_i sum_j Bt_ij w_j / mean_j w_j`` (``c = w / sum w``) is algebraically
+``wi`` (substitute ``c_i = w_i / sum w`` and ``mean_j w_j = sum w / N``), so it is reported once, as ``wi``.
 
 All ratio metrics (``dist_rel`` included) are 1.0 (``cls_rho``: 0.0) under uniform attention. An image
 whose weights are all zero gets the neutral 1.0 for the weighted metrics and 0.0 for ``cls_rho``; the
@@ -39,8 +37,9 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, GeometryError
+from .stats import pair_sums, pattern_sums
 
-METRICS = ("sal", "sal_w", "wi", "cls_lift", "cls_rho", "R", "dist", "dist_rel", "entropy")
+METRICS = ("sal", "wi", "cls_lift", "cls_rho", "R", "dist", "dist_rel", "entropy")
 NULL_KINDS = ("permute", "shift")
 Z_CLIP = 1e6
 STD_FLOOR = 1e-12
@@ -63,14 +62,22 @@ def renormalise(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
                        out=out)
 
 
-def average_ranks(x: torch.Tensor) -> torch.Tensor:
+def average_ranks(x: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
     """1-based ranks along the last axis of ``x`` (..., N), ties sharing their average rank; float64.
 
     ``rank = (#{x_j < x_i} + #{x_j <= x_i} + 1) / 2``: from one sort, the first and last sorted position of
     each run of equal values (``less`` and ``leq - 1``), scattered back to the original order.
+
+    ``tol`` (>= 0): neighbours in sorted order with ``x_(k+1) - x_(k) <= tol * max(|x_(k)|, |x_(k+1)|)``
+    are one run of ties, so values that differ only by float noise (a few ulps of their own size) share
+    their rank while values that differ by more stay apart, however small they are. Runs are chains: ``a ~ b`` and ``b ~ c`` put ``a, b, c`` in one run even
+    where ``c - a`` is above the threshold. ``tol = 0`` is exact equality. With ``tol > 0``, NaNs sort
+    last and form one run among themselves.
     """
+    if tol < 0:
+        raise ConfigError(f"tie tolerance must be >= 0, got {tol}")
     x = x.contiguous()
-    if x.is_floating_point() and bool(x.isnan().any()):  # NaN breaks runs of equal values: count directly
+    if tol == 0 and x.is_floating_point() and bool(x.isnan().any()):  # NaN breaks runs: count directly
         srt = x.sort(-1).values
         less = torch.searchsorted(srt, x, side="left")
         leq = torch.searchsorted(srt, x, side="right")
@@ -79,7 +86,14 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     idx = torch.arange(n, device=x.device).expand(srt.shape)
     starts = torch.ones(srt.shape, dtype=torch.bool, device=x.device)  # a run of equal values starts here
-    starts[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    if tol == 0:
+        starts[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    else:
+        s64 = srt.double()
+        thr = tol * torch.maximum(s64[..., 1:].abs(), s64[..., :-1].abs())  # per neighbouring pair
+        close = (s64[..., 1:] - s64[..., :-1]) <= thr  # False where either side is NaN
+        both_nan = s64[..., 1:].isnan() & s64[..., :-1].isnan()
+        starts[..., 1:] = ~(close | both_nan)
     ends = torch.ones_like(starts)  # ... or ends here
     ends[..., :-1] = starts[..., 1:]
     first = torch.where(starts, idx, 0).cummax(-1).values  # = #{x_j < x_i}
@@ -260,13 +274,16 @@ _CHUNK_ELEMS = 1 << 21
 
 def _attention_sums(
     patch_attn: torch.Tensor, m: WeightMaps, col: torch.Tensor, dist: torch.Tensor, ent: torch.Tensor,
-    pairs: torch.Tensor,
+    pairs: torch.Tensor, psums: torch.Tensor | None = None, psum2: torch.Tensor | None = None,
 ) -> None:
     """Every O(h N^2) reduction of one chunk of images, written into the given outputs.
 
     patch_attn: (c, h, N, N) patch block of the attention (any strides); m: maps of these c images.
     col: (c, h, N) column sums of ``Bt``; dist, ent: (c, h, N) per-query distance and entropy (float64);
     pairs: (c * K, (L + 1) * h, L + 1) float32, ``[w | one-hot] Bt [w | one-hot]^T`` per map and head.
+    psums, psum2: optional (c, h + 1, 15) and (c, h + 1, 2) float64, :func:`~siftlens.stats.pattern_sums`
+    and :func:`~siftlens.stats.pair_sums` of ``Bt`` per head and of its mean over heads (slot h), for the
+    exact quadratic-assignment null moments.
     """
     c, nh, n, _ = patch_attn.shape
     k_maps = m.shape[1]
@@ -274,6 +291,10 @@ def _attention_sums(
     bt = renormalise(patch_attn.float(), out=buf.permute(0, 2, 1, 3))  # (c, h, N, N) view, rows sum to 1
     xd = bt.double()
     col.copy_(xd.sum(-2))
+    if psums is not None:
+        mean_bt = xd.mean(1, keepdim=True)  # (c, 1, N, N)
+        psums.copy_(torch.cat([pattern_sums(xd), pattern_sums(mean_bt)], 1))
+        psum2.copy_(torch.cat([pair_sums(xd), pair_sums(mean_bt)], 1))
     # sum_j Bt_ij D_ij / sum_j Bt_ij with exact float64 products: dividing by the row sum (1 up to float32
     # rounding) makes uniform attention give exactly u_i, so dist_rel is exactly 1.0 there
     rowsum = xd.sum(-1)
@@ -320,7 +341,7 @@ def image_metrics(
             then not read again.
 
     Returns float32 tensors on ``attn``'s device:
-        ``sal``, ``sal_w``, ``wi``, ``cls_lift``, ``cls_rho``: (B, h, K);
+        ``sal``, ``wi``, ``cls_lift``, ``cls_rho``: (B, h, K);
         ``R``: (B, h, K, L, L), NaN where level a (queries) or level b (keys) is empty;
         ``dist`` (pixels), ``dist_rel`` (ratio) and ``entropy`` (nats): (B, h, K, L), NaN where level a
         is empty.
@@ -336,27 +357,65 @@ def image_metrics(
     if maps is None:
         _check_inputs(attn, num_prefix, weights, levels, n_levels, pos, has_cls)
         maps = _prepare_maps(weights, levels, n_levels, pos, device=attn.device)
-    else:
-        _check_attention(attn, num_prefix, maps, n_levels, has_cls)
+    return metrics_from_terms(attention_terms(attn, num_prefix, maps, has_cls), maps)
+
+
+@dataclass
+class AttentionTerms:
+    """The attention-side reductions of one layer, from which every metric and its exact null follow.
+
+    Shapes: ``B`` images, ``h`` heads, ``N`` patches, ``K`` maps, ``L`` levels; float64 unless noted.
+    """
+
+    colmean: torch.Tensor  # (B, h, N) column means of Bt
+    dist_q: torch.Tensor  # (B, h, N) per-query attention distance (pixels)
+    ent_q: torch.Tensor  # (B, h, N) per-query attention entropy (nats)
+    pairs: torch.Tensor  # (B, K, L + 1, h, L + 1) float32: [w | one-hot] Bt [w | one-hot]^T per map and head
+    cls: torch.Tensor  # (B, h, N) the renormalised CLS row (or colmean without CLS)
+    ranks_a: torch.Tensor  # (B, h, N) centred average ranks of cls
+    psums: torch.Tensor | None = None  # (B, h + 1, 15) pattern sums of Bt per head and of the head mean
+    psum2: torch.Tensor | None = None  # (B, h + 1, 2) [trace, off-diagonal sum] of the same
+
+
+def attention_terms(
+    attn: torch.Tensor, num_prefix: int, maps: WeightMaps, has_cls: bool = True, pattern: bool = False,
+) -> AttentionTerms:
+    """The O(h N^2) work of one layer, in chunks of images so that its temporaries stay small (Bt is never
+    kept whole). attn: (B, h, S, S); maps: :func:`prepare_maps` of the same images. ``pattern``: also the
+    pattern sums the exact quadratic-assignment null moments need."""
+    n_levels = maps.n_levels
+    _check_attention(attn, num_prefix, maps, n_levels, has_cls)
     m = maps
     dev = attn.device
     bsz, nh = attn.shape[:2]
     k_maps, n = m.shape[1:]
     t = num_prefix
     L = n_levels
-
-    # the O(h N^2) work, in chunks of images so that its temporaries stay small (Bt is never kept whole)
-    colmean = torch.empty(bsz, nh, n, dtype=torch.float64, device=dev)  # column means of Bt
-    d_q = torch.empty_like(colmean)  # per-query attention distance (pixels)
-    e_q = torch.empty_like(colmean)  # per-query attention entropy (nats)
+    colmean = torch.empty(bsz, nh, n, dtype=torch.float64, device=dev)
+    d_q = torch.empty_like(colmean)
+    e_q = torch.empty_like(colmean)
     pairs = torch.empty(bsz * k_maps, (L + 1) * nh, L + 1, device=dev)
+    psums = torch.empty(bsz, nh + 1, 15, dtype=torch.float64, device=dev) if pattern else None
+    psum2 = torch.empty(bsz, nh + 1, 2, dtype=torch.float64, device=dev) if pattern else None
     step = max(1, _CHUNK_ELEMS // max(1, nh * n * n))
     for s in range(0, bsz, step):
         e = min(bsz, s + step)
         _attention_sums(attn[s:e, :, t:, t:], m if step >= bsz else _slice_maps(m, s, e), colmean[s:e], d_q[s:e],
-                        e_q[s:e], pairs[s * k_maps:e * k_maps])
+                        e_q[s:e], pairs[s * k_maps:e * k_maps], None if psums is None else psums[s:e],
+                        None if psum2 is None else psum2[s:e])
     colmean /= n
-    pairs = pairs.view(bsz, k_maps, L + 1, nh, L + 1)  # [b, k, query row (w, levels), h, key column]
+    a = renormalise(attn[:, :, 0, t:].double()) if has_cls else colmean  # (B, h, N)
+    # attention values within 4 float32 epsilons of each other (relative to their size) are float noise: ties
+    ra = average_ranks(a, tol=4 * torch.finfo(torch.float32).eps) - (n + 1) / 2.0  # (B, h, N), centred
+    return AttentionTerms(colmean, d_q, e_q, pairs.view(bsz, k_maps, L + 1, nh, L + 1), a, ra, psums, psum2)
+
+
+def metrics_from_terms(t: AttentionTerms, m: WeightMaps) -> dict[str, torch.Tensor]:
+    """Every metric of :func:`image_metrics` from the terms of one layer and the maps they were made with."""
+    colmean, pairs, a, ra = t.colmean, t.pairs, t.cls, t.ranks_a
+    dev = colmean.device
+    bsz, nh, n = colmean.shape
+    L = m.n_levels
 
     def neutral(x: torch.Tensor) -> torch.Tensor:  # x: (B, h, K)
         return torch.where(m.has_w[:, None, :], x, torch.ones_like(x)).float()
@@ -364,19 +423,12 @@ def image_metrics(
     # SAL: (column means of Bt) . w
     sal = torch.einsum("bhj,bkj->bhk", colmean, m.w64) / m.wmean[:, None]
 
-    # WI = SAL_w = sum_i w_i (Bt w)_i / (sum w)^2 * N
+    # WI = sum_i w_i (Bt w)_i / (sum w)^2 * N
     wi = pairs[:, :, 0, :, 0].transpose(1, 2).double() / m.wsq[:, None]
 
-    # CLS row
-    if has_cls:
-        a = renormalise(attn[:, :, 0, t:].double())  # (B, h, N)
-    else:
-        a = colmean
     cls_lift = torch.einsum("bhj,bkj->bhk", a, m.w64) / m.wmean[:, None]
 
     # Spearman rho from average ranks (constant a or w -> 0)
-    # attention differences below 1e-5 of the uniform value 1/N are float noise: rank them as ties
-    ra = average_ranks(torch.round(a * (n * 1e5))) - (n + 1) / 2.0  # (B, h, N), centred
     num = torch.einsum("bhn,bkn->bhk", ra, m.rw)
     den = ra.square().sum(-1).sqrt()[..., None] * m.rw_norm[:, None, :]
     rho = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
@@ -389,7 +441,8 @@ def image_metrics(
     r = torch.where(m.both, r, nan)
 
     # level means of the per-query distance and entropy (computed once for all K maps)
-    per_q = torch.stack([d_q, e_q], -1).permute(0, 2, 1, 3).reshape(bsz, n, nh * 2)  # (B, N, h * 2)
+    k_maps = m.shape[1]
+    per_q = torch.stack([t.dist_q, t.ent_q], -1).permute(0, 2, 1, 3).reshape(bsz, n, nh * 2)  # (B, N, h * 2)
     lvl = torch.bmm(m.ohT, per_q).view(bsz, k_maps, L, nh, 2).permute(0, 3, 1, 2, 4)
     lvl = lvl / m.cnt_safe[:, None, :, :, None]
     lvl = torch.where(m.present[:, None, :, :, None], lvl, nan)  # (B, h, K, L, 2)
@@ -401,7 +454,6 @@ def image_metrics(
 
     return {
         "sal": neutral(sal),
-        "sal_w": neutral(wi),
         "wi": neutral(wi),
         "cls_lift": neutral(cls_lift),
         "cls_rho": torch.where(m.has_w[:, None, :], rho, torch.zeros_like(rho)).float(),
@@ -429,9 +481,8 @@ def null_indices(
 
     ``permute``: M independent uniform random permutations of the N patch positions per image.
     ``shift``: M random cyclic 2-D shifts of the row-major ``grid = (g_h, g_w)`` map per image, drawn
-    uniformly, with replacement, from the ``g_h * g_w - 1`` non-zero shifts ``(dy, dx)``; the shifted map
-    is ``torch.roll(w.view(g_h, g_w), (dy, dx), (0, 1))``, i.e.
-    ``w'[r, c] = w[(r - dy) % g_h, (c - dx) % g_w]``.
+    uniformly, with replacement, from the group of all ``g_h * g_w`` shifts (the identity included, as a
+    permutation null includes the identity permutation); see :func:`all_shifts`.
     Randomness comes from ``generator`` (on its own device) and the result is moved to ``device``.
     """
     if kind not in NULL_KINDS:
@@ -444,15 +495,21 @@ def null_indices(
         return idx.to(device if device is not None else gen_dev)
     if grid is None or grid[0] * grid[1] != N:
         raise GeometryError(f"the shift null model needs a grid (g_h, g_w) with g_h * g_w = {N}, got {grid}")
-    gh, gw = grid
     if N < 2:
         raise ConfigError("the shift null model needs a grid with more than one patch")
-    s = torch.randint(1, N, (B, M), generator=generator, device=gen_dev)  # non-zero flat shift
-    dy, dx = (s // gw)[..., None, None], (s % gw)[..., None, None]
-    rows = torch.arange(gh, device=gen_dev)[:, None]
-    cols = torch.arange(gw, device=gen_dev)[None, :]
-    idx = ((rows - dy) % gh) * gw + (cols - dx) % gw  # (B, M, gh, gw)
-    return idx.reshape(B, M, N).to(device if device is not None else gen_dev)
+    s = torch.randint(0, N, (B, M), generator=generator, device=gen_dev)  # flat shift index
+    return all_shifts(grid).to(gen_dev)[s].to(device if device is not None else gen_dev)
+
+
+def all_shifts(grid: tuple[int, int]) -> torch.Tensor:
+    """Every cyclic 2-D shift of a row-major (g_h, g_w) grid: (N, N) int64, row s the shift by
+    ``(dy, dx) = (s // g_w, s % g_w)``, row 0 the identity; map s of w is ``w[idx[s]]``, i.e.
+    ``torch.roll(w.view(g_h, g_w), (dy, dx), (0, 1))``: ``w'[r, c] = w[(r - dy) % g_h, (c - dx) % g_w]``."""
+    gh, gw = grid
+    s = torch.arange(gh * gw)
+    dy, dx = (s // gw)[:, None, None], (s % gw)[:, None, None]
+    rows, cols = torch.arange(gh)[:, None], torch.arange(gw)[None, :]
+    return (((rows - dy) % gh) * gw + (cols - dx) % gw).reshape(gh * gw, gh * gw)
 
 
 def with_null(

@@ -191,7 +191,7 @@ def prompt(
     weights: str | None = None,
 ) -> PromptResult:
     """Classify ``images`` before and after the intervention of ``config.policy``; returns data."""
-    from .analysis import auto_upsample
+    from .keypoints import auto_upsample
 
     cfg = config or PromptConfig()
     cfg.validate()

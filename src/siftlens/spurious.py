@@ -581,7 +581,7 @@ def discover(
     weights: str | None = None,
 ) -> DiscoveryResult:
     """Run the whole discovery; returns data and writes nothing (see :meth:`DiscoveryResult.save`)."""
-    from .analysis import auto_upsample
+    from .keypoints import auto_upsample
 
     cfg = config or DiscoveryConfig()
     cfg.validate()

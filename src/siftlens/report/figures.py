@@ -28,11 +28,10 @@ from ..io import atomic_path
 from .findings import DEFAULT_ALPHA, ReportDataError, check_summary, level_names, num_layers
 
 DPI = 110
-CURVE_METRICS = ("sal", "sal_w", "wi", "cls_lift", "cls_rho")
+CURVE_METRICS = ("sal", "wi", "cls_lift", "cls_rho")
 # metric -> (panel title, y-axis label)
 METRIC_LABELS = {
     "sal": ("SAL: attention to keypoint-rich patches", "SAL (× uniform attention)"),
-    "sal_w": ("SAL_w: as SAL, queries weighted by keypoints", "SAL_w (× uniform attention)"),
     "wi": ("WI: keypoint-weighted patch-to-patch attention", "WI (× uniform attention)"),
     "cls_lift": ("CLS lift: CLS attention to keypoint-rich patches", "CLS lift (× uniform attention)"),
     "cls_rho": ("CLS alignment: Spearman ρ(CLS attention, weight)", "Spearman ρ (0 = unrelated)"),

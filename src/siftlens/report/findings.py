@@ -66,7 +66,8 @@ def cell_name(layer: int, head: int, n_layers: int) -> str:
 
 
 def fmt_q(q: float) -> str:
-    return "q<0.001" if q < 0.001 else f"q={q:.2g}"
+    """q with two significant digits; exact normal p-values make tiny q meaningful (z = 3 vs z = 30)."""
+    return "q<1e-300" if q < 1e-300 else f"q={q:.2g}"
 
 
 def fmt_z(z: float) -> str:

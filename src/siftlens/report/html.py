@@ -37,8 +37,8 @@ CAPTIONS = {
         "line at 1.0 means <em>no preference</em> (for Spearman ρ the no-effect line is 0). The thick "
         "line is the mean over heads, with its 95% bootstrap confidence interval as the coloured band; "
         "thin faint lines are individual heads. The <strong>grey band</strong> is the null model: the "
-        "range (2.5–97.5%) the dataset mean takes when every image's keypoint map is shuffled over the "
-        "patch positions. A layer whose line leaves the grey band treats keypoint-rich patches "
+        "95% range (null mean ± 1.96 null sd) of the dataset mean when every image's keypoint map is "
+        "shuffled over the patch positions. A layer whose line leaves the grey band treats keypoint-rich patches "
         "differently from chance; filled dots survive multiple-testing correction (q &lt; 0.05), hollow "
         "ones do not. The red diamond at the right, when present, is attention rollout over all layers.",
     ),
@@ -91,11 +91,10 @@ GLOSSARY = [
     ("SAL", "Semantic attention lift. For each query patch, the keypoint weight of the patches it "
      "attends to, averaged over queries and divided by the average weight. 1.0: attention ignores "
      "keypoints; 2.0: attention lands on patches with twice the average keypoint weight."),
-    ("SAL_w", "As SAL, but queries are weighted by their own keypoint weight, so it asks what "
-     "keypoint-rich patches attend to."),
     ("WI", "Weighted interrelation: attention between pairs of patches weighted by the keypoint "
      "weight of both ends, relative to uniform attention. Above 1.0: rich patches attend to rich "
-     "patches."),
+     "patches. (SAL with queries weighted by their own keypoint weight is algebraically the same "
+     "number, so it is reported once, as WI.)"),
     ("CLS lift", "As SAL, for the CLS token's attention over the patches (models without a CLS token "
      "use the mean over query rows). Above 1.0: the classifier token looks at keypoint-rich patches."),
     ("ρ (rho)", "Spearman rank correlation between the CLS token's attention and the keypoint weight, "
@@ -113,9 +112,14 @@ GLOSSARY = [
     ("Entropy", "Shannon entropy of a query's attention over the patches, in nats. Uniform attention "
      "over N patches gives ln N; attention on a single patch gives 0."),
     ("Null model", "What each metric looks like when attention is unrelated to keypoints: each "
-     "image's keypoint map is randomly permuted over the patch positions (or cyclically shifted) "
-     "many times. The grey bands show the 2.5–97.5% range of the dataset mean under it."),
-    ("z", "How many null standard deviations the observed value lies from the null mean."),
+     "image's keypoint map is re-assigned to the patch positions at random (every permutation, or "
+     "every cyclic shift, equally likely). Its mean and variance per image are computed exactly "
+     "(closed forms, or all shifts enumerated; Monte Carlo with --null M); the dataset's null mean is "
+     "their mean and its variance the sum of the per-image variances over n². The grey bands show "
+     "null mean ± 1.96 null sd of the dataset mean."),
+    ("z", "How many null standard deviations the dataset mean lies from the null mean; p is "
+     "two-sided from the normal distribution, so strong effects are told apart (z = 3 gives "
+     "p = 0.0027, z = 10 gives p ≈ 1.5e-23) instead of all reading as 'below 1/(M+1)'."),
     ("95% CI", "Bootstrap 95% confidence interval of the mean over images: the range the mean would "
      "plausibly take with another sample of images of the same kind."),
     ("q", "The p-value against the null after Benjamini–Hochberg correction across all (layer, head) "

@@ -1,0 +1,154 @@
+"""One batch of images: keypoint maps + one forward with attention captured -> per-image values.
+
+For every analysed layer (and rollout), every head and the head mean, and every metric cell, each image
+gets its observed value and the mean and variance of that value under the null model. Nothing here is
+kept across batches: the caller writes each batch to disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..attention import Rollout, capture, resolve_layers
+from ..metrics import WeightMaps, attention_terms, metrics_from_terms, prepare_maps, with_null
+from ..models.backends import Backend
+from ..nullmodel import all_shifts, exact_moments, image_key, keyed_null_indices
+from .config import LEVEL_METRICS, SCALAR_METRICS, AnalysisConfig, cells
+
+
+@dataclass
+class RunPlan:
+    """What is fixed for a whole run: the model, the parameters, the layers and the metric cells."""
+
+    backend: Backend
+    cfg: AnalysisConfig
+    layers: list[int]  # analysed layers, in model order
+    cells: list[tuple[str, int, int]]
+    pos: torch.Tensor  # (N, 2) patch centres in input pixels, on the model's device
+
+    @classmethod
+    def build(cls, backend: Backend, cfg: AnalysisConfig) -> RunPlan:
+        return cls(backend, cfg, resolve_layers(cfg.layers, backend.num_layers), cells(cfg.n_levels),
+                   backend.patch_centers().to(backend.device))
+
+    @property
+    def layer_ids(self) -> list[int]:
+        """Row labels of the layer axis: the analysed layers, then ``num_layers`` for rollout."""
+        return self.layers + ([self.backend.num_layers] if self.cfg.rollout else [])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(rows, heads + 1, cells) of one image's values."""
+        return len(self.layer_ids), self.backend.num_heads + 1, len(self.cells)
+
+
+@dataclass
+class BatchValues:
+    """Per-image results of one batch. ``obs``, ``null_mean``, ``null_var``: (B, rows, h + 1, C) float64,
+    NaN where a cell does not exist (empty level, image without keypoints, per-head slots of rollout)."""
+
+    index: list[int]
+    valid: np.ndarray  # (B,) bool: the image has keypoints
+    obs: np.ndarray
+    null_mean: np.ndarray
+    null_var: np.ndarray
+    preds: list[int | None]
+
+
+def flatten_cells(res: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Metric dict (scalars (B, h, K), R (B, h, K, L, L), levels (B, h, K, L)) -> (B, h, K, C), float64,
+    in the order of :func:`~siftlens.analysis.config.cells`."""
+    B, h, K = res["sal"].shape
+    parts = [res[m].unsqueeze(-1) for m in SCALAR_METRICS]
+    parts.append(res["R"].reshape(B, h, K, -1))
+    parts += [res[m] for m in LEVEL_METRICS]
+    return torch.cat([p.double() for p in parts], dim=-1)
+
+
+def _with_head_mean(v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([v, v.mean(1, keepdim=True)], 1)
+
+
+def _sampled_moments(flat: torch.Tensor, ddof: int) -> tuple[torch.Tensor, ...]:
+    """(B, h, 1 + M, C) values of the observed map and M null maps -> obs, mean, var (B, h + 1, C)."""
+    v = _with_head_mean(flat)
+    null = v[:, :, 1:]
+    return v[:, :, 0], null.mean(2), null.var(2, correction=ddof)
+
+
+def _exact_layer(attn: torch.Tensor, plan: RunPlan, maps: WeightMaps) -> tuple[torch.Tensor, ...]:
+    b = plan.backend
+    t = attention_terms(attn, b.num_prefix_tokens, maps, has_cls=b.has_cls, pattern=True)
+    obs = _with_head_mean(flatten_cells(metrics_from_terms(t, maps)))[:, :, 0]
+    mom = exact_moments(t, maps)
+    mean = flatten_cells({k: v[0].unsqueeze(2) for k, v in mom.items()})[:, :, 0]
+    var = flatten_cells({k: v[1].unsqueeze(2) for k, v in mom.items()})[:, :, 0]
+    return obs, mean, var
+
+
+def _null_maps(plan: RunPlan, w: torch.Tensor, lv: torch.Tensor, names: list[str]) -> tuple[WeightMaps, int | None]:
+    """The weight maps every layer is measured against, and the ddof of their sampled moments (None:
+    exact closed forms, K = 1)."""
+    cfg, dev = plan.cfg, plan.backend.device
+    B, N = w.shape
+    grid = tuple(plan.backend.grid_size)
+    if cfg.null_samples is None and cfg.null_kind == "permute":
+        return prepare_maps(w[:, None], lv[:, None], cfg.n_levels, plan.pos), None
+    if cfg.null_samples is None:  # every cyclic shift: exact over the group
+        idx, ddof = all_shifts(grid).expand(B, N, N), 0
+    else:
+        idx, ddof = keyed_null_indices([image_key(n) for n in names], N, cfg.null_samples, grid, cfg.null_kind,
+                                       cfg.seed), 1
+    idx = idx.to(dev)
+    wk, lk = with_null(w, lv, idx)
+    return prepare_maps(wk, lk, cfg.n_levels, plan.pos, null_index=idx), ddof
+
+
+@torch.inference_mode()
+def analyse_batch(plan: RunPlan, items: list[dict], names: list[str]) -> BatchValues:
+    """Values of the good ``items`` of one batch (see :class:`BatchValues`); ``names`` are theirs."""
+    backend, cfg = plan.backend, plan.cfg
+    dev, H = backend.device, backend.num_heads
+    pixels = torch.from_numpy(np.stack([it["pixels"] for it in items]))
+    w = torch.from_numpy(np.stack([it["weights"] for it in items])).to(dev)  # (B, N)
+    lv = torch.from_numpy(np.stack([it["levels"] for it in items])).to(dev)  # (B, N)
+    B = w.shape[0]
+    valid = (w.sum(1) > 0).cpu().numpy()
+    maps, ddof = _null_maps(plan, w, lv, names)
+    rows, h1, C = plan.shape
+    out = np.full((3, B, rows, h1, C), np.nan)
+    slot = {layer: i for i, layer in enumerate(plan.layers)}
+    rollout = Rollout() if cfg.rollout else None
+
+    def measure(attn: torch.Tensor) -> list[torch.Tensor]:
+        if ddof is None:
+            return list(_exact_layer(attn, plan, maps))
+        return list(_sampled_moments(flatten_cells(_image_metrics(attn, backend, maps)), ddof))
+
+    def on_attention(layer: int, attn: torch.Tensor) -> None:
+        attn = attn.float()
+        if layer in slot:
+            for k, v in enumerate(measure(attn)):
+                out[k, :, slot[layer]] = v.cpu().numpy()
+        if rollout is not None:
+            rollout.update(attn)
+
+    # rollout multiplies every layer, whatever subset is analysed
+    captured = list(range(backend.num_layers)) if rollout is not None else plan.layers
+    with capture(backend, on_attention, captured) as cap:
+        logits = backend.forward(backend.normalize(pixels))
+    cap.check()
+    if rollout is not None:  # head-averaged: only the head-mean slot is filled
+        for k, v in enumerate(measure(rollout.result.unsqueeze(1))):
+            out[k, :, -1, H] = v[:, -1].cpu().numpy()
+    out[:, ~valid] = np.nan
+    preds = logits.argmax(-1).tolist() if logits is not None else [None] * B
+    return BatchValues([it["index"] for it in items], valid, out[0], out[1], out[2], preds)
+
+
+def _image_metrics(attn: torch.Tensor, backend: Backend, maps: WeightMaps) -> dict[str, torch.Tensor]:
+    t = attention_terms(attn, backend.num_prefix_tokens, maps, has_cls=backend.has_cls)
+    return metrics_from_terms(t, maps)

@@ -1,0 +1,61 @@
+"""A few images drawn in the report: pixels, keypoints, weight map and the CLS attention of three layers.
+
+Made after the run from the first analysed images (by name), with one extra forward, so they do not
+depend on batching, shards or resumption.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..attention import capture
+from ..data import ImageSource
+from ..keypoints import SiftParams
+from ..models.backends import Backend
+from .config import AnalysisConfig
+from .dataset import KeypointDataset
+
+
+@torch.inference_mode()
+def collect_overlays(backend: Backend, source: ImageSource, images: pd.DataFrame, cfg: AnalysisConfig,
+                     sift: SiftParams, layers: list[int]) -> list[dict]:
+    """Overlays of the first ``cfg.overlays`` images with keypoints (``images``: the run's image table)."""
+    ok = images[images["status"] == "ok"].sort_values("name")
+    picks = ok["index"].head(cfg.overlays).tolist() if "index" in ok else []
+    if not picks:
+        return []
+    items = [KeypointDataset(source, backend, cfg, sift, indices=picks)[j] for j in range(len(picks))]
+    show = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+    T, (gh, gw) = backend.num_prefix_tokens, backend.grid_size
+    cls_maps: dict[int, torch.Tensor] = {}
+
+    def on_attention(layer: int, attn: torch.Tensor) -> None:
+        a = attn.float()
+        row = a[:, :, 0, T:] if backend.has_cls else a[:, :, T:, T:].mean(2)  # (B, h, N)
+        row = row.mean(1)
+        cls_maps[layer] = (row / row.sum(-1, keepdim=True).clamp_min(1e-12)).reshape(-1, gh, gw).cpu()
+
+    pixels = torch.from_numpy(np.stack([it["pixels"] for it in items]))
+    with capture(backend, on_attention, show):
+        logits = backend.forward(backend.normalize(pixels))
+    names, labels, classes = source.names, source.labels, backend.class_names
+    out = []
+    for j, it in enumerate(items):
+        i = it["index"]
+        pred = None if logits is None else int(logits[j].argmax())
+        out.append({
+            "name": names[i], "pixels": it["pixels"], "keypoints_xy": it["xy"], "keypoint_size": it["size"],
+            "weights": it["weights"].reshape(gh, gw), "levels": it["levels"].reshape(gh, gw),
+            "cls_attention": {layer: cls_maps[layer][j].numpy() for layer in cls_maps},
+            "label": _class_name(labels[i] if labels is not None else None, classes),
+            "prediction": _class_name(pred, classes),
+        })
+    return out
+
+
+def _class_name(k: int | None, classes: list[str] | None) -> str | None:
+    if k is None:
+        return None
+    return classes[k] if classes and 0 <= k < len(classes) else str(k)

@@ -1,0 +1,329 @@
+"""The dataset-level runner: images -> parts on disk -> summary, with resume, shards and torchrun.
+
+``analyze`` streams batches through :func:`~siftlens.analysis.engine.analyse_batch` and writes each
+group of images as a part (:mod:`~siftlens.analysis.store`) before going on, so memory does not grow
+with the number of images and an interrupted run continues with ``resume=True``. Under torchrun every
+rank analyses its own images into the same folder and rank 0 builds the summary; with ``shard=(i, K)``
+one process writes shard i, and :func:`merge` combines shard folders. Everything returned is data.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import __version__
+from ..data import ImageSource
+from ..distributed import DistInfo, barrier, init_distributed
+from ..errors import ConfigError
+from ..io import read_json, write_json
+from ..keypoints import SiftParams, auto_upsample
+from ..models.backends import Backend, load_backend
+from ..progress import progress_bar
+from .config import AnalysisConfig, cells, level_names
+from .dataset import KeypointDataset, make_loader, one_cv2_thread_per_worker
+from .engine import RunPlan, analyse_batch
+from .overlays import collect_overlays
+from .store import IMAGES_DIR, MANIFEST, METRICS_DIR, RUN_FILE, RunStore, long_rows
+from .summary import SummaryAccumulator, summary_table
+
+PART_IMAGES = 256  # images per part file (at least one batch)
+
+
+@dataclass
+class AnalysisResult:
+    """The outputs of a finished run, in ``out``.
+
+    summary: per (layer, head, metric, level_a, level_b): n, mean, ci_lo, ci_hi, null_mean, null_sd,
+    null_lo, null_hi, z, p, q (head -1 = mean over heads; layer == num_layers = rollout);
+    images: per image (index, name, label, prediction, keypoints, status, reason);
+    long: the tidy per-image table (image, layer, head, metric, level_a, level_b, value, null_mean,
+    null_sd, z), read from ``out/metrics.parquet`` when first asked for;
+    overlays: a few images with pixels, keypoints, weights and CLS attention maps for figures.
+    """
+
+    out: Path
+    summary: pd.DataFrame
+    images: pd.DataFrame
+    manifest: dict
+    overlays: list[dict] = field(default_factory=list)
+    _tmp: object = None  # keeps a temporary output folder alive as long as the result
+
+    @property
+    def long(self) -> pd.DataFrame:
+        return read_long(self.out)
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Copy the tables and the manifest into ``out_dir`` (a no-op for the run's own folder)."""
+        dst = Path(out_dir)
+        dst.mkdir(parents=True, exist_ok=True)
+        if dst.resolve() != self.out.resolve():
+            for name in ("summary.csv", "images.csv", MANIFEST, RUN_FILE):
+                shutil.copy2(self.out / name, dst / name)
+            for sub in (METRICS_DIR, IMAGES_DIR):
+                shutil.copytree(self.out / sub, dst / sub, dirs_exist_ok=True)
+        return output_paths(dst)
+
+
+def output_paths(out: Path) -> dict[str, Path]:
+    return {"metrics": out / METRICS_DIR, "summary": out / "summary.csv", "images": out / "images.csv",
+            "manifest": out / MANIFEST}
+
+
+def read_long(out: str | Path) -> pd.DataFrame:
+    """The per-image table of a run folder, all parts (this one does hold everything in memory)."""
+    parts = RunStore(out).part_files()
+    if not parts:
+        return pd.DataFrame(columns=["image", "layer", "head", "metric", "level_a", "level_b", "value"])
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+
+
+def _configure(config: AnalysisConfig | None, overrides: dict) -> AnalysisConfig:
+    cfg = AnalysisConfig(**asdict(config)) if config else AnalysisConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise ConfigError(f"unknown analysis option {k!r}")
+        setattr(cfg, k, v)
+    cfg.__post_init__()
+    cfg.validate()
+    return cfg
+
+
+def _sift_params(backend: Backend, cfg: AnalysisConfig) -> SiftParams:
+    return SiftParams(upsample=cfg.upsample or auto_upsample(backend.input_size),
+                      contrast_threshold=cfg.contrast_threshold, edge_threshold=cfg.edge_threshold)
+
+
+def _run_identity(model: str, weights: str | None, backend: Backend, source: ImageSource, cfg: AnalysisConfig,
+                  plan: RunPlan) -> dict:
+    return {"params": cfg.identity(), "model": {"spec": model, "weights": weights, **backend.describe()},
+            "images": {"source": str(source.spec), "count": len(source)}, "layer_ids": plan.layer_ids,
+            "heads": backend.num_heads, "n_levels": cfg.n_levels}
+
+
+def analyze(
+    model: str | Backend,
+    images: str | Path | list | ImageSource,
+    config: AnalysisConfig | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+    weights: str | None = None,
+    **overrides,
+) -> AnalysisResult | None:
+    """Analyse ``model`` over ``images`` into the folder ``out`` (a temporary one if None).
+
+    ``model``: a Backend or anything :func:`~siftlens.models.backends.load_backend` accepts.
+    ``resume``: continue the interrupted run in ``out``. ``shard=(i, K)``: analyse only images
+    ``i, i + K, ...`` and stop before the summary (combine shards with :func:`merge`); returns None then.
+    Under torchrun, ranks split the images and rank 0 returns the result (other ranks return None).
+    ``overrides``: AnalysisConfig fields, e.g. ``analyze("default", "imgs/", null=200)``.
+    """
+    cfg = _configure(config, overrides)
+    dist, cfg.device = init_distributed(cfg.device)
+    tmp = tempfile.TemporaryDirectory(prefix="siftlens-") if out is None else None
+    out = Path(tmp.name if tmp else out)
+    backend = model if isinstance(model, Backend) else load_backend(str(model), cfg.device, weights=weights)
+    source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.limit)
+    plan = RunPlan.build(backend, cfg)
+    sift = _sift_params(backend, cfg)
+    part = shard or (dist.rank, dist.world)
+    store = RunStore(out, part)
+    run = _run_identity(str(model) if not isinstance(model, Backend) else backend.describe().get("source", ""),
+                        weights, backend, source, cfg, plan)
+    if dist.rank == 0:
+        store.open(run, resume)
+    barrier(dist)
+    if dist.rank != 0:
+        store.open(run, resume=True)
+    _analyse_parts(plan, source, store, sift, progress and dist.rank == 0)
+    barrier(dist)
+    if shard is not None:
+        write_json(out / f"shard-{shard[0]:04d}.json", {"shard": list(shard), "complete": True})
+        return None
+    if dist.rank != 0:
+        return None
+    return _finish(out, run, backend, source, cfg, sift, plan.layers, dist, _tmp=tmp)
+
+
+def _analyse_parts(plan: RunPlan, source: ImageSource, store: RunStore, sift: SiftParams, progress: bool) -> None:
+    """Analyse this shard's images that no committed part holds yet, one part at a time."""
+    i, k = store.shard
+    done = store.done_indices()
+    todo = [j for j in range(i, len(source), k) if j not in done]
+    names, labels, classes = source.names, source.labels, plan.backend.class_names
+    loader = make_loader(KeypointDataset(source, plan.backend, plan.cfg, sift, indices=todo), plan.cfg)
+    longs, rows, t0 = [], [], time.perf_counter()
+    with progress_bar(progress) as pb, one_cv2_thread_per_worker(plan.cfg.workers):
+        task = pb.add_task("analyse", total=len(todo), info=f"{len(done)} done before" if done else "")
+        for items in loader:
+            good = [it for it in items if "skip" not in it]
+            rows += [_image_row(it["index"], names, labels, classes, "skipped", reason=it["skip"])
+                     for it in items if "skip" in it]
+            if good:
+                bnames = [names[it["index"]] for it in good]
+                v = analyse_batch(plan, good, bnames)
+                longs.append(long_rows(v, bnames, plan.layer_ids, plan.backend.num_heads, plan.cells))
+                rows += [_image_row(it["index"], names, labels, classes, "ok" if v.valid[j] else "no_keypoints",
+                                    pred=v.preds[j], n_kp=len(it["xy"])) for j, it in enumerate(good)]
+            if len(rows) >= max(PART_IMAGES, plan.cfg.batch_size):
+                _flush(store, longs, rows, time.perf_counter() - t0)
+                longs, rows, t0 = [], [], time.perf_counter()
+            pb.update(task, advance=len(items))
+    if rows:
+        _flush(store, longs, rows, time.perf_counter() - t0)
+
+
+def _flush(store: RunStore, longs: list[pd.DataFrame], rows: list[dict], seconds: float) -> None:
+    images = pd.DataFrame(rows)
+    images["seconds"] = seconds / len(rows)
+    long = pd.concat(longs, ignore_index=True) if longs else long_rows_empty()
+    store.write_part(long, images)
+
+
+def long_rows_empty() -> pd.DataFrame:
+    from .store import LONG_COLUMNS
+
+    return pd.DataFrame({c: pd.Series(dtype="float32" if c in ("value", "null_mean", "null_sd", "z") else
+                                      "object" if c in ("image", "metric") else "int16") for c in LONG_COLUMNS})
+
+
+def _image_row(i, names, labels, classes, status, reason="", pred=None, n_kp=0) -> dict:
+    label = labels[i] if labels is not None else None
+    if status == "no_keypoints":
+        reason = "no SIFT keypoints: excluded from metrics"
+    return {"index": int(i), "name": names[i], "label": "" if label is None else str(label),
+            "prediction": "" if pred is None else (classes[pred] if classes else str(pred)),
+            "keypoints": int(n_kp), "status": status, "reason": reason}
+
+
+# -- the summary pass -------------------------------------------------------------------------------
+def summarize(out: str | Path, run: dict, n_boot: int, seed: int) -> pd.DataFrame:
+    """The summary of every committed part in ``out``, in one streaming pass (see :mod:`.summary`)."""
+    store = RunStore(out)
+    layer_ids, heads, n_levels = run["layer_ids"], run["heads"], run["n_levels"]
+    cell_list = cells(n_levels)
+    shape = (len(layer_ids), heads + 1, len(cell_list))
+    acc = SummaryAccumulator(int(np.prod(shape)), n_boot, seed)
+    cell_index = pd.MultiIndex.from_tuples(cell_list, names=["metric", "level_a", "level_b"])
+    layer_pos = {layer: i for i, layer in enumerate(layer_ids)}
+    for p in store.part_files():
+        df = pd.read_parquet(p)
+        if not len(df):
+            continue
+        names, img = np.unique(df["image"].astype(str).to_numpy(), return_inverse=True)
+        c = cell_index.get_indexer(pd.MultiIndex.from_arrays([df["metric"].astype(str), df["level_a"].astype(int),
+                                                              df["level_b"].astype(int)]))
+        h = df["head"].to_numpy().astype(int)
+        flat = ((df["layer"].map(layer_pos).to_numpy() * shape[1] + np.where(h < 0, heads, h)) * shape[2] + c)
+        arrays = []
+        for col in ("value", "null_mean", "null_sd"):
+            a = np.full((len(names), acc.count.size), np.nan)
+            a[img, flat] = df[col].to_numpy(np.float64)
+            arrays.append(a)
+        acc.add(list(names), arrays[0], arrays[1], np.square(arrays[2]))
+    return summary_table(acc.statistics(), layer_ids, heads, cell_list)
+
+
+def read_images(out: str | Path) -> pd.DataFrame:
+    parts = RunStore(out).part_files(IMAGES_DIR)
+    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else pd.DataFrame(
+        columns=["index", "name", "label", "prediction", "keypoints", "status", "reason", "seconds"])
+    return df.sort_values("name", kind="stable").reset_index(drop=True)
+
+
+def _finish(out: Path, run: dict, backend: Backend | None, source: ImageSource | None, cfg: AnalysisConfig,
+            sift: SiftParams, layers: list[int], dist: DistInfo, _tmp=None) -> AnalysisResult:
+    """Summary, images table, manifest and overlays of the committed parts of ``out``."""
+    images = read_images(out)
+    if not (images["status"] != "skipped").any():
+        raise ConfigError(f"no image of {run['images']['source']} could be analysed (all {len(images)} were skipped)")
+    summary = summarize(out, run, cfg.n_boot, cfg.seed)
+    from ..io import atomic_path
+
+    with atomic_path(out / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(out / "images.csv") as tmp:
+        images.drop(columns=["seconds"]).to_csv(tmp, index=False)
+    manifest = _manifest(run, cfg, sift, images, layers, dist)
+    write_json(out / MANIFEST, manifest)
+    overlays = collect_overlays(backend, source, images, cfg, sift, layers) if backend and source else []
+    return AnalysisResult(out, summary, images.drop(columns=["seconds"]), manifest, overlays, _tmp=_tmp)
+
+
+def _manifest(run: dict, cfg: AnalysisConfig, sift: SiftParams, images: pd.DataFrame, layers: list[int],
+              dist: DistInfo) -> dict:
+    import cv2
+
+    counts = images["status"].value_counts()
+    seconds = float(images["seconds"].sum())
+    skipped = images[images["status"] == "skipped"]
+    return {
+        "siftlens_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "complete": True,
+        "model": run["model"],
+        "images": {"source": run["images"]["source"], "total": len(images), "analysed": int(counts.get("ok", 0)),
+                   "no_keypoints": int(counts.get("no_keypoints", 0)), "skipped": int(counts.get("skipped", 0)),
+                   "skipped_reasons": [{"name": n, "reason": r} for n, r in zip(skipped["name"], skipped["reason"])]},
+        "params": {**asdict(cfg), "upsample_used": sift.upsample, "layers_analysed": layers, "sift": asdict(sift),
+                   "preprocessing": "model's own resize/crop; SIFT before normalisation",
+                   "null_method": _null_method(cfg), "bootstrap": "online Poisson(1), keyed by image"},
+        "level_names": level_names(cfg.n_levels),
+        "timing": {"seconds": round(seconds, 3), "images_per_s": round(len(images) / seconds, 3) if seconds else None,
+                   "processes": dist.world},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                     "opencv": cv2.__version__, "pandas": pd.__version__, "siftlens": __version__},
+    }
+
+
+def _null_method(cfg: AnalysisConfig) -> str:
+    if cfg.null_samples is not None:
+        return f"Monte Carlo, {cfg.null_samples} {cfg.null_kind} maps per image"
+    if cfg.null_kind == "shift":
+        return "exact: all cyclic 2-D shifts of the grid enumerated"
+    return "exact: closed-form permutation moments (linear, Mantel / quadratic assignment, delta method)"
+
+
+def merge(out: str | Path, shard_dirs: list[str | Path], progress: bool = True) -> AnalysisResult:
+    """Combine the shard folders written with ``shard=(i, K)`` into ``out``: the same tables as one run."""
+    out = Path(out)
+    runs = [RunStore(d).read_run() for d in shard_dirs]
+    missing = [str(d) for d, r in zip(shard_dirs, runs) if r is None]
+    if missing:
+        raise ConfigError(f"not a siftlens analysis folder (no {RUN_FILE}): {', '.join(missing)}")
+    differ = sorted({k for r in runs[1:] for k in set(r) | set(runs[0]) if r.get(k) != runs[0].get(k)})
+    if differ:
+        raise ConfigError(f"the shards were run with different {', '.join(differ)}; merge only shards of one run")
+    marks = [read_json(p, "shard marker") for d in shard_dirs for p in sorted(Path(d).glob("shard-*.json"))]
+    k = {m["shard"][1] for m in marks}
+    have = {m["shard"][0] for m in marks if m.get("complete")}
+    if len(k) != 1 or have != set(range(next(iter(k)))):
+        want = next(iter(k)) if len(k) == 1 else "?"
+        raise ConfigError(f"merge needs every finished shard 0..{want}-1 once; found finished shards {sorted(have)}")
+    store = RunStore(out)
+    if store.read_run() is not None or (out / MANIFEST).exists():
+        raise ConfigError(f"{out} already holds an analysis; choose an empty folder to merge into")
+    write_json(out / RUN_FILE, runs[0])
+    for d in shard_dirs:
+        store.adopt(Path(d))
+    run = runs[0]
+    cfg = AnalysisConfig(**{**run["params"]})
+    backend = source = None
+    try:
+        backend = load_backend(run["model"]["spec"], "cpu", weights=run["model"].get("weights"))
+        source = ImageSource(run["images"]["source"], limit=cfg.limit)
+    except Exception:  # noqa: BLE001 - overlays are optional; the tables never need the model
+        backend = source = None
+    sift = _sift_params(backend, cfg) if backend else SiftParams()
+    return _finish(out, run, backend, source, cfg, sift, [x for x in run["layer_ids"]
+                                                          if x < run["model"]["layers"]], DistInfo())

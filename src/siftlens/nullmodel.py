@@ -1,0 +1,139 @@
+"""The null model of METHOD.md section 3, "attention ignores where the keypoints are", per image.
+
+Three ways to get each image's null mean and variance of every metric, all keyed by image so that a
+result never depends on batching, sharding or where a run was interrupted:
+
+- ``exact`` (default, ``null="exact"``) for the uniform permutation null: closed forms, no resampling.
+  Linear statistics (SAL, CLS lift, Spearman rho, per-level distance and entropy) use the moments of
+  sampling without replacement (:func:`siftlens.stats.linear_moments`); WI and R are quadratic forms
+  ``sum_ij Bt_ij W_pi(i)pi(j)`` and use the exact Mantel / quadratic-assignment moments
+  (:func:`siftlens.stats.qap_moments`); ``dist_rel`` is a ratio of two linear statistics of the same
+  permuted level indicator and uses the delta method on their exact joint moments.
+- ``exact`` for the cyclic-shift null: the N cyclic 2-D shifts of the grid form a group, and all of them
+  are enumerated (:func:`siftlens.metrics.all_shifts`), so the moments are exact over the group.
+- Monte Carlo (``null=M``): M random maps per image, drawn from a generator seeded by the run seed and
+  the image's key (:func:`image_key`); the reference the exact moments are tested against.
+
+The head mean (head slot ``h``) of a linear statistic is the same statistic with the head-mean
+coefficient vector; of a quadratic form, the form of the head-mean matrix. So every moment of the head
+mean is exact too, not an average of per-head moments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from .metrics import AttentionTerms, WeightMaps, all_shifts, null_indices
+from .stats import linear_moments, pair_sums, pattern_sums, qap_moments
+
+
+def image_key(name: str) -> int:
+    """A stable 63-bit key of an image name: the seed of every random draw that belongs to the image."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def keyed_generator(seed: int, key: int) -> torch.Generator:
+    """A CPU generator that depends only on the run seed and the image key."""
+    mixed = np.random.SeedSequence([seed & 0xFFFFFFFF, key & 0xFFFFFFFF, key >> 32]).generate_state(2, np.uint64)
+    return torch.Generator().manual_seed(int(mixed[0] >> np.uint64(1)))
+
+
+def keyed_null_indices(keys: list[int], n: int, m: int, grid: tuple[int, int], kind: str, seed: int) -> torch.Tensor:
+    """Monte Carlo null index maps (B, M, N) int64, image b drawn from ``keyed_generator(seed, keys[b])``."""
+    return torch.cat([null_indices(1, n, m, grid=grid, kind=kind, generator=keyed_generator(seed, k))
+                      for k in keys]) if keys else torch.zeros(0, m, n, dtype=torch.long)
+
+
+def _with_head_mean(x: torch.Tensor) -> torch.Tensor:
+    """(B, h, ...) -> (B, h + 1, ...): the head-mean coefficients appended as slot h."""
+    return torch.cat([x, x.mean(1, keepdim=True)], 1)
+
+
+def _unit(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """x / norm, 0 where the norm is 0."""
+    ok = norm > 0
+    return torch.where(ok[..., None], x / torch.where(ok, norm, torch.ones_like(norm))[..., None], torch.zeros_like(x))
+
+
+def _level_moments(coef: torch.Tensor, m: WeightMaps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Moments of the level mean ``sum_i [level(pi(i)) = a] coef_i / n_a``; coef (B, h1, N) -> (B, h1, L)."""
+    b = coef.shape[0]
+    onehot = m.ohT.view(b, -1, m.n_levels, m.shape[2])[:, 0]  # (B, L, N) observed levels
+    cnt = m.cnt_safe[:, 0]  # (B, L)
+    mean, var = linear_moments(coef[:, :, None, :], onehot[:, None])  # (B, h1, L)
+    return mean / cnt[:, None], var / cnt[:, None].square()
+
+
+def _ratio_moments(d: torch.Tensor, m: WeightMaps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Delta-method moments of ``dist_rel_a = sum_{i in a} d_i / sum_{i in a} u_i`` for a random level
+    assignment; d (B, h1, N) -> (B, h1, L). Subset sums over a uniformly random subset of size n_a have
+    mean ``n_a x_bar`` and covariance ``f * sum (x - x_bar)(y - y_bar)``, ``f = n_a (N - n_a) / (N (N - 1))``."""
+    n = d.shape[-1]
+    u = m.dmat.mean(-1)  # (N,) the distance uniform attention gives each query
+    cnt = m.cnt_safe[:, 0][:, None]  # (B, 1, L)
+    f = cnt * (n - cnt) / (n * max(n - 1, 1))
+    dc, uc = d - d.mean(-1, keepdim=True), u - u.mean()
+    mx, my = cnt * d.mean(-1, keepdim=True), cnt * u.mean()
+    vx, vy, cxy = f * dc.square().sum(-1, keepdim=True), f * uc.square().sum(), f * (dc * uc).sum(-1, keepdim=True)
+    my = torch.where(my > 0, my, torch.ones_like(my))
+    mean = mx / my + mx * vy / my**3 - cxy / my**2
+    var = vx / my**2 - 2 * mx * cxy / my**3 + mx**2 * vy / my**4
+    return mean, var.clamp_min(0)
+
+
+def _map_sums(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pattern and pair sums of the weight-side matrices ``W = x y^T`` of one quadratic statistic;
+    w: (B, N, N) -> (B, 15), (B, 2)."""
+    return pattern_sums(w), pair_sums(w)
+
+
+def _map_pattern_sums(m: WeightMaps) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Sums of the weight-side matrices of WI (``w w^T``: (B, 15) and (B, 2)) and of R (``e_a e_b^T``:
+    (B, L, L, 15) and (B, L, L, 2)), for the observed maps."""
+    b, _, n = m.shape
+    L = m.n_levels
+    w = m.w64[:, 0]
+    wi = _map_sums(w[:, :, None] * w[:, None, :])
+    onehot = m.ohT.view(b, -1, L, n)[:, 0]  # (B, L, N)
+    per_pair = [[_map_sums(onehot[:, a, :, None] * onehot[:, c, None, :]) for c in range(L)] for a in range(L)]
+    r = tuple(torch.stack([torch.stack([pp[c][k] for c in range(L)], 1) for pp in per_pair], 1) for k in (0, 1))
+    return wi, r
+
+
+def exact_moments(t: AttentionTerms, m: WeightMaps) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Exact permutation-null mean and variance of every metric of one layer, for the observed maps.
+
+    t: the terms of :func:`siftlens.metrics.attention_terms` (h heads, one map per image); m: the maps
+    (K = 1). Returns ``{metric: (mean, var)}`` with a head-mean slot appended (h + 1 heads), shapes as
+    :func:`siftlens.metrics.image_metrics` without the K axis: scalars (B, h + 1), ``R`` (B, h + 1, L, L),
+    per-level metrics (B, h + 1, L); float64. Entries of missing levels are NaN.
+    """
+    n = m.shape[2]
+    w = m.w64[:, 0]  # (B, N)
+    x = (w / m.wmean[:, :1])[:, None]  # (B, 1, N): SAL and CLS lift are linear in w / mean(w)
+    out = {
+        "sal": linear_moments(_with_head_mean(t.colmean), x),
+        "cls_lift": linear_moments(_with_head_mean(t.cls), x),
+        "cls_rho": linear_moments(_with_head_mean(_unit(t.ranks_a, t.ranks_a.square().sum(-1).sqrt())),
+                                  _unit(m.rw[:, :1], m.rw_norm[:, :1])),
+        "dist": _level_moments(_with_head_mean(t.dist_q), m),
+        "entropy": _level_moments(_with_head_mean(t.ent_q), m),
+        "dist_rel": _ratio_moments(_with_head_mean(t.dist_q), m),
+    }
+    (s_wi, p_wi), (s_r, p_r) = _map_pattern_sums(m)
+    mean, var = qap_moments(t.psums, s_wi[:, None], n, pa=t.psum2, pw=p_wi[:, None])  # (B, h1)
+    out["wi"] = (mean / m.wsq[:, :1], var / m.wsq[:, :1].square())
+    cnt = m.cnt_safe[:, 0]
+    scale = n / (cnt[:, :, None] * cnt[:, None, :])  # (B, L, L)
+    mean, var = qap_moments(t.psums[:, :, None, None], s_r[:, None], n, pa=t.psum2[:, :, None, None],
+                            pw=p_r[:, None])  # (B, h1, L, L)
+    present = m.present[:, 0]
+    both = (present[:, :, None] & present[:, None, :])[:, None]
+    nan = torch.tensor(float("nan"), dtype=mean.dtype, device=mean.device)
+    out["R"] = (torch.where(both, mean * scale[:, None], nan), torch.where(both, var * scale[:, None].square(), nan))
+    for k in ("dist", "entropy", "dist_rel"):
+        out[k] = tuple(torch.where(present[:, None], v, nan) for v in out[k])
+    return out

@@ -1,0 +1,185 @@
+"""Exact permutation-null moments for linear and quadratic (Mantel) statistics (METHOD.md section 3).
+
+Null model: the weight map is re-assigned to the ``N`` patch positions by a uniform random permutation
+``pi``. Everything here is exact (no sampling), batched over leading dims ``...``, float64, device-agnostic.
+
+- Linear statistic ``S = sum_j c_j x_pi(j)`` (sampling without replacement), ``c, x: (..., N)``:
+  ``E[S] = N mean(c) mean(x)``, ``Var[S] = sum_j (c_j - mean c)^2 sum_j (x_j - mean x)^2 / (N - 1)``.
+- Quadratic assignment (Mantel 1967; Hubert and Schultz 1976) ``Q = sum_ij A_ij W_pi(i)pi(j)``,
+  ``A, W: (..., N, N)``. With ``D_X = trace X`` and ``O_X = sum X - trace X`` (:func:`pair_sums`),
+  ``E[Q] = D_A D_W / N + O_A O_W / (N (N - 1))``. For the second moment, split the index tuples
+  ``(i, j, k, l)`` of ``X_ij X_kl`` by their equality pattern ``p`` (one of the 15 set partitions of the
+  four positions, :data:`PATTERNS`, with ``m_p`` blocks, :data:`PATTERN_SIZES`). ``pi`` maps a tuple of
+  pattern ``p`` uniformly onto the ``(N)_{m_p} = N! / (N - m_p)!`` tuples of the same pattern, so
+  ``E[Q^2] = sum_p S_A(p) S_W(p) / (N)_{m_p}`` where ``S_X(p)`` sums ``X_ij X_kl`` over the tuples of
+  pattern exactly ``p`` (:func:`pattern_sums`, ``(..., 15)``). ``S_X`` follows from the "at least ``p``"
+  sums ``T_X(q)`` (same-block indices equal, others free; each an O(N^2) reduction) by Moebius inversion
+  on the partition lattice: ``S(p) = sum_{q >= p} mu(p, q) T(q)``.
+- Two-sided normal p-values for the resulting z-scores, without scipy (:func:`normal_two_sided_p`).
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import product
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, GeometryError
+
+Partition = tuple[int, ...]
+
+# Index positions of the product X_ij * X_kl: 0 = i, 1 = j, 2 = k, 3 = l.
+_ARITY = 4
+_LABELS = "abcd"
+
+
+def _set_partitions(n: int) -> list[Partition]:
+    """All set partitions of ``n`` positions as restricted growth strings (block label per position)."""
+    parts = []
+    for labels in product(range(n), repeat=n):
+        if labels[0] == 0 and all(labels[t] <= max(labels[:t]) + 1 for t in range(1, n)):
+            parts.append(labels)
+    return parts
+
+
+def _blocks(p: Partition) -> list[frozenset[int]]:
+    """The blocks of partition ``p`` as sets of positions."""
+    return [frozenset(t for t, b in enumerate(p) if b == label) for label in sorted(set(p))]
+
+
+def _coarsens(q: Partition, p: Partition) -> bool:
+    """True when ``q >= p`` in the partition lattice: every block of ``p`` lies inside a block of ``q``."""
+    return all(q[s] == q[t] for s in range(len(p)) for t in range(len(p)) if p[s] == p[t])
+
+
+def _moebius(p: Partition, q: Partition) -> int:
+    """Moebius function ``mu(p, q)`` of the partition lattice for ``q >= p``."""
+    mu = 1
+    for block in _blocks(q):
+        k = sum(1 for b in _blocks(p) if b <= block)
+        mu *= (-1) ** (k - 1) * math.factorial(k - 1)
+    return mu
+
+
+def _moebius_matrix(parts: list[Partition]) -> np.ndarray:
+    """``M[p, q] = mu(p, q)`` where ``q >= p``, else 0, so that ``S = T @ M.T``."""
+    m = np.zeros((len(parts), len(parts)), dtype=np.float64)
+    for a, p in enumerate(parts):
+        for b, q in enumerate(parts):
+            if _coarsens(q, p):
+                m[a, b] = _moebius(p, q)
+    return m
+
+
+#: The 15 equality patterns of ``(i, j, k, l)``, each a block label per position (restricted growth string).
+PATTERNS: tuple[Partition, ...] = tuple(_set_partitions(_ARITY))
+#: Number of blocks (distinct indices) ``m_p`` of each pattern, shape ``(15,)``.
+PATTERN_SIZES: np.ndarray = np.array([len(set(p)) for p in PATTERNS], dtype=np.int64)
+PATTERN_SIZES.setflags(write=False)
+_MOEBIUS = torch.from_numpy(_moebius_matrix(list(PATTERNS)))
+# einsum equations for the "at least p" sums: positions in one block share a label; '...' batches.
+_AT_LEAST_EQUATIONS = tuple("...{}{},...{}{}->...".format(*(_LABELS[b] for b in p)) for p in PATTERNS)
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a float64 tensor on its own device."""
+    return torch.as_tensor(t).to(torch.float64)
+
+
+def _check_square(x: torch.Tensor, name: str) -> None:
+    if x.ndim < 2 or x.shape[-1] != x.shape[-2]:
+        raise GeometryError(f"{name} must have shape (..., N, N); got {tuple(x.shape)}")
+
+
+def linear_moments(coef: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact permutation mean and variance of ``sum_j coef_j x_pi(j)``.
+
+    ``coef: (..., N)``, ``x: (..., N)`` with broadcastable leading dims; returns ``(mean, var)``, each of the
+    broadcast leading shape. ``var = 0`` when ``N == 1``.
+    """
+    coef, x = _f64(coef), _f64(x)
+    if coef.ndim < 1 or x.ndim < 1 or coef.shape[-1] != x.shape[-1]:
+        raise GeometryError(f"coef and x need the same last dim N; got {tuple(coef.shape)} and {tuple(x.shape)}")
+    n = coef.shape[-1]
+    if n < 1:
+        raise GeometryError("linear_moments needs N >= 1 positions")
+    mean = coef.sum(-1) * x.sum(-1) / n
+    ss_coef = (coef - coef.mean(-1, keepdim=True)).square().sum(-1)
+    ss_x = (x - x.mean(-1, keepdim=True)).square().sum(-1)
+    var = ss_coef * ss_x / (n - 1) if n > 1 else torch.zeros_like(mean)
+    return mean, var
+
+
+def at_least_sums(X: torch.Tensor) -> torch.Tensor:
+    """``T_X(p)``: sum of ``X_ij X_kl`` with same-block indices of ``p`` equal, the rest free.
+
+    ``X: (..., N, N)`` -> ``(..., 15)`` in :data:`PATTERNS` order. Each term is a two-operand einsum with at
+    most two labels per operand; torch sums labels private to one operand first, so the work is O(N^2).
+    """
+    X = _f64(X)
+    _check_square(X, "X")
+    return torch.stack([torch.einsum(eq, X, X) for eq in _AT_LEAST_EQUATIONS], dim=-1)
+
+
+def pattern_sums(X: torch.Tensor) -> torch.Tensor:
+    """``S_X(p)``: sum of ``X_ij X_kl`` over tuples whose equality pattern is exactly ``p``.
+
+    ``X: (..., N, N)`` -> ``(..., 15)`` in :data:`PATTERNS` order, by Moebius inversion of
+    :func:`at_least_sums`. Patterns with more blocks than ``N`` come out as (rounding-level) zeros.
+    """
+    t = at_least_sums(X)
+    return t @ _MOEBIUS.to(t.device).T
+
+
+def pair_sums(X: torch.Tensor) -> torch.Tensor:
+    """The two exact patterns of the sum ``sum_ij X_ij``: ``(..., N, N)`` -> ``(..., 2)`` = [trace, off-diagonal sum].
+
+    The mean of ``Q`` is linear in ``A`` and ``W``, so it cannot be recovered (with its sign) from the
+    quadratic :func:`pattern_sums`; :func:`qap_moments` takes these as well.
+    """
+    X = _f64(X)
+    _check_square(X, "X")
+    diag = X.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return torch.stack([diag, X.sum((-2, -1)) - diag], dim=-1)
+
+
+def _inverse_falling_factorials(n: int, sizes: np.ndarray) -> list[float]:
+    """``1 / (n)_m`` for each ``m`` in ``sizes``; 0.0 where ``m > n`` (no tuple of that pattern exists)."""
+    return [1.0 / math.perm(n, int(m)) if m <= n else 0.0 for m in sizes]
+
+
+def qap_moments(
+    sa: torch.Tensor, sw: torch.Tensor, n: int, *, pa: torch.Tensor, pw: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact permutation mean and variance of the Mantel statistic ``Q = sum_ij A_ij W_pi(i)pi(j)``.
+
+    ``sa = pattern_sums(A)``, ``sw = pattern_sums(W)``: ``(..., 15)``; ``pa = pair_sums(A)``,
+    ``pw = pair_sums(W)``: ``(..., 2)``; leading dims broadcast against each other. ``n`` is the side ``N``
+    of ``A`` and ``W``. Returns ``(mean, var)`` of the broadcast leading shape; ``var >= 0``.
+    """
+    if n < 1:
+        raise ConfigError(f"qap_moments needs n >= 1; got {n}")
+    sa, sw, pa, pw = _f64(sa), _f64(sw), _f64(pa), _f64(pw)
+    npat = len(PATTERNS)
+    if sa.shape[-1:] != (npat,) or sw.shape[-1:] != (npat,):
+        raise GeometryError(f"sa and sw must have shape (..., {npat}); got {tuple(sa.shape)}, {tuple(sw.shape)}")
+    if pa.shape[-1:] != (2,) or pw.shape[-1:] != (2,):
+        raise GeometryError(f"pa and pw must have shape (..., 2); got {tuple(pa.shape)}, {tuple(pw.shape)}")
+    pair_coef = torch.tensor(_inverse_falling_factorials(n, np.array([1, 2])), dtype=torch.float64, device=pa.device)
+    mean = (pa * pw * pair_coef).sum(-1)
+    coef = torch.tensor(_inverse_falling_factorials(n, PATTERN_SIZES), dtype=torch.float64, device=sa.device)
+    second = (sa * sw * coef).sum(-1)
+    var = (second - mean.square()).clamp_min(0.0)
+    return mean.expand_as(var).contiguous(), var
+
+
+def normal_two_sided_p(z: np.ndarray) -> np.ndarray:
+    """Two-sided standard-normal p-value ``erfc(|z| / sqrt 2)``, elementwise, float64, same shape as ``z``.
+
+    Never NaN for finite ``z``; it underflows to 0.0 for huge ``|z|`` (about 38 and beyond).
+    """
+    zt = torch.tensor(np.asarray(z, dtype=np.float64)).abs()
+    p = torch.special.erfc(zt / math.sqrt(2.0)).clamp(0.0, 1.0)
+    return p.numpy()

@@ -1,0 +1,74 @@
+"""The exact null moments against Monte Carlo on real images and real attention (the built-in model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from siftlens.analysis import AnalysisConfig
+from siftlens.analysis.dataset import KeypointDataset
+from siftlens.analysis.engine import RunPlan, analyse_batch
+from siftlens.analysis.run import _sift_params
+from siftlens.data import ImageSource
+from siftlens.metrics import all_shifts, null_indices
+from siftlens.models.backends import load_backend
+from siftlens.nullmodel import image_key, keyed_null_indices
+from siftlens.pipeline import demo_images_dir
+
+
+@pytest.fixture(scope="module")
+def real_items():
+    backend = load_backend("default")
+    cfg = AnalysisConfig()
+    ds = KeypointDataset(ImageSource(str(demo_images_dir())), backend, cfg, _sift_params(backend, cfg),
+                         indices=[0, 57, 133])
+    items = [ds[j] for j in range(len(ds))]
+    return backend, items, [f"img{j}" for j in range(len(items))]
+
+
+def _values(backend, items, names, **cfg):
+    c = AnalysisConfig(rollout=True, **cfg)
+    return analyse_batch(RunPlan.build(backend, c), items, names)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["permute", "shift"])
+def test_exact_moments_agree_with_monte_carlo_at_20000(real_items, kind):
+    backend, items, names = real_items
+    ex = _values(backend, items, names, null="exact", null_kind=kind)
+    mc = _values(backend, items, names, null=20000, null_kind=kind, seed=3)
+    np.testing.assert_array_equal(ex.obs, mc.obs)  # the observed values do not depend on the null
+    have = ~np.isnan(ex.obs)
+    assert have.sum() > 1000
+    np.testing.assert_array_equal(have, ~np.isnan(mc.null_mean))
+    m_ex, m_mc = ex.null_mean[have], mc.null_mean[have]
+    s_ex, s_mc = np.sqrt(ex.null_var[have]), np.sqrt(mc.null_var[have])
+    # Monte Carlo's own error: the mean has standard error sd / sqrt(M) (about 0.7% of sd); the sd of a
+    # heavy-tailed cell (CLS attention on one patch) has a standard error of a few percent even at M = 20,000
+    mc_se = s_mc / np.sqrt(20000)
+    assert np.all(np.abs(m_ex - m_mc) <= np.maximum.reduce([0.02 * np.abs(m_mc), np.full_like(m_mc, 0.01), 4 * mc_se]))
+    close_sd = np.abs(s_ex - s_mc) <= np.maximum(0.02 * s_mc, 0.01)
+    assert close_sd.mean() >= 0.995, f"{(~close_sd).sum()} of {close_sd.size} null sds differ by more than 2%"
+    assert np.all(np.abs(s_ex - s_mc) <= 0.05 * s_mc + 0.01)
+    # and not trivially: the null sd is far from zero in most cells
+    assert np.median(s_ex) > 0.005
+
+
+def test_monte_carlo_draws_are_keyed_by_image_not_by_batch():
+    keys = [image_key(n) for n in ("a.png", "b.png", "c.png")]
+    both = keyed_null_indices(keys, 16, 5, (4, 4), "permute", seed=1)
+    alone = keyed_null_indices(keys[1:2], 16, 5, (4, 4), "permute", seed=1)
+    assert torch.equal(both[1], alone[0])
+    assert not torch.equal(both[0], both[1])
+    assert not torch.equal(keyed_null_indices(keys[:1], 16, 5, (4, 4), "permute", seed=2)[0], both[0])
+
+
+def test_all_shifts_is_the_group_null_indices_samples():
+    g = all_shifts((3, 4))
+    assert g.shape == (12, 12) and torch.equal(g[0], torch.arange(12))
+    assert {tuple(r) for r in g.tolist()} == {tuple(r) for r in
+                                             null_indices(1, 12, 400, (3, 4), "shift",
+                                                          torch.Generator().manual_seed(0))[0].tolist()}
+    w = torch.arange(12.0).view(3, 4)
+    assert torch.equal(w.flatten()[g[5]], torch.roll(w, (1, 1), (0, 1)).flatten())
