@@ -9,8 +9,9 @@ from importlib.resources import files
 import pytest
 import torch
 
+from siftlens.devices import resolve_device
 from siftlens.errors import ConfigError, SiftlensError
-from siftlens.models.backends import NativeBackend, load_backend, resolve_device
+from siftlens.models.backends import NativeBackend, load_backend
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: nothing to refuse")
 

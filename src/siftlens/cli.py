@@ -51,6 +51,8 @@ def train(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most this many training images.")] = None,
     val_limit: Annotated[int | None, typer.Option(help="Use at most this many held-out images.")] = None,
+    part_size: Annotated[int, typer.Option(help="Images per part file of metrics.parquet; an interrupted run "
+                                                "loses at most one part.")] = 256,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.pt.")] = False,
     stop_after: Annotated[int | None, typer.Option(help="Stop after this many epochs in this invocation; "
                                                         "continue later with --resume.")] = None,
@@ -123,6 +125,8 @@ def pretrain(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most this many training images.")] = None,
     val_limit: Annotated[int | None, typer.Option(help="Use at most this many held-out images.")] = None,
+    part_size: Annotated[int, typer.Option(help="Images per part file of metrics.parquet; an interrupted run "
+                                                "loses at most one part.")] = 256,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.pt (exactly).")] = False,
     stop_after: Annotated[int | None, typer.Option(help="Stop after this many epochs in this invocation; "
                                                         "continue later with --resume.")] = None,
@@ -202,6 +206,8 @@ def analyze(
     limit: Annotated[int | None, typer.Option(help="Analyse at most this many images (spread over classes).")]
     = None,
     overlays: Annotated[int, typer.Option(help="Images drawn with keypoints and attention in the report.")] = 4,
+    part_size: Annotated[int, typer.Option(help="Images per part file of metrics.parquet; an interrupted run "
+                                                "loses at most one part.")] = 256,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out (same options; batch size, "
                                               "workers and device may change).")] = False,
     shard: Annotated[str | None, typer.Option(help="i/K: analyse only shard i of K (images i, i+K, ...) into --out, "
@@ -222,7 +228,7 @@ def analyze(
     cfg = AnalysisConfig(
         scheme=scheme, n_levels=levels, upsample=upsample, layers=_layers(layers), batch_size=batch_size,
         workers=workers, device=device, null=null, null_kind=null_kind, n_boot=bootstrap,
-        seed=seed, limit=limit, rollout=rollout, overlays=overlays,
+        seed=seed, limit=limit, rollout=rollout, overlays=overlays, part_size=part_size,
     )
     src = images[0] if len(images) == 1 else images
     part = parse_shard(shard) if shard else None

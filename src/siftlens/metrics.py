@@ -70,9 +70,9 @@ def average_ranks(x: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
 
     ``tol`` (>= 0): neighbours in sorted order with ``x_(k+1) - x_(k) <= tol * max(|x_(k)|, |x_(k+1)|)``
     are one run of ties, so values that differ only by float noise (a few ulps of their own size) share
-    their rank while values that differ by more stay apart, however small they are. Runs are chains: ``a ~ b`` and ``b ~ c`` put ``a, b, c`` in one run even
-    where ``c - a`` is above the threshold. ``tol = 0`` is exact equality. With ``tol > 0``, NaNs sort
-    last and form one run among themselves.
+    their rank while values that differ by more stay apart, however small they are. Runs are chains:
+    ``a ~ b`` and ``b ~ c`` put ``a, b, c`` in one run even where ``c - a`` is above the threshold.
+    ``tol = 0`` is exact equality. With ``tol > 0``, NaNs sort last and form one run among themselves.
     """
     if tol < 0:
         raise ConfigError(f"tie tolerance must be >= 0, got {tol}")

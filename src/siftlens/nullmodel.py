@@ -26,7 +26,7 @@ import hashlib
 import numpy as np
 import torch
 
-from .metrics import AttentionTerms, WeightMaps, all_shifts, null_indices
+from .metrics import AttentionTerms, WeightMaps, null_indices
 from .stats import linear_moments, pair_sums, pattern_sums, qap_moments
 
 

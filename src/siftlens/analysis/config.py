@@ -13,7 +13,7 @@ LEVEL_METRICS = ("dist", "dist_rel", "entropy")  # per query level a
 MATRIX_METRICS = ("R",)  # per level pair (a, b)
 NULL_KINDS = ("permute", "shift")
 # parameters that may differ between a run and its resumption (they do not change any number)
-RUNTIME_FIELDS = ("batch_size", "workers", "device", "overlays")
+RUNTIME_FIELDS = ("batch_size", "workers", "device", "overlays", "part_size")
 
 
 @dataclass
@@ -43,6 +43,7 @@ class AnalysisConfig:
     rollout: bool = False
     overlays: int = 4
     max_pixels: int = DEFAULT_MAX_PIXELS
+    part_size: int = 256  # images per part file of metrics.parquet (a crash loses at most one part)
 
     def __post_init__(self):
         if isinstance(self.null, str) and self.null.strip().isdigit():
@@ -59,13 +60,16 @@ class AnalysisConfig:
         if self.n_levels < 2:
             raise ConfigError(f"--levels must be at least 2 (none / some keypoints), got {self.n_levels}")
         if self.null != "exact" and not (isinstance(self.null, int) and self.null >= 20):
-            raise ConfigError(f"--null must be 'exact' or an integer of at least 20 Monte Carlo maps, got {self.null!r}")
+            raise ConfigError(f"--null must be 'exact' or an integer of at least 20 Monte Carlo maps, "
+                              f"got {self.null!r}")
         if self.null_kind not in NULL_KINDS:
             raise ConfigError(f"--null-kind must be 'permute' or 'shift', not {self.null_kind!r}")
         if self.batch_size < 1 or self.workers < 0:
             raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
         if self.upsample < 0:
             raise ConfigError(f"--upsample must be > 0 (or 0 for automatic), got {self.upsample}")
+        if self.part_size < 1:
+            raise ConfigError(f"--part-size must be at least 1 image, got {self.part_size}")
         if self.n_boot < 10:
             raise ConfigError(f"--bootstrap must be at least 10 resamples, got {self.n_boot}")
 

@@ -22,7 +22,7 @@ import torch
 
 from .. import __version__
 from ..data import ImageSource
-from ..distributed import DistInfo, barrier, init_distributed
+from ..devices import DistInfo, barrier, init_distributed
 from ..errors import ConfigError
 from ..io import read_json, write_json
 from ..keypoints import SiftParams, auto_upsample
@@ -34,8 +34,6 @@ from .engine import RunPlan, analyse_batch
 from .overlays import collect_overlays
 from .store import IMAGES_DIR, MANIFEST, METRICS_DIR, RUN_FILE, RunStore, long_rows
 from .summary import SummaryAccumulator, summary_table
-
-PART_IMAGES = 256  # images per part file (at least one batch)
 
 
 @dataclass
@@ -175,7 +173,7 @@ def _analyse_parts(plan: RunPlan, source: ImageSource, store: RunStore, sift: Si
                 longs.append(long_rows(v, bnames, plan.layer_ids, plan.backend.num_heads, plan.cells))
                 rows += [_image_row(it["index"], names, labels, classes, "ok" if v.valid[j] else "no_keypoints",
                                     pred=v.preds[j], n_kp=len(it["xy"])) for j, it in enumerate(good)]
-            if len(rows) >= max(PART_IMAGES, plan.cfg.batch_size):
+            if len(rows) >= plan.cfg.part_size:
                 _flush(store, longs, rows, time.perf_counter() - t0)
                 longs, rows, t0 = [], [], time.perf_counter()
             pb.update(task, advance=len(items))
@@ -274,7 +272,8 @@ def _manifest(run: dict, cfg: AnalysisConfig, sift: SiftParams, images: pd.DataF
         "model": run["model"],
         "images": {"source": run["images"]["source"], "total": len(images), "analysed": int(counts.get("ok", 0)),
                    "no_keypoints": int(counts.get("no_keypoints", 0)), "skipped": int(counts.get("skipped", 0)),
-                   "skipped_reasons": [{"name": n, "reason": r} for n, r in zip(skipped["name"], skipped["reason"])]},
+                   "skipped_reasons": [{"name": n, "reason": r}
+                                       for n, r in zip(skipped["name"], skipped["reason"], strict=True)]},
         "params": {**asdict(cfg), "upsample_used": sift.upsample, "layers_analysed": layers, "sift": asdict(sift),
                    "preprocessing": "model's own resize/crop; SIFT before normalisation",
                    "null_method": _null_method(cfg), "bootstrap": "online Poisson(1), keyed by image"},
@@ -298,7 +297,7 @@ def merge(out: str | Path, shard_dirs: list[str | Path], progress: bool = True) 
     """Combine the shard folders written with ``shard=(i, K)`` into ``out``: the same tables as one run."""
     out = Path(out)
     runs = [RunStore(d).read_run() for d in shard_dirs]
-    missing = [str(d) for d, r in zip(shard_dirs, runs) if r is None]
+    missing = [str(d) for d, r in zip(shard_dirs, runs, strict=True) if r is None]
     if missing:
         raise ConfigError(f"not a siftlens analysis folder (no {RUN_FILE}): {', '.join(missing)}")
     differ = sorted({k for r in runs[1:] for k in set(r) | set(runs[0]) if r.get(k) != runs[0].get(k)})

@@ -60,7 +60,8 @@ class RunStore:
             write_json(self.root / RUN_FILE, run)
         elif not resume:
             state = "a finished analysis" if (self.root / MANIFEST).exists() else "an interrupted analysis"
-            raise ConfigError(f"{self.root} already holds {state}; add --resume to continue it, or choose another --out")
+            raise ConfigError(f"{self.root} already holds {state}; add --resume to continue it, "
+                              "or choose another --out")
         else:
             diff = sorted(k for k in set(old) | set(run) if k != "shard" and old.get(k) != run.get(k))
             if diff:

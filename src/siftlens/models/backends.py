@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..errors import ConfigError, GeometryError, ModelLoadError
+from ..devices import resolve_device
+from ..errors import GeometryError, ModelLoadError
 
 # extractor(module, args, kwargs, output) -> attn (B, h, S, S)
 Extractor = Callable[[nn.Module, tuple, dict, object], torch.Tensor]
@@ -39,50 +40,6 @@ _RESAMPLE = {
     "nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
     "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING,
 }
-
-
-def resolve_device(spec: str | torch.device) -> torch.device:
-    """``--device`` -> a ``torch.device`` this machine can run on, or a one-line :class:`ConfigError`.
-
-    Accepts ``cpu``, ``cuda``, ``cuda:<index>``, ``mps`` and ``xpu[:<index>]`` (case and surrounding spaces
-    ignored). A malformed string (``gpu``), a device type that cannot run a model (``meta``), an
-    accelerator torch was not built with or cannot find, and a CUDA index beyond the visible GPUs are
-    all reported before any model is loaded, instead of as torch's assertion traceback on first use.
-    """
-    if isinstance(spec, torch.device):
-        dev, shown = spec, str(spec)
-    else:
-        shown = str(spec).strip()
-        try:
-            dev = torch.device(shown.lower())
-        except (RuntimeError, ValueError, TypeError):
-            raise ConfigError(
-                f"device {shown!r} is not a device name; use cpu, cuda, cuda:<index> or mps"
-            ) from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "no GPU found" if torch.backends.cuda.is_built() else "torch has no CUDA"
-            raise ConfigError(f"device {shown!r} is not available here ({why}); use --device cpu")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise ConfigError(
-                f"device {shown!r} is not available here (only {count} CUDA device(s): cuda:0 to "
-                f"cuda:{count - 1}); use --device cuda:0 or --device cpu"
-            )
-        return dev
-    if dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            why = "no Apple GPU found" if torch.backends.mps.is_built() else "torch has no MPS"
-            raise ConfigError(f"device {shown!r} is not available here ({why}); use --device cpu")
-        return dev
-    if dev.type == "xpu":
-        xpu = getattr(torch, "xpu", None)
-        if xpu is None or not xpu.is_available():
-            raise ConfigError(f"device {shown!r} is not available here (no XPU found); use --device cpu")
-        return dev
-    raise ConfigError(f"device {shown!r} cannot run a model here; use cpu, cuda, cuda:<index> or mps")
 
 
 def resize_center_crop(
