@@ -193,14 +193,13 @@ def image_source(which: str, n: int | None):
 
 # -- the analysis of one batch, exactly as analysis.analyze runs it ---------------------------------
 def keypoint_items(backend, source, cfg=None) -> list[dict]:
-    """Decode, preprocess and detect keypoints for every image of ``source`` (the analysis dataset)."""
-    from siftlens.analysis import AnalysisConfig, _KeypointDataset, auto_upsample
-    from siftlens.keypoints import SiftParams
+    """Decode, preprocess and detect keypoints for every image of ``source`` (the analysis dataset,
+    :class:`siftlens.analysis.dataset.KeypointDataset`, with the run's SIFT settings)."""
+    from siftlens.analysis.config import AnalysisConfig
+    from siftlens.analysis.dataset import KeypointDataset, sift_params
 
     cfg = cfg or AnalysisConfig()
-    sift = SiftParams(upsample=cfg.upsample or auto_upsample(backend.input_size),
-                      contrast_threshold=cfg.contrast_threshold, edge_threshold=cfg.edge_threshold)
-    ds = _KeypointDataset(source, backend, cfg, sift)
+    ds = KeypointDataset(source, backend, cfg, sift_params(backend, cfg))
     return [it for it in (ds[i] for i in range(len(ds))) if "skip" not in it]
 
 
@@ -209,24 +208,33 @@ def batch_of(items: list[dict], b: int) -> list[dict]:
     return [items[i % len(items)] for i in range(b)]
 
 
-def analysis_batch(backend, items: list[dict], names: list[str], null: int, cfg=None) -> Callable[[], None]:
-    """A callable running :func:`siftlens.analysis._run_batch` on ``items``: all layers, heads, metrics,
-    with ``null`` null resamplings (0: K = 1, the observed map only), no overlays, no rollout."""
-    from siftlens.analysis import AnalysisConfig, _Accumulator, _cells, _run_batch
-    from siftlens.attention import resolve_layers
+def analysis_batch(backend, items: list[dict], names: list[str], null: int | str, cfg=None) -> Callable[[], None]:
+    """A callable running :func:`siftlens.analysis.engine.analyse_batch` on ``items``: one forward with
+    attention captured, all layers, heads and metrics, each with its null mean and variance; no overlays,
+    no rollout, nothing written to disk.
 
-    cfg = cfg or AnalysisConfig(overlays=0)
-    layers = resolve_layers(cfg.layers, backend.num_layers)
-    L, T, H = cfg.n_levels, backend.num_prefix_tokens, backend.num_heads
-    pos = backend.patch_centers().to(backend.device)
-    slot = {l: i for i, l in enumerate(layers)}
-    n_cells = len(_cells(L))
+    ``names``: the source's image names, indexed by each item's ``index`` (they key the Monte Carlo null
+    maps). ``null``: ``"exact"`` (or 0) for the closed-form null moments (one weight map per image, the
+    default), or an integer M >= 20 of Monte Carlo null maps per image (K = M + 1, the reference).
+    ``cfg``: the other analysis parameters (default ``AnalysisConfig(overlays=0)``); its ``null`` is replaced.
+    The run plan (layers, metric cells, patch centres) is built once, as ``analyze`` does.
+    """
+    import dataclasses
+
+    from siftlens.analysis.config import AnalysisConfig
+    from siftlens.analysis.engine import RunPlan, analyse_batch
+
+    if null in (0, "exact"):
+        null = "exact"
+    elif not (isinstance(null, int) and null >= 20):
+        raise ValueError(f"null must be 'exact' (or 0) or an integer >= 20, got {null!r}")
+    cfg = dataclasses.replace(cfg or AnalysisConfig(overlays=0), null=null)
+    cfg.validate()
+    plan = RunPlan.build(backend, cfg)
+    item_names = [names[it["index"]] for it in items]
 
     def run() -> None:
-        acc = _Accumulator(len(layers), H, n_cells, null)
-        _run_batch(backend=backend, good=items, cfg=cfg, L=L, M=null, T=T, H=H, layers=layers, layer_slot=slot,
-                   pos=pos, acc=acc, bi=0, show_layers=[], overlays=[], img_rows=[], names=names, labels=None,
-                   class_names=None)
+        analyse_batch(plan, items, item_names)
 
     return run
 

@@ -4,16 +4,19 @@ workers; and the share of a real analysis run that the model spends waiting for 
     python bench/data_loading.py [--quick]
 
 Throughput: a subset of the CIFAR-10 test split, read from the zip and from a folder the same files were
-extracted to (a temporary directory), through exactly the analysis' data path: ``_KeypointDataset`` (decode,
-the default model's preprocessing, SIFT with u = 4, weight map and levels) in the analysis' own DataLoader
-(``analysis._make_loader``: batch 32, fresh worker processes per pass, as ``analyze`` does). One pass over
-the subset per configuration and round, configurations side by side with the order rotated per round; the
-speedups of 1 and 2 workers are per-round ratios against 0 workers on the same source.
+extracted to (a temporary directory), through exactly the analysis' data path:
+:class:`siftlens.analysis.dataset.KeypointDataset` (decode, the default model's preprocessing, SIFT with
+the run's settings from ``sift_params``, u = 4, weight map and levels) in the analysis' own DataLoader
+(``analysis.dataset.make_loader``: batch 32, fresh worker processes per pass, as ``analyze`` does). One
+pass over the subset per configuration and round, configurations side by side with the order rotated per
+round; the speedups of 1 and 2 workers are per-round ratios against 0 workers on the same source.
 
-Waiting share: a real ``siftlens.analyze`` run (default model, 100 null permutations, CIFAR-10 test images)
-with the DataLoader class in :mod:`siftlens.analysis` replaced by a subclass that times every ``next()`` on
-its iterator. ``wait`` = time the analysis loop spent waiting for the next batch (with 0 workers this is
-all of decoding and SIFT); ``loop`` = the whole batch loop (waiting + model + metrics).
+Waiting share: a real ``siftlens.analyze`` run (default model, CIFAR-10 test images) with the exact null
+(the default, ``null="exact"``) and with the Monte Carlo reference (``null=100``), with the DataLoader
+class in :mod:`siftlens.analysis.dataset` (the one ``make_loader`` builds) replaced by a subclass that
+times every ``next()`` on its iterator. ``wait`` = time the analysis loop spent waiting for the next batch
+(with 0 workers this is all of decoding and SIFT); ``loop`` = the whole batch loop (waiting + model +
+metrics + writing each part).
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ import _common as C
 
 
 class _Timed:
-    """Wraps siftlens.analysis.DataLoader so that time spent in next() is counted."""
+    """Wraps siftlens.analysis.dataset.DataLoader so that time spent in next() is counted."""
 
     wait = 0.0  # seconds in next()
-    work = 0.0  # seconds the consumer spent on the batches (model + metrics)
+    work = 0.0  # seconds the consumer spent on the batches (model + metrics + parts)
     batches = 0
 
     @classmethod
@@ -57,15 +60,9 @@ class _Timed:
 
 
 def throughput(backend, n: int, rounds: int, tmp: Path) -> dict:
-    from siftlens.analysis import (
-        AnalysisConfig,
-        _KeypointDataset,
-        _make_loader,
-        _one_cv2_thread_per_worker,
-        auto_upsample,
-    )
+    from siftlens.analysis.config import AnalysisConfig
+    from siftlens.analysis.dataset import KeypointDataset, make_loader, one_cv2_thread_per_worker, sift_params
     from siftlens.data import ImageSource
-    from siftlens.keypoints import SiftParams
 
     zsrc = C.image_source("cifar", n)
     with zipfile.ZipFile(C.CIFAR_ZIP) as zf:
@@ -75,14 +72,14 @@ def throughput(backend, n: int, rounds: int, tmp: Path) -> dict:
             target.write_bytes(zf.read(e.path))
     fsrc = ImageSource(str(tmp))
     assert fsrc.names == zsrc.names, "the folder must hold exactly the zip subset"
-    sift = SiftParams(upsample=auto_upsample(backend.input_size))
+    sift = sift_params(backend, AnalysisConfig())
 
     def make(src, workers):
         cfg = AnalysisConfig(workers=workers)
 
         def run():
-            with _one_cv2_thread_per_worker(workers):
-                for _ in _make_loader(_KeypointDataset(src, backend, cfg, sift), cfg):
+            with one_cv2_thread_per_worker(workers):
+                for _ in make_loader(KeypointDataset(src, backend, cfg, sift), cfg):
                     pass
 
         return run
@@ -99,22 +96,29 @@ def throughput(backend, n: int, rounds: int, tmp: Path) -> dict:
     return out
 
 
-def waiting_share(backend, n: int, workers: int) -> dict:
-    import siftlens.analysis as A
+def waiting_share(backend, n: int, workers: int, null: int | str) -> dict:
+    import siftlens.analysis.dataset as D
+    from siftlens.analysis import analyze
 
-    base = A.DataLoader
+    base = D.DataLoader
     _Timed.wait, _Timed.batches, _Timed.work = 0.0, 0, 0.0
-    A.DataLoader = _Timed.make(base)
+    D.DataLoader = _Timed.make(base)  # make_loader looks the class up in its module on every call
     try:
         t0 = time.perf_counter()
-        res = A.analyze(backend, C.image_source("cifar", n), workers=workers, progress=False, n_boot=200)
+        res = analyze(backend, C.image_source("cifar", n), workers=workers, null=null, progress=False, n_boot=200)
         total = time.perf_counter() - t0
     finally:
-        A.DataLoader = base
+        D.DataLoader = base
     loop = _Timed.wait + _Timed.work
-    return {"workers": workers, "images": int(res.manifest["images"]["total"]), "batches": _Timed.batches,
-            "wait_s": _Timed.wait, "loop_s": loop, "analyze_s": total, "wait_share_of_loop": _Timed.wait / loop,
-            "images_per_s": res.manifest["images"]["total"] / total}
+    return {"workers": workers, "null": null, "images": int(res.manifest["images"]["total"]),
+            "batches": _Timed.batches, "wait_s": _Timed.wait, "loop_s": loop, "analyze_s": total,
+            "wait_share_of_loop": _Timed.wait / loop, "images_per_s": res.manifest["images"]["total"] / total}
+
+
+def _wait_label(key: str) -> str:
+    """``exact_workers_2`` -> ``workers 2, exact null``; ``null_100_workers_0`` -> ``workers 0, null 100``."""
+    tag, w = key.rsplit("_workers_", 1)
+    return f"workers {w}, {'exact null' if tag == 'exact' else tag.replace('_', ' ')}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -132,14 +136,17 @@ def main(argv: list[str] | None = None) -> dict:
         tp = throughput(backend, n, rounds, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    waits = {f"workers_{w}": waiting_share(backend, n_an, w) for w in (0, 2)}
-    res = {"model": desc, "settings": {"torch_threads": 1, "batch_size": 32, "null_permutations": 100},
+    # the exact null (the default) and the Monte Carlo reference with 100 null maps per image
+    nulls = {"exact": "exact", "null_100": 100}
+    waits = {f"{tag}_workers_{w}": waiting_share(backend, n_an, w, null) for tag, null in nulls.items()
+             for w in (0, 2)}
+    res = {"model": desc, "settings": {"torch_threads": 1, "batch_size": 32, "null": list(nulls.values())},
            "throughput": tp, "waiting": waits}
     ips = tp["images_per_s"]
     res["checks"] = [
         *(C.check(f"data: images/s, {k.replace('_w', ', workers ')}", v, None) for k, v in ips.items()),
         C.check("data: zip 2 workers vs 0 workers", tp["zip_speedup_w2_vs_w0"], None),
-        *(C.check(f"data: model waits for data, share of loop, {k.replace('_', ' ')}", v["wait_share_of_loop"], None)
+        *(C.check(f"data: model waits for data, share of loop, {_wait_label(k)}", v["wait_share_of_loop"], None)
           for k, v in waits.items()),
     ]
     path = C.write_result("data_loading", res, a.quick)

@@ -56,8 +56,7 @@ def prepare(which: str, n: int):
     """Preprocessed RGB pixels and the greyscale upsampled images raw SIFT sees, plus the geometry."""
     import cv2
 
-    from siftlens.analysis import auto_upsample
-    from siftlens.keypoints import SiftParams, to_gray
+    from siftlens.keypoints import SiftParams, auto_upsample, to_gray
     from siftlens.models.backends import resize_center_crop
 
     size, patch = ((224, 224), 16) if which == "imagenet" else ((32, 32), 4)

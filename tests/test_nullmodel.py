@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from siftlens.analysis import AnalysisConfig
-from siftlens.analysis.dataset import KeypointDataset
+from siftlens.analysis.dataset import KeypointDataset, sift_params
 from siftlens.analysis.engine import RunPlan, analyse_batch
-from siftlens.analysis.run import _sift_params
 from siftlens.data import ImageSource
 from siftlens.metrics import all_shifts, null_indices
 from siftlens.models.backends import load_backend
@@ -21,7 +20,7 @@ from siftlens.pipeline import demo_images_dir
 def real_items():
     backend = load_backend("default")
     cfg = AnalysisConfig()
-    ds = KeypointDataset(ImageSource(str(demo_images_dir())), backend, cfg, _sift_params(backend, cfg),
+    ds = KeypointDataset(ImageSource(str(demo_images_dir())), backend, cfg, sift_params(backend, cfg),
                          indices=[0, 57, 133])
     items = [ds[j] for j in range(len(ds))]
     return backend, items, [f"img{j}" for j in range(len(items))]

@@ -209,3 +209,15 @@ def test_normal_two_sided_p() -> None:
     assert np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()
     assert p[4] == pytest.approx(0.0026997960632601866, rel=1e-12)
     assert p.shape == (5,) and p.dtype == np.float64
+
+
+def test_fast_at_least_sums_and_outer_sums_match_the_references():
+    from siftlens.stats import at_least_sums, at_least_sums_einsum, outer_sums, pair_sums, pattern_sums
+
+    g = torch.Generator().manual_seed(7)
+    X = torch.rand(3, 2, 7, 7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(at_least_sums(X), at_least_sums_einsum(X), rtol=1e-12, atol=1e-10)
+    x, y = torch.rand(4, 7, generator=g, dtype=torch.float64), torch.rand(4, 7, generator=g, dtype=torch.float64)
+    s, p = outer_sums(x, y)
+    torch.testing.assert_close(s, pattern_sums(x[:, :, None] * y[:, None, :]), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(p, pair_sums(x[:, :, None] * y[:, None, :]), rtol=1e-12, atol=1e-12)

@@ -22,9 +22,11 @@ All ratio metrics (``dist_rel`` included) are 1.0 (``cls_rho``: 0.0) under unifo
 whose weights are all zero gets the neutral 1.0 for the weighted metrics and 0.0 for ``cls_rho``; the
 caller flags and excludes it.
 
-Precision: the large contraction ``Bt @ [w, one-hot(levels)]`` runs in float32 (on CUDA it follows the
-global TF32 setting of ``torch.backends.cuda.matmul``); the cheap O(B h N) and O(B K N) reductions
-(column means, CLS terms, ranks, distances, relative distances, entropies, weight sums) run in float64.
+Precision: every O(h N^2) reduction over the attention (the contraction ``Bt @ [w, one-hot(levels)]``,
+row and column sums, distances, entropies, and the sums of squares the exact null needs) runs in float32
+on BLAS (on CUDA the matmul follows the global TF32 setting of ``torch.backends.cuda.matmul``); the
+cheap O(B h N) and O(B K N) steps (column means, CLS terms, ranks, level means, weight sums, null moments)
+run in float64. Uniform attention therefore gives the neutral values to float32 rounding (about 1e-7).
 Outputs are float32.
 """
 
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, GeometryError
-from .stats import pair_sums, pattern_sums
+from .stats import sums_from_features
 
 METRICS = ("sal", "wi", "cls_lift", "cls_rho", "R", "dist", "dist_rel", "entropy")
 NULL_KINDS = ("permute", "shift")
@@ -196,7 +198,8 @@ class WeightMaps:
     cnt_safe: torch.Tensor  # (B, K, L) patches per level, 1 where the level is empty
     present: torch.Tensor  # (B, K, L) bool: the level is not empty
     both: torch.Tensor  # (B, 1, K, L, L) bool: both levels of a pair are present
-    dmat: torch.Tensor  # (N, N) patch-centre distances in pixels (float32 values)
+    dmat: torch.Tensor  # (N, N) patch-centre distances in pixels (float32 values, float64 tensor)
+    dmat32: torch.Tensor  # (N, N) the same, float32
     u_lvl: torch.Tensor  # (B, K, L) level means of u_i = mean_j dmat_ij, the distance of uniform attention
     has_u: torch.Tensor  # (B, K, L) bool: u is positive there
 
@@ -264,7 +267,7 @@ def _prepare_maps(weights, levels, n_levels, pos, device=None, null_index=None) 
     dmat = torch.cdist(pos64, pos64).float().double()  # (N, N) pixels
     u_lvl = (ohT @ dmat.mean(-1)).view(b, k, L) / cnt_safe  # (B, K, L)
     return WeightMaps(L, w64, has_w, wmean, wsq, rw, rw_norm, lhs, rhs, ohT, cnt_safe, present, both, dmat,
-                      u_lvl, u_lvl > 0)
+                      dmat.float(), u_lvl, u_lvl > 0)
 
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -279,41 +282,57 @@ def _attention_sums(
     """Every O(h N^2) reduction of one chunk of images, written into the given outputs.
 
     patch_attn: (c, h, N, N) patch block of the attention (any strides); m: maps of these c images.
-    col: (c, h, N) column sums of ``Bt``; dist, ent: (c, h, N) per-query distance and entropy (float64);
+    col: (c, h, N) column sums of ``Bt``; dist, ent: (c, h, N) per-query distance and entropy (float64
+    outputs of float32 reductions);
     pairs: (c * K, (L + 1) * h, L + 1) float32, ``[w | one-hot] Bt [w | one-hot]^T`` per map and head.
     psums, psum2: optional (c, h + 1, 15) and (c, h + 1, 2) float64, :func:`~siftlens.stats.pattern_sums`
     and :func:`~siftlens.stats.pair_sums` of ``Bt`` per head and of its mean over heads (slot h), for the
     exact quadratic-assignment null moments.
     """
     c, nh, n, _ = patch_attn.shape
-    k_maps = m.shape[1]
+    k_maps, L = m.shape[1], m.n_levels
     buf = torch.empty(c, n, nh, n, dtype=torch.float32, device=patch_attn.device)  # (c, N_i, h, N_j)
     bt = renormalise(patch_attn.float(), out=buf.permute(0, 2, 1, 3))  # (c, h, N, N) view, rows sum to 1
-    xd = bt.double()
-    col.copy_(xd.sum(-2))
-    if psums is not None:
-        mean_bt = xd.mean(1, keepdim=True)  # (c, 1, N, N)
-        psums.copy_(torch.cat([pattern_sums(xd), pattern_sums(mean_bt)], 1))
-        psum2.copy_(torch.cat([pair_sums(xd), pair_sums(mean_bt)], 1))
-    # sum_j Bt_ij D_ij / sum_j Bt_ij with exact float64 products: dividing by the row sum (1 up to float32
-    # rounding) makes uniform attention give exactly u_i, so dist_rel is exactly 1.0 there
-    rowsum = xd.sum(-1)
-    torch.div(xd.mul_(m.dmat).sum(-1), rowsum, out=dist)
-    del xd
-    # entropy -sum_j p log p: 0 log 0 = 0 because the clamped log stays finite (torch's xlogy gives the same
-    # values to float32 rounding but is not vectorised: 2.4x slower here)
-    torch.neg(bt.mul(bt.clamp_min(_TINY).log_()).sum(-1, dtype=torch.float64), out=ent)
     # one matmul contracts the queries of every map: [w | one-hot]_k Bt -> (c, K * (L + 1), h * N); the keys
     # follow per map, as one batched matmul over (image, map)
-    q = torch.bmm(m.lhs, buf.view(c, n, nh * n)).view(c * k_maps, (m.n_levels + 1) * nh, n)
-    torch.bmm(q, m.rhs, out=pairs)
+    q = torch.bmm(m.lhs, buf.view(c, n, nh * n))
+    torch.bmm(q.view(c * k_maps, (L + 1) * nh, n), m.rhs, out=pairs)
+    # column sums: the one-hot level rows of map 0 add up to the all-ones row
+    col.copy_(q.view(c, k_maps, L + 1, nh, n)[:, 0, 1:].sum(1))
+    # sum_j Bt_ij D_ij / sum_j Bt_ij: dividing by the row sum (1 up to float32 rounding) makes uniform
+    # attention give u_i, so dist_rel is 1.0 there to float32 rounding
+    rowsum = bt.sum(-1)
+    torch.div(torch.linalg.vecdot(bt, m.dmat32), rowsum, out=dist)
+    # entropy -sum_j p log p: 0 log 0 = 0 because the clamped log stays finite (torch's xlogy and entr give
+    # the same values to float32 rounding but are not vectorised: 3x slower here)
+    ent.copy_(torch.linalg.vecdot(bt, bt.clamp_min(_TINY).log_()).neg_())
+    if psums is not None:
+        _quadratic_sums(bt, rowsum.double(), col, psums, psum2)
+
+
+def _quadratic_sums(bt: torch.Tensor, rowsum: torch.Tensor, col: torch.Tensor, psums: torch.Tensor,
+                    psum2: torch.Tensor) -> None:
+    """Pattern and pair sums of ``Bt`` (c, h, N, N) per head and of its head mean (slot h): the O(N^2)
+    reductions in float32 (BLAS dot products), combined in float64 (rowsum, col: (c, h, N) float64)."""
+    mean_bt = bt.mean(1, keepdim=True)  # (c, 1, N, N)
+    feats = []
+    for x, r, cs in ((bt, rowsum, col), (mean_bt, rowsum.mean(1, keepdim=True), col.mean(1, keepdim=True))):
+        d = x.diagonal(dim1=-2, dim2=-1).double()
+        flat = x.flatten(-2)
+        feats.append({"S": r.sum(-1), "t": d.sum(-1), "rr": r.square().sum(-1), "cc": cs.square().sum(-1),
+                      "rc": (r * cs).sum(-1), "XX": torch.linalg.vecdot(flat, flat).double(),
+                      "XXt": torch.linalg.vecdot(flat, x.mT.flatten(-2)).double(), "dr": (d * r).sum(-1),
+                      "dc": (d * cs).sum(-1), "dd": d.square().sum(-1)})
+    both = {k: torch.cat([feats[0][k], feats[1][k]], 1) for k in feats[0]}
+    psums.copy_(sums_from_features(both))
+    psum2.copy_(torch.stack([both["t"], both["S"] - both["t"]], -1))
 
 
 def _slice_maps(m: WeightMaps, s: int, e: int) -> WeightMaps:
     k = m.shape[1]
     return WeightMaps(m.n_levels, m.w64[s:e], m.has_w[s:e], m.wmean[s:e], m.wsq[s:e], m.rw[s:e], m.rw_norm[s:e],
                       m.lhs[s:e], m.rhs[s * k:e * k], m.ohT[s:e], m.cnt_safe[s:e], m.present[s:e], m.both[s:e],
-                      m.dmat, m.u_lvl[s:e], m.has_u[s:e])
+                      m.dmat, m.dmat32, m.u_lvl[s:e], m.has_u[s:e])
 
 
 def image_metrics(

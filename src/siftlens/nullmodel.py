@@ -22,12 +22,13 @@ mean is exact too, not an average of per-head moments.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .metrics import AttentionTerms, WeightMaps, null_indices
-from .stats import linear_moments, pair_sums, pattern_sums, qap_moments
+from .stats import linear_moments, outer_sums, qap_moments
 
 
 def image_key(name: str) -> int:
@@ -84,30 +85,30 @@ def _ratio_moments(d: torch.Tensor, m: WeightMaps) -> tuple[torch.Tensor, torch.
     return mean, var.clamp_min(0)
 
 
-def _map_sums(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pattern and pair sums of the weight-side matrices ``W = x y^T`` of one quadratic statistic;
-    w: (B, N, N) -> (B, 15), (B, 2)."""
-    return pattern_sums(w), pair_sums(w)
+@dataclass
+class MapSums:
+    """The weight side of the quadratic null moments, per image (depends on the maps only: computed once
+    per batch). WI: ``w w^T``; R: ``e_a e_b^T`` for every level pair. Pattern sums (..., 15) and pair sums
+    (..., 2) of :mod:`siftlens.stats`."""
+
+    wi: tuple[torch.Tensor, torch.Tensor]  # (B, 15), (B, 2)
+    r: tuple[torch.Tensor, torch.Tensor]  # (B, L, L, 15), (B, L, L, 2)
 
 
-def _map_pattern_sums(m: WeightMaps) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Sums of the weight-side matrices of WI (``w w^T``: (B, 15) and (B, 2)) and of R (``e_a e_b^T``:
-    (B, L, L, 15) and (B, L, L, 2)), for the observed maps."""
+def map_sums(m: WeightMaps) -> MapSums:
+    """:class:`MapSums` of the observed maps (K = 1), in O(B L^2 N)."""
     b, _, n = m.shape
-    L = m.n_levels
     w = m.w64[:, 0]
-    wi = _map_sums(w[:, :, None] * w[:, None, :])
-    onehot = m.ohT.view(b, -1, L, n)[:, 0]  # (B, L, N)
-    per_pair = [[_map_sums(onehot[:, a, :, None] * onehot[:, c, None, :]) for c in range(L)] for a in range(L)]
-    r = tuple(torch.stack([torch.stack([pp[c][k] for c in range(L)], 1) for pp in per_pair], 1) for k in (0, 1))
-    return wi, r
+    onehot = m.ohT.view(b, -1, m.n_levels, n)[:, 0]  # (B, L, N)
+    return MapSums(outer_sums(w, w), outer_sums(onehot[:, :, None, :], onehot[:, None, :, :]))
 
 
-def exact_moments(t: AttentionTerms, m: WeightMaps) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def exact_moments(t: AttentionTerms, m: WeightMaps, ms: MapSums | None = None
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Exact permutation-null mean and variance of every metric of one layer, for the observed maps.
 
     t: the terms of :func:`siftlens.metrics.attention_terms` (h heads, one map per image); m: the maps
-    (K = 1). Returns ``{metric: (mean, var)}`` with a head-mean slot appended (h + 1 heads), shapes as
+    (K = 1); ms: ``map_sums(m)``, computed once per batch (else here). Returns ``{metric: (mean, var)}`` with a head-mean slot appended (h + 1 heads), shapes as
     :func:`siftlens.metrics.image_metrics` without the K axis: scalars (B, h + 1), ``R`` (B, h + 1, L, L),
     per-level metrics (B, h + 1, L); float64. Entries of missing levels are NaN.
     """
@@ -123,7 +124,8 @@ def exact_moments(t: AttentionTerms, m: WeightMaps) -> dict[str, tuple[torch.Ten
         "entropy": _level_moments(_with_head_mean(t.ent_q), m),
         "dist_rel": _ratio_moments(_with_head_mean(t.dist_q), m),
     }
-    (s_wi, p_wi), (s_r, p_r) = _map_pattern_sums(m)
+    ms = ms or map_sums(m)
+    (s_wi, p_wi), (s_r, p_r) = ms.wi, ms.r
     mean, var = qap_moments(t.psums, s_wi[:, None], n, pa=t.psum2, pw=p_wi[:, None])  # (B, h1)
     out["wi"] = (mean / m.wsq[:, :1], var / m.wsq[:, :1].square())
     cnt = m.cnt_safe[:, 0]

@@ -79,8 +79,35 @@ PATTERNS: tuple[Partition, ...] = tuple(_set_partitions(_ARITY))
 PATTERN_SIZES: np.ndarray = np.array([len(set(p)) for p in PATTERNS], dtype=np.int64)
 PATTERN_SIZES.setflags(write=False)
 _MOEBIUS = torch.from_numpy(_moebius_matrix(list(PATTERNS)))
-# einsum equations for the "at least p" sums: positions in one block share a label; '...' batches.
+# einsum equations for the "at least p" sums: positions in one block share a label; '...' batches (the
+# slow, obviously correct reference of :func:`at_least_sums`)
 _AT_LEAST_EQUATIONS = tuple("...{}{},...{}{}->...".format(*(_LABELS[b] for b in p)) for p in PATTERNS)
+
+
+def _feature_of(p: Partition) -> str:
+    """Which O(N^2) reduction gives ``T_X(p)`` for ``X_ij X_kl`` (positions i=0, j=1, k=2, l=3): its name in
+    :func:`_features` (``S`` sum, ``t`` trace, ``r``/``c``/``d`` row sums, column sums, diagonal)."""
+    blocks = frozenset(frozenset(b) for b in _blocks(p) if len(b) > 1)
+    table = {
+        frozenset(): "S*S", frozenset({frozenset({0, 1})}): "t*S", frozenset({frozenset({2, 3})}): "S*t",
+        frozenset({frozenset({0, 2})}): "rr", frozenset({frozenset({1, 3})}): "cc",
+        frozenset({frozenset({0, 3})}): "rc", frozenset({frozenset({1, 2})}): "rc",
+        frozenset({frozenset({0, 1}), frozenset({2, 3})}): "t*t", frozenset({frozenset({0, 2}), frozenset({1, 3})}): "XX",
+        frozenset({frozenset({0, 3}), frozenset({1, 2})}): "XXt",
+        frozenset({frozenset({0, 1, 2})}): "dr", frozenset({frozenset({0, 2, 3})}): "dr",
+        frozenset({frozenset({0, 1, 3})}): "dc", frozenset({frozenset({1, 2, 3})}): "dc",
+        frozenset({frozenset({0, 1, 2, 3})}): "dd",
+    }
+    return table[blocks]
+
+
+_FEATURES = tuple(_feature_of(p) for p in PATTERNS)
+
+
+def _assemble(f: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The 15 "at least" sums in :data:`PATTERNS` order from the named reductions ``f``."""
+    f = {**f, "S*S": f["S"] * f["S"], "t*S": f["t"] * f["S"], "S*t": f["S"] * f["t"], "t*t": f["t"] * f["t"]}
+    return torch.stack([f[name] for name in _FEATURES], dim=-1)
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -115,12 +142,46 @@ def linear_moments(coef: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, t
 def at_least_sums(X: torch.Tensor) -> torch.Tensor:
     """``T_X(p)``: sum of ``X_ij X_kl`` with same-block indices of ``p`` equal, the rest free.
 
-    ``X: (..., N, N)`` -> ``(..., 15)`` in :data:`PATTERNS` order. Each term is a two-operand einsum with at
-    most two labels per operand; torch sums labels private to one operand first, so the work is O(N^2).
+    ``X: (..., N, N)`` -> ``(..., 15)`` in :data:`PATTERNS` order, from O(N^2) reductions: the sum, trace,
+    row and column sums, diagonal, ``sum X^2`` and ``sum X * X^T`` (:func:`at_least_sums_einsum` is the
+    slower reference it is tested against).
     """
     X = _f64(X)
     _check_square(X, "X")
+    r, c, d = X.sum(-1), X.sum(-2), X.diagonal(dim1=-2, dim2=-1)
+    return _assemble({"S": r.sum(-1), "t": d.sum(-1), "rr": r.square().sum(-1), "cc": c.square().sum(-1),
+                      "rc": (r * c).sum(-1), "XX": X.square().sum((-2, -1)),
+                      "XXt": (X * X.transpose(-1, -2)).sum((-2, -1)), "dr": (d * r).sum(-1),
+                      "dc": (d * c).sum(-1), "dd": d.square().sum(-1)})
+
+
+def sums_from_features(f: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`pattern_sums` from the named O(N^2) reductions of :func:`at_least_sums` (``S`` sum, ``t``
+    trace, ``rr``/``cc`` squared row/column sums, ``rc`` row . column sums, ``XX`` sum of squares, ``XXt``
+    sum of ``X * X^T``, ``dr``/``dc`` diagonal . row/column sums, ``dd`` squared diagonal), each (...,)
+    float64, for callers that have some of them already."""
+    t = _assemble(f)
+    return t @ _MOEBIUS.to(t.device).T
+
+
+def at_least_sums_einsum(X: torch.Tensor) -> torch.Tensor:
+    """:func:`at_least_sums` as one generated two-operand einsum per pattern (the reference)."""
+    X = _f64(X)
+    _check_square(X, "X")
     return torch.stack([torch.einsum(eq, X, X) for eq in _AT_LEAST_EQUATIONS], dim=-1)
+
+
+def outer_sums(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pattern_sums` and :func:`pair_sums` of the outer product ``X = x y^T`` in O(N):
+    ``x, y: (..., N)`` -> ``(..., 15)``, ``(..., 2)``. The weight side of WI (``w w^T``) and of R
+    (``e_a e_b^T``) is such a product."""
+    x, y = _f64(x), _f64(y)
+    sx, sy, sxy = x.sum(-1), y.sum(-1), (x * y).sum(-1)
+    sx2, sy2 = x.square().sum(-1), y.square().sum(-1)
+    t = _assemble({"S": sx * sy, "t": sxy, "rr": sx2 * sy * sy, "cc": sy2 * sx * sx, "rc": sx * sy * sxy,
+                   "XX": sx2 * sy2, "XXt": sxy * sxy, "dr": sy * (x * x * y).sum(-1), "dc": sx * (x * y * y).sum(-1),
+                   "dd": (x * x * y * y).sum(-1)})
+    return t @ _MOEBIUS.to(t.device).T, torch.stack([sxy, sx * sy - sxy], dim=-1)
 
 
 def pattern_sums(X: torch.Tensor) -> torch.Tensor:

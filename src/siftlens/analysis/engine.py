@@ -15,7 +15,7 @@ import torch
 from ..attention import Rollout, capture, resolve_layers
 from ..metrics import WeightMaps, all_shifts, attention_terms, metrics_from_terms, prepare_maps, with_null
 from ..models.backends import Backend
-from ..nullmodel import exact_moments, image_key, keyed_null_indices
+from ..nullmodel import MapSums, exact_moments, image_key, keyed_null_indices, map_sums
 from .config import LEVEL_METRICS, SCALAR_METRICS, AnalysisConfig, cells
 
 
@@ -79,11 +79,11 @@ def _sampled_moments(flat: torch.Tensor, ddof: int) -> tuple[torch.Tensor, ...]:
     return v[:, :, 0], null.mean(2), null.var(2, correction=ddof)
 
 
-def _exact_layer(attn: torch.Tensor, plan: RunPlan, maps: WeightMaps) -> tuple[torch.Tensor, ...]:
+def _exact_layer(attn: torch.Tensor, plan: RunPlan, maps: WeightMaps, ms: MapSums) -> tuple[torch.Tensor, ...]:
     b = plan.backend
     t = attention_terms(attn, b.num_prefix_tokens, maps, has_cls=b.has_cls, pattern=True)
     obs = _with_head_mean(flatten_cells(metrics_from_terms(t, maps)))[:, :, 0]
-    mom = exact_moments(t, maps)
+    mom = exact_moments(t, maps, ms)
     mean = flatten_cells({k: v[0].unsqueeze(2) for k, v in mom.items()})[:, :, 0]
     var = flatten_cells({k: v[1].unsqueeze(2) for k, v in mom.items()})[:, :, 0]
     return obs, mean, var
@@ -118,6 +118,7 @@ def analyse_batch(plan: RunPlan, items: list[dict], names: list[str]) -> BatchVa
     B = w.shape[0]
     valid = (w.sum(1) > 0).cpu().numpy()
     maps, ddof = _null_maps(plan, w, lv, names)
+    ms = map_sums(maps) if ddof is None else None
     rows, h1, C = plan.shape
     out = np.full((3, B, rows, h1, C), np.nan)
     slot = {layer: i for i, layer in enumerate(plan.layers)}
@@ -125,7 +126,7 @@ def analyse_batch(plan: RunPlan, items: list[dict], names: list[str]) -> BatchVa
 
     def measure(attn: torch.Tensor) -> list[torch.Tensor]:
         if ddof is None:
-            return list(_exact_layer(attn, plan, maps))
+            return list(_exact_layer(attn, plan, maps, ms))
         return list(_sampled_moments(flatten_cells(_image_metrics(attn, backend, maps)), ddof))
 
     def on_attention(layer: int, attn: torch.Tensor) -> None:

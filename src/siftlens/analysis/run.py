@@ -25,11 +25,11 @@ from ..data import ImageSource
 from ..devices import DistInfo, barrier, init_distributed
 from ..errors import ConfigError
 from ..io import read_json, write_json
-from ..keypoints import SiftParams, auto_upsample
+from ..keypoints import SiftParams
 from ..models.backends import Backend, load_backend
 from ..progress import progress_bar
 from .config import AnalysisConfig, cells, level_names
-from .dataset import KeypointDataset, make_loader, one_cv2_thread_per_worker
+from .dataset import KeypointDataset, make_loader, one_cv2_thread_per_worker, sift_params
 from .engine import RunPlan, analyse_batch
 from .overlays import collect_overlays
 from .store import IMAGES_DIR, MANIFEST, METRICS_DIR, RUN_FILE, RunStore, long_rows
@@ -95,11 +95,6 @@ def _configure(config: AnalysisConfig | None, overrides: dict) -> AnalysisConfig
     return cfg
 
 
-def _sift_params(backend: Backend, cfg: AnalysisConfig) -> SiftParams:
-    return SiftParams(upsample=cfg.upsample or auto_upsample(backend.input_size),
-                      contrast_threshold=cfg.contrast_threshold, edge_threshold=cfg.edge_threshold)
-
-
 def _run_identity(model: str, weights: str | None, backend: Backend, source: ImageSource, cfg: AnalysisConfig,
                   plan: RunPlan) -> dict:
     return {"params": cfg.identity(), "model": {"spec": model, "weights": weights, **backend.describe()},
@@ -133,7 +128,7 @@ def analyze(
     backend = model if isinstance(model, Backend) else load_backend(str(model), cfg.device, weights=weights)
     source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.limit)
     plan = RunPlan.build(backend, cfg)
-    sift = _sift_params(backend, cfg)
+    sift = sift_params(backend, cfg)
     part = shard or (dist.rank, dist.world)
     store = RunStore(out, part)
     run = _run_identity(str(model) if not isinstance(model, Backend) else backend.describe().get("source", ""),
@@ -323,6 +318,6 @@ def merge(out: str | Path, shard_dirs: list[str | Path], progress: bool = True) 
         source = ImageSource(run["images"]["source"], limit=cfg.limit)
     except Exception:  # noqa: BLE001 - overlays are optional; the tables never need the model
         backend = source = None
-    sift = _sift_params(backend, cfg) if backend else SiftParams()
+    sift = sift_params(backend, cfg) if backend else SiftParams()
     return _finish(out, run, backend, source, cfg, sift, [x for x in run["layer_ids"]
                                                           if x < run["model"]["layers"]], DistInfo())
