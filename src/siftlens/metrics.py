@@ -302,7 +302,8 @@ def _attention_sums(
     # sum_j Bt_ij D_ij / sum_j Bt_ij: dividing by the row sum (1 up to float32 rounding) makes uniform
     # attention give u_i, so dist_rel is 1.0 there to float32 rounding
     rowsum = bt.sum(-1)
-    torch.div(torch.linalg.vecdot(bt, m.dmat32), rowsum, out=dist)
+    dsum = torch.stack([torch.bmm(buf[i], m.dmat32[:, :, None]) for i in range(c)])  # (c, N_i, h, 1): row dots
+    torch.div(dsum[..., 0].transpose(1, 2), rowsum, out=dist)
     # entropy -sum_j p log p: 0 log 0 = 0 because the clamped log stays finite (torch's xlogy and entr give
     # the same values to float32 rounding but are not vectorised: 3x slower here)
     ent.copy_(torch.linalg.vecdot(bt, bt.clamp_min(_TINY).log_()).neg_())
@@ -318,10 +319,9 @@ def _quadratic_sums(bt: torch.Tensor, rowsum: torch.Tensor, col: torch.Tensor, p
     feats = []
     for x, r, cs in ((bt, rowsum, col), (mean_bt, rowsum.mean(1, keepdim=True), col.mean(1, keepdim=True))):
         d = x.diagonal(dim1=-2, dim2=-1).double()
-        flat = x.flatten(-2)
         feats.append({"S": r.sum(-1), "t": d.sum(-1), "rr": r.square().sum(-1), "cc": cs.square().sum(-1),
-                      "rc": (r * cs).sum(-1), "XX": torch.linalg.vecdot(flat, flat).double(),
-                      "XXt": torch.linalg.vecdot(flat, x.mT.flatten(-2)).double(), "dr": (d * r).sum(-1),
+                      "rc": (r * cs).sum(-1), "XX": torch.linalg.vector_norm(x, dim=(-2, -1)).double().square(),
+                      "XXt": (x * x.mT).sum((-2, -1)).double(), "dr": (d * r).sum(-1),
                       "dc": (d * cs).sum(-1), "dd": d.square().sum(-1)})
     both = {k: torch.cat([feats[0][k], feats[1][k]], 1) for k in feats[0]}
     psums.copy_(sums_from_features(both))
