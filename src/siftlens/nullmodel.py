@@ -109,8 +109,9 @@ def exact_moments(t: AttentionTerms, m: WeightMaps, ms: MapSums | None = None
 
     t: the terms of :func:`siftlens.metrics.attention_terms` (h heads, one map per image); m: the maps
     (K = 1); ms: ``map_sums(m)``, computed once per batch (else here). Returns ``{metric: (mean, var)}``
-    with a head-mean slot appended (h + 1 heads), shapes as :func:`siftlens.metrics.image_metrics` without the K axis: scalars (B, h + 1), ``R`` (B, h + 1, L, L),
-    per-level metrics (B, h + 1, L); float64. Entries of missing levels are NaN.
+    with a head-mean slot appended (h + 1 heads), shapes as :func:`siftlens.metrics.image_metrics` without
+    the K axis: scalars (B, h + 1), ``R`` (B, h + 1, L, L), per-level metrics (B, h + 1, L); float64.
+    Entries of missing levels are NaN.
     """
     n = m.shape[2]
     w = m.w64[:, 0]  # (B, N)
