@@ -659,3 +659,25 @@ def test_bh_qvalues_by_hand():
     assert np.all(np.diff(q[order]) >= 0)
     with pytest.raises(ConfigError):
         bh_qvalues([0.5, 1.5])
+
+
+@pytest.mark.parametrize("chunk_elems", [1, 10_000])
+def test_fast_path_with_prepared_null_maps_and_small_chunks_matches_naive_reference(monkeypatch, chunk_elems):
+    # the analysis' path: null maps made by with_null, prepared once with null_index (ranks gathered, not
+    # sorted again), then image_metrics(maps=...) layer after layer, in chunks of images. Forcing tiny
+    # chunks (one image each) must not change a single value against the loop-by-loop reference.
+    import siftlens.metrics as M
+
+    monkeypatch.setattr(M, "_CHUNK_ELEMS", chunk_elems)
+    g = torch.Generator().manual_seed(11)
+    B, H, T, N, L, K1 = 3, 2, 1, 12, 3, 5
+    attn = torch.softmax(torch.randn(B, H, T + N, T + N, generator=g) * 2, -1)
+    w = (torch.randint(0, 4, (B, N), generator=g) * (torch.rand(B, N, generator=g) < 0.6)).float()
+    lv = torch.where(w > 0, 1 + (w > 1).long(), torch.zeros_like(w, dtype=torch.long))
+    idx = null_indices(B, N, K1 - 1, generator=g)
+    wk, lk = with_null(w, lv, idx)
+    pos = grid_pos(3, 4)
+    maps = M.prepare_maps(wk, lk, L, pos, null_index=idx)
+    for layer_attn in (attn, attn.flip(-1).softmax(-1)):  # the same maps serve every layer
+        fast = image_metrics(layer_attn, T, wk, lk, L, pos, has_cls=True, maps=maps)
+        assert_metrics_close(fast, reference(layer_attn, T, wk, lk, L, pos, True))
