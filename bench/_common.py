@@ -161,7 +161,8 @@ def default_backend():
     """The built-in model if it is installed, else a random native ViT with its configuration."""
     import torch
 
-    from siftlens.models.backends import NativeBackend, builtin_dir, load_backend
+    from siftlens.models import builtin_dir, load_backend
+    from siftlens.models.native import NativeBackend
     from siftlens.models.vit import ViT, ViTConfig
 
     if (builtin_dir("default") / "model.safetensors").exists():
@@ -173,7 +174,7 @@ def default_backend():
 
 def hf_backend(size: str):
     """A random Hugging Face ViT-S/16 or ViT-B/16 at 224, written once to bench/.cache."""
-    from siftlens.models.hf_backend import HFBackend
+    from siftlens.models.hf import HFBackend
 
     d = CACHE / f"hf-vit-{size}16"
     if not (d / "model.safetensors").exists():

@@ -37,7 +37,7 @@ from siftlens.analysis.dataset import KeypointDataset, sift_params
 from siftlens.analysis.engine import RunPlan, analyse_batch
 from siftlens.data import ImageSource
 from siftlens.io import write_json
-from siftlens.models.backends import load_backend
+from siftlens.models import load_backend
 
 work, model, images, n = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 key = ["layer", "head", "metric", "level_a", "level_b"]

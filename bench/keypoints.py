@@ -57,7 +57,7 @@ def prepare(which: str, n: int):
     import cv2
 
     from siftlens.keypoints import SiftParams, auto_upsample, to_gray
-    from siftlens.models.backends import resize_center_crop
+    from siftlens.models.backend import resize_center_crop
 
     size, patch = ((224, 224), 16) if which == "imagenet" else ((32, 32), 4)
     u = auto_upsample(size)

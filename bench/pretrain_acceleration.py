@@ -133,7 +133,7 @@ def step_overhead(scale: dict, policies: list[str], args, runs: Path, rounds: in
     std = tuple(float(v) for v in x.reshape(-1, 3).std(0) / 255.0)
     torch.manual_seed(0)
     model = MAE(ViTConfig(img_size=32, patch_size=4, num_classes=0, dim=scale["dim"], depth=scale["depth"],
-                          heads=scale["heads"]),
+                          heads=scale["heads"], mean=mean, std=std),
                 MAEConfig(decoder_dim=scale["decoder_dim"], decoder_depth=scale["decoder_depth"],
                           decoder_heads=scale["decoder_heads"], norm_pix=True))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -151,7 +151,7 @@ def step_overhead(scale: dict, policies: list[str], args, runs: Path, rounds: in
             gen = torch.Generator().manual_seed(i)
             tau = pc.tau if policy == "sift" else pc.tau_max / 2
             xb, scores, weights, dt = batch_inputs(pc, model, xt, batches[i % len(batches)],
-                                                   None if policy == "random" else bank, gen, tau, mean, std)
+                                                   None if policy == "random" else bank, gen, tau)
             prep[policy].append(dt)
             loss = model(xb, scores, weights)[0]
             opt.zero_grad(set_to_none=True)

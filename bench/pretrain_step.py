@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
             for _ in range(steps):
                 s = state["step"] % (len(x) // batch)
                 idx = torch.arange(s * batch, (s + 1) * batch)
-                xb, scores, weights, dt = batch_inputs(pc, model, x_t, idx, use_bank, gen, pc.tau, mean, std)
+                xb, scores, weights, dt = batch_inputs(pc, model, x_t, idx, use_bank, gen, pc.tau)
                 state["prep_s"] += dt  # the engine's own timing of keypoints + masking (wall clock)
                 loss = model(xb, scores, weights)[0]
                 opt.zero_grad(set_to_none=True)

@@ -144,9 +144,9 @@ def oracle_drop(model: str, split: Path, limit: int | None) -> dict:
 
     from siftlens.data import ImageSource
     from siftlens.interventions import forward_drop
-    from siftlens.models.backends import load_backend
+    from siftlens.models import load_backend
     from siftlens.prompting import group_accuracy, image_groups
-    from siftlens.spurious_data import read_sidecar
+    from siftlens.spurious.data import read_sidecar
 
     be = load_backend(model)
     side = read_sidecar(split / "markers.json")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from siftlens.analysis import analyze
 from siftlens.errors import ConfigError
-from siftlens.models.backends import NativeBackend
+from siftlens.models.native import NativeBackend
 from siftlens.models.vit import ViT, ViTConfig
 
 

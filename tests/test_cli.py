@@ -46,10 +46,18 @@ def test_model_errors_are_one_line(tmp_path, model, needle):
 
 
 def test_train_geometry_error_is_one_line(tmp_path):
-    r = run("train", "--train", str(tmp_path), "--out", str(tmp_path / "o"), "--img-size", "30",
-            "--patch-size", "4")
+    """Real images in ImageFolder layout, so the run gets past decoding to the geometry check."""
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), (60 * i, 40, 200 - 40 * i)).save(tmp_path / "imgs" / c / f"{i}.png")
+    r = run("train", "--train", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"), "--img-size", "30",
+            "--patch-size", "4", "--no-progress")
     assert r.returncode == 2
-    assert "error:" in r.stderr and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "patch size 4 does not divide the input 30x30" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_analyze_end_to_end(tmp_path, tiny_vit):

@@ -11,7 +11,8 @@ import torch
 
 from siftlens.devices import resolve_device
 from siftlens.errors import ConfigError, SiftlensError
-from siftlens.models.backends import NativeBackend, load_backend
+from siftlens.models import load_backend
+from siftlens.models.native import NativeBackend
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: nothing to refuse")
 

@@ -19,8 +19,9 @@ transformers = pytest.importorskip("transformers")
 
 from siftlens.attention import capture  # noqa: E402
 from siftlens.errors import AttentionBackendError, GeometryError, ModelLoadError  # noqa: E402
-from siftlens.models.backends import IMAGENET_MEAN, IMAGENET_STD, load_backend  # noqa: E402
-from siftlens.models.hf_backend import HFBackend  # noqa: E402
+from siftlens.models import load_backend  # noqa: E402
+from siftlens.models.backend import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from siftlens.models.hf import HFBackend  # noqa: E402
 
 B = 3  # batch size of every comparison
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, attn_implementation="eager")

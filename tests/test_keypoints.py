@@ -134,7 +134,7 @@ def test_footprint_level_zero_on_bundled_cifar_images():
 def test_footprint_level_zero_on_a_real_photo(imagenet_zip):
     """One ImageNet photo (the tench) at 224, patch 16: count has 151 level-0 patches of 196, footprint
     72 (0.48 of count's); the untruncated Gaussian had 0."""
-    from siftlens.models.backends import resize_center_crop
+    from siftlens.models.backend import resize_center_crop
 
     with zipfile.ZipFile(imagenet_zip) as z:
         name = sorted(z.namelist())[0]
@@ -205,7 +205,7 @@ def test_geometry_errors():
 
 def test_real_photos_match_raw_opencv(imagenet_zip):
     """On real photos, the map counts exactly the keypoints raw cv2.SIFT finds on the same pixels."""
-    from siftlens.models.backends import resize_center_crop
+    from siftlens.models.backend import resize_center_crop
 
     with zipfile.ZipFile(imagenet_zip) as z:
         names = sorted(z.namelist())[:6]

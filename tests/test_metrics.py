@@ -13,14 +13,11 @@ from hypothesis import strategies as st
 from siftlens.errors import ConfigError, GeometryError
 from siftlens.metrics import (
     average_ranks,
-    bh_qvalues,
-    bootstrap_ci,
     image_metrics,
-    null_indices,
-    null_stats,
     renormalise,
-    with_null,
 )
+from siftlens.nullmodel import null_indices, with_null
+from siftlens.stats import bh_qvalues, bootstrap_ci
 
 WEIGHTED = ("sal", "wi", "cls_lift")
 PER_LEVEL = ("dist", "dist_rel", "entropy")
@@ -587,8 +584,6 @@ def test_null_distribution_of_uniform_attention_is_exactly_one(kind):
     assert torch.equal(sal, sal[..., :1].expand_as(sal))  # the null value is identical to the observed one
     torch.testing.assert_close(sal, torch.ones_like(sal), atol=1e-6, rtol=0)
     torch.testing.assert_close(out["wi"], torch.ones_like(sal), atol=1e-5, rtol=0)
-    z, p = null_stats(sal[..., 0].numpy(), np.moveaxis(sal[..., 1:].numpy(), -1, 0))
-    assert np.all(z == 0) and np.all(p == 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -627,21 +622,6 @@ def test_bootstrap_ci_matches_loop_definition_and_handles_nan():
     assert one_lo[0] == one_hi[0] == 0.7 and np.isnan(one_lo[1]) and np.isnan(one_hi[1])
     t_lo, t_hi = bootstrap_ci(torch.tensor([1.0, 2.0, 3.0]), n_boot=100)
     assert t_lo.shape == () and 1.0 <= t_lo <= 2.0 <= t_hi <= 3.0
-
-
-def test_null_stats_by_hand():
-    z, p = null_stats(np.array(3.0), np.array([1.0, 2.0, 3.0, 2.0]))
-    # mean 2, population std sqrt(0.5); |null - 2| = [1, 0, 1, 0] >= 1 twice -> p = 3 / 5
-    assert z == pytest.approx(1 / math.sqrt(0.5)) and p == pytest.approx(0.6)
-    # degenerate null: equal -> z 0, p 1; different -> clipped z with the sign, smallest p
-    z, p = null_stats(np.array([2.0, 2.5, 1.0]), np.full((9, 3), 2.0))
-    np.testing.assert_array_equal(z, [0.0, 1e6, -1e6])
-    np.testing.assert_allclose(p, [1.0, 0.1, 0.1])
-    # NaN null values are ignored; NaN observations and all-NaN nulls give NaN
-    null = np.array([[1.0, np.nan, np.nan], [3.0, 1.0, np.nan], [np.nan, 2.0, np.nan]])
-    z, p = null_stats(np.array([2.0, np.nan, 1.0]), null)
-    assert z[0] == 0.0 and p[0] == 1.0
-    assert np.isnan(z[1]) and np.isnan(p[1]) and np.isnan(z[2]) and np.isnan(p[2])
 
 
 def test_bh_qvalues_by_hand():

@@ -10,10 +10,9 @@ from siftlens.analysis import AnalysisConfig
 from siftlens.analysis.dataset import KeypointDataset, sift_params
 from siftlens.analysis.engine import RunPlan, analyse_batch
 from siftlens.data import ImageSource
-from siftlens.metrics import all_shifts, null_indices
-from siftlens.models.backends import load_backend
-from siftlens.nullmodel import image_key, keyed_null_indices
-from siftlens.pipeline import demo_images_dir
+from siftlens.jobs import demo_images_dir
+from siftlens.models import load_backend
+from siftlens.nullmodel import all_shifts, image_key, keyed_null_indices, null_indices
 
 
 @pytest.fixture(scope="module")

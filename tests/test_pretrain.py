@@ -37,7 +37,7 @@ from siftlens.pretrain import (
     tau_at,
     transform_keypoints,
 )
-from siftlens.train import augment
+from siftlens.training.augment import augment
 
 
 def tiny_mae(**kw) -> MAE:
@@ -216,13 +216,22 @@ def test_kamim_density_matches_opencv_draw_keypoints():
 
 
 # -- keypoints follow the augmentation ----------------------------------------------------------------
-def test_draw_augment_consumes_the_generator_like_train_augment():
+def test_draw_augment_draws_crops_then_flips_and_augment_applies_them():
+    """The order of the draws is part of every run's random stream (resume, DDP, policies that see the same
+    crops): dy and dx (only when pad > 0), then the flips; ``augment`` is ``apply_augment(draw_augment(...))``."""
     x = torch.randn(5, 3, 8, 12)
     for pad in (0, 2):
-        g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
-        ours = apply_augment(x, draw_augment(5, pad, g1), pad)
-        assert torch.equal(ours, augment(x, pad, g2))
-        assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+        g, ref, g_aug = (torch.Generator().manual_seed(4) for _ in range(3))
+        aug = draw_augment(5, pad, g)
+        if pad:
+            assert torch.equal(aug.dy, torch.randint(0, 2 * pad + 1, (5,), generator=ref))
+            assert torch.equal(aug.dx, torch.randint(0, 2 * pad + 1, (5,), generator=ref))
+        else:
+            assert aug.dy is None and aug.dx is None
+        assert torch.equal(aug.flip, torch.rand(5, generator=ref) < 0.5)
+        assert torch.equal(g.get_state(), ref.get_state())
+        assert torch.equal(augment(x, pad, g_aug), apply_augment(x, aug, pad))
+        assert torch.equal(g_aug.get_state(), ref.get_state())
 
 
 def test_keypoint_map_follows_crop_and_flip_by_hand():

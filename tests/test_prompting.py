@@ -13,13 +13,14 @@ from PIL import Image
 
 from siftlens.errors import ConfigError, GeometryError
 from siftlens.interventions import dilate, forward_bias, forward_drop, keep_top_idx, semantic_bias
-from siftlens.models.backends import NativeBackend
+from siftlens.models.native import NativeBackend
 from siftlens.models.vit import ViT, ViTConfig, save_vit
 from siftlens.prompting import (
     PromptConfig,
     footprint_patches,
     group_accuracy,
     image_groups,
+    patch_masks,
     prompt,
 )
 
@@ -149,6 +150,17 @@ def test_dilate_and_footprint_flags():
     assert set(np.flatnonzero(fp).tolist()) == {0, 1, 4, 5, 6}  # rows 0-1 x cols 0-1, then (1, 2)
 
 
+def test_response_scheme_weighs_keypoints_by_their_response():
+    """--scheme response is honoured (it used to fall back to count silently)."""
+    it = {"xy": np.array([[1.0, 1.0], [2.0, 2.0], [9.0, 1.0]], np.float32), "size": np.full(3, 2.0, np.float32),
+          "response": np.array([0.1, 0.3, 0.5], np.float32), "desc": np.zeros((3, 128), np.uint8)}
+    flag, w = patch_masks(it, None, set(), 8, (2, 2), "response")
+    assert not flag.any()
+    np.testing.assert_allclose(w, [0.4, 0.5, 0.0, 0.0], rtol=1e-6)
+    _, wc = patch_masks(it, None, set(), 8, (2, 2), "count")
+    np.testing.assert_array_equal(wc, [2.0, 1.0, 0.0, 0.0])
+
+
 # -- accuracy bookkeeping ---------------------------------------------------------------------------
 def test_group_accuracy_on_a_hand_example():
     correct = np.array([1, 1, 0, 1, 0, 0, 1], bool)
@@ -168,7 +180,7 @@ def test_group_accuracy_on_a_hand_example():
 # -- Hugging Face -----------------------------------------------------------------------------------
 def hf_backend(kind: str = "vit", attn: str = "eager", seed: int = 0):
     transformers = pytest.importorskip("transformers")
-    from siftlens.models.hf_backend import HFBackend
+    from siftlens.models.hf import HFBackend
 
     torch.manual_seed(seed)
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
@@ -247,7 +259,7 @@ def test_hf_bias_lands_on_the_logits_of_the_chosen_layers():
 def prompt_setup(tmp_path_factory):
     """A random tiny native model, a labelled folder with a sidecar, and a discovery output to flag words."""
     from siftlens.spurious import DiscoveryConfig, discover
-    from siftlens.spurious_data import glyph
+    from siftlens.spurious.data import glyph
 
     root = tmp_path_factory.mktemp("prompt")
     torch.manual_seed(0)
@@ -293,7 +305,7 @@ def test_prompt_bookkeeping(prompt_setup, policy):
     if policy == "keep-top":
         assert (df["removed_patches"] == 64 - 16).all()
     # a plain forward gives the "before" predictions
-    from siftlens.models.backends import load_backend
+    from siftlens.models import load_backend
 
     be = load_backend(str(root / "model"))
     from siftlens.data import ImageSource
@@ -311,6 +323,11 @@ def test_prompt_config_errors_and_cli(prompt_setup, tmp_path):
         PromptConfig(policy="drop").validate()
     with pytest.raises(ConfigError, match="--policy"):
         PromptConfig(policy="erase").validate()
+    # the response scheme runs end to end, and its weights differ from the count scheme's
+    cfgs = {s: PromptConfig(policy="bias", scheme=s, batch_size=8, beta=4.0) for s in ("count", "response")}
+    got = {s: prompt(str(root / "model"), str(root / "data"), c, progress=False) for s, c in cfgs.items()}
+    assert got["response"].summary["config"]["scheme"] == "response"
+    assert not np.allclose(got["response"].images["p_true_after"], got["count"].images["p_true_after"])
     r = subprocess.run([sys.executable, "-m", "siftlens.cli", "prompt", "--model", str(root / "model"), "--images",
                         str(root / "data"), "--out", str(tmp_path / "p"), "--policy", "drop", "--candidates",
                         str(root / "disc" / "discovery.json"), "--top-words", "2", "--extent", "footprint",
@@ -328,7 +345,7 @@ def test_prompt_config_errors_and_cli(prompt_setup, tmp_path):
 def test_hf_dinov2_registers_drop_and_bias_match_a_manual_forward():
     """Registers (T = 3), mean-pooled head, attention_mask passed by keyword: drop and per-layer bias."""
     transformers = pytest.importorskip("transformers")
-    from siftlens.models.hf_backend import HFBackend
+    from siftlens.models.hf import HFBackend
 
     torch.manual_seed(0)
     cfg = transformers.Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -19,8 +19,8 @@ import pytest
 
 from siftlens.analysis import analyze, merge, read_long
 from siftlens.errors import ConfigError
-from siftlens.metrics import bootstrap_ci
-from siftlens.pipeline import demo_images_dir
+from siftlens.jobs import demo_images_dir
+from siftlens.stats import bootstrap_ci
 
 DEMO = str(demo_images_dir())
 KEY = ["layer", "head", "metric", "level_a", "level_b"]

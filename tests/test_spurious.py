@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from siftlens.errors import CandidatesError, ConfigError, SpuriousDataError
+from siftlens.jobs import JobOptions, run_discovery
 from siftlens.spurious import (
     DiscoveryConfig,
     discover,
@@ -21,7 +22,7 @@ from siftlens.spurious import (
     load_vocabulary,
     rootsift,
 )
-from siftlens.spurious_data import (
+from siftlens.spurious.data import (
     GLYPH_NAMES,
     SpuriousConfig,
     build,
@@ -30,7 +31,6 @@ from siftlens.spurious_data import (
     glyph,
     read_sidecar,
 )
-from siftlens.spurious_report import run_discovery
 
 CLASSES = ("ant", "bee", "cow")
 
@@ -164,7 +164,7 @@ def noise_image(rng: np.random.Generator, size: int = 32) -> np.ndarray:
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """Noise images whose only class signal is a planted marker (rho = 1), and a tiny ViT trained on them."""
-    from siftlens.train import TrainConfig, train
+    from siftlens.training import TrainConfig, train
 
     root = tmp_path_factory.mktemp("planted")
     data = root / "data"
@@ -189,7 +189,7 @@ def test_discovery_ranks_the_planted_marker_first(planted, tmp_path):
     data, model, hist = planted
     assert hist["epochs"][-1]["train_acc"] > 0.9, hist["epochs"][-1]
     cfg = DiscoveryConfig(vocab_size=24, batch_size=48, causal_top=4, causal_images=8, gallery=4, top=5)
-    res, paths = run_discovery(str(model), str(data), tmp_path / "disc", cfg, progress=False)
+    res, paths = run_discovery(str(model), str(data), tmp_path / "disc", cfg, options=JobOptions(progress=False))
     ev = res.evaluation
     assert ev is not None and ev["ranks"] == {c: 1 for c in PLANTED}, (ev, res.top)
     # the ranked table, JSON, keypoints and a self-contained report are written

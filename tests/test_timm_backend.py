@@ -24,8 +24,8 @@ from timm.utils import AttentionExtract  # noqa: E402
 
 from siftlens.attention import capture  # noqa: E402
 from siftlens.errors import AttentionBackendError, ModelLoadError  # noqa: E402
-from siftlens.models.backends import load_backend  # noqa: E402
-from siftlens.models.timm_backend import TimmBackend  # noqa: E402
+from siftlens.models import load_backend  # noqa: E402
+from siftlens.models.timm import TimmBackend  # noqa: E402
 
 B = 3  # batch size of every comparison
 
@@ -234,7 +234,7 @@ def test_load_backend_resolves_timm_names():
 
 def test_importing_siftlens_does_not_import_timm():
     code = (
-        "import sys, siftlens, siftlens.attention, siftlens.models.backends, siftlens.models.timm_backend; "
+        "import sys, siftlens, siftlens.attention, siftlens.models, siftlens.models.timm; "
         "assert 'timm' not in sys.modules, 'timm imported eagerly'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

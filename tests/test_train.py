@@ -9,7 +9,8 @@ from PIL import Image
 
 from siftlens.errors import ConfigError
 from siftlens.models.vit import load_vit
-from siftlens.train import TrainConfig, augment, train
+from siftlens.training import TrainConfig, train
+from siftlens.training.augment import augment
 
 
 def make_folder(root, n=24, size=16):
@@ -58,15 +59,35 @@ def test_training_learns_a_simple_task(tmp_path):
 
 
 def test_augment_crops_and_flips_consistently():
-    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
-    g = torch.Generator().manual_seed(0)
-    y = augment(x, pad=0, gen=g)
-    for i in range(2):
-        assert torch.equal(y[i], x[i]) or torch.equal(y[i], x[i].flip(-1))
-    z = augment(x, pad=1, gen=torch.Generator().manual_seed(1))
-    assert z.shape == x.shape
-    # every output row is a shifted window of the padded input: values come from x or the zero padding
-    assert set(z.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
+    """A marked pixel lands where the drawn crop offset and flip put it: output (r, c) shows input
+    (r + dy - pad, c + dx - pad), then column c goes to W - 1 - c when flipped; the padding is zero."""
+    B, H, W, pad, seed = 16, 8, 10, 2, 7
+    x = torch.zeros(B, 3, H, W)
+    x[:, :, 3, 4] = torch.tensor([1.0, 2.0, 3.0])  # one marked pixel (row 3, column 4) per image
+    y = augment(x, pad, torch.Generator().manual_seed(seed))
+    ref = torch.Generator().manual_seed(seed)  # the draws, in augment's order: dy, dx, flip
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=ref)
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=ref)
+    flip = torch.rand(B, generator=ref) < 0.5
+    assert flip.any() and (~flip).any() and (dy != pad).any() and (dx != pad).any()  # an identity would fail
+    for i in range(B):
+        r, c = 3 + pad - int(dy[i]), 4 + pad - int(dx[i])  # always inside for these offsets
+        c = W - 1 - c if flip[i] else c
+        expected = torch.zeros(3, H, W)
+        expected[:, r, c] = torch.tensor([1.0, 2.0, 3.0])
+        assert torch.equal(y[i], expected), (i, int(dy[i]), int(dx[i]), bool(flip[i]))
+    # pad 0: no crop, only the flips (the marked column 4 of 10 is not its own mirror image)
+    y0 = augment(x, 0, torch.Generator().manual_seed(seed))
+    flip0 = torch.rand(B, generator=torch.Generator().manual_seed(seed)) < 0.5
+    assert flip0.any() and (~flip0).any()
+    for i in range(B):
+        assert torch.equal(y0[i], x[i].flip(-1) if flip0[i] else x[i])
+    # the padding shows as zeros: a crop offset dy = 0 on an all-ones image leaves the top pad rows empty
+    ones = augment(torch.ones(B, 1, H, W), pad, torch.Generator().manual_seed(seed))
+    for i in range(B):
+        top, left = max(pad - int(dy[i]), 0), max(pad - int(dx[i]), 0)
+        bottom, right = max(int(dy[i]) - pad, 0), max(int(dx[i]) - pad, 0)
+        assert ones[i].sum() == (H - top - bottom) * (W - left - right)
 
 
 def test_torchrun_two_processes_match_single_process(tmp_path):

@@ -7,7 +7,8 @@ import torch
 
 from siftlens.attention import Rollout, capture
 from siftlens.errors import AttentionBackendError, GeometryError, ModelLoadError
-from siftlens.models.backends import NativeBackend, load_backend
+from siftlens.models import load_backend
+from siftlens.models.native import NativeBackend
 from siftlens.models.vit import ViT, ViTConfig, load_vit, save_vit
 
 
@@ -80,13 +81,45 @@ def test_selected_layers_and_missing_attention_is_loud(tiny_vit):
         cap.check()
 
 
-def test_rollout_rows_are_distributions(tiny_vit):
+def test_rollout_of_captured_attention_follows_the_layers_in_order(tiny_vit):
+    with torch.no_grad():  # peaked attention, so that layers do not commute
+        for blk in tiny_vit.blocks:
+            blk.attn.qkv.weight.mul_(8.0)
     be = NativeBackend(tiny_vit)
+    x = torch.randn(2, 3, 24, 32)
     r = Rollout()
     with torch.no_grad(), capture(be, lambda l, a: r.update(a)):
-        be.forward(torch.randn(2, 3, 24, 32))
+        be.forward(x)
+    with torch.no_grad():
+        a1, a2 = manual_attention(tiny_vit, x)  # (B, h, S, S) of block 0 and block 1
+    eye = torch.eye(14)
+
+    def mixed(a):  # 0.5 * head mean + 0.5 * I; rows of a sum to 1 already
+        return 0.5 * a.mean(1) + 0.5 * eye
+
     assert r.result.shape == (2, 14, 14)
+    torch.testing.assert_close(r.result, mixed(a2) @ mixed(a1), atol=1e-5, rtol=1e-5)
+    assert (r.result - mixed(a1) @ mixed(a2)).abs().max() > 0.01, "the layer order matters here"
     torch.testing.assert_close(r.result.sum(-1), torch.ones(2, 14))
+
+
+def test_rollout_matches_a_hand_computed_three_layer_example():
+    # S = 2 tokens, h = 2 heads. Per layer A' = rownorm(0.5 * mean_heads(A) + 0.5 * I); R = A3' A2' A1'.
+    # layer 1: head mean [[.5, .5], [1, 0]]       -> A1' = [[.75, .25], [.5, .5]]
+    # layer 2: head mean [[0, 1], [0, 1]]          -> A2' = [[.5, .5], [0, 1]]
+    # layer 3: head mean [[2, 2], [0, 1]]          -> [[1.5, 1], [0, 1]], rows renormalised: [[.6, .4], [0, 1]]
+    # A2' A1' = [[.625, .375], [.5, .5]];  A3' A2' A1' = [[.575, .425], [.5, .5]]
+    layers = [
+        torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [1.0, 0.0]]]),
+        torch.tensor([[[0.0, 1.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]]),
+        torch.tensor([[[4.0, 0.0], [0.0, 1.0]], [[0.0, 4.0], [0.0, 1.0]]]),
+    ]
+    swap = torch.tensor([1, 0])  # batch item 1: the same layers with the two tokens swapped
+    r = Rollout(residual=0.5)
+    for a in layers:
+        r.update(torch.stack([a, a[:, swap][:, :, swap]]))  # (B=2, h=2, S=2, S=2)
+    expected = torch.tensor([[[0.575, 0.425], [0.5, 0.5]], [[0.5, 0.5], [0.425, 0.575]]])
+    torch.testing.assert_close(r.result, expected, atol=1e-6, rtol=0)
 
 
 def test_geometry_errors_and_persistence(tmp_path, tiny_vit):

@@ -10,6 +10,7 @@ Public API (imported lazily, so ``import siftlens`` stays light)::
     load_backend, Backend                           one interface over native, Hugging Face and timm models
     ViT, ViTConfig, load_vit, save_vit              the project's own ViT
     ImageSource                                     folders, zips, globs and file lists of images
+    TrainConfig, train                              supervised training of the project's ViT (siftlens.training)
     MAE, MAEConfig, PretrainConfig                  masked-autoencoder pre-training (siftlens.pretrain.pretrain runs it)
     SiftlensError                                   base class of every user-facing error
     build_spurious, SpuriousConfig                  the SpuriousCIFAR builder
@@ -28,18 +29,19 @@ _EXPORTS = {
     "write_report": "report",
     "keypoint_map": "keypoints", "detect": "keypoints", "SiftParams": "keypoints", "KeypointMap": "keypoints",
     "capture": "attention", "Rollout": "attention",
-    "image_metrics": "metrics", "null_indices": "metrics", "with_null": "metrics",
-    "load_backend": "models.backends", "Backend": "models.backends",
+    "image_metrics": "metrics", "null_indices": "nullmodel", "with_null": "nullmodel",
+    "load_backend": "models", "Backend": "models",
     "ViT": "models.vit", "ViTConfig": "models.vit", "load_vit": "models.vit", "save_vit": "models.vit",
     "ImageSource": "data",
     "SiftlensError": "errors",
-    "run_analysis": "pipeline", "run_demo": "pipeline",
+    "run_analysis": "jobs", "run_demo": "jobs",
+    "TrainConfig": "training", "train": "training",
     "MAE": "models.mae", "MAEConfig": "models.mae", "PretrainConfig": "pretrain",
-    "SpuriousConfig": "spurious_data",
+    "SpuriousConfig": "spurious.data",
     "discover": "spurious", "DiscoveryConfig": "spurious", "DiscoveryResult": "spurious",
     "prompt": "prompting", "PromptConfig": "prompting", "PromptResult": "prompting",
 }
-_ALIASES = {"build_spurious": ("spurious_data", "build")}
+_ALIASES = {"build_spurious": ("spurious.data", "build")}
 
 __all__ = sorted([*_EXPORTS, *_ALIASES]) + ["__version__"]
 

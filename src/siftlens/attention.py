@@ -11,24 +11,25 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import AttentionBackendError
-from .models.backends import Backend
+from .models.layers import resolve_layers
+
+if TYPE_CHECKING:
+    from .models.backend import Backend
 
 OnAttention = Callable[[int, torch.Tensor], None]
 
 
 class Capture:
-    """Handle returned by :func:`capture`; ``seen`` lists the layers observed in the last forward."""
+    """Handle returned by :func:`capture`; ``seen`` lists the layers observed so far in the block."""
 
     def __init__(self, layers: list[int]):
         self.layers = layers
         self.seen: list[int] = []
-
-    def reset(self) -> None:
-        self.seen = []
 
     def check(self) -> None:
         """Raise if a selected layer produced no attention (e.g. a fused kernel was still active)."""
@@ -38,20 +39,6 @@ class Capture:
                 f"no attention was observed for layers {missing}: the model did not run its eager "
                 "attention path (a fused kernel such as SDPA or flash attention is still active)"
             )
-
-
-def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
-    """None -> all layers; negative indices count from the end; duplicates removed, order kept."""
-    if layers is None:
-        return list(range(num_layers))
-    out = []
-    for l in layers:
-        k = l + num_layers if l < 0 else l
-        if not 0 <= k < num_layers:
-            raise AttentionBackendError(f"layer {l} is out of range for a model with {num_layers} layers")
-        if k not in out:
-            out.append(k)
-    return out
 
 
 @contextlib.contextmanager

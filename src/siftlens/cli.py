@@ -1,4 +1,4 @@
-"""The ``siftlens`` command line. Thin: it parses options, then calls the library."""
+"""The ``siftlens`` command line. Thin: it parses options, calls a job of :mod:`siftlens.jobs`, and prints."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
     """Train the project's ViT (supervised); weights are saved as safetensors with a JSON config."""
-    from .train import TrainConfig
-    from .train import train as run_train
+    from .training.supervised import TrainConfig
+    from .training.supervised import train as run_train
 
     cfg = TrainConfig(
         train=train, val=val, out=str(out), img_size=img_size, patch_size=patch_size, dim=dim, depth=depth,
@@ -162,19 +162,6 @@ def _layers(spec: str | None) -> list[int] | None:
         raise typer.BadParameter(f"--layers takes comma-separated integers like 0,5,-1, not {spec!r}") from e
 
 
-def _print_outcome(res, paths) -> None:
-    m = res.manifest
-    im = m["images"]
-    typer.echo(
-        f"analysed {im['analysed']} images ({im['no_keypoints']} without keypoints, {im['skipped']} skipped) "
-        f"in {m['timing']['seconds']:.1f} s ({m['timing']['images_per_s'] or 0:.1f} images/s)"
-    )
-    for k in ("metrics", "summary", "manifest"):
-        typer.echo(f"  {k:9s} {paths[k]}")
-    if "report" in paths:
-        typer.echo(f"report: {paths['report']}")
-
-
 @app.command()
 def analyze(
     model: Annotated[str, typer.Option(help="Built-in name (default), a local siftlens or Hugging Face model "
@@ -221,9 +208,9 @@ def analyze(
     number of images, and an interrupted run continues with --resume. Under torchrun
     (torchrun --nproc_per_node K -m siftlens.cli analyze ...) the ranks split the images and rank 0 writes the
     summary and report."""
+    from . import jobs
     from .analysis import AnalysisConfig
     from .analysis.store import parse_shard
-    from .pipeline import run_analysis
 
     cfg = AnalysisConfig(
         scheme=scheme, n_levels=levels, upsample=upsample, layers=_layers(layers), batch_size=batch_size,
@@ -232,12 +219,12 @@ def analyze(
     )
     src = images[0] if len(images) == 1 else images
     part = parse_shard(shard) if shard else None
-    res, paths = run_analysis(model, src, out, cfg, weights=weights, report=report, progress=progress,
-                              resume=resume, shard=part)
+    opts = jobs.JobOptions(weights=weights, report=report, progress=progress)
+    res, paths = jobs.run_analysis(model, src, out, cfg, opts, resume=resume, shard=part)
     if part is not None:
-        typer.echo(f"shard {part[0]}/{part[1]} written to {out}; combine all shards with 'siftlens merge'")
+        typer.echo(jobs.shard_outcome(part, out))
     elif res is not None:
-        _print_outcome(res, paths)
+        typer.echo(jobs.analysis_outcome(res, paths))
 
 
 @app.command()
@@ -247,10 +234,10 @@ def merge(
     report: Annotated[bool, typer.Option(help="Render figures/ and report.html.")] = True,
 ):
     """Combine the shards of one analysis (written with --shard i/K) into the outputs of a single run."""
-    from .pipeline import run_merge
+    from . import jobs
 
-    res, paths = run_merge(out, shard_dirs, report=report)
-    _print_outcome(res, paths)
+    res, paths = jobs.run_merge(out, shard_dirs, report=report)
+    typer.echo(jobs.analysis_outcome(res, paths))
 
 
 @app.command()
@@ -259,10 +246,10 @@ def demo(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
     """Analyse the built-in default model on the bundled CIFAR-10 sample, offline, and print the report path."""
-    from .pipeline import run_demo
+    from . import jobs
 
-    res, paths = run_demo(out, progress=progress)
-    _print_outcome(res, paths)
+    res, paths = jobs.run_demo(out, progress=progress)
+    typer.echo(jobs.analysis_outcome(res, paths))
 
 
 @app.command("make-spurious")
@@ -285,15 +272,13 @@ def make_spurious(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
     """Build SpuriousCIFAR: CIFAR-10 images with a class-correlated marker glyph planted in each."""
-    from .spurious_data import SpuriousConfig, build
+    from . import jobs
+    from .spurious.data import SpuriousConfig
 
     cfg = SpuriousConfig(cifar=cifar, out=str(out), marker_size=marker_size, rho=rho, placement=placement, seed=seed,
                          markers=markers, limit_per_class=limit_per_class,
                          splits=tuple(s.strip() for s in splits.split(",") if s.strip()), progress=progress)
-    man = build(cfg)
-    for split, st in man["splits"].items():
-        typer.echo(f"  {split:12s} {st['images']} images ({st['aligned']} aligned, {st['conflicting']} conflicting)")
-    typer.echo(f"SpuriousCIFAR written to {out}")
+    typer.echo(jobs.spurious_outcome(jobs.make_spurious(cfg), out))
 
 
 @app.command()
@@ -330,23 +315,16 @@ def discover(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
     """Find visual words the model attends to, that come with a class, and that its predictions depend on."""
-    from .spurious import DiscoveryConfig
-    from .spurious_report import run_discovery
+    from . import jobs
+    from .spurious.config import DiscoveryConfig
 
     cfg = DiscoveryConfig(vocab_size=vocab, vocab_sample=vocab_sample, attention=attention, upsample=upsample,
                           batch_size=batch_size, workers=workers, device=device, seed=seed, limit=limit,
                           min_images=min_images, causal_top=causal_top, causal_images=causal_images, occlude=occlude,
                           top=top, gallery=gallery)
-    res, paths = run_discovery(model, images, out, cfg, boxes=boxes, weights=weights, evaluate=evaluate,
-                               report=report, progress=progress)
-    for c, rows in res.top.items():
-        best = rows[0] if rows else None
-        typer.echo(f"  {c:12s} " + (f"word {best['word']:4d} score {best['score']:.3g}" if best else "no candidate"))
-    if res.evaluation:
-        ev = res.evaluation
-        typer.echo(f"own marker ranked first for {ev['rank1']:.0%} of classes; ranks: {ev['ranks']}")
-    for k, p in paths.items():
-        typer.echo(f"  {k:10s} {p}")
+    opts = jobs.JobOptions(weights=weights, report=report, progress=progress)
+    res, paths = jobs.run_discovery(model, images, out, cfg, boxes=boxes, evaluate=evaluate, options=opts)
+    typer.echo(jobs.discovery_outcome(res, paths))
 
 
 @app.command()
@@ -373,7 +351,7 @@ def prompt(
                                                     "default all.")] = None,
     drop_mode: Annotated[str, typer.Option(help="group (exact removal, one forward per kept count) or mask "
                                                 "(-inf key mask).")] = "group",
-    scheme: Annotated[str, typer.Option(help="Semantic weight per patch: count | footprint.")] = "count",
+    scheme: Annotated[str, typer.Option(help="Semantic weight per patch: count | response | footprint.")] = "count",
     groups: Annotated[str | None, typer.Option(help="SpuriousCIFAR markers.json for groups (default: the one in "
                                                     "--images, else groups are classes).")] = None,
     weights: Annotated[str | None, typer.Option(help="Weights file for timm:<name>.")] = None,
@@ -386,17 +364,16 @@ def prompt(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
     """Intervene on patch tokens at inference (no retraining) and report accuracy before and after."""
-    from .prompting import PromptConfig, format_summary, run_prompt
+    from . import jobs
+    from .prompting.run import PromptConfig
 
     cfg = PromptConfig(policy=policy, candidates=candidates, top_words=top_words, score_ratio=score_ratio,
                        extent=extent, dilate=dilate, q=q, beta=beta,
                        eps=eps, flag_bias=flag_bias, layers=_layers(layers), drop_mode=drop_mode, scheme=scheme,
                        upsample=upsample, batch_size=batch_size, workers=workers, device=device, seed=seed,
                        limit=limit, groups=groups)
-    res, paths = run_prompt(model, images, out, cfg, weights=weights, progress=progress)
-    typer.echo(format_summary(res.summary))
-    for k, p in paths.items():
-        typer.echo(f"  {k:11s} {p}")
+    res, paths = jobs.run_prompt(model, images, out, cfg, jobs.JobOptions(weights=weights, progress=progress))
+    typer.echo(jobs.prompt_outcome(res, paths))
 
 
 def main() -> None:

@@ -30,6 +30,11 @@ class ConfigError(SiftlensError):
     """An option value is out of range or inconsistent."""
 
 
+class LayerIndexError(ConfigError, AttentionBackendError):
+    """A layer index outside the model. A ConfigError; also an AttentionBackendError, which capture()
+    raised for it before its check and the model's became one."""
+
+
 class SkipImage(Exception):
     """Raised internally for one bad input; it is counted and listed, never fatal."""
 

@@ -1,8 +1,8 @@
 """Per-image interventions on the patch tokens, for any backend: drop, keep-top, attention bias.
 
-All functions take a :class:`~siftlens.models.backends.Backend` and a normalised batch ``x: (B, 3, H, W)``
+All functions take a :class:`~siftlens.models.backend.Backend` and a normalised batch ``x: (B, 3, H, W)``
 and work on patch masks over the model's grid (``N = g_h * g_w`` patches, row-major). They are used by
-discovery's occlusion check (:mod:`siftlens.spurious`) and by prompting (:mod:`siftlens.prompting`).
+discovery's occlusion check (:mod:`siftlens.spurious.causal`) and by prompting (:mod:`siftlens.prompting`).
 
 Variable numbers of dropped tokens per image. ``mode="group"`` runs one forward per distinct number of
 kept tokens, each with ``keep_idx`` (exact removal for every model and pooling); ``mode="mask"`` runs one
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .models.backends import Backend
+from .models.backend import Backend
 
 DROP_MODES = ("group", "mask")
 

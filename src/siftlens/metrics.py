@@ -1,4 +1,4 @@
-"""The metrics of METHOD.md section 3 as batched torch functions, the null models, and dataset statistics.
+"""The metrics of METHOD.md section 3 as batched torch functions (null models: :mod:`siftlens.nullmodel`).
 
 Notation (shapes): ``B`` images, ``h`` heads, ``T`` prefix tokens (CLS, distillation, registers) that come
 first, ``N`` patch tokens, ``S = T + N``, ``K`` weight maps per image (index 0 = the observed map, 1..K-1 =
@@ -16,11 +16,9 @@ attention and ``a`` the renormalised CLS row:
   query level (nats).
 
 The query-weighted lift ``sum_i c_i sum_j Bt_ij w_j / mean_j w_j`` (``c = w / sum w``) is algebraically
-``wi`` (substitute ``c_i = w_i / sum w`` and ``mean_j w_j = sum w / N``), so it is reported once, as ``wi``.
-
-All ratio metrics (``dist_rel`` included) are 1.0 (``cls_rho``: 0.0) under uniform attention. An image
-whose weights are all zero gets the neutral 1.0 for the weighted metrics and 0.0 for ``cls_rho``; the
-caller flags and excludes it.
+``wi``, so it is reported once, as ``wi``. All ratio metrics (``dist_rel`` included) are 1.0 (``cls_rho``:
+0.0) under uniform attention. An image whose weights are all zero gets the neutral 1.0 for the weighted
+metrics and 0.0 for ``cls_rho``; the caller flags and excludes it.
 
 Precision: every O(h N^2) reduction over the attention (the contraction ``Bt @ [w, one-hot(levels)]``,
 row and column sums, distances, entropies, and the sums of squares the exact null needs) runs in float32
@@ -32,19 +30,14 @@ Outputs are float32.
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-import numpy as np
 import torch
 
 from .errors import ConfigError, GeometryError
 from .stats import sums_from_features
 
 METRICS = ("sal", "wi", "cls_lift", "cls_rho", "R", "dist", "dist_rel", "entropy")
-NULL_KINDS = ("permute", "shift")
-Z_CLIP = 1e6
-STD_FLOOR = 1e-12
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,7 +98,7 @@ def average_ranks(x: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
 
 
 def _check_maps(weights, levels, n_levels, pos):
-    """The checks of :func:`_check_inputs` that do not involve attention."""
+    """The checks of the inputs that do not involve attention."""
     if weights.ndim != 3 or levels.shape != weights.shape:
         raise GeometryError(
             f"weights and levels must both have shape (B, K, N); got {tuple(weights.shape)} and "
@@ -126,10 +119,15 @@ def _check_maps(weights, levels, n_levels, pos):
 
 
 def _check_attention(attn, num_prefix, maps, n_levels, has_cls):
-    """The checks of :func:`_check_inputs` that involve attention, against prepared maps."""
+    """The checks that involve attention, against prepared maps."""
+    if n_levels != maps.n_levels:
+        raise ConfigError(f"the maps were prepared for {maps.n_levels} levels, not {n_levels}")
+    _check_attention_geometry(attn, num_prefix, maps.shape[0], maps.shape[2], has_cls)
+
+
+def _check_attention_geometry(attn, num_prefix, b, n, has_cls):
     if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
         raise GeometryError(f"attention must have shape (B, h, S, S), got {tuple(attn.shape)}")
-    b, _, n = maps.shape
     if attn.shape[0] != b:
         raise GeometryError(f"attention holds {attn.shape[0]} images but the weight maps hold {b}")
     if num_prefix < 0 or attn.shape[-1] != num_prefix + n:
@@ -137,8 +135,6 @@ def _check_attention(attn, num_prefix, maps, n_levels, has_cls):
             f"attention has {attn.shape[-1]} tokens but {num_prefix} prefix tokens + {n} patches were given; "
             "check the model's grid and prefix-token count"
         )
-    if n_levels != maps.n_levels:
-        raise ConfigError(f"the maps were prepared for {maps.n_levels} levels, not {n_levels}")
     if has_cls and num_prefix < 1:
         raise ConfigError("has_cls=True needs at least one prefix token; pass has_cls=False for models "
                           "without a CLS token")
@@ -147,34 +143,8 @@ def _check_attention(attn, num_prefix, maps, n_levels, has_cls):
 def _check_inputs(attn, num_prefix, weights, levels, n_levels, pos, has_cls):
     if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
         raise GeometryError(f"attention must have shape (B, h, S, S), got {tuple(attn.shape)}")
-    if weights.ndim != 3 or levels.shape != weights.shape:
-        raise GeometryError(
-            f"weights and levels must both have shape (B, K, N); got {tuple(weights.shape)} and "
-            f"{tuple(levels.shape)}"
-        )
-    b, _, s, _ = attn.shape
-    n = weights.shape[-1]
-    if weights.shape[0] != b:
-        raise GeometryError(f"attention holds {b} images but the weight maps hold {weights.shape[0]}")
-    if num_prefix < 0 or s != num_prefix + n:
-        raise GeometryError(
-            f"attention has {s} tokens but {num_prefix} prefix tokens + {n} patches were given; "
-            "check the model's grid and prefix-token count"
-        )
-    if n < 1:
-        raise GeometryError("need at least one patch token")
-    if tuple(pos.shape) != (n, 2):
-        raise GeometryError(f"patch positions must have shape ({n}, 2), got {tuple(pos.shape)}")
-    if has_cls and num_prefix < 1:
-        raise ConfigError("has_cls=True needs at least one prefix token; pass has_cls=False for models "
-                          "without a CLS token")
-    if n_levels < 1:
-        raise ConfigError(f"n_levels must be >= 1, got {n_levels}")
-    if levels.dtype.is_floating_point or levels.dtype == torch.bool:
-        raise ConfigError(f"levels must be an integer tensor, got {levels.dtype}")
-    if levels.numel() and (int(levels.min()) < 0 or int(levels.max()) >= n_levels):
-        raise ConfigError(f"levels must lie in [0, {n_levels}); got values in "
-                          f"[{int(levels.min())}, {int(levels.max())}]")
+    _check_maps(weights, levels, n_levels, pos)
+    _check_attention_geometry(attn, num_prefix, weights.shape[0], weights.shape[-1], has_cls)
 
 
 @dataclass
@@ -302,8 +272,9 @@ def _attention_sums(
     # sum_j Bt_ij D_ij / sum_j Bt_ij: dividing by the row sum (1 up to float32 rounding) makes uniform
     # attention give u_i, so dist_rel is 1.0 there to float32 rounding
     rowsum = bt.sum(-1)
-    dsum = torch.stack([torch.bmm(buf[i], m.dmat32[:, :, None]) for i in range(c)])  # (c, N_i, h, 1): row dots
-    torch.div(dsum[..., 0].transpose(1, 2), rowsum, out=dist)
+    # row i of every (image, head) dotted with row i of D: one batched matmul over the queries
+    dsum = torch.bmm(buf.transpose(0, 1).reshape(n, c * nh, n), m.dmat32[:, :, None])  # (N_i, c * h, 1)
+    torch.div(dsum.view(n, c, nh).permute(1, 2, 0), rowsum, out=dist)
     # entropy -sum_j p log p: 0 log 0 = 0 because the clamped log stays finite (torch's xlogy and entr give
     # the same values to float32 rounding but are not vectorised: 3x slower here)
     ent.copy_(torch.linalg.vecdot(bt, bt.clamp_min(_TINY).log_()).neg_())
@@ -329,10 +300,10 @@ def _quadratic_sums(bt: torch.Tensor, rowsum: torch.Tensor, col: torch.Tensor, p
 
 
 def _slice_maps(m: WeightMaps, s: int, e: int) -> WeightMaps:
+    """The maps of images ``s:e`` (``rhs`` is laid out per (image, map); the distances are shared)."""
     k = m.shape[1]
-    return WeightMaps(m.n_levels, m.w64[s:e], m.has_w[s:e], m.wmean[s:e], m.wsq[s:e], m.rw[s:e], m.rw_norm[s:e],
-                      m.lhs[s:e], m.rhs[s * k:e * k], m.ohT[s:e], m.cnt_safe[s:e], m.present[s:e], m.both[s:e],
-                      m.dmat, m.dmat32, m.u_lvl[s:e], m.has_u[s:e])
+    shared = {"n_levels": m.n_levels, "dmat": m.dmat, "dmat32": m.dmat32, "rhs": m.rhs[s * k:e * k]}
+    return WeightMaps(**shared, **{f.name: getattr(m, f.name)[s:e] for f in fields(m) if f.name not in shared})
 
 
 def image_metrics(
@@ -365,13 +336,9 @@ def image_metrics(
         ``dist`` (pixels), ``dist_rel`` (ratio) and ``entropy`` (nats): (B, h, K, L), NaN where level a
         is empty.
 
-    ``dist_rel`` removes the geometry from ``dist``: a query near the image centre is closer to all other
-    patches than a corner query, so its mean distance is smaller even under uniform attention. With
-    ``u_i = mean_j ||pos_i - pos_j||`` (the distance uniform attention gives query ``i``; O(N^2) once,
-    independent of heads and maps), ``dist_rel_a = dist_a / mean_{i in a} u_i``. It is 1.0 under uniform
-    attention and 0.0 when every query attends only to itself. Where those queries' ``u`` is 0 (a single
-    patch, or all patch centres coincide) attention cannot be more or less local than uniform, and the
-    neutral 1.0 is returned.
+    ``dist_rel`` removes the geometry from ``dist`` (a central query is near every patch even under uniform
+    attention): ``dist_rel_a = dist_a / mean_{i in a} u_i`` with ``u_i = mean_j ||pos_i - pos_j||``. It is 1.0
+    under uniform attention, 0.0 when every query attends only to itself, and the neutral 1.0 where ``u`` is 0.
     """
     if maps is None:
         _check_inputs(attn, num_prefix, weights, levels, n_levels, pos, has_cls)
@@ -481,178 +448,3 @@ def metrics_from_terms(t: AttentionTerms, m: WeightMaps) -> dict[str, torch.Tens
         "dist_rel": dist_rel.float(),
         "entropy": lvl[..., 1].float(),
     }
-
-
-# ----------------------------------------------------------------------------------------------------
-# null models
-
-
-def null_indices(
-    B: int,
-    N: int,
-    M: int,
-    grid: tuple[int, int] | None = None,
-    kind: str = "permute",
-    generator: torch.Generator | None = None,
-    device=None,
-) -> torch.Tensor:
-    """Index maps of the null model: (B, M, N) int64; null map m of image b is ``w[b, idx[b, m]]``.
-
-    ``permute``: M independent uniform random permutations of the N patch positions per image.
-    ``shift``: M random cyclic 2-D shifts of the row-major ``grid = (g_h, g_w)`` map per image, drawn
-    uniformly, with replacement, from the group of all ``g_h * g_w`` shifts (the identity included, as a
-    permutation null includes the identity permutation); see :func:`all_shifts`.
-    Randomness comes from ``generator`` (on its own device) and the result is moved to ``device``.
-    """
-    if kind not in NULL_KINDS:
-        raise ConfigError(f"unknown null model {kind!r}; choose one of {', '.join(NULL_KINDS)}")
-    if B < 0 or N < 1 or M < 0:
-        raise ConfigError(f"need B >= 0, N >= 1, M >= 0; got B={B}, N={N}, M={M}")
-    gen_dev = generator.device if generator is not None else (device if device is not None else "cpu")
-    if kind == "permute":
-        idx = torch.rand(B, M, N, generator=generator, device=gen_dev).argsort(-1)
-        return idx.to(device if device is not None else gen_dev)
-    if grid is None or grid[0] * grid[1] != N:
-        raise GeometryError(f"the shift null model needs a grid (g_h, g_w) with g_h * g_w = {N}, got {grid}")
-    if N < 2:
-        raise ConfigError("the shift null model needs a grid with more than one patch")
-    s = torch.randint(0, N, (B, M), generator=generator, device=gen_dev)  # flat shift index
-    return all_shifts(grid).to(gen_dev)[s].to(device if device is not None else gen_dev)
-
-
-def all_shifts(grid: tuple[int, int]) -> torch.Tensor:
-    """Every cyclic 2-D shift of a row-major (g_h, g_w) grid: (N, N) int64, row s the shift by
-    ``(dy, dx) = (s // g_w, s % g_w)``, row 0 the identity; map s of w is ``w[idx[s]]``, i.e.
-    ``torch.roll(w.view(g_h, g_w), (dy, dx), (0, 1))``: ``w'[r, c] = w[(r - dy) % g_h, (c - dx) % g_w]``."""
-    gh, gw = grid
-    s = torch.arange(gh * gw)
-    dy, dx = (s // gw)[:, None, None], (s % gw)[:, None, None]
-    rows, cols = torch.arange(gh)[:, None], torch.arange(gw)[None, :]
-    return (((rows - dy) % gh) * gw + (cols - dx) % gw).reshape(gh * gw, gh * gw)
-
-
-def with_null(
-    weights: torch.Tensor, levels: torch.Tensor, idx: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the observed maps with their null resamplings.
-
-    weights: (B, N) float, levels: (B, N) int, idx: (B, M, N) from :func:`null_indices`.
-    Returns weights (B, 1 + M, N) and levels (B, 1 + M, N); index 0 is the observed map,
-    index 1 + m is ``weights[b, idx[b, m]]`` (levels gathered with the same indices).
-    """
-    if weights.ndim != 2 or levels.shape != weights.shape:
-        raise GeometryError(f"weights and levels must both be (B, N); got {tuple(weights.shape)} and "
-                            f"{tuple(levels.shape)}")
-    b, n = weights.shape
-    if idx.ndim != 3 or idx.shape[0] != b or idx.shape[2] != n:
-        raise GeometryError(f"null indices must be ({b}, M, {n}), got {tuple(idx.shape)}")
-    idx = idx.to(weights.device)
-    m = idx.shape[1]
-    w_null = torch.gather(weights[:, None, :].expand(b, m, n), 2, idx)
-    l_null = torch.gather(levels[:, None, :].expand(b, m, n), 2, idx.to(levels.device))
-    return torch.cat([weights[:, None], w_null], 1), torch.cat([levels[:, None], l_null], 1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# dataset-level statistics (numpy, float64)
-
-
-def _np(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().double().numpy()
-    return np.asarray(x, np.float64)
-
-
-def bootstrap_ci(
-    values, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap confidence interval of the NaN-ignoring mean over axis 0.
-
-    values: (n, ...) array or tensor (n images). Returns ``(lo, hi)``, each of shape ``values.shape[1:]``
-    (float64): the ``alpha/2`` and ``1 - alpha/2`` percentiles of ``n_boot`` resampled means. A resample is
-    a row of an ``(n_boot, n)`` index matrix, turned into per-image counts, so the means are one matrix
-    product (memory-bounded chunks of resamples). A column's NaN entries are ignored; a column that is
-    all NaN (or ``n == 0``) gives NaN. With ``n == 1``, ``lo == hi ==`` the value.
-    """
-    if not 0 < alpha < 1:
-        raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
-    if n_boot < 1:
-        raise ConfigError(f"n_boot must be >= 1, got {n_boot}")
-    v = _np(values)
-    if v.ndim == 0:
-        raise GeometryError("bootstrap_ci needs values of shape (n, ...)")
-    n, tail = v.shape[0], v.shape[1:]
-    if n == 0:
-        return np.full(tail, np.nan), np.full(tail, np.nan)
-    flat = v.reshape(n, -1)
-    ok = ~np.isnan(flat)
-    x, okf = np.where(ok, flat, 0.0), ok.astype(np.float64)
-    rng = np.random.default_rng(seed)
-    means = np.empty((n_boot, flat.shape[1]))
-    chunk = max(1, (1 << 22) // n)  # bound the (chunk, n) count matrix to ~32 MB
-    for s in range(0, n_boot, chunk):
-        e = min(n_boot, s + chunk)
-        idx = rng.integers(0, n, (e - s, n))
-        counts = np.bincount((np.arange(e - s)[:, None] * n + idx).ravel(), minlength=(e - s) * n)
-        counts = counts.reshape(e - s, n).astype(np.float64)
-        tot, cnt = counts @ x, counts @ okf
-        means[s:e] = np.where(cnt > 0, tot / np.maximum(cnt, 1.0), np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns -> NaN, silently
-        lo, hi = np.nanpercentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
-    return lo.reshape(tail), hi.reshape(tail)
-
-
-def null_stats(obs, null) -> tuple[np.ndarray, np.ndarray]:
-    """z-score and empirical two-sided p-value of ``obs`` against its null distribution.
-
-    obs: (...); null: (M, ...) (M null values per entry). NaN null values are ignored (``M`` counts the
-    others); an entry with NaN ``obs`` or no finite null value gives NaN for both.
-
-    ``z = (obs - mean) / std`` with the population std (ddof 0) of the null values. When ``obs`` equals
-    the null mean, ``z = 0``. Otherwise a degenerate null (std below ``STD_FLOOR = 1e-12``) uses that
-    floor, and ``|z|`` is clipped to ``Z_CLIP = 1e6``, so z is always finite.
-    ``p = (1 + #{m : |null_m - mean| >= |obs - mean|}) / (M + 1)``. Returns ``(z, p)``, float64, shape of obs.
-    """
-    o, nl = _np(obs), _np(null)
-    if nl.ndim == 0 or nl.shape[1:] != o.shape:
-        raise GeometryError(f"null must have shape (M, *obs.shape) = (M, {o.shape}), got {nl.shape}")
-    ok = ~np.isnan(nl)
-    m = ok.sum(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.nanmean(nl, 0) if nl.shape[0] else np.full(o.shape, np.nan)
-        std = np.nanstd(nl, 0) if nl.shape[0] else np.full(o.shape, np.nan)
-    diff = o - mean
-    z = np.clip(diff / np.maximum(std, STD_FLOOR), -Z_CLIP, Z_CLIP)  # exactly 0 when diff == 0
-    with np.errstate(invalid="ignore"):
-        extreme = (np.abs(nl - mean) >= np.abs(diff)) & ok
-    p = (1.0 + extreme.sum(0)) / (m + 1.0)
-    bad = np.isnan(o) | (m == 0)
-    return np.where(bad, np.nan, z), np.where(bad, np.nan, p)
-
-
-def bh_qvalues(p) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (q-values) of a family of tests.
-
-    p: (n,) (or any shape, treated as one family) p-values in [0, 1]. NaN entries stay NaN and do not
-    count in n. ``q_(i) = min_{j >= i} p_(j) * n / j`` over the ascending order, clipped to 1, so q is
-    monotone in p. Returns float64 of p's shape.
-    """
-    pa = _np(p)
-    flat = pa.ravel()
-    ok = ~np.isnan(flat)
-    pv = flat[ok]
-    if pv.size and (pv.min() < 0 or pv.max() > 1):
-        raise ConfigError("p-values must lie in [0, 1]")
-    q = np.full(flat.shape, np.nan)
-    m = pv.size
-    if m:
-        order = np.argsort(pv, kind="stable")
-        scaled = pv[order] * m / np.arange(1, m + 1)
-        scaled = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
-        out = np.empty(m)
-        out[order] = scaled
-        q[ok] = out
-    return q.reshape(pa.shape)
-

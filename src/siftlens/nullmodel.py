@@ -10,7 +10,7 @@ result never depends on batching, sharding or where a run was interrupted:
   (:func:`siftlens.stats.qap_moments`); ``dist_rel`` is a ratio of two linear statistics of the same
   permuted level indicator and uses the delta method on their exact joint moments.
 - ``exact`` for the cyclic-shift null: the N cyclic 2-D shifts of the grid form a group, and all of them
-  are enumerated (:func:`siftlens.metrics.all_shifts`), so the moments are exact over the group.
+  are enumerated (:func:`all_shifts`), so the moments are exact over the group.
 - Monte Carlo (``null=M``): M random maps per image, drawn from a generator seeded by the run seed and
   the image's key (:func:`image_key`); the reference the exact moments are tested against.
 
@@ -27,8 +27,77 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .metrics import AttentionTerms, WeightMaps, null_indices
+from .errors import ConfigError, GeometryError
+from .metrics import AttentionTerms, WeightMaps
 from .stats import linear_moments, outer_sums, qap_moments
+
+NULL_KINDS = ("permute", "shift")
+
+
+def null_indices(
+    B: int,
+    N: int,
+    M: int,
+    grid: tuple[int, int] | None = None,
+    kind: str = "permute",
+    generator: torch.Generator | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Index maps of the null model: (B, M, N) int64; null map m of image b is ``w[b, idx[b, m]]``.
+
+    ``permute``: M independent uniform random permutations of the N patch positions per image.
+    ``shift``: M random cyclic 2-D shifts of the row-major ``grid = (g_h, g_w)`` map per image, drawn
+    uniformly, with replacement, from the group of all ``g_h * g_w`` shifts (the identity included, as a
+    permutation null includes the identity permutation); see :func:`all_shifts`.
+    Randomness comes from ``generator`` (on its own device) and the result is moved to ``device``.
+    """
+    if kind not in NULL_KINDS:
+        raise ConfigError(f"unknown null model {kind!r}; choose one of {', '.join(NULL_KINDS)}")
+    if B < 0 or N < 1 or M < 0:
+        raise ConfigError(f"need B >= 0, N >= 1, M >= 0; got B={B}, N={N}, M={M}")
+    gen_dev = generator.device if generator is not None else (device if device is not None else "cpu")
+    if kind == "permute":
+        idx = torch.rand(B, M, N, generator=generator, device=gen_dev).argsort(-1)
+        return idx.to(device if device is not None else gen_dev)
+    if grid is None or grid[0] * grid[1] != N:
+        raise GeometryError(f"the shift null model needs a grid (g_h, g_w) with g_h * g_w = {N}, got {grid}")
+    if N < 2:
+        raise ConfigError("the shift null model needs a grid with more than one patch")
+    s = torch.randint(0, N, (B, M), generator=generator, device=gen_dev)  # flat shift index
+    return all_shifts(grid).to(gen_dev)[s].to(device if device is not None else gen_dev)
+
+
+def all_shifts(grid: tuple[int, int]) -> torch.Tensor:
+    """Every cyclic 2-D shift of a row-major (g_h, g_w) grid: (N, N) int64, row s the shift by
+    ``(dy, dx) = (s // g_w, s % g_w)``, row 0 the identity; map s of w is ``w[idx[s]]``, i.e.
+    ``torch.roll(w.view(g_h, g_w), (dy, dx), (0, 1))``: ``w'[r, c] = w[(r - dy) % g_h, (c - dx) % g_w]``."""
+    gh, gw = grid
+    s = torch.arange(gh * gw)
+    dy, dx = (s // gw)[:, None, None], (s % gw)[:, None, None]
+    rows, cols = torch.arange(gh)[:, None], torch.arange(gw)[None, :]
+    return (((rows - dy) % gh) * gw + (cols - dx) % gw).reshape(gh * gw, gh * gw)
+
+
+def with_null(
+    weights: torch.Tensor, levels: torch.Tensor, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the observed maps with their null resamplings.
+
+    weights: (B, N) float, levels: (B, N) int, idx: (B, M, N) from :func:`null_indices`.
+    Returns weights (B, 1 + M, N) and levels (B, 1 + M, N); index 0 is the observed map,
+    index 1 + m is ``weights[b, idx[b, m]]`` (levels gathered with the same indices).
+    """
+    if weights.ndim != 2 or levels.shape != weights.shape:
+        raise GeometryError(f"weights and levels must both be (B, N); got {tuple(weights.shape)} and "
+                            f"{tuple(levels.shape)}")
+    b, n = weights.shape
+    if idx.ndim != 3 or idx.shape[0] != b or idx.shape[2] != n:
+        raise GeometryError(f"null indices must be ({b}, M, {n}), got {tuple(idx.shape)}")
+    idx = idx.to(weights.device)
+    m = idx.shape[1]
+    w_null = torch.gather(weights[:, None, :].expand(b, m, n), 2, idx)
+    l_null = torch.gather(levels[:, None, :].expand(b, m, n), 2, idx.to(levels.device))
+    return torch.cat([weights[:, None], w_null], 1), torch.cat([levels[:, None], l_null], 1)
 
 
 def image_key(name: str) -> int:

@@ -16,11 +16,14 @@ Null model: the weight map is re-assigned to the ``N`` patch positions by a unif
   sums ``T_X(q)`` (same-block indices equal, others free; each an O(N^2) reduction) by Moebius inversion
   on the partition lattice: ``S(p) = sum_{q >= p} mu(p, q) T(q)``.
 - Two-sided normal p-values for the resulting z-scores, without scipy (:func:`normal_two_sided_p`).
+- Dataset statistics: the exact in-memory percentile bootstrap (:func:`bootstrap_ci`, the reference of the
+  analysis' online Poisson bootstrap) and Benjamini-Hochberg q-values (:func:`bh_qvalues`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from itertools import product
 
 import numpy as np
@@ -245,3 +248,77 @@ def normal_two_sided_p(z: np.ndarray) -> np.ndarray:
     zt = torch.tensor(np.asarray(z, dtype=np.float64)).abs()
     p = torch.special.erfc(zt / math.sqrt(2.0)).clamp(0.0, 1.0)
     return p.numpy()
+
+
+# dataset-level statistics (numpy, float64)
+
+
+def _np(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, np.float64)
+
+
+def bootstrap_ci(
+    values, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap confidence interval of the NaN-ignoring mean over axis 0.
+
+    values: (n, ...) array or tensor (n images). Returns ``(lo, hi)``, each of shape ``values.shape[1:]``
+    (float64): the ``alpha/2`` and ``1 - alpha/2`` percentiles of ``n_boot`` resampled means. A resample is
+    a row of an ``(n_boot, n)`` index matrix, turned into per-image counts, so the means are one matrix
+    product (memory-bounded chunks of resamples). A column's NaN entries are ignored; a column that is
+    all NaN (or ``n == 0``) gives NaN. With ``n == 1``, ``lo == hi ==`` the value.
+    """
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
+    if n_boot < 1:
+        raise ConfigError(f"n_boot must be >= 1, got {n_boot}")
+    v = _np(values)
+    if v.ndim == 0:
+        raise GeometryError("bootstrap_ci needs values of shape (n, ...)")
+    n, tail = v.shape[0], v.shape[1:]
+    if n == 0:
+        return np.full(tail, np.nan), np.full(tail, np.nan)
+    flat = v.reshape(n, -1)
+    ok = ~np.isnan(flat)
+    x, okf = np.where(ok, flat, 0.0), ok.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty((n_boot, flat.shape[1]))
+    chunk = max(1, (1 << 22) // n)  # bound the (chunk, n) count matrix to ~32 MB
+    for s in range(0, n_boot, chunk):
+        e = min(n_boot, s + chunk)
+        idx = rng.integers(0, n, (e - s, n))
+        counts = np.bincount((np.arange(e - s)[:, None] * n + idx).ravel(), minlength=(e - s) * n)
+        counts = counts.reshape(e - s, n).astype(np.float64)
+        tot, cnt = counts @ x, counts @ okf
+        means[s:e] = np.where(cnt > 0, tot / np.maximum(cnt, 1.0), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns -> NaN, silently
+        lo, hi = np.nanpercentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    return lo.reshape(tail), hi.reshape(tail)
+
+
+def bh_qvalues(p) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values) of a family of tests.
+
+    p: (n,) (or any shape, treated as one family) p-values in [0, 1]. NaN entries stay NaN and do not
+    count in n. ``q_(i) = min_{j >= i} p_(j) * n / j`` over the ascending order, clipped to 1, so q is
+    monotone in p. Returns float64 of p's shape.
+    """
+    pa = _np(p)
+    flat = pa.ravel()
+    ok = ~np.isnan(flat)
+    pv = flat[ok]
+    if pv.size and (pv.min() < 0 or pv.max() > 1):
+        raise ConfigError("p-values must lie in [0, 1]")
+    q = np.full(flat.shape, np.nan)
+    m = pv.size
+    if m:
+        order = np.argsort(pv, kind="stable")
+        scaled = pv[order] * m / np.arange(1, m + 1)
+        scaled = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+        out = np.empty(m)
+        out[order] = scaled
+        q[ok] = out
+    return q.reshape(pa.shape)

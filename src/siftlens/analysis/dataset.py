@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data import ImageSource
 from ..errors import SkipImage
 from ..keypoints import SiftParams, auto_upsample, keypoint_map
-from ..models.backends import Backend
+from ..models import Backend
 from .config import AnalysisConfig
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from ..attention import Rollout, capture, resolve_layers
-from ..metrics import WeightMaps, all_shifts, attention_terms, metrics_from_terms, prepare_maps, with_null
-from ..models.backends import Backend
-from ..nullmodel import MapSums, exact_moments, image_key, keyed_null_indices, map_sums
+from ..metrics import WeightMaps, attention_terms, metrics_from_terms, prepare_maps
+from ..models import Backend
+from ..nullmodel import MapSums, all_shifts, exact_moments, image_key, keyed_null_indices, map_sums, with_null
 from .config import LEVEL_METRICS, SCALAR_METRICS, AnalysisConfig, cells
 
 

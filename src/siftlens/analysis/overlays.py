@@ -13,7 +13,7 @@ import torch
 from ..attention import capture
 from ..data import ImageSource
 from ..keypoints import SiftParams
-from ..models.backends import Backend
+from ..models import Backend
 from .config import AnalysisConfig
 from .dataset import KeypointDataset
 

@@ -26,7 +26,7 @@ from ..devices import DistInfo, barrier, init_distributed
 from ..errors import ConfigError
 from ..io import read_json, write_json
 from ..keypoints import SiftParams
-from ..models.backends import Backend, load_backend
+from ..models import Backend, load_backend
 from ..progress import progress_bar
 from .config import AnalysisConfig, cells, level_names
 from .dataset import KeypointDataset, make_loader, one_cv2_thread_per_worker, sift_params
@@ -115,7 +115,7 @@ def analyze(
 ) -> AnalysisResult | None:
     """Analyse ``model`` over ``images`` into the folder ``out`` (a temporary one if None).
 
-    ``model``: a Backend or anything :func:`~siftlens.models.backends.load_backend` accepts.
+    ``model``: a Backend or anything :func:`~siftlens.models.load_backend` accepts.
     ``resume``: continue the interrupted run in ``out``. ``shard=(i, K)``: analyse only images
     ``i, i + K, ...`` and stop before the summary (combine shards with :func:`merge`); returns None then.
     Under torchrun, ranks split the images and rank 0 returns the result (other ranks return None).

@@ -17,9 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..metrics import bh_qvalues
 from ..nullmodel import image_key
-from ..stats import normal_two_sided_p
+from ..stats import bh_qvalues, normal_two_sided_p
 
 Z_CLIP = 1e6
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, GeometryError, ModelLoadError
+from ..errors import GeometryError, ModelLoadError
+from .layers import resolve_layers
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -226,11 +227,7 @@ class ViT(nn.Module):
         t = self.embed(x, keep_idx)
         chosen = None
         if attn_bias is not None and bias_layers is not None:
-            n = len(self.blocks)
-            bad = [l for l in bias_layers if not -n <= l < n]
-            if bad:
-                raise ConfigError(f"layer(s) {bad} out of range for a model with {n} layers")
-            chosen = {l % n for l in bias_layers}
+            chosen = set(resolve_layers(bias_layers, len(self.blocks)))
         for i, blk in enumerate(self.blocks):
             t = blk(t, attn_bias if chosen is None or i in chosen else None)
         return self.norm(t)
@@ -313,16 +310,3 @@ def load_vit(directory: str | os.PathLike, map_location: str = "cpu") -> ViT:
             f"weights in {wpath} do not match its config (missing {len(missing)}, unexpected {len(unexpected)})"
         )
     return model.eval()
-
-
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def flops_per_image(cfg: ViTConfig) -> float:
-    """Approximate forward FLOPs (multiply-add = 2) of one image; used by benchmarks."""
-    n = cfg.grid_size[0] * cfg.grid_size[1] + cfg.num_prefix_tokens
-    d = cfg.dim
-    per_layer = 2 * n * (3 * d * d + d * d + 2 * d * int(d * cfg.mlp_ratio)) + 2 * 2 * n * n * d
-    patch = 2 * cfg.grid_size[0] * cfg.grid_size[1] * cfg.in_chans * cfg.patch_size**2 * d
-    return float(cfg.depth * per_layer + patch)

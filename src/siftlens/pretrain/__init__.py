@@ -1,15 +1,20 @@
 """SIFT-guided masked-image-modelling pre-training (METHOD.md section 5).
 
     masking.py    policies (random, sift, sift-curriculum, kamim) and keypoint loss weights
-    augment.py    crop + flip applied to pixels and cached SIFT keypoints alike; the keypoint bank
+    augment.py    cached SIFT keypoints moved with each crop + flip; the keypoint bank
     evaluate.py   k-NN accuracy and linear probe on frozen encoder features
-    engine.py     the training loop (``pretrain(PretrainConfig(...))``, CLI ``siftlens pretrain``)
+    engine.py     the MAE epoch and run over :mod:`siftlens.training` (``pretrain(PretrainConfig(...))``,
+                  CLI ``siftlens pretrain``)
     plots.py      curves
+
+The crop + flip itself (``AugParams``, ``draw_augment``, ``apply_augment``) lives in
+:mod:`siftlens.training.augment` and is re-exported here.
 """
 
 from __future__ import annotations
 
-from .augment import AugParams, KeypointBank, apply_augment, draw_augment, patch_counts, transform_keypoints
+from ..training.augment import AugParams, apply_augment, draw_augment
+from .augment import KeypointBank, patch_counts, transform_keypoints
 from .engine import PretrainConfig, pretrain
 from .evaluate import extract_features, knn_accuracy, knn_predict, linear_probe
 from .masking import POLICIES, gumbel, kamim_density, kamim_weights, keypoint_loss_weights, mask_scores, tau_at

@@ -2,11 +2,12 @@
 
 SIFT runs once on the cached original images (:class:`KeypointBank`: per image, keypoint centres
 ``xy`` and sizes, in model-input pixels, pixel centres at integers). Every training batch draws one
-random crop (with zero padding) and one horizontal flip per image (:func:`draw_augment`, the same
-draws in the same order as :func:`siftlens.train.augment`), applies them to the pixels
-(:func:`apply_augment`) *and* to the cached keypoints (:func:`transform_keypoints`), and rebuilds the
-patch weight map from the moved keypoints (:func:`patch_counts`, the ``count`` scheme of
-:func:`siftlens.keypoints.weight_map`, vectorised over the batch).
+random crop (with zero padding) and one horizontal flip per image
+(:func:`siftlens.training.augment.draw_augment`, the draws supervised training makes too), applies them
+to the pixels (:func:`siftlens.training.augment.apply_augment`) *and* to the cached keypoints
+(:func:`transform_keypoints`), and rebuilds the patch weight map from the moved keypoints
+(:func:`patch_counts`, the ``count`` scheme of :func:`siftlens.keypoints.weight_map`, vectorised over
+the batch).
 
 Geometry of a crop with padding ``pad`` and offsets ``(dy, dx)``: output pixel ``(r, c)`` is padded
 pixel ``(r + dy, c + dx)``, i.e. original pixel ``(r + dy - pad, c + dx - pad)``; so a keypoint moves
@@ -25,43 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..io import atomic_path
 from ..keypoints import SiftParams, detect
-
-
-@dataclass
-class AugParams:
-    """Per-image augmentation of a batch: crop offsets ``dy, dx`` (B,) long in [0, 2 pad] (None when
-    ``pad == 0``: no crop) and ``flip`` (B,) bool."""
-
-    dy: torch.Tensor | None
-    dx: torch.Tensor | None
-    flip: torch.Tensor
-
-
-def draw_augment(batch: int, pad: int, gen: torch.Generator) -> AugParams:
-    """Draw crops and flips for ``batch`` images, consuming ``gen`` exactly as ``train.augment`` does."""
-    dy = dx = None
-    if pad > 0:
-        dy = torch.randint(0, 2 * pad + 1, (batch,), generator=gen)
-        dx = torch.randint(0, 2 * pad + 1, (batch,), generator=gen)
-    return AugParams(dy, dx, torch.rand(batch, generator=gen) < 0.5)
-
-
-def apply_augment(x: torch.Tensor, p: AugParams, pad: int) -> torch.Tensor:
-    """Crop with zero padding, then flip. x: (B, C, H, W) -> (B, C, H, W)."""
-    B, C, H, W = x.shape
-    if p.dy is not None:
-        xp = F.pad(x, (pad, pad, pad, pad))
-        rows = (p.dy[:, None] + torch.arange(H)[None]).to(x.device)  # (B, H)
-        cols = (p.dx[:, None] + torch.arange(W)[None]).to(x.device)  # (B, W)
-        bidx = torch.arange(B, device=x.device)[:, None, None]
-        x = xp.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    flip = p.flip.to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+from ..training.augment import AugParams
 
 
 def transform_keypoints(xy: torch.Tensor, valid: torch.Tensor, p: AugParams, pad: int,

@@ -14,25 +14,27 @@ siftlens ViT), ``mae/`` (encoder + decoder), ``keypoints.npz`` (guided policies)
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data import ImageSource, load_labelled_array
+from ..devices import barrier
 from ..errors import ConfigError
-from ..io import atomic_path, write_json
-from ..keypoints import SiftParams
+from ..io import write_json
+from ..keypoints import SiftParams, auto_upsample
 from ..models.mae import MAE, MAEConfig, save_mae
 from ..models.vit import ViTConfig, save_vit
 from ..progress import progress_bar
-from ..train import lr_at, normalize
-from .augment import KeypointBank, apply_augment, draw_augment, patch_counts, transform_keypoints
+from ..training.augment import apply_augment, draw_augment
+from ..training.images import Labelled, channel_stats, load_train_val, normalize
+from ..training.loop import Loop, Run, end_run, epoch_range, start_run
+from ..training.optim import Schedule, adamw
+from .augment import KeypointBank, patch_counts, transform_keypoints
 from .evaluate import extract_features, knn_accuracy, linear_probe
 from .masking import (
     check_policy,
@@ -95,35 +97,39 @@ class PretrainConfig:
     stop_after: int | None = None
 
 
-def _load(spec: str, limit: int | None, size: tuple[int, int], pb, what: str):
-    src = ImageSource(spec, limit=limit)
-    if src.classes is None:
-        raise ConfigError(f"{spec} is not in ImageFolder layout (root/<class>/<image>)")
-    task = pb.add_task(f"decode {what}", total=len(src), info="")
-    x, y, skipped = load_labelled_array(src, size, progress=lambda n: pb.advance(task, n))
-    return src.classes, x, y, skipped
-
-
-def _keypoints(pc: PretrainConfig, x: np.ndarray, rank: int, world: int, pb) -> tuple[KeypointBank, float]:
+def _keypoints(pc: PretrainConfig, x: np.ndarray, run: Run, pb) -> tuple[KeypointBank, float]:
     """SIFT on every cached original once (rank 0; other ranks wait and read the cache)."""
-    u = pc.upsample or float(max(1.0, 128.0 / pc.img_size))
-    params = SiftParams(upsample=u)
+    params = SiftParams(upsample=pc.upsample or auto_upsample((pc.img_size, pc.img_size)))
     path = Path(pc.keypoint_cache or Path(pc.out) / "keypoints.npz")
     t0 = time.time()
-    if rank == 0 and not path.exists():
-        task = pb.add_task("SIFT", total=len(x), info=f"u = {u:g}")
+    if run.is_main and not path.exists():
+        task = pb.add_task("SIFT", total=len(x), info=f"u = {params.upsample:g}")
         KeypointBank.detect(x, params, progress=lambda n: pb.advance(task, n)).save(path)
-    if world > 1:
-        torch.distributed.barrier()
+    barrier(run.dist)
     return KeypointBank.load(path, params, x), time.time() - t0
 
 
+def build_mae(pc: PretrainConfig, data: Labelled) -> MAE:
+    """The MAE of ``pc``, normalising by ``data``'s channel statistics, initialised from ``pc.seed``."""
+    mean, std = channel_stats(data.x)
+    enc = ViTConfig(img_size=(pc.img_size, pc.img_size), patch_size=pc.patch_size, num_classes=0, dim=pc.dim,
+                    depth=pc.depth, heads=pc.heads, mlp_ratio=pc.mlp_ratio, num_registers=pc.num_registers,
+                    pool=pc.feature, mean=mean, std=std, class_names=data.classes)
+    dec = MAEConfig(decoder_dim=pc.decoder_dim, decoder_depth=pc.decoder_depth, decoder_heads=pc.decoder_heads,
+                    mask_ratio=pc.mask_ratio, norm_pix=pc.norm_pix, loss=pc.loss)
+    torch.manual_seed(pc.seed)
+    return MAE(enc, dec).to(pc.device)
+
+
 def batch_inputs(pc: PretrainConfig, model: MAE, x_u8: torch.Tensor, idx: torch.Tensor, bank: KeypointBank | None,
-                 gen: torch.Generator, tau: float, mean, std):
+                 gen: torch.Generator, tau: float):
     """One batch: augmented pixels (B, C, H, W), mask scores (B, N), loss weights (B, N) or None, and the
-    seconds spent on keypoints and masking (the policy's overhead over plain random masking; CPU timing)."""
-    H, W = model.encoder.cfg.img_size
-    xb = normalize(x_u8[idx].to(pc.device), mean, std)
+    seconds spent on keypoints and masking (the policy's overhead over plain random masking; CPU timing).
+
+    x_u8: all training images (M, H, W, 3) uint8; idx: (B,) the batch's indices; normalised with the
+    encoder's own mean and std."""
+    cfg = model.encoder.cfg
+    xb = normalize(x_u8[idx].to(pc.device), cfg.mean, cfg.std)
     aug = draw_augment(len(idx), pc.pad, gen)
     xb = apply_augment(xb, aug, pc.pad)
     u = torch.rand(len(idx), model.num_patches, generator=gen).to(pc.device)
@@ -131,10 +137,11 @@ def batch_inputs(pc: PretrainConfig, model: MAE, x_u8: torch.Tensor, idx: torch.
     counts = weights = None
     if bank is not None:
         kxy, valid = bank.batch(idx, pc.device)
-        kxy, valid = transform_keypoints(kxy, valid, aug, pc.pad, (H, W))
+        kxy, valid = transform_keypoints(kxy, valid, aug, pc.pad, cfg.img_size)
         counts = patch_counts(kxy, valid, model.encoder.patch_size, model.encoder.grid_size)
         if pc.policy == "kamim":
-            dens = kamim_density(kxy, valid, (H, W), model.encoder.patch_size, max(1, round(bank.params.upsample)))
+            dens = kamim_density(kxy, valid, cfg.img_size, model.encoder.patch_size,
+                                 max(1, round(bank.params.upsample)))
             weights = kamim_weights(dens, pc.kamim_temp)
         elif pc.lam > 0:
             weights = keypoint_loss_weights(counts, pc.lam)
@@ -142,8 +149,39 @@ def batch_inputs(pc: PretrainConfig, model: MAE, x_u8: torch.Tensor, idx: torch.
     return xb, scores, weights, time.perf_counter() - t0
 
 
+def train_one_epoch(loop: Loop, x_u8: torch.Tensor, bank: KeypointBank | None, pc: PretrainConfig, epoch: int,
+                    tick: Callable[[str], None]) -> dict:
+    """One epoch of MAE steps with ``pc.policy``'s masks; returns its record."""
+    t0, prep, loss_sum = time.time(), 0.0, 0.0
+    loop.model.train()
+    gen, batches = loop.epoch_batches(epoch, len(x_u8))
+    for s, (step, idx) in enumerate(batches):
+        loop.set_lr(step)
+        tau = tau_at(pc.policy, step, loop.sched.total, pc.tau, pc.tau_max)
+        xb, scores, weights, dt = batch_inputs(pc, loop.model, x_u8, idx, bank, gen, tau)
+        prep += dt
+        xb, scores, weights = loop.run.shard(xb, scores, weights)
+        with loop.autocast():
+            loss = loop.ddp(xb, scores, weights)[0]
+        loop.step(loss)
+        loss_sum += float(loss.detach())
+        tick(f"ep {epoch + 1}/{pc.epochs} loss {loss_sum / (s + 1):.4f}")
+    steps = loop.sched.steps_per_epoch
+    return {"epoch": epoch + 1, "train_loss": loss_sum / steps, "lr": loop.lr, "tau": tau,
+            "seconds": time.time() - t0, "prep_seconds": prep, "steps": steps}
+
+
+def eval_data(pc: PretrainConfig, tr: Labelled, va: Labelled) -> dict:
+    """What evaluation needs: held-out images and labels, and an evenly spaced subset of at most
+    ``pc.knn_train_limit`` training images for the k-NN memory bank and the probe's training set."""
+    m = len(tr.x)
+    kn = np.unique(np.linspace(0, m - 1, min(pc.knn_train_limit or m, m)).astype(int))
+    return {"xva": va.x, "yva": torch.from_numpy(va.y), "xkn": tr.x[kn], "ykn": torch.from_numpy(tr.y[kn]),
+            "classes": len(tr.classes)}
+
+
 @torch.no_grad()
-def evaluate(pc: PretrainConfig, model: MAE, data: dict, classes: int) -> dict:
+def evaluate(pc: PretrainConfig, model: MAE, data: dict) -> dict:
     """Held-out reconstruction loss (random masks, fixed seed, unweighted) and k-NN accuracy."""
     model.eval()
     cfg = model.encoder.cfg
@@ -156,9 +194,34 @@ def evaluate(pc: PretrainConfig, model: MAE, data: dict, classes: int) -> dict:
         n += len(xb)
     ftr = extract_features(model.encoder, data["xkn"], pc.device)
     fva = extract_features(model.encoder, data["xva"], pc.device)
-    acc = knn_accuracy(ftr, data["ykn"], fva, data["yva"], classes, pc.knn_k, pc.knn_temp)
+    acc = knn_accuracy(ftr, data["ykn"], fva, data["yva"], data["classes"], pc.knn_k, pc.knn_temp)
     model.train()
     return {"val_loss": loss_sum / max(n, 1), "knn_acc": acc, "_features": (ftr, fva)}
+
+
+def evaluate_epoch(pc: PretrainConfig, model: MAE, data: dict, last: bool) -> dict:
+    """:func:`evaluate`, plus the linear probe after the last epoch, and the seconds it all took."""
+    t0 = time.time()
+    ev = evaluate(pc, model, data)
+    ftr, fva = ev.pop("_features")
+    if last and pc.probe:
+        ev["probe"] = linear_probe(ftr, data["ykn"], fva, data["yva"], data["classes"])
+    ev["eval_seconds"] = time.time() - t0
+    return ev
+
+
+def _save(pc: PretrainConfig, run: Run, model: MAE, history: dict) -> None:
+    if run.is_main and history["epochs"]:
+        plot_curves({pc.policy: history["epochs"]}, run.out / "curves.png")
+        if len(history["epochs"]) >= pc.epochs:
+            save_vit(model.encoder.cpu().eval(), run.out / "encoder", extra={"pretrain": history["epochs"][-1]})
+            save_mae(model.cpu().eval(), run.out / "mae")
+    if os.environ.get("SIFTLENS_RANK_WEIGHTS"):  # debugging / tests: every rank writes its own weights
+        from safetensors.torch import save_file
+
+        run.out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(run.out / f"rank{run.dist.rank}.safetensors"))
 
 
 def pretrain(pc: PretrainConfig) -> dict:
@@ -166,121 +229,31 @@ def pretrain(pc: PretrainConfig) -> dict:
     check_policy(pc.policy, pc.eps, pc.lam)
     if pc.feature not in ("mean", "cls"):
         raise ConfigError(f"--feature must be 'mean' or 'cls', not {pc.feature!r}")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if pc.batch_size % world:
-        raise ConfigError(f"--batch-size {pc.batch_size} must be divisible by the {world} processes")
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if pc.device.startswith("cuda") else "gloo")
-        if pc.device.startswith("cuda"):
-            pc.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(pc.device)
-    if pc.threads:
-        torch.set_num_threads(pc.threads)
-    out, is_main = Path(pc.out), rank == 0
-    size = (pc.img_size, pc.img_size)
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not pc.resume:
-        raise ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or choose a new --out")
-    with progress_bar(pc.progress and is_main) as pb:
-        classes, xtr, ytr, skipped = _load(pc.train, pc.limit, size, pb, "train")
-        data = {}
-        if pc.val:
-            vclasses, data["xva"], yva, vskipped = _load(pc.val, pc.val_limit, size, pb, "val")
-            if vclasses != classes:
-                raise ConfigError(f"class folders of {pc.val} differ from those of {pc.train}")
-            kn = np.unique(np.linspace(0, len(xtr) - 1, min(pc.knn_train_limit or len(xtr), len(xtr))).astype(int))
-            data.update(yva=torch.from_numpy(yva), xkn=xtr[kn], ykn=torch.from_numpy(ytr[kn]))
-            skipped += vskipped
-        bank, sift_seconds = (_keypoints(pc, xtr, rank, world, pb) if needs_keypoints(pc.policy, pc.lam)
+    run = start_run(pc.device, pc.out, pc.resume, pc.threads, pc.batch_size)
+    pc = replace(pc, device=run.device)
+    with progress_bar(pc.progress and run.is_main) as pb:
+        tr, va = load_train_val(pc.train, pc.val, (pc.img_size, pc.img_size), (pc.limit, pc.val_limit), pb)
+        bank, sift_seconds = (_keypoints(pc, tr.x, run, pb) if needs_keypoints(pc.policy, pc.lam)
                               else (None, 0.0))
-    mean = tuple(float(m) for m in (xtr.reshape(-1, 3).mean(0) / 255.0))
-    std = tuple(float(s) for s in (xtr.reshape(-1, 3).std(0) / 255.0))
-    enc_cfg = ViTConfig(img_size=size, patch_size=pc.patch_size, num_classes=0, dim=pc.dim, depth=pc.depth,
-                        heads=pc.heads, mlp_ratio=pc.mlp_ratio, num_registers=pc.num_registers, pool=pc.feature,
-                        mean=mean, std=std, class_names=list(classes))
-    mae_cfg = MAEConfig(decoder_dim=pc.decoder_dim, decoder_depth=pc.decoder_depth, decoder_heads=pc.decoder_heads,
-                        mask_ratio=pc.mask_ratio, norm_pix=pc.norm_pix, loss=pc.loss)
-    torch.manual_seed(pc.seed)
-    model = MAE(enc_cfg, mae_cfg).to(pc.device)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    def decays(n: str, p: torch.Tensor) -> bool:  # no decay on biases, norms, positions, tokens, registers
-        return p.ndim >= 2 and not any(k in n for k in ("pos", "token", "registers"))
-
-    decay = [p for n, p in model.named_parameters() if decays(n, p)]
-    no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": pc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=pc.lr, betas=(0.9, 0.95))
-    steps_per_epoch = len(xtr) // pc.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f"batch size {pc.batch_size} exceeds the {len(xtr)} training images")
-    total = steps_per_epoch * pc.epochs
-    warmup = int(pc.warmup_epochs * steps_per_epoch)
-    history = {"config": asdict(pc), "encoder": asdict(enc_cfg), "mae": asdict(mae_cfg), "epochs": [],
-               "skipped": skipped, "sift_seconds": sift_seconds, "world_size": world}
-    start_epoch = 0
-    if pc.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=pc.device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        torch.set_rng_state(ck["rng"])
-        history, start_epoch = ck["history"], ck["epoch"] + 1
-    use_amp = pc.device.startswith("cuda")
-    xtr_t = torch.from_numpy(xtr)
-    with progress_bar(pc.progress and is_main) as pb:
-        task = pb.add_task("pretrain", total=total, completed=start_epoch * steps_per_epoch, info="")
-        end_epoch = pc.epochs if pc.stop_after is None else min(pc.epochs, start_epoch + pc.stop_after)
-        for epoch in range(start_epoch, end_epoch):
-            t0, prep, loss_sum = time.time(), 0.0, 0.0
-            model.train()
-            gen = torch.Generator().manual_seed(pc.seed * 100_003 + epoch)
-            order = torch.randperm(len(xtr), generator=gen)
-            for s in range(steps_per_epoch):
-                step = epoch * steps_per_epoch + s
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, total, warmup, pc.lr, pc.min_lr)
-                tau = tau_at(pc.policy, step, total, pc.tau, pc.tau_max)
-                idx = order[s * pc.batch_size : (s + 1) * pc.batch_size]
-                xb, scores, weights, dt = batch_inputs(pc, model, xtr_t, idx, bank, gen, tau, mean, std)
-                prep += dt
-                if world > 1:  # every rank drew the whole batch from the same stream; take this rank's slice
-                    xb, scores = xb[rank::world], scores[rank::world]
-                    weights = None if weights is None else weights[rank::world]
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    loss = ddp_model(xb, scores, weights)[0]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                loss_sum += float(loss.detach())
-                pb.update(task, advance=1, info=f"ep {epoch + 1}/{pc.epochs} loss {loss_sum / (s + 1):.4f}")
-            rec = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "lr": opt.param_groups[0]["lr"],
-                   "tau": tau, "seconds": time.time() - t0, "prep_seconds": prep, "steps": steps_per_epoch}
+    model = build_mae(pc, tr)
+    sched = Schedule.for_data(len(tr.x), pc.batch_size, pc.epochs, pc.warmup_epochs, pc.lr, pc.min_lr)
+    loop = Loop(run, model, adamw(model, pc.lr, pc.weight_decay, betas=(0.9, 0.95)), sched, pc.seed)
+    history = {"config": asdict(pc), "encoder": asdict(model.encoder.cfg), "mae": asdict(model.cfg), "epochs": [],
+               "skipped": tr.skipped + (va.skipped if va is not None else []), "sift_seconds": sift_seconds,
+               "world_size": run.dist.world}
+    history, start = loop.resume(history, pc.resume)
+    data = eval_data(pc, tr, va) if va is not None else None
+    x_u8 = torch.from_numpy(tr.x)
+    with progress_bar(pc.progress and run.is_main) as pb:
+        tick = loop.ticker(pb, "pretrain", start)
+        for epoch in epoch_range(start, pc.epochs, pc.stop_after):
+            rec = train_one_epoch(loop, x_u8, bank, pc, epoch, tick)
             last = epoch + 1 == pc.epochs
-            if is_main and pc.val and ((epoch + 1) % pc.eval_every == 0 or last):
-                t1 = time.time()
-                ev = evaluate(pc, model, data, len(classes))
-                feats = ev.pop("_features")
-                if last and pc.probe:
-                    ev["probe"] = linear_probe(feats[0], data["ykn"], feats[1], data["yva"], len(classes))
-                rec.update(ev, eval_seconds=time.time() - t1)
-            history["epochs"].append(rec)
-            if is_main:
-                print(json.dumps(rec), file=sys.stderr, flush=True)
-                with atomic_path(ckpt_path) as tmp:
-                    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
-                                "history": history, "rng": torch.get_rng_state()}, tmp)
-                write_json(out / "history.json", history)
-    if is_main and history["epochs"]:
-        plot_curves({pc.policy: history["epochs"]}, out / "curves.png")
-        if len(history["epochs"]) >= pc.epochs:
-            save_vit(model.encoder.cpu().eval(), out / "encoder", extra={"pretrain": history["epochs"][-1]})
-            save_mae(model.cpu().eval(), out / "mae")
-    if os.environ.get("SIFTLENS_RANK_WEIGHTS"):  # debugging / tests: every rank writes its own weights
-        from safetensors.torch import save_file
-
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(out / f"rank{rank}.safetensors"))
-    if world > 1:
-        torch.distributed.destroy_process_group()
+            if run.is_main and data is not None and ((epoch + 1) % pc.eval_every == 0 or last):
+                rec.update(evaluate_epoch(pc, model, data, last))
+            loop.end_epoch(epoch, rec, history)
+            if run.is_main:
+                write_json(run.out / "history.json", history)
+    _save(pc, run, model, history)
+    end_run(run)
     return history

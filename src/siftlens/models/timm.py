@@ -12,6 +12,11 @@ previous values after.
 Geometry is read from the model: ``patch_embed.patch_size``, ``patch_embed.img_size`` and ``grid_size``,
 ``num_prefix_tokens`` (CLS, distillation, registers); preprocessing from ``model.pretrained_cfg`` (mean,
 std, interpolation, crop_pct, crop_mode) applied at the model's own input size.
+
+Interventions (:meth:`~siftlens.models.backend.Backend.forward_intervened`): tokens are dropped from the
+output of ``norm_pre`` (applied right after the position embeddings and ``patch_drop``, per token, so
+gathering after it equals gathering before); the bias is passed to each chosen block's ``attn`` as its
+``attn_mask`` (added to the logits in both the fused and the eager path; timm >= 1.0 takes it).
 """
 
 from __future__ import annotations
@@ -26,15 +31,10 @@ from PIL import Image
 from torch import nn
 
 from ..errors import GeometryError, ModelLoadError
-from .backends import IMAGENET_MEAN, IMAGENET_STD, Backend, merge_mask_and_bias, resize_center_crop
+from .backend import IMAGENET_MEAN, IMAGENET_STD, Backend, first_line, pair, resize_center_crop, shortest_edge_size
 
 DEFAULT_CROP_PCT = 0.875  # timm.data.DEFAULT_CROP_PCT
 _CHECKPOINT_KEYS = ("model", "state_dict")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def _attn_drop_input(module, args, kwargs, output) -> torch.Tensor | None:
@@ -48,6 +48,8 @@ class TimmBackend(Backend):
     """A timm ViT-family model; ``source`` is ``timm:<name>`` (plus the weights file, if any)."""
 
     kind = "timm"
+    bias_arg = "attn_mask"
+    bias_arg_needs = "a newer timm (pip install -U timm)"
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", source: str = ""):
         super().__init__(model, device)
@@ -66,7 +68,7 @@ class TimmBackend(Backend):
                     f"block {i} of timm model {name} has no attn.attn_drop/attn.fused_attn; siftlens "
                     "supports timm models whose blocks use timm's standard Attention"
                 )
-        ph, pw = _pair(pe.patch_size)
+        ph, pw = pair(pe.patch_size, "patch_embed.patch_size")
         if ph != pw:
             raise GeometryError(f"non-square patches {ph}x{pw} are not supported")
         cfg = dict(getattr(model, "pretrained_cfg", None) or {})
@@ -74,10 +76,10 @@ class TimmBackend(Backend):
         if img_size is None:
             img_size = tuple(cfg.get("input_size", (3, 224, 224))[-2:])
         self.patch_size = ph
-        self.input_size = _pair(img_size)
+        self.input_size = pair(img_size, "patch_embed.img_size")
         grid = getattr(pe, "grid_size", None)
         H, W = self.input_size
-        self.grid_size = _pair(grid) if grid is not None else (H // ph, W // ph)
+        self.grid_size = pair(grid, "patch_embed.grid_size") if grid is not None else (H // ph, W // ph)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
         self.has_cls = getattr(model, "cls_token", None) is not None
         self.num_layers = len(blocks)
@@ -120,9 +122,9 @@ class TimmBackend(Backend):
                 raise ModelLoadError(
                     f"timm has no model '{name}'; list candidates with timm.list_models('*vit*')"
                 ) from e
-            raise ModelLoadError(f"could not create timm model '{name}': {_first_line(e)}") from e
+            raise ModelLoadError(f"could not create timm model '{name}': {first_line(e)}") from e
         except (TypeError, ValueError, AssertionError) as e:
-            raise ModelLoadError(f"could not create timm model '{name}': {_first_line(e)}") from e
+            raise ModelLoadError(f"could not create timm model '{name}': {first_line(e)}") from e
         source = f"timm:{name}"
         if weights is not None:
             _load_weights(model, Path(weights).expanduser(), name)
@@ -140,11 +142,8 @@ class TimmBackend(Backend):
         resize_to: tuple[int, int]
         if self.crop_mode == "squash":
             resize_to = (sh, sw)
-        elif sh == sw:
-            # torchvision Resize(int): the shorter side becomes sh, the longer one is truncated
-            short, long = (w0, h0) if w0 <= h0 else (h0, w0)
-            new_long = int(sh * long / short)
-            resize_to = (new_long, sh) if w0 <= h0 else (sh, new_long)
+        elif sh == sw:  # torchvision Resize(int): the shorter side becomes sh, the longer one is truncated
+            resize_to = shortest_edge_size(w0, h0, sh)
         else:
             # timm ResizeKeepRatio: scale so that both sides cover the target, rounding each side
             ratio = min(h0 / sh, w0 / sw)
@@ -174,49 +173,19 @@ class TimmBackend(Backend):
         out = self.model(x)
         return out if int(getattr(self.model, "num_classes", 0) or 0) > 0 else None
 
-    def forward_intervened(self, x, keep_idx=None, key_bias=None, layers=None):
-        """Token drop and attention bias on a timm ViT, through hooks removed on exit.
+    # interventions: what differs from the template in Backend -------------------------------------
+    def token_module(self) -> nn.Module:
+        """``norm_pre``: the tokens (B, T + N, D) right after the position embeddings (and patch_drop)."""
+        norm_pre = getattr(self.model, "norm_pre", None)
+        if not isinstance(norm_pre, nn.Module):
+            raise ModelLoadError(
+                f"timm model {self.source or type(self.model).__name__} has no norm_pre module; token "
+                "drop needs timm's VisionTransformer layout"
+            )
+        return norm_pre
 
-        Drop: a forward hook on ``norm_pre`` (applied right after the position embeddings and
-        ``patch_drop``; per token, so gathering after it equals gathering before) keeps the prefix tokens
-        and gathers the kept patch tokens. Bias: a forward pre-hook on each chosen block's ``attn`` passes
-        the bias as its ``attn_mask`` (added to the logits in both the fused and the eager path; timm >= 1.0
-        Attention takes it). See :meth:`Backend.forward_intervened`.
-        """
-        from .backends import check_keep_idx, key_bias_tokens
-
-        if keep_idx is not None:
-            check_keep_idx(keep_idx, x.shape[0], self.num_patches)
-        handles = []
-        T = self.num_prefix_tokens
-        try:
-            if keep_idx is not None:
-                norm_pre = getattr(self.model, "norm_pre", None)
-                if not isinstance(norm_pre, nn.Module):
-                    raise ModelLoadError(
-                        f"timm model {self.source or type(self.model).__name__} has no norm_pre module; token "
-                        "drop needs timm's VisionTransformer layout"
-                    )
-                handles.append(norm_pre.register_forward_hook(_gather_tokens(keep_idx, T)))
-            if key_bias is not None:
-                import inspect
-
-                from ..attention import resolve_layers
-
-                bias = key_bias_tokens(key_bias, keep_idx, T).to(x.device)
-                for li in resolve_layers(layers, self.num_layers):
-                    attn = self.model.blocks[li].attn
-                    if "attn_mask" not in inspect.signature(attn.forward).parameters:
-                        raise ModelLoadError(
-                            "this timm version's Attention takes no attn_mask; attention bias needs a newer "
-                            "timm (pip install -U timm)"
-                        )
-                    handles.append(attn.register_forward_pre_hook(_mask_pre_hook(bias), with_kwargs=True))
-            out = self.model(x)
-        finally:
-            for h in handles:
-                h.remove()
-        return out if int(getattr(self.model, "num_classes", 0) or 0) > 0 else None
+    def bias_module(self, layer: int) -> nn.Module:
+        return self.model.blocks[layer].attn
 
     def describe(self) -> dict:
         d = super().describe()
@@ -225,42 +194,6 @@ class TimmBackend(Backend):
             "interpolation": self.interpolation,
         })
         return d
-
-
-def _gather_tokens(keep_idx: torch.Tensor, num_prefix: int):
-    """Forward hook: tokens (B, T + N, D) -> (B, T + K, D), the prefix kept, patches gathered."""
-
-    def hook(module, args, output):
-        idx = keep_idx.to(output.device)
-        patches = torch.gather(output[:, num_prefix:], 1, idx.unsqueeze(-1).expand(-1, -1, output.shape[-1]))
-        return torch.cat([output[:, :num_prefix], patches], 1)
-
-    return hook
-
-
-def _mask_pre_hook(bias: torch.Tensor):
-    """Forward pre-hook on timm Attention: attn_mask <- attn_mask + bias (B, 1, 1, S), float additive."""
-
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs["x"]
-        b = bias.to(x.dtype)
-        if b.shape[-1] != x.shape[1]:
-            raise GeometryError(f"attention bias covers {b.shape[-1]} keys but the block sees {x.shape[1]}")
-        mask = args[1] if len(args) >= 2 else kwargs.get("attn_mask")
-        new = merge_mask_and_bias(mask, b)
-        if len(args) >= 2:
-            args = (args[0], new, *args[2:])
-        else:
-            kwargs = {**kwargs, "attn_mask": new}
-        return args, kwargs
-
-    return hook
-
-
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    return (int(v[0]), int(v[1]))
 
 
 def _load_weights(model: nn.Module, path: Path, name: str) -> None:
@@ -273,7 +206,7 @@ def _load_weights(model: nn.Module, path: Path, name: str) -> None:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors, pickle and zip errors have no common base class
-        raise ModelLoadError(f"could not read weights {path}: {_first_line(e)}") from e
+        raise ModelLoadError(f"could not read weights {path}: {first_line(e)}") from e
     for key in _CHECKPOINT_KEYS:
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -287,7 +220,7 @@ def _load_weights(model: nn.Module, path: Path, name: str) -> None:
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches; torch lists them one per line after a header
-        lines = [s.strip() for s in str(e).splitlines() if "size mismatch" in s] or [_first_line(e)]
+        lines = [s.strip() for s in str(e).splitlines() if "size mismatch" in s] or [first_line(e)]
         raise ModelLoadError(f"weights {path} do not fit timm model '{name}': {lines[0]}") from e
     if missing or unexpected:
         example = (missing or unexpected)[0]

@@ -11,6 +11,10 @@ Attention is observed on each encoder layer's attention module, whose forward re
 the duration of a capture.
 
 Token order is ``[CLS, (distillation | registers), patches in row-major order]``: ``S = T + g_h * g_w``.
+
+Interventions (:meth:`~siftlens.models.backend.Backend.forward_intervened`): tokens are dropped from the
+output of the embeddings module (position embeddings already added); the bias is added to each chosen
+attention module's ``attention_mask``, which the eager and SDPA attention functions add to the logits.
 """
 
 from __future__ import annotations
@@ -27,7 +31,16 @@ from PIL import Image
 from torch import nn
 
 from ..errors import GeometryError, ModelLoadError
-from .backends import IMAGENET_MEAN, IMAGENET_STD, Backend, merge_mask_and_bias, resize_center_crop
+from .backend import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backend,
+    check_not_hub_name,
+    first_line,
+    pair,
+    resize_center_crop,
+    shortest_edge_size,
+)
 
 SUPPORTED_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "vit_mae")
 # model types that resample their position embeddings to any input size on every forward
@@ -35,21 +48,6 @@ _INTERPOLATES_POSITIONS = ("dinov2", "dinov2_with_registers")
 # processors whose integer ``size`` means "shortest edge" rather than a square
 _SHORTEST_EDGE_PROCESSORS = ("BitImageProcessor", "CLIPImageProcessor", "ConvNextImageProcessor")
 _PIL_BILINEAR = 2
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
-def _pair(v, what: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    if isinstance(v, (list, tuple)) and len(v) == 2:
-        return (int(v[0]), int(v[1]))
-    if isinstance(v, dict) and "height" in v and "width" in v:
-        return (int(v["height"]), int(v["width"]))
-    raise ModelLoadError(f"cannot read {what}={v!r}; expected an int, [height, width] or {{height, width}}")
 
 
 @dataclass
@@ -103,7 +101,7 @@ class HFPreprocessing:
                 raise ModelLoadError(
                     f"{f}: size={size!r} is not supported; use {{height, width}} or {{shortest_edge}}"
                 )
-        crop = _pair(raw.get("crop_size"), "crop_size") if raw.get("do_center_crop", False) else None
+        crop = pair(raw.get("crop_size"), "crop_size") if raw.get("do_center_crop", False) else None
         resample = raw.get("resample", _PIL_BILINEAR)
         if not isinstance(resample, int):
             raise ModelLoadError(f"{f}: resample={resample!r} is not a PIL filter number")
@@ -122,13 +120,6 @@ def _jsonable(v):
 
 def _per_channel(v) -> list[float]:
     return [v] * 3 if isinstance(v, (int, float)) else list(v)
-
-
-def _shortest_edge_size(w0: int, h0: int, s: int) -> tuple[int, int]:
-    """(H, W) after resizing the shorter side to ``s`` as HF does (the longer side truncated)."""
-    short, long = (w0, h0) if w0 <= h0 else (h0, w0)
-    new_long = int(s * long / short)
-    return (new_long, s) if w0 <= h0 else (s, new_long)
 
 
 def _center_crop_floor(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -156,6 +147,8 @@ class HFBackend(Backend):
     """A Hugging Face ViT-family model loaded from a local ``save_pretrained`` folder."""
 
     kind = "hf"
+    bias_arg = "attention_mask"  # the eager and SDPA attention functions add it to the logits
+    bias_arg_needs = "transformers >= 5 (pip install -U transformers)"
 
     def __init__(
         self,
@@ -201,11 +194,8 @@ class HFBackend(Backend):
         """Load a model from a local folder holding ``config.json`` and weights; never downloads."""
         p = Path(path).expanduser()
         if not p.is_dir():
-            if not p.exists() and "/" in path and not path.startswith((".", "/", "~")):
-                raise ModelLoadError(
-                    f"'{path}' is not a local folder; siftlens runs offline and never downloads from a hub: "
-                    "save the model with save_pretrained() elsewhere and pass that folder"
-                )
+            if not p.exists():
+                check_not_hub_name(path)
             raise ModelLoadError(
                 f"model folder {path} does not exist; pass a folder written by save_pretrained()"
             )
@@ -220,7 +210,7 @@ class HFBackend(Backend):
         try:
             config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"{p / 'config.json'} could not be read: {_first_line(e)}") from e
+            raise ModelLoadError(f"{p / 'config.json'} could not be read: {first_line(e)}") from e
         if config.model_type not in SUPPORTED_TYPES:
             raise ModelLoadError(_unsupported(config.model_type))
         preprocessing = HFPreprocessing.read(p)
@@ -236,7 +226,7 @@ class HFBackend(Backend):
                 output_loading_info=True,
             )
         except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise ModelLoadError(f"could not load the model in {p}: {_first_line(e)}") from e
+            raise ModelLoadError(f"could not load the model in {p}: {first_line(e)}") from e
         missing = sorted(k for k in info.get("missing_keys", []) if "pooler." not in k)
         mismatched = list(info.get("mismatched_keys", []))
         if missing or mismatched:
@@ -260,7 +250,7 @@ class HFBackend(Backend):
             arr = np.asarray(img, dtype=np.uint8)
         else:
             how, val = pp.resize
-            target = val if how == "exact" else _shortest_edge_size(img.width, img.height, int(val))
+            target = val if how == "exact" else shortest_edge_size(img.width, img.height, int(val))
             arr = resize_center_crop(img, target, resize_to=target, resample=pp.resample)  # type: ignore[arg-type]
         if pp.crop is not None:
             arr = _center_crop_floor(arr, pp.crop)
@@ -322,47 +312,22 @@ class HFBackend(Backend):
         out = self.model(pixel_values=x, **self.model_kwargs(x))
         return out.logits if self.is_classifier else None
 
-    def forward_intervened(self, x, keep_idx=None, key_bias=None, layers=None):
-        """Token drop and attention bias on an HF model, through hooks removed on exit.
-
-        Drop: a forward hook on the embeddings module keeps the prefix tokens and gathers the kept patch
-        tokens of its output (position embeddings are already added there). Bias: a forward pre-hook on
-        each chosen layer's attention module adds the bias to its ``attention_mask`` argument, which the
-        eager and SDPA attention functions add to the logits; other implementations (flash attention)
-        run in eager mode for the call. See :meth:`Backend.forward_intervened`.
-        """
-        from .backends import check_keep_idx, key_bias_tokens
-
-        if keep_idx is not None:
-            check_keep_idx(keep_idx, x.shape[0], self.num_patches)
-        handles = []
-        T = self.num_prefix_tokens
-        try:
-            if keep_idx is not None:
-                handles.append(self._embeddings_module().register_forward_hook(_gather_hook(keep_idx, T)))
-            if key_bias is not None:
-                from ..attention import resolve_layers
-
-                bias = key_bias_tokens(key_bias, keep_idx, T).to(x.device)
-                for li in resolve_layers(layers, self.num_layers):
-                    mod = self._attention[li]
-                    _check_takes_attention_mask(mod)
-                    handles.append(mod.register_forward_pre_hook(_bias_pre_hook(bias), with_kwargs=True))
-            impl = getattr(self.model.config, "_attn_implementation", "eager")
-            ctx = contextlib.nullcontext() if impl in ("eager", "sdpa") else self.eager()
-            with ctx:
-                out = self.model(pixel_values=x, **self.model_kwargs(x))
-        finally:
-            for h in handles:
-                h.remove()
-        return out.logits if self.is_classifier else None
-
-    def _embeddings_module(self) -> nn.Module:
+    # interventions: what differs from the template in Backend -------------------------------------
+    def token_module(self) -> nn.Module:
+        """The embeddings module: its output has the position embeddings added (ViT-MAE: a tuple)."""
         base = getattr(self.model, "base_model", self.model)
         emb = getattr(base, "embeddings", None)
         if emb is None:
             raise ModelLoadError(f"cannot find the embeddings module of {type(self.model).__name__}")
         return emb
+
+    def bias_module(self, layer: int) -> nn.Module:
+        return self._attention[layer]
+
+    def intervention_mode(self):
+        """Attention implementations that ignore the mask (flash attention) run eager for the call."""
+        impl = getattr(self.model.config, "_attn_implementation", "eager")
+        return contextlib.nullcontext() if impl in ("eager", "sdpa") else self.eager()
 
     def describe(self) -> dict:
         d = super().describe()
@@ -378,53 +343,6 @@ class HFBackend(Backend):
             },
         })
         return d
-
-
-# -- intervention hooks ------------------------------------------------------------------------------
-def _gather_hook(keep_idx: torch.Tensor, num_prefix: int):
-    """Forward hook on the embeddings: (B, T + N, D) -> (B, T + K, D); ViT-MAE returns a tuple."""
-
-    def hook(module, args, output):
-        emb = output[0] if isinstance(output, tuple) else output
-        idx = keep_idx.to(emb.device)
-        patches = torch.gather(emb[:, num_prefix:], 1, idx.unsqueeze(-1).expand(-1, -1, emb.shape[-1]))
-        emb = torch.cat([emb[:, :num_prefix], patches], 1)
-        return (emb, *output[1:]) if isinstance(output, tuple) else emb
-
-    return hook
-
-
-def _bias_pre_hook(bias: torch.Tensor):
-    """Forward pre-hook on an attention module: attention_mask <- attention_mask + bias (B, 1, 1, S)."""
-
-    def hook(module, args, kwargs):
-        if len(args) >= 2:
-            mask = args[1]
-        else:
-            mask = kwargs.get("attention_mask")
-        hidden = args[0] if args else kwargs["hidden_states"]
-        b = bias.to(hidden.dtype)
-        if b.shape[-1] != hidden.shape[1]:
-            raise GeometryError(f"attention bias covers {b.shape[-1]} keys but the layer sees {hidden.shape[1]}")
-        new = merge_mask_and_bias(mask, b)
-        if len(args) >= 2:
-            args = (args[0], new, *args[2:])
-        else:
-            kwargs = {**kwargs, "attention_mask": new}
-        return args, kwargs
-
-    return hook
-
-
-def _check_takes_attention_mask(module: nn.Module) -> None:
-    import inspect
-
-    params = inspect.signature(module.forward).parameters
-    if "attention_mask" not in params:
-        raise ModelLoadError(
-            f"{type(module).__name__}.forward takes no attention_mask in this transformers version; "
-            "attention bias needs transformers >= 5 (pip install -U transformers)"
-        )
 
 
 # -- helpers reading the config ---------------------------------------------------------------------
@@ -448,10 +366,10 @@ def _model_class(transformers, config):
 
 def _config_geometry(cfg) -> tuple[int, tuple[int, int]]:
     """(patch size P, config image size (H, W)); raises GeometryError when P does not divide it."""
-    ph, pw = _pair(cfg.patch_size, "patch_size")
+    ph, pw = pair(cfg.patch_size, "patch_size")
     if ph != pw:
         raise GeometryError(f"non-square patches {ph}x{pw} are not supported")
-    H, W = _pair(cfg.image_size, "image_size")
+    H, W = pair(cfg.image_size, "image_size")
     if H % ph or W % ph:
         raise GeometryError(
             f"the config's image size {H}x{W} is not divisible by its patch size {ph}; "

@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import ImageSource
-from .errors import ConfigError, ImageSourceError, SkipImage, SpuriousDataError
-from .io import atomic_path, write_json
-from .progress import progress_bar
+from ..data import ImageSource
+from ..errors import ConfigError, ImageSourceError, SkipImage, SpuriousDataError
+from ..io import atomic_path, read_json, write_json
+from ..keypoints import SiftParams, auto_upsample, detect
+from ..progress import progress_bar
 
 SPLITS = ("train", "aligned", "conflicting")
 SIDECAR = "markers.json"
@@ -237,7 +238,7 @@ def build(cfg: SpuriousConfig) -> dict:
         "classes": classes,
         "markers": {c: (GLYPH_NAMES[i] if not cfg.markers else f"user:{c}") for i, c in enumerate(classes)},
         "splits": stats,
-        "marker_check": check_markers(markers, upsample=max(1.0, 128.0 / min(H, W)), image_size=min(H, W),
+        "marker_check": check_markers(markers, upsample=auto_upsample((H, W)), image_size=min(H, W),
                                       seed=cfg.seed),
     }
     write_json(out / "manifest.json", manifest)
@@ -293,12 +294,7 @@ def find_sidecar(images: str | os.PathLike) -> Path | None:
 def read_sidecar(path: str | os.PathLike) -> dict:
     """Load a sidecar written by :func:`build`; raises SpuriousDataError with a one-line reason."""
     p = Path(path)
-    try:
-        raw = json.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise SpuriousDataError(f"sidecar {p} not found") from e
-    except json.JSONDecodeError as e:
-        raise SpuriousDataError(f"sidecar {p} is not valid JSON ({e.msg} at line {e.lineno})") from e
+    raw = read_json(p, "sidecar", error=SpuriousDataError)
     if not isinstance(raw, dict) or not isinstance(raw.get("images"), dict):
         raise SpuriousDataError(f"{p} is not a SpuriousCIFAR sidecar (no 'images' mapping)")
     return raw
@@ -315,8 +311,6 @@ def check_markers(
     "nn_accuracy": {class: share of its descriptors whose nearest neighbour (RootSIFT, L2) among the other
     canvases' marker descriptors belongs to the same marker}, "overall_nn_accuracy": float}``.
     """
-    from .keypoints import SiftParams, detect
-
     params = SiftParams(upsample=upsample)
     rng = np.random.default_rng(seed)
     canvases = [np.full((image_size, image_size, 3), 128, np.uint8)]

@@ -1,5 +1,7 @@
-"""The self-contained HTML report of a discovery run: per class, the ranked candidate words with a gallery
-of example patches (crops enlarged without smoothing, the word's keypoints drawn as circles).
+"""The self-contained HTML report of a discovery run. Rendering only: from a finished
+:class:`~siftlens.spurious.DiscoveryResult` to ``report.html`` (discovery itself runs elsewhere). Per
+class, the ranked candidate words with a gallery of example patches (crops enlarged without smoothing,
+the word's keypoints drawn as circles).
 
 Images are embedded as base64 PNG data URIs and the CSS is inline, so the page opens offline; every piece
 of text from data (image and class names) is escaped.
@@ -14,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .io import write_text
+from ..io import write_text
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -132,34 +134,3 @@ def discovery_html(result, title: str = "siftlens: spurious-correlation candidat
 def write_discovery_report(out_dir: str | Path, result) -> Path:
     """Write ``report.html`` into ``out_dir`` atomically; returns its path."""
     return write_text(Path(out_dir) / "report.html", discovery_html(result))
-
-
-def run_discovery(
-    model,
-    images,
-    out: str | Path,
-    config=None,
-    boxes=None,
-    weights: str | None = None,
-    evaluate: bool | None = None,
-    report: bool = True,
-    progress: bool = True,
-):
-    """Discover, optionally score against a SpuriousCIFAR sidecar, save tables/JSON and the report.
-
-    evaluate: None = when ``<images>/markers.json`` exists; True requires it. Returns (result, paths).
-    """
-    from .errors import SpuriousDataError
-    from .spurious import discover, evaluate_markers
-    from .spurious_data import find_sidecar, read_sidecar
-
-    side = find_sidecar(images) if isinstance(images, (str, Path)) else None
-    if evaluate and side is None:
-        raise SpuriousDataError(f"--evaluate needs a SpuriousCIFAR sidecar markers.json inside {images}")
-    res = discover(model, images, config, boxes=boxes, progress=progress, weights=weights)
-    if side is not None and evaluate is not False:
-        res.evaluation = {"sidecar": str(side), **evaluate_markers(res, read_sidecar(side))}
-    paths = res.save(out)
-    if report:
-        paths["report"] = write_discovery_report(out, res)
-    return res, paths

@@ -1,21 +1,4 @@
-"""Inference-time prompting: per-image token interventions built from keypoints, with no retraining.
-
-Policies (METHOD.md section 4):
-
-- ``drop``: remove the patch tokens *flagged* by a discovery output, i.e. the patches holding a keypoint
-  whose visual word is among each class's ``top_words`` best candidates (union over classes), optionally
-  grown by ``dilate`` patches; kept tokens keep their position embeddings;
-- ``keep-top``: keep only the ``ceil(q * N)`` patches with the largest semantic weight (keypoints per
-  patch, ``scheme``); with a discovery output, keypoints of flagged words do not count;
-- ``bias``: add ``beta * log(eps + c_j)`` to the attention logits of patch key j (``c_j`` the keypoint
-  concentration, flagged keypoints excluded; shifted by its value at uniform concentration, see
-  :func:`~siftlens.interventions.semantic_bias`) and, with a discovery output, ``flag_bias`` to flagged
-  keys, in the blocks ``layers`` (None = all).
-
-Every image is classified before and after; :func:`group_accuracy` gives overall, per-group and worst-group
-accuracy. Groups come from a SpuriousCIFAR sidecar (``<class>|aligned`` or ``<class>|conflicting``) when
-the image folder holds one (or ``groups`` names it), else the true class.
-"""
+"""The prompting runner: classify every image before and after the intervention of a policy; returns data."""
 
 from __future__ import annotations
 
@@ -28,16 +11,20 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from . import __version__
-from .data import ImageSource
-from .errors import ConfigError
-from .interventions import DROP_MODES, dilate, forward_bias, forward_drop, keep_top_idx, semantic_bias
-from .io import atomic_path, write_json
-from .keypoints import SCHEMES, Keypoints, SiftParams, patch_index, weight_map
-from .models.backends import Backend, load_backend
-from .progress import progress_bar
-from .spurious import KeypointDataset, Vocabulary, collate_list, load_vocabulary, model_labels
-from .spurious_data import find_sidecar, read_sidecar
+from .. import __version__
+from ..data import ImageSource
+from ..errors import ConfigError
+from ..interventions import DROP_MODES, dilate, forward_bias, forward_drop, keep_top_idx, semantic_bias
+from ..io import atomic_path, write_json
+from ..keypoints import SCHEMES, SiftParams, auto_upsample
+from ..models import load_backend
+from ..models.backend import Backend
+from ..progress import progress_bar
+from ..spurious.data import find_sidecar, read_sidecar
+from ..spurious.features import KeypointDataset, collate_list, model_labels
+from ..spurious.vocabulary import Vocabulary, load_vocabulary
+from .groups import group_accuracy, image_groups
+from .masks import patch_masks
 
 POLICIES = ("none", "drop", "keep-top", "bias")
 EXTENTS = ("center", "footprint")
@@ -91,37 +78,6 @@ class PromptConfig:
             raise ConfigError("--top-words and --batch-size must be >= 1, --dilate and --workers >= 0")
 
 
-def group_accuracy(correct: np.ndarray, groups: list[str] | np.ndarray) -> dict:
-    """Accuracy overall, per group and of the worst group. correct: (n,) bool; groups: (n,) names."""
-    correct = np.asarray(correct, bool)
-    groups = np.asarray(groups, dtype=object)
-    if len(correct) != len(groups):
-        raise ConfigError(f"{len(correct)} results but {len(groups)} group names")
-    per = {}
-    for g in sorted(set(groups.tolist())):
-        m = groups == g
-        per[str(g)] = {"n": int(m.sum()), "accuracy": float(correct[m].mean())}
-    worst = min(per.items(), key=lambda kv: (kv[1]["accuracy"], kv[0])) if per else None
-    return {
-        "n": int(len(correct)),
-        "overall": float(correct.mean()) if len(correct) else float("nan"),
-        "groups": per,
-        "worst_group": {"name": worst[0], **worst[1]} if worst else None,
-    }
-
-
-def image_groups(names: list[str], labels: list[str], sidecar: dict | None) -> list[str]:
-    """``<class>|aligned`` / ``<class>|conflicting`` from a sidecar, else the class name."""
-    if sidecar is None:
-        return list(labels)
-    recs = sidecar["images"]
-    out = []
-    for n, y in zip(names, labels, strict=True):
-        r = recs.get(n)
-        out.append(y if r is None else f"{r['label']}|{'aligned' if r['aligned'] else 'conflicting'}")
-    return out
-
-
 @dataclass
 class PromptResult:
     """before/after: :func:`group_accuracy` dicts; images: per-image table; summary: the JSON written."""
@@ -139,47 +95,19 @@ class PromptResult:
         return {"json": write_json(out / "prompting.json", self.summary), "predictions": out / "predictions.csv"}
 
 
-def footprint_patches(xy: np.ndarray, size: np.ndarray, P: int, grid: tuple[int, int]) -> np.ndarray:
-    """(N,) bool: patches that overlap the square [x - s/2, x + s/2] x [y - s/2, y + s/2] of any keypoint
-    (pixel x covers [x - 0.5, x + 0.5); touching a patch's edge does not count)."""
-    gh, gw = grid
-    m = np.zeros((gh, gw), bool)
-    r = size / 2.0
-    c0 = np.clip(np.floor((xy[:, 0] - r + 0.5) / P), 0, gw - 1).astype(int)
-    c1 = np.clip(np.ceil((xy[:, 0] + r + 0.5) / P) - 1, 0, gw - 1).astype(int)  # half-open on the far side
-    r0 = np.clip(np.floor((xy[:, 1] - r + 0.5) / P), 0, gh - 1).astype(int)
-    r1 = np.clip(np.ceil((xy[:, 1] + r + 0.5) / P) - 1, 0, gh - 1).astype(int)
-    for a, b, c, d in zip(r0, r1, c0, c1, strict=True):
-        m[a : b + 1, c : d + 1] = True
-    return m.reshape(-1)
+@dataclass
+class _Inputs:
+    """What a prompting run reads before it classifies: the model, the images and their model labels, the
+    discovery's vocabulary and flagged words, the group sidecar and the SIFT parameters."""
 
-
-def _patch_masks(
-    it: dict, vocab: Vocabulary | None, flagged: set[int], P: int, grid: tuple[int, int], scheme: str,
-    extent: str = "center",
-) -> tuple[np.ndarray, np.ndarray]:
-    """(flag (N,) bool of patches holding a flagged word, semantic weight (N,) without flagged keypoints).
-
-    extent: ``center`` flags the patch of each flagged keypoint's centre; ``footprint`` every patch its
-    square of side = keypoint size touches.
-    """
-    N = grid[0] * grid[1]
-    xy, size = it["xy"], it["size"]
-    fl = np.zeros(len(xy), bool)
-    if vocab is not None and len(xy):
-        fl = np.isin(vocab.words_of(it["desc"]), list(flagged))
-    flag = np.zeros(N, bool)
-    if fl.any():
-        if extent == "footprint":
-            flag = footprint_patches(xy[fl], size[fl], P, grid)
-        else:
-            flag[patch_index(xy[fl], P, grid)] = True
-    keep = ~fl
-    z = np.zeros(int(keep.sum()), np.float32)
-    kp = Keypoints(xy[keep], size[keep], z, z.copy())
-    if scheme == "response":  # responses are not carried through the dataset; count is the fallback
-        scheme = "count"
-    return flag, weight_map(kp, P, grid, scheme)
+    backend: Backend
+    source: ImageSource
+    labels: np.ndarray
+    vocab: Vocabulary | None
+    flagged: set[int]
+    side: Path | None
+    sidecar: dict | None
+    sift: SiftParams
 
 
 @torch.inference_mode()
@@ -191,11 +119,25 @@ def prompt(
     weights: str | None = None,
 ) -> PromptResult:
     """Classify ``images`` before and after the intervention of ``config.policy``; returns data."""
-    from .keypoints import auto_upsample
-
     cfg = config or PromptConfig()
     cfg.validate()
     t0 = time.time()
+    inp = _read_inputs(model, images, cfg, weights)
+    rows, skipped = _classify(inp, cfg, progress)
+    if not rows:
+        raise ConfigError(f"no image of {inp.source.spec!s} could be read (all {len(skipped)} were skipped)")
+    df = pd.DataFrame(rows)
+    df["group"] = image_groups(df["name"].tolist(), df["label"].tolist(), inp.sidecar)
+    df["correct_before"] = df["pred_before"] == df["label_index"]
+    df["correct_after"] = df["pred_after"] == df["label_index"]
+    before_acc = group_accuracy(df["correct_before"].to_numpy(), df["group"].tolist())
+    after_acc = group_accuracy(df["correct_after"].to_numpy(), df["group"].tolist())
+    summary = _summary(inp, cfg, df, skipped, before_acc, after_acc)
+    summary["timing"] = {"seconds": round(time.time() - t0, 3)}
+    return PromptResult(before_acc, after_acc, df, summary)
+
+
+def _read_inputs(model: str | Backend, images, cfg: PromptConfig, weights: str | None) -> _Inputs:
     backend = model if isinstance(model, Backend) else load_backend(str(model), cfg.device, weights=weights)
     source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.limit)
     labels = model_labels(source, backend)
@@ -212,11 +154,16 @@ def prompt(
         sidecar = read_sidecar(side)
     u = cfg.upsample or auto_upsample(backend.input_size)
     sift = SiftParams(upsample=u, contrast_threshold=cfg.contrast_threshold, edge_threshold=cfg.edge_threshold)
+    return _Inputs(backend, source, labels, vocab, flagged, side, sidecar, sift)
+
+
+def _classify(inp: _Inputs, cfg: PromptConfig, progress: bool) -> tuple[list[dict], list[dict]]:
+    """One row per readable image (predictions and probabilities before and after); the skipped images."""
+    backend, source, labels = inp.backend, inp.source, inp.labels
     P, grid = backend.patch_size, tuple(backend.grid_size)
-    N = grid[0] * grid[1]
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(KeypointDataset(source, backend, sift), batch_size=cfg.batch_size, num_workers=cfg.workers,
-                        collate_fn=collate_list, prefetch_factor=4 if cfg.workers else None)
+    loader = DataLoader(KeypointDataset(source, backend, inp.sift), batch_size=cfg.batch_size,
+                        num_workers=cfg.workers, collate_fn=collate_list, prefetch_factor=4 if cfg.workers else None)
     rows = []
     skipped = []
     names = source.names
@@ -228,28 +175,14 @@ def prompt(
             skipped += [{"name": names[it["index"]], "reason": it["skip"]} for it in items if "skip" in it]
             if good:
                 x = backend.normalize(torch.from_numpy(np.stack([it["pixels"] for it in good])))
-                masks = [_patch_masks(it, vocab, flagged, P, grid, cfg.scheme, cfg.extent) for it in good]
+                masks = [patch_masks(it, inp.vocab, inp.flagged, P, grid, cfg.scheme, cfg.extent) for it in good]
                 flag = torch.from_numpy(np.stack([m[0] for m in masks]))
                 flag = dilate(flag, grid, cfg.dilate)
                 w = torch.from_numpy(np.stack([m[1] for m in masks]))
                 before = backend.forward(x)
                 if before is None:
                     raise ConfigError("prompting needs a classifier: this model has no classification head")
-                removed = torch.zeros(len(good))
-                if cfg.policy == "none":
-                    after = before
-                elif cfg.policy == "drop":
-                    after = forward_drop(backend, x, flag, cfg.drop_mode)
-                    removed = (flag & ~flag.all(1, keepdim=True)).sum(1).float()
-                elif cfg.policy == "keep-top":
-                    keep = keep_top_idx(w, cfg.q, gen)
-                    after = backend.forward_intervened(x, keep_idx=keep.to(x.device))
-                    removed = torch.full((len(good),), float(N - keep.shape[1]))
-                else:
-                    bias = semantic_bias(w, cfg.beta, cfg.eps)
-                    if vocab is not None:
-                        bias = bias + flag.float() * cfg.flag_bias
-                    after = forward_bias(backend, x, bias, cfg.layers)
+                after, removed = _intervene(backend, x, before, (flag, w), cfg, gen, inp.vocab is not None)
                 pb_, pa = before.float().softmax(-1).cpu(), after.float().softmax(-1).cpu()
                 for k, it in enumerate(good):
                     i = it["index"]
@@ -260,33 +193,59 @@ def prompt(
                                  "flagged_patches": int(flag[k].sum()), "removed_patches": int(removed[k]),
                                  "keypoints": len(it["xy"])})
             pb.update(task, advance=len(items), info=f"{len(rows)} images")
-    if not rows:
-        raise ConfigError(f"no image of {source.spec!s} could be read (all {len(skipped)} were skipped)")
-    df = pd.DataFrame(rows)
-    df["group"] = image_groups(df["name"].tolist(), df["label"].tolist(), sidecar)
-    df["correct_before"] = df["pred_before"] == df["label_index"]
-    df["correct_after"] = df["pred_after"] == df["label_index"]
-    before_acc = group_accuracy(df["correct_before"].to_numpy(), df["group"].tolist())
-    after_acc = group_accuracy(df["correct_after"].to_numpy(), df["group"].tolist())
-    summary = {
+    return rows, skipped
+
+
+def _intervene(
+    backend: Backend, x: torch.Tensor, before: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor],
+    cfg: PromptConfig, gen: torch.Generator, with_vocab: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, C) after the intervention of ``cfg.policy`` and the patches removed per image (B,).
+
+    masks: (flag (B, N) bool of flagged patches, semantic weight (B, N)); before: the plain logits."""
+    flag, w = masks
+    N = flag.shape[1]
+    removed = torch.zeros(len(x))
+    if cfg.policy == "none":
+        after = before
+    elif cfg.policy == "drop":
+        after = forward_drop(backend, x, flag, cfg.drop_mode)
+        removed = (flag & ~flag.all(1, keepdim=True)).sum(1).float()
+    elif cfg.policy == "keep-top":
+        keep = keep_top_idx(w, cfg.q, gen)
+        after = backend.forward_intervened(x, keep_idx=keep.to(x.device))
+        removed = torch.full((len(x),), float(N - keep.shape[1]))
+    else:
+        bias = semantic_bias(w, cfg.beta, cfg.eps)
+        if with_vocab:
+            bias = bias + flag.float() * cfg.flag_bias
+        after = forward_bias(backend, x, bias, cfg.layers)
+    return after, removed
+
+
+def _summary(inp: _Inputs, cfg: PromptConfig, df: pd.DataFrame, skipped: list[dict], before_acc: dict,
+             after_acc: dict) -> dict:
+    """The JSON written as ``prompting.json`` (its ``timing`` is added by the caller)."""
+    backend, sift = inp.backend, inp.sift
+    grid = tuple(backend.grid_size)
+    return {
         "kind": "siftlens-prompting", "siftlens_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": asdict(cfg), "model": backend.describe(),
-        "sift": {**asdict(sift), "upsample_used": u},
-        "flagged_words": sorted(flagged),
-        "groups_from": str(side) if side is not None else "class",
-        "images": {"source": str(source.spec), "evaluated": len(df), "skipped": len(skipped),
+        "sift": {**asdict(sift), "upsample_used": sift.upsample},
+        "flagged_words": sorted(inp.flagged),
+        "groups_from": str(inp.side) if inp.side is not None else "class",
+        "images": {"source": str(inp.source.spec), "evaluated": len(df), "skipped": len(skipped),
                    "skipped_reasons": skipped[:500]},
         "interventions": {"mean_flagged_patches": float(df["flagged_patches"].mean()),
                           "mean_removed_patches": float(df["removed_patches"].mean()),
-                          "images_with_flags": int((df["flagged_patches"] > 0).sum()), "patches": N},
+                          "images_with_flags": int((df["flagged_patches"] > 0).sum()),
+                          "patches": grid[0] * grid[1]},
         "before": before_acc, "after": after_acc,
         "delta": {"overall": after_acc["overall"] - before_acc["overall"],
                   "worst_group": (after_acc["worst_group"]["accuracy"] - before_acc["worst_group"]["accuracy"])
                   if before_acc["worst_group"] and after_acc["worst_group"] else None},
-        "timing": {"seconds": round(time.time() - t0, 3)},
     }
-    return PromptResult(before_acc, after_acc, df, summary)
 
 
 def format_summary(s: dict) -> str:
@@ -301,10 +260,3 @@ def format_summary(s: dict) -> str:
         lines.append(f"  worst group  before {b['worst_group']['accuracy']:.4f} ({b['worst_group']['name']})  "
                      f"after {a['worst_group']['accuracy']:.4f} ({a['worst_group']['name']})")
     return "\n".join(lines)
-
-
-def run_prompt(model, images, out: str | Path, config: PromptConfig | None = None, weights: str | None = None,
-               progress: bool = True) -> tuple[PromptResult, dict[str, Path]]:
-    """:func:`prompt`, then write ``prompting.json`` and ``predictions.csv`` into ``out``."""
-    res = prompt(model, images, config, progress=progress, weights=weights)
-    return res, res.save(out)

@@ -1,0 +1,171 @@
+"""Whole jobs: load, run, save, report. The command line calls these functions and nothing else.
+
+This is the one module that joins the steps with each other and with their rendering: the analysis with
+:mod:`siftlens.report`, discovery with :mod:`siftlens.spurious.report`, the SpuriousCIFAR evaluation with
+discovery, prompting with its output files. Nothing in the library imports it (only ``cli.py`` and the
+lazy public names ``siftlens.run_analysis`` and ``siftlens.run_demo``). Each job returns its result and
+the paths it wrote; the ``*_outcome`` functions give the few lines the CLI prints about them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from .analysis import AnalysisConfig, AnalysisResult, analyze, merge
+from .analysis.run import output_paths
+from .errors import SpuriousDataError
+from .prompting.run import PromptConfig, PromptResult, format_summary, prompt
+from .spurious.config import DiscoveryConfig
+from .spurious.data import SpuriousConfig, build, find_sidecar, read_sidecar
+from .spurious.evaluate import evaluate_markers
+from .spurious.report import write_discovery_report
+from .spurious.run import DiscoveryResult, discover
+
+
+@dataclass
+class JobOptions:
+    """How a job runs, apart from what it computes.
+
+    weights: a weights file for ``timm:<name>`` models; report: also render the job's HTML report (the
+    analysis and discovery jobs have one); progress: show progress bars.
+    """
+
+    weights: str | None = None
+    report: bool = True
+    progress: bool = True
+
+
+# -- analysis ---------------------------------------------------------------------------------------
+def demo_images_dir() -> Path:
+    """The CIFAR-10 test sample that ships inside the package (ImageFolder layout)."""
+    return Path(str(files("siftlens") / "assets" / "demo_images"))
+
+
+def run_analysis(
+    model: str,
+    images,
+    out: str | Path,
+    config: AnalysisConfig | None = None,
+    options: JobOptions | None = None,
+    resume: bool = False,
+    shard: tuple[int, int] | None = None,
+) -> tuple[AnalysisResult | None, dict[str, Path]]:
+    """Analyse into ``out`` (tables and manifest as the run goes), then the figures and report.html.
+
+    Returns ``(None, {})`` on torchrun ranks other than 0 and for a single shard (``shard=(i, K)``),
+    whose folder :func:`run_merge` combines with the others."""
+    opt = options or JobOptions()
+    res = analyze(model, images, config or AnalysisConfig(), out=out, resume=resume, shard=shard,
+                  progress=opt.progress, weights=opt.weights)
+    return res, (_finish_report(res, opt.report) if res is not None else {})
+
+
+def run_merge(out: str | Path, shard_dirs: list[str | Path], report: bool = True,
+              progress: bool = True) -> tuple[AnalysisResult, dict[str, Path]]:
+    """Combine shard folders into ``out``: the same tables and report as one run over all images."""
+    res = merge(out, shard_dirs, progress=progress)
+    return res, _finish_report(res, report)
+
+
+def _finish_report(res: AnalysisResult, report: bool) -> dict[str, Path]:
+    paths = output_paths(res.out)
+    if report:
+        from .report import write_report  # matplotlib is imported only when a report is asked for
+
+        paths["report"] = write_report(res.out, res.summary, res.manifest, res.overlays)
+    return paths
+
+
+def run_demo(out: str | Path = "runs/demo", progress: bool = True, **overrides):
+    """The main job on the embedded default model and bundled images, fully offline. The demo folder is
+    rebuilt on every call (it holds nothing but the demo's own outputs)."""
+    out = Path(out)
+    if (out / "run.json").exists():
+        shutil.rmtree(out)
+    cfg = AnalysisConfig(**overrides)
+    return run_analysis("default", str(demo_images_dir()), out, cfg, JobOptions(progress=progress))
+
+
+def analysis_outcome(res: AnalysisResult, paths: dict[str, Path]) -> str:
+    """What the CLI prints after an analysis: counts, speed and the files written."""
+    m = res.manifest
+    im = m["images"]
+    lines = [
+        f"analysed {im['analysed']} images ({im['no_keypoints']} without keypoints, {im['skipped']} skipped) "
+        f"in {m['timing']['seconds']:.1f} s ({m['timing']['images_per_s'] or 0:.1f} images/s)"
+    ]
+    lines += [f"  {k:9s} {paths[k]}" for k in ("metrics", "summary", "manifest")]
+    if "report" in paths:
+        lines.append(f"report: {paths['report']}")
+    return "\n".join(lines)
+
+
+def shard_outcome(shard: tuple[int, int], out: str | Path) -> str:
+    return f"shard {shard[0]}/{shard[1]} written to {out}; combine all shards with 'siftlens merge'"
+
+
+# -- spurious correlations and prompting ------------------------------------------------------------
+def make_spurious(cfg: SpuriousConfig) -> dict:
+    """Build SpuriousCIFAR into ``cfg.out``; returns its manifest."""
+    return build(cfg)
+
+
+def spurious_outcome(manifest: dict, out: str | Path) -> str:
+    lines = [f"  {split:12s} {st['images']} images ({st['aligned']} aligned, {st['conflicting']} conflicting)"
+             for split, st in manifest["splits"].items()]
+    lines.append(f"SpuriousCIFAR written to {out}")
+    return "\n".join(lines)
+
+
+def run_discovery(
+    model,
+    images,
+    out: str | Path,
+    config: DiscoveryConfig | None = None,
+    boxes=None,
+    evaluate: bool | None = None,
+    options: JobOptions | None = None,
+) -> tuple[DiscoveryResult, dict[str, Path]]:
+    """Discover, optionally score against a SpuriousCIFAR sidecar, save tables/JSON and the report.
+
+    evaluate: None = when ``<images>/markers.json`` exists; True requires it. Returns (result, paths).
+    """
+    opt = options or JobOptions()
+    side = find_sidecar(images) if isinstance(images, (str, Path)) else None
+    if evaluate and side is None:
+        raise SpuriousDataError(f"--evaluate needs a SpuriousCIFAR sidecar markers.json inside {images}")
+    res = discover(model, images, config, boxes=boxes, progress=opt.progress, weights=opt.weights)
+    if side is not None and evaluate is not False:
+        res.evaluation = {"sidecar": str(side), **evaluate_markers(res, read_sidecar(side))}
+    paths = res.save(out)
+    if opt.report:
+        paths["report"] = write_discovery_report(out, res)
+    return res, paths
+
+
+def discovery_outcome(res: DiscoveryResult, paths: dict[str, Path]) -> str:
+    """What the CLI prints after discovery: each class's best word, the evaluation, the files written."""
+    lines = []
+    for c, rows in res.top.items():
+        best = rows[0] if rows else None
+        lines.append(f"  {c:12s} " + (f"word {best['word']:4d} score {best['score']:.3g}" if best else "no candidate"))
+    if res.evaluation:
+        ev = res.evaluation
+        lines.append(f"own marker ranked first for {ev['rank1']:.0%} of classes; ranks: {ev['ranks']}")
+    lines += [f"  {k:10s} {p}" for k, p in paths.items()]
+    return "\n".join(lines)
+
+
+def run_prompt(model, images, out: str | Path, config: PromptConfig | None = None,
+               options: JobOptions | None = None) -> tuple[PromptResult, dict[str, Path]]:
+    """:func:`~siftlens.prompting.prompt`, then write ``prompting.json`` and ``predictions.csv`` into ``out``."""
+    opt = options or JobOptions()
+    res = prompt(model, images, config, progress=opt.progress, weights=opt.weights)
+    return res, res.save(out)
+
+
+def prompt_outcome(res: PromptResult, paths: dict[str, Path]) -> str:
+    return "\n".join([format_summary(res.summary), *(f"  {k:11s} {p}" for k, p in paths.items())])

@@ -1,0 +1,69 @@
+"""Evaluation of a discovery against a SpuriousCIFAR sidecar: the rank of each class's own marker among its
+candidates. The sidecar is never used for the ranking itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .features import Features
+from .run import DiscoveryResult
+
+
+def word_marker_purity(f: Features, sidecar: dict, K: int) -> pd.DataFrame:
+    """Per word: its keypoints' share inside each marker class's boxes; ``marker`` = the majority marker
+    class when that share is at least 0.5, else ''."""
+    assert f.words is not None
+    recs = sidecar["images"]
+    classes = list(sidecar.get("classes") or sorted({r["marker"] for r in recs.values()}))
+    cidx = {c: i for i, c in enumerate(classes)}
+    n_img = len(f.names)
+    mk = np.full(n_img, -1, np.int64)
+    box = np.zeros((n_img, 4), np.float64)
+    for i, name in enumerate(f.names):
+        r = recs.get(name)
+        if r is not None:
+            mk[i] = cidx.get(r["marker"], -1)
+            box[i] = r["box"]
+    b = box[f.kp_image]
+    x, y = f.kp_xy[:, 0], f.kp_xy[:, 1]
+    inside = ((x >= b[:, 0] - 0.5) & (x < b[:, 2] - 0.5) & (y >= b[:, 1] - 0.5) & (y < b[:, 3] - 0.5)
+              & (mk[f.kp_image] >= 0))
+    counts = np.zeros((K, len(classes) + 1))
+    col = np.where(inside, mk[f.kp_image], len(classes))
+    np.add.at(counts, (f.words, col), 1.0)
+    total = counts.sum(1)
+    share = counts[:, :-1] / np.maximum(total, 1)[:, None]
+    best = share.argmax(1)
+    purity = share[np.arange(K), best]
+    return pd.DataFrame({"word": np.arange(K), "keypoints": total.astype(int),
+                         "marker": [classes[g] if p >= 0.5 else "" for g, p in zip(best, purity, strict=True)],
+                         "purity": purity, "outside_markers": counts[:, -1] / np.maximum(total, 1)})
+
+
+def evaluate_markers(result: DiscoveryResult, sidecar: dict) -> dict:
+    """Rank of each class's own marker among its candidates: the best rank of a word attributed to it.
+
+    Returns ``{"ranks": {class: rank or None}, "words": {class: word or None}, "rank1": share of classes
+    with rank 1, "mean_rank_found": mean rank over the classes whose marker was found (or None),
+    "missing": classes whose marker no ranked word belongs to, "marker_words": {class: its marker's words}}``
+    (a word belongs to a marker by :func:`word_marker_purity`).
+    """
+    K = len(result.vocabulary)
+    pur = word_marker_purity(result.features, sidecar, K)
+    attributed = dict(zip(pur["word"], pur["marker"], strict=True))
+    ranks, words = {}, {}
+    for c in result.class_names:
+        rows = result.candidates[(result.candidates["class"] == c) & result.candidates["rank"].notna()]
+        mine = np.array([attributed.get(int(w)) == c for w in rows["word"]], dtype=bool)
+        hit = rows.loc[mine].sort_values("rank")
+        ranks[c] = None if hit.empty else int(hit["rank"].iloc[0])
+        words[c] = None if hit.empty else int(hit["word"].iloc[0])
+    got = [r for r in ranks.values() if r is not None]
+    return {
+        "ranks": ranks, "words": words,
+        "rank1": float(np.mean([r == 1 for r in ranks.values()])) if ranks else 0.0,
+        "mean_rank_found": float(np.mean(got)) if got else None,
+        "missing": [c for c, r in ranks.items() if r is None],
+        "marker_words": {c: sorted(int(w) for w, m in attributed.items() if m == c) for c in result.class_names},
+    }

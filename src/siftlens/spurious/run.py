@@ -1,0 +1,164 @@
+"""The discovery runner: features, vocabulary, statistics, causal check and ranking; returns data."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import __version__
+from ..data import ImageSource
+from ..errors import ConfigError
+from ..io import atomic_path, write_json
+from ..keypoints import SiftParams, auto_upsample
+from ..models import load_backend
+from ..models.backend import Backend
+from .causal import causal_check
+from .config import DiscoveryConfig
+from .features import Features, extract_features, load_pixels, read_boxes
+from .scoring import candidate_stats, causal_candidates, rank
+from .vocabulary import assign, build_vocabulary, rootsift
+
+
+@dataclass
+class DiscoveryResult:
+    """candidates: one row per (class, word) (ranked where eligible); top: per class the best rows as
+    dicts; vocabulary: (k, 128) RootSIFT centres; features: per-image and per-keypoint data; galleries:
+    per (class, word) a few example crops for the report; manifest: parameters, model, counts, timing."""
+
+    candidates: pd.DataFrame
+    top: dict[str, list[dict]]
+    vocabulary: np.ndarray
+    features: Features
+    class_names: list[str]
+    galleries: dict[tuple[str, int], list[dict]]
+    manifest: dict
+    evaluation: dict | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "kind": "siftlens-discovery",
+            "siftlens_version": __version__,
+            "classes": self.class_names,
+            "score": "share * max(assoc, 0) * (max(causal, 0) + 0.01)" + (
+                " * off_object" if "off_object" in self.candidates else ""),
+            "top": self.top,
+            "vocabulary": {"transform": "rootsift", "k": int(len(self.vocabulary)),
+                           "centers": np.round(self.vocabulary, 6).tolist()},
+            "manifest": self.manifest,
+            "evaluation": self.evaluation,
+        }
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write candidates.csv, discovery.json and keypoints.parquet atomically."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        with atomic_path(out / "candidates.csv") as tmp:
+            self.candidates.to_csv(tmp, index=False, float_format="%.6g")
+        paths["candidates"] = out / "candidates.csv"
+        paths["json"] = write_json(out / "discovery.json", self.to_json())
+        f = self.features
+        assert f.words is not None
+        kdf = pd.DataFrame({
+            "image": np.asarray(f.names, dtype=object)[f.kp_image] if len(f.kp_image) else np.array([], object),
+            "x": f.kp_xy[:, 0], "y": f.kp_xy[:, 1], "size": f.kp_size, "patch": f.kp_patch, "word": f.words,
+        })
+        with atomic_path(out / "keypoints.parquet") as tmp:
+            kdf.to_parquet(tmp, index=False)
+        paths["keypoints"] = out / "keypoints.parquet"
+        return paths
+
+
+def discover(
+    model: str | Backend,
+    images: str | Path | list | ImageSource,
+    config: DiscoveryConfig | None = None,
+    boxes: str | Path | dict | None = None,
+    progress: bool = True,
+    weights: str | None = None,
+) -> DiscoveryResult:
+    """Run the whole discovery; returns data and writes nothing (see :meth:`DiscoveryResult.save`)."""
+    cfg = config or DiscoveryConfig()
+    cfg.validate()
+    t0 = time.time()
+    backend = model if isinstance(model, Backend) else load_backend(str(model), cfg.device, weights=weights)
+    source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.limit)
+    if isinstance(boxes, (str, Path)):
+        boxes = read_boxes(boxes)
+    u = cfg.upsample or auto_upsample(backend.input_size)
+    sift = SiftParams(upsample=u, contrast_threshold=cfg.contrast_threshold, edge_threshold=cfg.edge_threshold)
+    f = extract_features(backend, source, cfg, sift, boxes, progress)
+    if len(f.kp_desc) == 0:
+        raise ConfigError("no SIFT keypoints in any image; discovery needs keypoints (try a larger --upsample)")
+    k = cfg.vocab_size
+    if len(f.kp_desc) < k:
+        raise ConfigError(f"only {len(f.kp_desc)} SIFT descriptors for {k} words; lower --vocab")
+    centers = build_vocabulary(f.kp_desc, cfg, progress)
+    f.words, _ = assign(rootsift(f.kp_desc), centers)
+    f.words = f.words.numpy()
+    n_classes = f.probs.shape[1]
+    class_names = list(backend.class_names or [str(i) for i in range(n_classes)])
+    stats = candidate_stats(f, k, n_classes, cfg.smoothing, cfg.min_images)
+    checked = causal_candidates(stats, cfg.causal_top)
+    if cfg.causal_top > 0 and len(checked):
+        upd = causal_check(backend, source, f, checked, k, cfg, progress)
+        stats.loc[upd.index, upd.columns] = upd
+    stats, top = rank(stats, class_names, cfg.top)
+    galleries = _galleries(backend, source, f, stats, k, cfg)
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": asdict(cfg), "model": backend.describe(),
+        "sift": {**asdict(sift), "upsample_used": u},
+        "images": {"source": str(source.spec), "total": len(source), "analysed": len(f.names),
+                   "skipped": len(f.skipped), "skipped_reasons": f.skipped[:500],
+                   "keypoints": int(len(f.kp_desc)),
+                   "accuracy": float((f.preds == f.labels).mean()) if (f.labels >= 0).all() else None},
+        "boxes": boxes is not None,
+        "timing": {"seconds": round(time.time() - t0, 3)},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+    }
+    return DiscoveryResult(stats, top, centers.numpy(), f, class_names, galleries, manifest)
+
+
+def _galleries(backend, source, f: Features, stats: pd.DataFrame, K: int, cfg: DiscoveryConfig) -> dict:
+    """For each class's top candidates: up to ``gallery`` example crops around the word's keypoints."""
+    if cfg.gallery <= 0:
+        return {}
+    P = backend.patch_size
+    H, W = backend.input_size
+    half = max(3 * P, 12) // 2
+    n, N = f.attention.shape
+    out = {}
+    cache: dict[int, np.ndarray] = {}
+    assert f.words is not None
+    for _, r in stats[stats["rank"].notna() & (stats["rank"] <= min(cfg.top, 5))].iterrows():
+        c, v = int(r["class_index"]), int(r["word"])
+        sel = np.flatnonzero((f.words == v) & (f.preds[f.kp_image] == c))
+        if not len(sel):
+            continue
+        # one keypoint per image, the images where v's patch draws the most attention first
+        att = f.attention[f.kp_image[sel], f.kp_patch[sel]]
+        order = sel[np.argsort(-att, kind="stable")]
+        _, first = np.unique(f.kp_image[order], return_index=True)
+        picks = order[np.sort(first)][: cfg.gallery]
+        ex = []
+        for m in picks:
+            i = int(f.kp_image[m])
+            if i not in cache:
+                cache[i] = load_pixels(backend, source, int(f.indices[i]))
+            x, y = f.kp_xy[m]
+            x0 = int(np.clip(round(float(x)) - half, 0, max(0, W - 2 * half)))
+            y0 = int(np.clip(round(float(y)) - half, 0, max(0, H - 2 * half)))
+            crop = cache[i][y0 : y0 + 2 * half, x0 : x0 + 2 * half]
+            same = np.flatnonzero((f.kp_image == i) & (f.words == v))
+            kps = [(float(f.kp_xy[j, 0] - x0), float(f.kp_xy[j, 1] - y0), float(f.kp_size[j])) for j in same]
+            ex.append({"name": f.names[i], "crop": crop, "keypoints": kps,
+                       "attention": float(f.attention[i, f.kp_patch[m]] * N)})
+        out[(r["class"], v)] = ex
+    return out
