@@ -13,18 +13,11 @@ from pathlib import Path
 import pandas as pd
 
 from ..io import write_text
-from .figures import (
-    DPI,
-    distance_entropy,
-    head_heatmap,
-    layer_curves,
-    level_matrices,
-    overlay_figure,
-    save_figure,
-    save_figures,
-)
+from .figures import DPI, distance_entropy, head_heatmap, layer_curves, level_matrices
 from .findings import ReportDataError, findings
 from .html import render_html
+from .overlay import overlay_figure
+from .saving import save_figure, save_figures
 
 __all__ = [
     "ReportDataError",

@@ -2,7 +2,8 @@
 
 Every function takes data and returns a :class:`matplotlib.figure.Figure` drawn on the Agg canvas.
 pyplot is never used, so nothing is shown, no global figure state is kept and figures are freed
-with their last reference. :func:`save_figures` writes all of them as PNG files, atomically.
+with their last reference (:mod:`siftlens.report.overlay` draws the per-image figure,
+:mod:`siftlens.report.saving` writes them all as PNG files, atomically).
 
 Conventions of the summary table (see :mod:`siftlens.report.findings`): ``head == -1`` is the mean
 over heads, ``layer == num_layers`` is attention rollout, ``level_a``/``level_b`` are -1 where a
@@ -12,19 +13,15 @@ metric has no level.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.collections import PatchCollection
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
-from matplotlib.patches import Circle
 
-from ..io import atomic_path
 from .findings import DEFAULT_ALPHA, ReportDataError, check_summary, level_names, num_layers
 
 DPI = 110
@@ -342,153 +339,3 @@ def distance_entropy(summary: pd.DataFrame, manifest: Mapping | None = None) -> 
     fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
                ncol=min(len(handles), 4), fontsize=9, frameon=False)
     return fig
-
-
-# ---------------------------------------------------------------- e) per-image overlays
-
-def _cls_maps(overlay: Mapping) -> dict[int, np.ndarray]:
-    maps = overlay.get("cls_attention") or {}
-    return {int(k): np.asarray(v, float) for k, v in maps.items()}
-
-
-def overlay_figure(overlay: Mapping, manifest: Mapping | None = None) -> Figure:
-    """One image: pixels, patch grid, keypoints, weight map; CLS attention of first/middle/last layer.
-
-    overlay: name, pixels (H, W, 3) uint8, keypoints_xy (K, 2) (x, y) pixels with pixel centres at
-    integers, keypoint_size (K,), weights (gh, gw), levels (gh, gw), cls_attention {layer: (gh, gw)},
-    label, prediction.
-    """
-    model = _model(manifest)
-    px = np.asarray(overlay["pixels"])
-    if px.ndim == 2:
-        px = np.repeat(px[..., None], 3, axis=2)
-    if px.dtype != np.uint8:
-        px = np.clip(px, 0, 255).astype(np.uint8)
-    H, W = px.shape[:2]
-    weights = np.asarray(overlay["weights"], float)
-    if weights.ndim == 1 and model.get("grid"):
-        weights = weights.reshape(int(model["grid"][0]), int(model["grid"][1]))
-    gh, gw = weights.shape
-    P = float(model.get("patch_size") or H / gh)
-    n_layers = int(model.get("layers") or 0)
-    maps = _cls_maps(overlay)
-    real = sorted(k for k in maps if not n_layers or k < n_layers)
-    chosen = list(dict.fromkeys([real[0], real[len(real) // 2], real[-1]])) if real else []
-    chosen += sorted(k for k in maps if n_layers and k >= n_layers)[:1]
-    # the image takes a large block on the left; the attention maps (up to four) a 2 x 2 block beside it
-    keys = [f"m{i}" for i in range(len(chosen))]
-    if not keys:
-        mosaic, size_in = [["img"]], (6.0, 5.8)
-    elif len(keys) == 1:
-        mosaic, size_in = [["img", "m0"]], (2 * 4.4 + 1.0, 4.4 + 1.0)
-    elif len(keys) == 2:
-        mosaic, size_in = [["img", "img", "m0"], ["img", "img", "m1"]], (3 * 2.5 + 1.0, 2 * 2.5 + 1.1)
-    else:
-        pad = keys + ["."] * (4 - len(keys))
-        mosaic = [["img", "img", pad[0], pad[1]], ["img", "img", pad[2], pad[3]]]
-        size_in = (4 * 2.5 + 1.0, 2 * 2.5 + 1.1)
-    fig = _figure(*size_in)
-    named = fig.subplot_mosaic(mosaic, empty_sentinel=".")
-    axes = [named["img"]] + [named[k] for k in keys]
-    img_extent = (-0.5, W - 0.5, H - 0.5, -0.5)
-    grid_extent = (-0.5, gw * P - 0.5, gh * P - 0.5, -0.5)
-    xy = np.asarray(overlay.get("keypoints_xy", np.zeros((0, 2))), float).reshape(-1, 2)
-    size = np.asarray(overlay.get("keypoint_size", np.ones(len(xy))), float).reshape(-1)
-
-    ax = axes[0]
-    ax.imshow(px, interpolation="nearest", extent=img_extent)
-    wmax = float(weights.max()) if weights.size and weights.max() > 0 else 1.0
-    wim = ax.imshow(np.ma.masked_where(weights <= 0, weights), cmap="YlOrRd", alpha=0.5, vmin=0, vmax=wmax,
-                    interpolation="nearest", extent=grid_extent)
-    ax.vlines(np.arange(gw + 1) * P - 0.5, -0.5, gh * P - 0.5, color="white", lw=0.6, alpha=0.7)
-    ax.hlines(np.arange(gh + 1) * P - 0.5, -0.5, gw * P - 0.5, color="white", lw=0.6, alpha=0.7)
-    if len(xy):
-        circles = [Circle((x, y), max(r / 2.0, 0.4)) for (x, y), r in zip(xy, size, strict=False)]
-        ax.add_collection(PatchCollection(circles, facecolor="none", edgecolor="cyan", lw=0.7, alpha=0.9))
-        ax.scatter(xy[:, 0], xy[:, 1], s=3, color="cyan", lw=0)
-    ax.set_xlim(-0.5, W - 0.5)
-    ax.set_ylim(H - 0.5, -0.5)
-    ax.set_title(f"model input {H}×{W} px (H×W): {len(xy)} SIFT keypoints (circles),\n"
-                 f"{gh}×{gw} patch grid, patch weight (warm = more keypoints)", fontsize=9)
-    fig.colorbar(wim, ax=ax, location="bottom", shrink=0.6, fraction=0.05, pad=0.02,
-                 label="keypoint weight of the patch")
-
-    grey = px.mean(axis=2)
-    who = "CLS" if model.get("has_cls", True) else "mean-query"
-    for ax, layer in zip(axes[1:], chosen, strict=True):
-        att = maps[layer]
-        if att.ndim == 1:
-            att = att.reshape(gh, gw)
-        ax.imshow(grey, cmap="gray", interpolation="nearest", extent=img_extent)
-        peak = float(att.max()) if att.size else 0.0
-        ax.imshow(att, cmap="inferno", alpha=0.6, vmin=0, vmax=peak if peak > 0 else 1.0,
-                  interpolation="nearest", extent=grid_extent)
-        if len(xy):
-            ax.scatter(xy[:, 0], xy[:, 1], s=3, color="cyan", lw=0, alpha=0.8)
-        ax.set_xlim(-0.5, W - 0.5)
-        ax.set_ylim(H - 0.5, -0.5)
-        where = "rollout" if n_layers and layer >= n_layers else f"layer {layer}"
-        ax.set_title(f"{who} attention, {where}\n(top patch {peak:.1%}; uniform {1 / att.size:.1%})",
-                     fontsize=9)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    parts = [f"image: {_text(overlay.get('name', '?'))}"]
-    if overlay.get("label") not in (None, ""):
-        parts.append(f"label: {_text(overlay['label'], 30)}")
-    if overlay.get("prediction") not in (None, ""):
-        parts.append(f"prediction: {_text(overlay['prediction'], 30)}")
-    fig.suptitle("   ·   ".join(parts), fontsize=10)
-    return fig
-
-
-# ---------------------------------------------------------------- saving
-
-def save_figure(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically (temporary name, then rename)."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, facecolor="white")
-    return Path(path)
-
-
-def available_figures(summary: pd.DataFrame, manifest: Mapping | None = None) -> list[str]:
-    """Names of the summary figures the table has data for, in report order."""
-    s = check_summary(summary)
-    n_layers = num_layers(s, manifest)
-    plain = _plain(s)
-    out = []
-    if plain["metric"].isin(CURVE_METRICS).any():
-        out.append("layer_curves")
-    if ((plain["metric"] == "sal") & (plain["head"] >= 0) & (plain["layer"] < n_layers)).any():
-        out.append("head_heatmap")
-    if ((s["metric"] == "R") & (s["head"] < 0) & (s["level_a"] >= 0) & (s["level_b"] >= 0)).any():
-        out.append("level_matrices")
-    if (s["metric"].isin(DISTANCE_METRICS) & (s["head"] < 0) & (s["layer"] < n_layers)).any():
-        out.append("distance_entropy")
-    return out
-
-
-SUMMARY_FIGURES: dict[str, Callable[[pd.DataFrame, Mapping | None], Figure]] = {
-    "layer_curves": layer_curves,
-    "head_heatmap": head_heatmap,
-    "level_matrices": level_matrices,
-    "distance_entropy": distance_entropy,
-}
-
-
-def save_figures(summary: pd.DataFrame, manifest: Mapping | None, overlays: Sequence[Mapping] = (),
-                 out_dir: str | Path = ".", dpi: int = DPI) -> dict[str, Path]:
-    """Write every figure the data allows to ``out_dir/<name>.png``; return {name: path}.
-
-    Names: layer_curves, head_heatmap, level_matrices, distance_entropy (each only when the table has
-    its rows), then overlay_00, overlay_01... one per overlay, in the given order.
-    """
-    s = check_summary(summary)
-    out = Path(out_dir)
-    paths: dict[str, Path] = {}
-    for name in available_figures(s, manifest):
-        paths[name] = save_figure(SUMMARY_FIGURES[name](s, manifest), out / f"{name}.png", dpi)
-    for i, ov in enumerate(overlays or ()):
-        name = f"overlay_{i:02d}"
-        paths[name] = save_figure(overlay_figure(ov, manifest), out / f"{name}.png", dpi)
-    return paths

@@ -220,12 +220,23 @@ def _sal_findings(s: pd.DataFrame, n_layers: int, rule: Rule) -> tuple[list[str]
                        f"{_cap(cell_name(r['layer'], r['head'], n_layers))} avoids keypoint-rich patches "
                        f"most: it gives them only {fmt_num(r['mean'])}x the attention they would get if "
                        f"attention ignored keypoints ({_ci(r)}; {_stats(r)})."))
-    parts = [f"{_count(len(up), 'favour')} keypoint-rich patches", f"{_count(len(down), 'avoid')} them"]
+    counts = (len(up), len(down), n_small, n_null, len(cells))
+    lead.append(_count_sentence(counts, unit, means if len(heads) else means.iloc[:0], rule))
+    if len(rollout):
+        scored.append(_rollout_sentence(rollout.iloc[:1], rule))
+    return lead, scored
+
+
+def _count_sentence(counts: tuple[int, ...], unit: str, means: pd.DataFrame, rule: Rule) -> str:
+    """'Of n cells, u favour keypoint-rich patches, d avoid them, ...; averaged over heads, ...'."""
+    n_up, n_down, n_small, n_null, n_cells = counts
+    eff = f"{rule.min_effect:.0%}"
+    parts = [f"{_count(n_up, 'favour')} keypoint-rich patches", f"{_count(n_down, 'avoid')} them"]
     if n_small:
         parts.append(f"{n_small} differ{'s' if n_small == 1 else ''} from the null by less than {eff}")
-    parts.append(f"{n_null} {'is' if n_null == 1 else 'are'} indistinguishable from it (q ≥ {alpha:g})")
-    text = f"Of {len(cells)} {unit}, {join_words(parts)}"
-    if len(heads) and len(means):
+    parts.append(f"{n_null} {'is' if n_null == 1 else 'are'} indistinguishable from it (q ≥ {rule.alpha:g})")
+    text = f"Of {n_cells} {unit}, {join_words(parts)}"
+    if len(means):
         ok = rule.departs(means)
         ms, flat = means[ok].sort_values("layer"), means[~ok].sort_values("layer")
         if len(ms):
@@ -235,19 +246,20 @@ def _sal_findings(s: pd.DataFrame, n_layers: int, rule: Rule) -> tuple[list[str]
                 text += f" and {layer_list(flat['layer'])} {'does' if len(flat) == 1 else 'do'} not"
         else:
             text += f"; averaged over heads, no layer departs from the null by {eff} or more"
-    lead.append(text + ".")
-    if len(rollout):
-        r = rollout.iloc[0]
-        if rule.departs(rollout.iloc[:1]).iloc[0]:
-            verdict = "departs from the null"
-        elif r["q"] < alpha:
-            verdict = f"differs from the null by less than {eff}"
-        else:
-            verdict = "is indistinguishable from the null"
-        scored.append((abs(float(r["z"])),
-                       f"Attention rollout across all layers gives keypoint-rich patches "
-                       f"{fmt_num(r['mean'])}x ({_ci(r)}, {fmt_q(r['q'])}) and {verdict}."))
-    return lead, scored
+    return text + "."
+
+
+def _rollout_sentence(row: pd.DataFrame, rule: Rule) -> tuple[float, str]:
+    """The scored sentence on attention rollout's SAL (``row``: its one summary row)."""
+    r = row.iloc[0]
+    if rule.departs(row).iloc[0]:
+        verdict = "departs from the null"
+    elif r["q"] < rule.alpha:
+        verdict = f"differs from the null by less than {rule.min_effect:.0%}"
+    else:
+        verdict = "is indistinguishable from the null"
+    return (abs(float(r["z"])), f"Attention rollout across all layers gives keypoint-rich patches "
+            f"{fmt_num(r['mean'])}x ({_ci(r)}, {fmt_q(r['q'])}) and {verdict}.")
 
 
 def _cap(text: str) -> str:
