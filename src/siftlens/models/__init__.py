@@ -63,18 +63,14 @@ def load_backend(spec: str, device: str | torch.device = "cpu", weights: str | N
 
 def _load_folder(spec: str, device: torch.device) -> Backend:
     """A siftlens ViT folder (config.json with ``"siftlens_model": "vit"``) or a Hugging Face one."""
-    import json
-
     from ..errors import ModelLoadError
+    from ..io import read_json
 
     p = Path(spec)
     cfg_file = p / "config.json"
     if not cfg_file.exists():
         raise ModelLoadError(f"{spec} has no config.json; is it a siftlens or Hugging Face model folder?")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{cfg_file} is not valid JSON ({e.msg})") from e
+    raw = read_json(cfg_file, "model config", error=ModelLoadError)
     if raw.get("siftlens_model") == "vit":
         return _native(p, device, source=str(p))
     from .hf import HFBackend

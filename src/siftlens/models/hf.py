@@ -20,7 +20,6 @@ attention module's ``attention_mask``, which the eager and SDPA attention functi
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import GeometryError, ModelLoadError
+from ..io import read_json
 from .backend import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -80,10 +80,7 @@ class HFPreprocessing:
         f = folder / "preprocessor_config.json"
         if not f.is_file():
             return None
-        try:
-            raw = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelLoadError(f"{f} is not valid JSON ({e.msg})") from e
+        raw = read_json(f, "preprocessor config", error=ModelLoadError)
         ptype = str(raw.get("image_processor_type") or raw.get("feature_extractor_type") or "")
         resize = None
         if raw.get("do_resize", True):

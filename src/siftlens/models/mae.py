@@ -15,7 +15,6 @@ uniform noise. Masking policies (random, SIFT-guided) only change the score.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelLoadError
+from ..io import read_json
 from .vit import Block, ViT, ViTConfig
 
 LOSSES = ("mse", "l1")
@@ -171,12 +171,10 @@ def load_mae(directory: str | os.PathLike, map_location: str = "cpu") -> MAE:
     from safetensors.torch import load_file
 
     p = Path(directory) / "config.json"
+    raw = read_json(p, "config of a siftlens MAE folder", error=ModelLoadError)
     try:
-        raw = json.loads(p.read_text())
         model = MAE(ViTConfig(**raw["encoder"]), MAEConfig(**raw["mae"]))
-    except FileNotFoundError as e:
-        raise ModelLoadError(f"no config.json in {directory}; is this a siftlens MAE folder?") from e
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ModelLoadError(f"{p} does not describe a siftlens MAE ({e})") from e
     wpath = Path(directory) / "model.safetensors"
     if not wpath.exists():

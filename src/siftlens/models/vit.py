@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GeometryError, ModelLoadError
+from ..io import read_json
 from .layers import resolve_layers
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -280,12 +281,7 @@ def save_vit(model: ViT, directory: str | os.PathLike, extra: dict | None = None
 
 def load_config(directory: str | os.PathLike) -> ViTConfig:
     p = Path(directory) / CONFIG_NAME
-    try:
-        raw = json.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise ModelLoadError(f"no {CONFIG_NAME} in {directory}; is this a siftlens model folder?") from e
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{p} is not valid JSON ({e.msg} at line {e.lineno})") from e
+    raw = read_json(p, "config of a siftlens model folder", error=ModelLoadError)
     raw.pop("siftlens_model", None)
     raw.pop("extra", None)
     try:
