@@ -200,7 +200,7 @@ def keypoint_items(backend, source, cfg=None) -> list[dict]:
     from siftlens.analysis.dataset import KeypointDataset, sift_params
 
     cfg = cfg or AnalysisConfig()
-    ds = KeypointDataset(source, backend, cfg, sift_params(backend, cfg))
+    ds = KeypointDataset(source, backend, cfg, sift_params(backend.input_size, cfg))
     return [it for it in (ds[i] for i in range(len(ds))) if "skip" not in it]
 
 

@@ -21,8 +21,8 @@ keypoint stage has its own benchmark); the timed work starts from the preprocess
 
 Ratios are the median over rounds of per-round time ratios (side by side, order rotated per round), on
 process CPU time with ``torch.set_num_threads(--threads)`` (default 1: per core); wall-time ratios are
-recorded too. Targets: analysis_exact <= 1.3x forward (the target of the former analysis without null
-model, K = 1: it too uses one weight map per image), analysis_null100 <= 2x forward.
+recorded too. Targets: analysis_exact <= 1.10x forward for HF ViT-S/16 and ViT-B/16 and <= 1.5x for the
+built-in model; analysis_null100 <= 2x forward.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
            "models": models}
     res["checks"] = []
     for key, m in models.items():
-        res["checks"].append(C.check(f"attention+metrics exact null / forward, {key}", m["ratio_exact"], 1.3))
+        target = 1.5 if key == "default" else 1.10  # issue "Dataset-scale analysis": ViT-S/B <= 1.10, built-in <= 1.5
+        res["checks"].append(C.check(f"attention+metrics exact null / forward, {key}", m["ratio_exact"], target))
         res["checks"].append(C.check(f"attention+metrics null 100 / forward, {key}", m["ratio_null100"], 2.0))
     path = C.write_result("attention_metrics", res, a.quick)
     print(C.format_table(res["checks"]))

@@ -72,7 +72,7 @@ def throughput(backend, n: int, rounds: int, tmp: Path) -> dict:
             target.write_bytes(zf.read(e.path))
     fsrc = ImageSource(str(tmp))
     assert fsrc.names == zsrc.names, "the folder must hold exactly the zip subset"
-    sift = sift_params(backend, AnalysisConfig())
+    sift = sift_params(backend.input_size, AnalysisConfig())
 
     def make(src, workers):
         cfg = AnalysisConfig(workers=workers)

@@ -48,7 +48,7 @@ diff = {c: float(np.max(np.abs(a[c] - b[c]))) for c in ("mean", "ci_lo", "ci_hi"
 
 backend = load_backend(model, "cuda")
 cfg = AnalysisConfig(device="cuda")
-ds = KeypointDataset(ImageSource(images, limit=32), backend, cfg, sift_params(backend, cfg))
+ds = KeypointDataset(ImageSource(images, limit=32), backend, cfg, sift_params(backend.input_size, cfg))
 items = [it for it in (ds[i] for i in range(len(ds))) if "skip" not in it]
 names = [str(i) for i in range(len(items))]
 plan = RunPlan.build(backend, cfg)

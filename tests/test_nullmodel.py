@@ -19,7 +19,7 @@ from siftlens.nullmodel import all_shifts, image_key, keyed_null_indices, null_i
 def real_items():
     backend = load_backend("default")
     cfg = AnalysisConfig()
-    ds = KeypointDataset(ImageSource(str(demo_images_dir())), backend, cfg, sift_params(backend, cfg),
+    ds = KeypointDataset(ImageSource(str(demo_images_dir())), backend, cfg, sift_params(backend.input_size, cfg),
                          indices=[0, 57, 133])
     items = [ds[j] for j in range(len(ds))]
     return backend, items, [f"img{j}" for j in range(len(items))]

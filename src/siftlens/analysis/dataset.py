@@ -15,9 +15,10 @@ from ..models import Backend
 from .config import AnalysisConfig
 
 
-def sift_params(backend: Backend, cfg: AnalysisConfig) -> SiftParams:
-    """The SIFT settings of a run: ``cfg``'s thresholds, and its upsampling factor or the automatic one."""
-    return SiftParams(upsample=cfg.upsample or auto_upsample(backend.input_size),
+def sift_params(input_size: tuple[int, int], cfg: AnalysisConfig) -> SiftParams:
+    """The SIFT settings of a run: ``cfg``'s thresholds, and its upsampling factor or the automatic one for
+    a model input of ``input_size`` (H, W)."""
+    return SiftParams(upsample=cfg.upsample or auto_upsample(tuple(input_size)),
                       contrast_threshold=cfg.contrast_threshold, edge_threshold=cfg.edge_threshold)
 
 

@@ -128,7 +128,7 @@ def analyze(
     backend = model if isinstance(model, Backend) else load_backend(str(model), cfg.device, weights=weights)
     source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.limit)
     plan = RunPlan.build(backend, cfg)
-    sift = sift_params(backend, cfg)
+    sift = sift_params(backend.input_size, cfg)
     part = shard or (dist.rank, dist.world)
     store = RunStore(out, part)
     run = _run_identity(str(model) if not isinstance(model, Backend) else backend.describe().get("source", ""),
@@ -145,7 +145,7 @@ def analyze(
         return None
     if dist.rank != 0:
         return None
-    return _finish(out, run, backend, source, cfg, sift, plan.layers, dist, _tmp=tmp)
+    return _finish(out, run, cfg, dist, backend, source, _tmp=tmp)
 
 
 def _analyse_parts(plan: RunPlan, source: ImageSource, store: RunStore, sift: SiftParams, progress: bool) -> None:
@@ -234,9 +234,11 @@ def read_images(out: str | Path) -> pd.DataFrame:
     return df.sort_values("name", kind="stable").reset_index(drop=True)
 
 
-def _finish(out: Path, run: dict, backend: Backend | None, source: ImageSource | None, cfg: AnalysisConfig,
-            sift: SiftParams, layers: list[int], dist: DistInfo, _tmp=None) -> AnalysisResult:
-    """Summary, images table, manifest and overlays of the committed parts of ``out``."""
+def _finish(out: Path, run: dict, cfg: AnalysisConfig, dist: DistInfo, backend: Backend | None = None,
+            source: ImageSource | None = None, _tmp=None) -> AnalysisResult:
+    """Summary, images table, manifest and overlays (when the model is at hand) of the parts in ``out``."""
+    sift = sift_params(run["model"]["input_size"], cfg)
+    layers = [x for x in run["layer_ids"] if x < run["model"]["layers"]]
     images = read_images(out)
     if not (images["status"] != "skipped").any():
         raise ConfigError(f"no image of {run['images']['source']} could be analysed (all {len(images)} were skipped)")
@@ -312,12 +314,9 @@ def merge(out: str | Path, shard_dirs: list[str | Path], progress: bool = True) 
         store.adopt(Path(d))
     run = runs[0]
     cfg = AnalysisConfig(**{**run["params"]})
-    backend = source = None
     try:
         backend = load_backend(run["model"]["spec"], "cpu", weights=run["model"].get("weights"))
         source = ImageSource(run["images"]["source"], limit=cfg.limit)
     except Exception:  # noqa: BLE001 - overlays are optional; the tables never need the model
         backend = source = None
-    sift = sift_params(backend, cfg) if backend else SiftParams()
-    return _finish(out, run, backend, source, cfg, sift, [x for x in run["layer_ids"]
-                                                          if x < run["model"]["layers"]], DistInfo())
+    return _finish(out, run, cfg, DistInfo(), backend, source)
