@@ -123,6 +123,7 @@ def main() -> None:
 
         old = json.loads((RESULTS / f"scale{'-quick' if a.quick else ''}.json").read_text())
         runs, checks = old["runs"], [c for c in old["checks"] if "peak RSS" in c["name"]]
+        extra["runs_command"] = old.get("runs_command", old.get("command"))
         models = []
         run_measured(analyse_cmd("default", sizes[0], work / f"default-{sizes[0]}"))
     try:

@@ -272,26 +272,26 @@ def _attention_sums(
     # sum_j Bt_ij D_ij / sum_j Bt_ij: dividing by the row sum (1 up to float32 rounding) makes uniform
     # attention give u_i, so dist_rel is 1.0 there to float32 rounding
     rowsum = bt.sum(-1)
-    # row i of every (image, head) dotted with row i of D: one batched matmul over the queries
-    dsum = torch.bmm(buf.transpose(0, 1).reshape(n, c * nh, n), m.dmat32[:, :, None])  # (N_i, c * h, 1)
-    torch.div(dsum.view(n, c, nh).permute(1, 2, 0), rowsum, out=dist)
+    torch.div(torch.linalg.vecdot(bt, m.dmat32), rowsum, out=dist)
     # entropy -sum_j p log p: 0 log 0 = 0 because the clamped log stays finite (torch's xlogy and entr give
     # the same values to float32 rounding but are not vectorised: 3x slower here)
     ent.copy_(torch.linalg.vecdot(bt, bt.clamp_min(_TINY).log_()).neg_())
     if psums is not None:
-        _quadratic_sums(bt, rowsum.double(), col, psums, psum2)
+        _quadratic_sums(buf, rowsum.double(), col, psums, psum2)
 
 
-def _quadratic_sums(bt: torch.Tensor, rowsum: torch.Tensor, col: torch.Tensor, psums: torch.Tensor,
+def _quadratic_sums(buf: torch.Tensor, rowsum: torch.Tensor, col: torch.Tensor, psums: torch.Tensor,
                     psum2: torch.Tensor) -> None:
-    """Pattern and pair sums of ``Bt`` (c, h, N, N) per head and of its head mean (slot h): the O(N^2)
-    reductions in float32 (BLAS dot products), combined in float64 (rowsum, col: (c, h, N) float64)."""
-    mean_bt = bt.mean(1, keepdim=True)  # (c, 1, N, N)
+    """Pattern and pair sums of ``Bt`` per head and of its head mean (slot h): the O(N^2) reductions in
+    float32 over the contiguous rows of ``buf`` (c, N_i, h, N_j), combined in float64 (rowsum, col:
+    (c, h, N) float64)."""
+    mean_buf = buf.mean(2, keepdim=True)  # (c, N_i, 1, N_j)
     feats = []
-    for x, r, cs in ((bt, rowsum, col), (mean_bt, rowsum.mean(1, keepdim=True), col.mean(1, keepdim=True))):
+    for xb, r, cs in ((buf, rowsum, col), (mean_buf, rowsum.mean(1, keepdim=True), col.mean(1, keepdim=True))):
+        x = xb.transpose(1, 2)  # (c, h, N, N) view
         d = x.diagonal(dim1=-2, dim2=-1).double()
         feats.append({"S": r.sum(-1), "t": d.sum(-1), "rr": r.square().sum(-1), "cc": cs.square().sum(-1),
-                      "rc": (r * cs).sum(-1), "XX": torch.linalg.vector_norm(x, dim=(-2, -1)).double().square(),
+                      "rc": (r * cs).sum(-1), "XX": torch.linalg.vector_norm(xb, dim=-1).square().sum(1).double(),
                       "XXt": (x * x.mT).sum((-2, -1)).double(), "dr": (d * r).sum(-1),
                       "dc": (d * cs).sum(-1), "dd": d.square().sum(-1)})
     both = {k: torch.cat([feats[0][k], feats[1][k]], 1) for k in feats[0]}
