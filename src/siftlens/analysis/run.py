@@ -24,7 +24,7 @@ from .. import __version__
 from ..data import ImageSource
 from ..devices import DistInfo, barrier, init_distributed
 from ..errors import ConfigError
-from ..io import read_json, write_json
+from ..io import atomic_path, read_json, write_json
 from ..keypoints import SiftParams
 from ..models import Backend, load_backend
 from ..progress import progress_bar
@@ -32,7 +32,7 @@ from .config import AnalysisConfig, cells, level_names
 from .dataset import KeypointDataset, make_loader, one_cv2_thread_per_worker, sift_params
 from .engine import RunPlan, analyse_batch
 from .overlays import collect_overlays
-from .store import IMAGES_DIR, MANIFEST, METRICS_DIR, RUN_FILE, RunStore, long_rows
+from .store import IMAGES_DIR, LONG_COLUMNS, MANIFEST, METRICS_DIR, RUN_FILE, RunStore, long_rows
 from .summary import SummaryAccumulator, summary_table
 
 
@@ -184,8 +184,7 @@ def _flush(store: RunStore, longs: list[pd.DataFrame], rows: list[dict], seconds
 
 
 def long_rows_empty() -> pd.DataFrame:
-    from .store import LONG_COLUMNS
-
+    """A part with no metric rows (every image of it was skipped), with the table's columns."""
     return pd.DataFrame({c: pd.Series(dtype="float32" if c in ("value", "null_mean", "null_sd", "z") else
                                       "object" if c in ("image", "metric") else "int16") for c in LONG_COLUMNS})
 
@@ -243,8 +242,6 @@ def _finish(out: Path, run: dict, cfg: AnalysisConfig, dist: DistInfo, backend: 
     if not (images["status"] != "skipped").any():
         raise ConfigError(f"no image of {run['images']['source']} could be analysed (all {len(images)} were skipped)")
     summary = summarize(out, run, cfg.n_boot, cfg.seed)
-    from ..io import atomic_path
-
     with atomic_path(out / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out / "images.csv") as tmp:

@@ -33,7 +33,7 @@ from PIL import Image
 from torch import nn
 
 from ..devices import resolve_device
-from ..errors import GeometryError, ModelLoadError
+from ..errors import AttentionBackendError, GeometryError, ModelLoadError
 from .layers import resolve_layers
 
 # extractor(module, args, kwargs, output) -> attn (B, h, S, S)
@@ -188,11 +188,11 @@ class Backend(abc.ABC):
     def token_module(self) -> nn.Module:
         """The module whose output is the token sequence (B, T + N, D) with position embeddings added
         (every later step up to the first block being per token)."""
-        raise NotImplementedError(f"{type(self).__name__} does not support token drop")
+        raise AttentionBackendError(f"{type(self).__name__} does not support token drop (no token module)")
 
     def bias_module(self, layer: int) -> nn.Module:
         """The attention module of ``layer``; its forward takes :attr:`bias_arg`, added to the logits."""
-        raise NotImplementedError(f"{type(self).__name__} does not support an attention bias")
+        raise AttentionBackendError(f"{type(self).__name__} does not support an attention bias (no bias target)")
 
     def intervention_mode(self) -> contextlib.AbstractContextManager:
         """Context for an intervened forward, when the model's current attention path ignores the mask."""
