@@ -70,3 +70,19 @@ def test_all_shifts_is_the_group_null_indices_samples():
                                                           torch.Generator().manual_seed(0))[0].tolist()}
     w = torch.arange(12.0).view(3, 4)
     assert torch.equal(w.flatten()[g[5]], torch.roll(w, (1, 1), (0, 1)).flatten())
+
+
+def test_shift_null_is_sampled_where_the_group_is_too_large(real_items, monkeypatch):
+    import siftlens.analysis.engine as E
+
+    backend, items, names = real_items
+    full = _values(backend, items, names, null="exact", null_kind="shift")
+    monkeypatch.setattr(E, "SHIFT_ENUMERATE_MAX", 16)  # the built-in model's 64 patches now count as large
+    monkeypatch.setattr(E, "SHIFT_SAMPLES", 4000)
+    sampled = _values(backend, items, names, null="exact", null_kind="shift")
+    again = _values(backend, items, names, null="exact", null_kind="shift")
+    np.testing.assert_array_equal(sampled.null_mean, again.null_mean)  # keyed by image: reproducible
+    have = ~np.isnan(full.obs)
+    assert not np.array_equal(full.null_mean[have], sampled.null_mean[have])  # it did sample
+    sd = np.sqrt(full.null_var[have])
+    assert np.all(np.abs(full.null_mean[have] - sampled.null_mean[have]) <= 5 * sd / np.sqrt(4000) + 1e-6)

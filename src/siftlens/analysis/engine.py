@@ -18,6 +18,10 @@ from ..models import Backend
 from ..nullmodel import MapSums, all_shifts, exact_moments, image_key, keyed_null_indices, map_sums, with_null
 from .config import LEVEL_METRICS, SCALAR_METRICS, AnalysisConfig, cells
 
+# the cyclic-shift null enumerates its N shifts up to this many patches (a 16 x 16 grid), else samples
+SHIFT_ENUMERATE_MAX = 256
+SHIFT_SAMPLES = 256
+
 
 @dataclass
 class RunPlan:
@@ -97,11 +101,11 @@ def _null_maps(plan: RunPlan, w: torch.Tensor, lv: torch.Tensor, names: list[str
     grid = tuple(plan.backend.grid_size)
     if cfg.null_samples is None and cfg.null_kind == "permute":
         return prepare_maps(w[:, None], lv[:, None], cfg.n_levels, plan.pos), None
-    if cfg.null_samples is None:  # every cyclic shift: exact over the group
+    if cfg.null_samples is None and N <= SHIFT_ENUMERATE_MAX:  # every cyclic shift: exact over the group
         idx, ddof = all_shifts(grid).expand(B, N, N), 0
-    else:
-        idx, ddof = keyed_null_indices([image_key(n) for n in names], N, cfg.null_samples, grid, cfg.null_kind,
-                                       cfg.seed), 1
+    else:  # Monte Carlo, or shifts sampled where the group is too large to enumerate
+        m = cfg.null_samples or SHIFT_SAMPLES
+        idx, ddof = keyed_null_indices([image_key(n) for n in names], N, m, grid, cfg.null_kind, cfg.seed), 1
     idx = idx.to(dev)
     wk, lk = with_null(w, lv, idx)
     return prepare_maps(wk, lk, cfg.n_levels, plan.pos, null_index=idx), ddof

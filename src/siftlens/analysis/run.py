@@ -283,7 +283,8 @@ def _null_method(cfg: AnalysisConfig) -> str:
     if cfg.null_samples is not None:
         return f"Monte Carlo, {cfg.null_samples} {cfg.null_kind} maps per image"
     if cfg.null_kind == "shift":
-        return "exact: all cyclic 2-D shifts of the grid enumerated"
+        return ("cyclic 2-D shifts: all enumerated (exact) up to 256 patches, else 256 sampled per image "
+                "(keyed by image)")
     return "exact: closed-form permutation moments (linear, Mantel / quadratic assignment, delta method)"
 
 
