@@ -16,6 +16,7 @@ Public API (imported lazily, so ``import siftlens`` stays light)::
     build_spurious, SpuriousConfig                  the SpuriousCIFAR builder
     discover, DiscoveryConfig, DiscoveryResult      spurious-correlation discovery with SIFT visual words
     prompt, PromptConfig, PromptResult              inference-time token interventions and their evaluation
+    compare, Comparison                             differences between analysis runs, with bootstrap CIs and q
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _EXPORTS = {
     "run_analysis": "jobs", "run_demo": "jobs",
     "TrainConfig": "training", "train": "training",
     "MAE": "models.mae", "MAEConfig": "models.mae", "PretrainConfig": "pretrain",
+    "compare": "comparison", "Comparison": "comparison",
     "SpuriousConfig": "spurious.data",
     "discover": "spurious", "DiscoveryConfig": "spurious", "DiscoveryResult": "spurious",
     "prompt": "prompting", "PromptConfig": "prompting", "PromptResult": "prompting",

@@ -241,6 +241,24 @@ def merge(
 
 
 @app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Finished analysis folders; differences are against the "
+                                                        "first.")],
+    out: Annotated[Path, typer.Option(help="Output folder: differences.csv, summaries.csv, runs.csv, findings.txt, "
+                                           "compare_curves.png.")],
+    label: Annotated[list[str] | None, typer.Option(help="A name per run, in order (default: folder names).")] = None,
+    force: Annotated[bool, typer.Option(help="Compare runs made with different settings (scheme, levels, u, "
+                                             "null ...); the differences are printed.")] = False,
+):
+    """Compare analyses of several models or image sets: per-layer differences with bootstrap CIs (paired on
+    the images the runs share), z, p and Benjamini-Hochberg q, and findings in words."""
+    from . import jobs
+
+    c, paths = jobs.run_compare(run_dirs, out, labels=label, force=force)
+    typer.echo(jobs.compare_outcome(c, paths))
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .analysis import AnalysisConfig, AnalysisResult, analyze, merge
 from .analysis.run import output_paths
+from .comparison import Comparison, compare, compare_findings
 from .errors import SpuriousDataError
 from .prompting.run import PromptConfig, PromptResult, format_summary, prompt
 from .spurious.config import DiscoveryConfig
@@ -169,3 +170,33 @@ def run_prompt(model, images, out: str | Path, config: PromptConfig | None = Non
 
 def prompt_outcome(res: PromptResult, paths: dict[str, Path]) -> str:
     return "\n".join([format_summary(res.summary), *(f"  {k:11s} {p}" for k, p in paths.items())])
+
+
+def run_compare(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None,
+                force: bool = False) -> tuple[Comparison, dict[str, Path]]:
+    """Compare finished analyses and write differences.csv, summaries.csv, runs.csv, findings.txt and
+    compare_curves.png into ``out``."""
+    from .io import atomic_path, write_text
+    from .report.compare import compare_curves
+    from .report.saving import save_figure
+
+    c = compare(run_dirs, labels=labels, force=force)
+    out = Path(out)
+    paths = {}
+    for name, df in (("differences", c.differences), ("summaries", c.summaries), ("runs", c.runs)):
+        with atomic_path(out / f"{name}.csv") as tmp:
+            df.to_csv(tmp, index=False, float_format="%.6g")
+        paths[name] = out / f"{name}.csv"
+    paths["findings"] = write_text(out / "findings.txt", "\n".join(compare_findings(c)) + "\n")
+    depth = int(c.runs["depth"].min())
+    paths["figure"] = save_figure(compare_curves(c.summaries, c.labels, depth), out / "compare_curves.png")
+    return c, paths
+
+
+def compare_outcome(c: Comparison, paths: dict[str, Path]) -> str:
+    lines = [f"compared {len(c.labels)} runs ({', '.join(c.labels)}); differences against {c.labels[0]}"]
+    if c.setting_differences:
+        lines.append("settings differ (--force): " + "; ".join(f"{k}: {v}" for k, v in c.setting_differences.items()))
+    lines += compare_findings(c)
+    lines += [f"  {k:11s} {p}" for k, p in paths.items()]
+    return "\n".join(lines)

@@ -201,14 +201,19 @@ def _image_row(i, names, labels, classes, status, reason="", pred=None, n_kp=0) 
 # -- the summary pass -------------------------------------------------------------------------------
 def summarize(out: str | Path, run: dict, n_boot: int, seed: int) -> pd.DataFrame:
     """The summary of every committed part in ``out``, in one streaming pass (see :mod:`.summary`)."""
-    store = RunStore(out)
-    layer_ids, heads, n_levels = run["layer_ids"], run["heads"], run["n_levels"]
-    cell_list = cells(n_levels)
+    acc = accumulate(out, run, n_boot, seed)
+    return summary_table(acc.statistics(), run["layer_ids"], run["heads"], cells(run["n_levels"]))
+
+
+def accumulate(out: str | Path, run: dict, n_boot: int, seed: int) -> SummaryAccumulator:
+    """Running sums (and Poisson-bootstrap sums) over every committed part of the run in ``out``; the
+    grid is ``(len(run["layer_ids"]), run["heads"] + 1, len(cells))``, flattened."""
+    layer_ids, heads, cell_list = run["layer_ids"], run["heads"], cells(run["n_levels"])
     shape = (len(layer_ids), heads + 1, len(cell_list))
     acc = SummaryAccumulator(int(np.prod(shape)), n_boot, seed)
     cell_index = pd.MultiIndex.from_tuples(cell_list, names=["metric", "level_a", "level_b"])
     layer_pos = {layer: i for i, layer in enumerate(layer_ids)}
-    for p in store.part_files():
+    for p in RunStore(out).part_files():
         df = pd.read_parquet(p)
         if not len(df):
             continue
@@ -223,7 +228,7 @@ def summarize(out: str | Path, run: dict, n_boot: int, seed: int) -> pd.DataFram
             a[img, flat] = df[col].to_numpy(np.float64)
             arrays.append(a)
         acc.add(list(names), arrays[0], arrays[1], np.square(arrays[2]))
-    return summary_table(acc.statistics(), layer_ids, heads, cell_list)
+    return acc
 
 
 def read_images(out: str | Path) -> pd.DataFrame:

@@ -57,6 +57,11 @@ class SummaryAccumulator:
         self.boot_sum += w.T @ x
         self.boot_count += w.T @ pf
 
+    def boot_means(self) -> np.ndarray:
+        """(n_boot, D) the mean of every bootstrap replicate; NaN where a replicate holds no image."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.boot_count > 0, self.boot_sum / self.boot_count, np.nan)
+
     def statistics(self) -> dict[str, np.ndarray]:
         """Per cell (D,): n, mean, ci_lo, ci_hi, null_mean, null_sd, z, p; NaN where n == 0."""
         n = self.count
@@ -64,8 +69,7 @@ class SummaryAccumulator:
             mean = self.sum_obs / n
             null_mean = self.sum_null_mean / n
             null_sd = np.sqrt(self.sum_null_var) / n
-            boot = np.where(self.boot_count > 0, self.boot_sum / self.boot_count, np.nan)
-        lo, hi = _nan_percentiles(boot, (2.5, 97.5))
+        lo, hi = nan_percentiles(self.boot_means(), (2.5, 97.5))
         diff = mean - null_mean
         noise = 1e-9 * np.maximum(1.0, np.abs(null_mean))
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -74,7 +78,7 @@ class SummaryAccumulator:
                 "z": z, "p": normal_two_sided_p(z)}
 
 
-def _nan_percentiles(x: np.ndarray, q: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+def nan_percentiles(x: np.ndarray, q: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """Percentiles over axis 0 ignoring NaN; an all-NaN column gives NaN, silently."""
     srt = np.sort(x, 0)  # NaN last
     k = (~np.isnan(x)).sum(0)
