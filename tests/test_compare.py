@@ -76,6 +76,8 @@ def test_cli_writes_tables_figure_and_findings(runs, tmp_path):
     d = pd.read_csv(out / "differences.csv")
     assert not d.isna().any().any() and set(d["run"]) == {"random"}
     assert (out / "compare_curves.png").stat().st_size > 10_000
+    page = (out / "compare.html").read_text()
+    assert "random vs trained, SAL" in page and "data:image/png;base64," in page and "http" not in page
     bad = subprocess.run([sys.executable, "-m", "siftlens.cli", "compare", str(runs / "trained"),
                           str(runs / "response"), "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--force" in bad.stderr

@@ -174,10 +174,10 @@ def prompt_outcome(res: PromptResult, paths: dict[str, Path]) -> str:
 
 def run_compare(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None,
                 force: bool = False) -> tuple[Comparison, dict[str, Path]]:
-    """Compare finished analyses and write differences.csv, summaries.csv, runs.csv, findings.txt and
-    compare_curves.png into ``out``."""
+    """Compare finished analyses and write differences.csv, summaries.csv, runs.csv, findings.txt,
+    compare_curves.png and the self-contained compare.html into ``out``."""
     from .io import atomic_path, write_text
-    from .report.compare import compare_curves
+    from .report.compare import compare_curves, render_compare_html
     from .report.saving import save_figure
 
     c = compare(run_dirs, labels=labels, force=force)
@@ -190,6 +190,8 @@ def run_compare(run_dirs: list[str | Path], out: str | Path, labels: list[str] |
     paths["findings"] = write_text(out / "findings.txt", "\n".join(compare_findings(c)) + "\n")
     depth = int(c.runs["depth"].min())
     paths["figure"] = save_figure(compare_curves(c.summaries, c.labels, depth), out / "compare_curves.png")
+    page = render_compare_html(c.differences, c.runs, paths["figure"], compare_findings(c), c.setting_differences)
+    paths["report"] = write_text(out / "compare.html", page)
     return c, paths
 
 
