@@ -13,6 +13,7 @@ resumed runs never write the same name.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -104,14 +105,22 @@ class RunStore:
         self._seq += 1
 
     def adopt(self, other: Path) -> None:
-        """Copy every committed part of the run folder ``other`` into this one (for merge)."""
+        """Bring every committed part of the run folder ``other`` into this one (for merge): a hard link
+        where both folders share a file system (no second copy of a large run), else a copy."""
         src = RunStore(other)
         committed = {p.name for p in src.part_files(IMAGES_DIR)}
         for kind in (METRICS_DIR, IMAGES_DIR):
+            (self.root / kind).mkdir(parents=True, exist_ok=True)
             for p in src.part_files(kind):
                 if p.name in committed:
-                    (self.root / kind).mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(p, self.root / kind / p.name)
+                    _link_or_copy(p, self.root / kind / p.name)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def long_rows(v: BatchValues, names: list[str], layer_ids: list[int], heads: int,
