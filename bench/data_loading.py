@@ -61,8 +61,9 @@ class _Timed:
 
 def throughput(backend, n: int, rounds: int, tmp: Path) -> dict:
     from siftlens.analysis.config import AnalysisConfig
-    from siftlens.analysis.dataset import KeypointDataset, make_loader, one_cv2_thread_per_worker, sift_params
+    from siftlens.analysis.dataset import KeypointDataset, make_loader, one_cv2_thread_per_worker
     from siftlens.data import ImageSource
+    from siftlens.keypoints import sift_params
 
     zsrc = C.image_source("cifar", n)
     with zipfile.ZipFile(C.CIFAR_ZIP) as zf:

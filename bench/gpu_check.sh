@@ -33,7 +33,8 @@ sys.path.insert(0, "bench")
 from _common import machine_info  # noqa: E402
 
 from siftlens.analysis import AnalysisConfig
-from siftlens.analysis.dataset import KeypointDataset, sift_params
+from siftlens.analysis.dataset import KeypointDataset
+from siftlens.keypoints import sift_params
 from siftlens.analysis.engine import RunPlan, analyse_batch
 from siftlens.data import ImageSource
 from siftlens.io import write_json

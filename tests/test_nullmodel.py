@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from siftlens.analysis import AnalysisConfig
-from siftlens.analysis.dataset import KeypointDataset, sift_params
+from siftlens.analysis.dataset import KeypointDataset
 from siftlens.analysis.engine import RunPlan, analyse_batch
 from siftlens.data import ImageSource
 from siftlens.jobs import demo_images_dir
+from siftlens.keypoints import sift_params
 from siftlens.models import load_backend
 from siftlens.nullmodel import all_shifts, image_key, keyed_null_indices, null_indices
 

@@ -278,3 +278,10 @@ def auto_upsample(input_size: tuple[int, int]) -> float:
     """SIFT upsampling factor u such that SIFT sees at least 128 pixels on the shorter side (u >= 1):
     4 for 32x32 inputs, 1 for 224x224."""
     return float(max(1.0, 128.0 / min(input_size)))
+
+
+def sift_params(input_size: tuple[int, int], settings) -> SiftParams:
+    """The SIFT settings of a run: ``settings``' ``contrast_threshold`` and ``edge_threshold``, and its
+    ``upsample`` factor or, when that is 0, the automatic one for a model input of ``input_size`` (H, W)."""
+    return SiftParams(upsample=settings.upsample or auto_upsample(tuple(input_size)),
+                      contrast_threshold=settings.contrast_threshold, edge_threshold=settings.edge_threshold)

@@ -10,16 +10,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import ImageSource
 from ..errors import SkipImage
-from ..keypoints import SiftParams, auto_upsample, keypoint_map
+from ..keypoints import SiftParams, keypoint_map
 from ..models import Backend
 from .config import AnalysisConfig
-
-
-def sift_params(input_size: tuple[int, int], cfg: AnalysisConfig) -> SiftParams:
-    """The SIFT settings of a run: ``cfg``'s thresholds, and its upsampling factor or the automatic one for
-    a model input of ``input_size`` (H, W)."""
-    return SiftParams(upsample=cfg.upsample or auto_upsample(tuple(input_size)),
-                      contrast_threshold=cfg.contrast_threshold, edge_threshold=cfg.edge_threshold)
 
 
 class KeypointDataset(Dataset):

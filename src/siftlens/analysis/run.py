@@ -25,11 +25,11 @@ from ..data import ImageSource
 from ..devices import DistInfo, barrier, init_distributed
 from ..errors import ConfigError
 from ..io import atomic_path, read_json, write_json
-from ..keypoints import SiftParams
+from ..keypoints import SiftParams, sift_params
 from ..models import Backend, load_backend
 from ..progress import progress_bar
 from .config import AnalysisConfig, cells, level_names
-from .dataset import KeypointDataset, make_loader, one_cv2_thread_per_worker, sift_params
+from .dataset import KeypointDataset, make_loader, one_cv2_thread_per_worker
 from .engine import RunPlan, analyse_batch
 from .overlays import collect_overlays
 from .store import IMAGES_DIR, LONG_COLUMNS, MANIFEST, METRICS_DIR, RUN_FILE, RunStore, long_rows

@@ -16,7 +16,7 @@ from ..data import ImageSource
 from ..errors import ConfigError
 from ..interventions import DROP_MODES, dilate, forward_bias, forward_drop, keep_top_idx, semantic_bias
 from ..io import atomic_path, write_json
-from ..keypoints import SCHEMES, SiftParams, auto_upsample
+from ..keypoints import SCHEMES, SiftParams, sift_params
 from ..models import load_backend
 from ..models.backend import Backend
 from ..progress import progress_bar
@@ -152,8 +152,7 @@ def _read_inputs(model: str | Backend, images, cfg: PromptConfig, weights: str |
                                                 else None)
     if side is not None:
         sidecar = read_sidecar(side)
-    u = cfg.upsample or auto_upsample(backend.input_size)
-    sift = SiftParams(upsample=u, contrast_threshold=cfg.contrast_threshold, edge_threshold=cfg.edge_threshold)
+    sift = sift_params(backend.input_size, cfg)
     return _Inputs(backend, source, labels, vocab, flagged, side, sidecar, sift)
 
 

@@ -15,7 +15,7 @@ from .. import __version__
 from ..data import ImageSource
 from ..errors import ConfigError
 from ..io import atomic_path, write_json
-from ..keypoints import SiftParams, auto_upsample
+from ..keypoints import sift_params
 from ..models import load_backend
 from ..models.backend import Backend
 from .causal import causal_check
@@ -91,8 +91,7 @@ def discover(
     source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.limit)
     if isinstance(boxes, (str, Path)):
         boxes = read_boxes(boxes)
-    u = cfg.upsample or auto_upsample(backend.input_size)
-    sift = SiftParams(upsample=u, contrast_threshold=cfg.contrast_threshold, edge_threshold=cfg.edge_threshold)
+    sift = sift_params(backend.input_size, cfg)
     f = extract_features(backend, source, cfg, sift, boxes, progress)
     if len(f.kp_desc) == 0:
         raise ConfigError("no SIFT keypoints in any image; discovery needs keypoints (try a larger --upsample)")
@@ -114,7 +113,7 @@ def discover(
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": asdict(cfg), "model": backend.describe(),
-        "sift": {**asdict(sift), "upsample_used": u},
+        "sift": {**asdict(sift), "upsample_used": sift.upsample},
         "images": {"source": str(source.spec), "total": len(source), "analysed": len(f.names),
                    "skipped": len(f.skipped), "skipped_reasons": f.skipped[:500],
                    "keypoints": int(len(f.kp_desc)),
