@@ -150,10 +150,10 @@ def step_overhead(scale: dict, policies: list[str], args, runs: Path, rounds: in
             i = next(it)
             gen = torch.Generator().manual_seed(i)
             tau = pc.tau if policy == "sift" else pc.tau_max / 2
-            xb, scores, weights, dt = batch_inputs(pc, model, xt, batches[i % len(batches)],
-                                                   None if policy == "random" else bank, gen, tau)
-            prep[policy].append(dt)
-            loss = model(xb, scores, weights)[0]
+            b = batch_inputs(pc, model, xt, batches[i % len(batches)], None if policy == "random" else bank, gen,
+                             tau)
+            prep[policy].append(b.prep_seconds)
+            loss = model(b.x, b.scores, b.weights)[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     from siftlens.keypoints import SiftParams
     from siftlens.models.mae import MAE, MAEConfig
     from siftlens.models.vit import ViTConfig
-    from siftlens.pretrain.augment import KeypointBank
     from siftlens.pretrain.engine import PretrainConfig, batch_inputs
+    from siftlens.training.keypoints import KeypointBank
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
             for _ in range(steps):
                 s = state["step"] % (len(x) // batch)
                 idx = torch.arange(s * batch, (s + 1) * batch)
-                xb, scores, weights, dt = batch_inputs(pc, model, x_t, idx, use_bank, gen, pc.tau)
-                state["prep_s"] += dt  # the engine's own timing of keypoints + masking (wall clock)
-                loss = model(xb, scores, weights)[0]
+                b = batch_inputs(pc, model, x_t, idx, use_bank, gen, pc.tau)
+                state["prep_s"] += b.prep_seconds  # the engine's own timing of keypoints + masking (wall clock)
+                loss = model(b.x, b.scores, b.weights)[0]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

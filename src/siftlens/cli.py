@@ -24,6 +24,15 @@ def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
     _state["debug"] = debug
 
 
+# token dropping, shared by train and pretrain (METHOD.md section 5)
+KeepRate = Annotated[float, typer.Option(help="Token dropping: training steps see this share r of the patch tokens "
+                                              "(pretrain: of the visible ones); evaluation uses all; 1 = none.")]
+KeepPolicy = Annotated[str, typer.Option(help="Which tokens a step keeps: random, or sift (probability ~ "
+                                              "(w + eps)^tau, w = keypoints in the patch).")]
+KeepTau = Annotated[float, typer.Option(help="sift keep policy: tau > 0 keeps keypoint-rich patches.")]
+KeepEps = Annotated[float, typer.Option(help="sift keep policy: added to the keypoint count.")]
+
+
 @app.command()
 def train(
     train: Annotated[str, typer.Option(help="Training images in ImageFolder layout: a folder, a zip, or "
@@ -51,8 +60,14 @@ def train(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most this many training images.")] = None,
     val_limit: Annotated[int | None, typer.Option(help="Use at most this many held-out images.")] = None,
-    part_size: Annotated[int, typer.Option(help="Images per part file of metrics.parquet; an interrupted run "
-                                                "loses at most one part.")] = 256,
+    keep_rate: KeepRate = 1.0,
+    keep_policy: KeepPolicy = "random",
+    keep_tau: KeepTau = 1.0,
+    keep_eps: KeepEps = 1.0,
+    upsample: Annotated[float, typer.Option(help="SIFT upsampling factor u for the sift keep policy; 0 = "
+                                                 "automatic.")] = 0.0,
+    keypoint_cache: Annotated[str | None, typer.Option(help="Keypoint cache (.npz) shared between runs on the "
+                                                            "same images; default out/keypoints.npz.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.pt.")] = False,
     stop_after: Annotated[int | None, typer.Option(help="Stop after this many epochs in this invocation; "
                                                         "continue later with --resume.")] = None,
@@ -67,7 +82,8 @@ def train(
         heads=heads, mlp_ratio=mlp_ratio, num_registers=registers, epochs=epochs, batch_size=batch_size,
         lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
         pad=pad, drop_path=drop_path, seed=seed, device=device, threads=threads, limit=limit,
-        val_limit=val_limit, resume=resume, stop_after=stop_after, progress=progress,
+        val_limit=val_limit, keep_rate=keep_rate, keep_policy=keep_policy, keep_tau=keep_tau, keep_eps=keep_eps,
+        upsample=upsample, keypoint_cache=keypoint_cache, resume=resume, stop_after=stop_after, progress=progress,
     )
     hist = run_train(cfg)
     last = hist["epochs"][-1] if hist["epochs"] else {}
@@ -84,8 +100,9 @@ def pretrain(
     out: Annotated[Path, typer.Option(help="Output folder: checkpoint.pt, history.json, curves.png, encoder/, "
                                            "mae/, keypoints.npz.")],
     val: Annotated[str | None, typer.Option(help="Held-out images (same class folders) for the reconstruction "
-                                                 "loss, k-NN accuracy and the final linear probe.")] = None,
-    policy: Annotated[str, typer.Option(help="Masking policy: random | sift | sift-curriculum | kamim.")] = "random",
+                                                 "loss, k-NN accuracy and the linear probe.")] = None,
+    policy: Annotated[str, typer.Option(help="Masking policy: random | sift | sift-curriculum | kamim | "
+                                             "attmask (the encoder's own CLS attention as the guide).")] = "random",
     tau: Annotated[float, typer.Option(help="sift: mask patches with probability ~ (w + eps)^tau (w = keypoints "
                                             "in the patch); tau > 0 hides keypoint-rich patches.")] = 1.0,
     tau_max: Annotated[float, typer.Option(help="sift-curriculum: tau ramps linearly from 0 to this.")] = 1.0,
@@ -125,8 +142,10 @@ def pretrain(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most this many training images.")] = None,
     val_limit: Annotated[int | None, typer.Option(help="Use at most this many held-out images.")] = None,
-    part_size: Annotated[int, typer.Option(help="Images per part file of metrics.parquet; an interrupted run "
-                                                "loses at most one part.")] = 256,
+    keep_rate: KeepRate = 1.0,
+    keep_policy: KeepPolicy = "random",
+    keep_tau: KeepTau = 1.0,
+    keep_eps: KeepEps = 1.0,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.pt (exactly).")] = False,
     stop_after: Annotated[int | None, typer.Option(help="Stop after this many epochs in this invocation; "
                                                         "continue later with --resume.")] = None,
@@ -143,7 +162,8 @@ def pretrain(
         decoder_depth=decoder_depth, feature=feature, epochs=epochs, batch_size=batch_size, lr=lr,
         warmup_epochs=warmup_epochs, pad=pad, eval_every=eval_every, knn_train_limit=knn_train_limit,
         upsample=upsample, keypoint_cache=keypoint_cache, seed=seed, device=device, threads=threads, limit=limit,
-        val_limit=val_limit, resume=resume, stop_after=stop_after, progress=progress,
+        val_limit=val_limit, keep_rate=keep_rate, keep_policy=keep_policy, keep_tau=keep_tau, keep_eps=keep_eps,
+        resume=resume, stop_after=stop_after, progress=progress,
     )
     hist = run_pretrain(cfg)
     last = hist["epochs"][-1] if hist["epochs"] else {}

@@ -95,16 +95,26 @@ class MAE(nn.Module):
         t = t.reshape(t.shape[0], gh, gw, P, P, C)
         return t.permute(0, 5, 1, 3, 2, 4).reshape(t.shape[0], C, gh * P, gw * P)
 
-    def masking(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def masking(self, scores: torch.Tensor, keep_scores: torch.Tensor | None = None, n_encode: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """scores: (B, N) -> keep_idx (B, K), mask (B, N) float (1 = masked), ids_restore (B, N).
 
-        The K lowest scores are kept (MAE's ``random_masking`` with ``noise = scores``)."""
+        The ``num_keep`` lowest scores are visible (MAE's ``random_masking`` with ``noise = scores``).
+        Token dropping: with ``keep_scores`` (B, N), the encoder sees only the ``n_encode`` visible patches
+        with the highest keep scores (K = n_encode); the other visible patches reach the decoder as mask
+        tokens but stay out of the loss, whose ``mask`` is still the masked set.
+        """
         ids_shuffle = torch.argsort(scores, dim=1)
+        k = self.num_keep
+        if keep_scores is not None:
+            visible = ids_shuffle[:, :k]
+            order = torch.gather(keep_scores, 1, visible).argsort(dim=1, descending=True)
+            ids_shuffle = torch.cat([torch.gather(visible, 1, order), ids_shuffle[:, k:]], dim=1)
+            k = n_encode if n_encode is not None else k
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        keep_idx = ids_shuffle[:, : self.num_keep]
         mask = torch.ones_like(scores)
         mask[:, : self.num_keep] = 0
-        return keep_idx, torch.gather(mask, 1, ids_restore), ids_restore
+        return ids_shuffle[:, :k], torch.gather(mask, 1, ids_restore), ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent: (B, T + K, D) encoder output; ids_restore: (B, N) -> pred (B, N, P*P*C)."""
@@ -140,11 +150,13 @@ class MAE(nn.Module):
         w = mask if weights is None else mask * weights
         return (err * w).sum() / mask.sum()
 
-    def forward(self, x: torch.Tensor, scores: torch.Tensor, weights: torch.Tensor | None = None):
-        """x: (B, C, H, W) normalised pixels; scores: (B, N); weights: (B, N) or None.
+    def forward(self, x: torch.Tensor, scores: torch.Tensor, weights: torch.Tensor | None = None,
+                keep_scores: torch.Tensor | None = None, n_encode: int | None = None):
+        """x: (B, C, H, W) normalised pixels; scores: (B, N); weights: (B, N) or None; keep_scores and
+        n_encode: token dropping among the visible patches (see :meth:`masking`).
 
         Returns ``(loss, pred (B, N, P*P*C), mask (B, N))``."""
-        keep_idx, mask, ids_restore = self.masking(scores)
+        keep_idx, mask, ids_restore = self.masking(scores, keep_scores, n_encode)
         latent = self.encoder.forward_features(x, keep_idx)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(x, pred, mask, weights), pred, mask

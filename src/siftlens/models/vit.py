@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import GeometryError, ModelLoadError
+from ..errors import ConfigError, GeometryError, ModelLoadError
 from ..io import read_json
 from .layers import resolve_layers
 
@@ -232,6 +232,21 @@ class ViT(nn.Module):
         for i, blk in enumerate(self.blocks):
             t = blk(t, attn_bias if chosen is None or i in chosen else None)
         return self.norm(t)
+
+    @torch.no_grad()
+    def last_cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's attention from the CLS token to every patch token, mean over heads:
+        x (B, C, H, W) -> (B, N), each row summing to at most 1 (the rest goes to the prefix tokens)."""
+        if self.cls_token is None:
+            raise ConfigError("this model has no CLS token, so it has no CLS attention")
+        t = self.embed(x)
+        for blk in self.blocks[:-1]:
+            t = blk(t)
+        attn = self.blocks[-1].attn
+        B, S, _ = t.shape
+        q, k, _ = attn.qkv(self.blocks[-1].norm1(t)).view(B, S, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        a = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, 1, S)
+        return a.mean(dim=1)[:, 0, self.num_prefix_tokens :].float()
 
     def pool(self, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, S, D) -> (B, D). key_mask: (B, S) bool of tokens that count for mean pooling."""

@@ -18,25 +18,24 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..devices import barrier
 from ..errors import ConfigError
 from ..io import write_json
-from ..keypoints import SiftParams, auto_upsample
 from ..models.mae import MAE, MAEConfig, save_mae
 from ..models.vit import ViTConfig, save_vit
 from ..progress import progress_bar
 from ..training.augment import apply_augment, draw_augment
+from ..training.guidance import augmented_counts, check_keep, guided_scores, keep_count
 from ..training.images import Labelled, channel_stats, load_train_val, normalize
+from ..training.keypoints import KeypointBank, cached_keypoints
 from ..training.loop import Loop, Run, end_run, epoch_range, start_run
 from ..training.optim import Schedule, adamw
-from .augment import KeypointBank, patch_counts, transform_keypoints
 from .evaluate import extract_features, knn_accuracy, linear_probe
 from .masking import (
+    attention_weights,
     check_policy,
     kamim_density,
     kamim_weights,
@@ -73,6 +72,10 @@ class PretrainConfig:
     eps: float = 1.0
     lam: float = 0.0
     kamim_temp: float = 0.25
+    keep_rate: float = 1.0  # token dropping: the encoder sees this share of the visible patches
+    keep_policy: str = "random"
+    keep_tau: float = 1.0
+    keep_eps: float = 1.0
     upsample: float = 0.0  # SIFT upsampling; 0 = automatic (128 / shorter side, at least 1)
     keypoint_cache: str | None = None  # default out/keypoints.npz
     epochs: int = 20
@@ -97,18 +100,6 @@ class PretrainConfig:
     stop_after: int | None = None
 
 
-def _keypoints(pc: PretrainConfig, x: np.ndarray, run: Run, pb) -> tuple[KeypointBank, float]:
-    """SIFT on every cached original once (rank 0; other ranks wait and read the cache)."""
-    params = SiftParams(upsample=pc.upsample or auto_upsample((pc.img_size, pc.img_size)))
-    path = Path(pc.keypoint_cache or Path(pc.out) / "keypoints.npz")
-    t0 = time.time()
-    if run.is_main and not path.exists():
-        task = pb.add_task("SIFT", total=len(x), info=f"u = {params.upsample:g}")
-        KeypointBank.detect(x, params, progress=lambda n: pb.advance(task, n)).save(path)
-    barrier(run.dist)
-    return KeypointBank.load(path, params, x), time.time() - t0
-
-
 def build_mae(pc: PretrainConfig, data: Labelled) -> MAE:
     """The MAE of ``pc``, normalising by ``data``'s channel statistics, initialised from ``pc.seed``."""
     mean, std = channel_stats(data.x)
@@ -121,54 +112,85 @@ def build_mae(pc: PretrainConfig, data: Labelled) -> MAE:
     return MAE(enc, dec).to(pc.device)
 
 
-def batch_inputs(pc: PretrainConfig, model: MAE, x_u8: torch.Tensor, idx: torch.Tensor, bank: KeypointBank | None,
-                 gen: torch.Generator, tau: float):
-    """One batch: augmented pixels (B, C, H, W), mask scores (B, N), loss weights (B, N) or None, and the
-    seconds spent on keypoints and masking (the policy's overhead over plain random masking; CPU timing).
+@dataclass
+class Batch:
+    """One MAE batch: augmented pixels ``x`` (B, C, H, W), mask ``scores`` (B, N), loss ``weights`` (B, N)
+    or None, token-dropping ``keep_scores`` (B, N) or None, the seconds spent on guidance (keypoints,
+    attention, scores; CPU timing) and the tokens its guidance forward processed (attmask)."""
 
-    x_u8: all training images (M, H, W, 3) uint8; idx: (B,) the batch's indices; normalised with the
-    encoder's own mean and std."""
-    cfg = model.encoder.cfg
+    x: torch.Tensor
+    scores: torch.Tensor
+    weights: torch.Tensor | None
+    keep_scores: torch.Tensor | None
+    prep_seconds: float
+    guide_tokens: int
+
+
+def needs_bank(pc: PretrainConfig) -> bool:
+    """Whether the run needs SIFT keypoints: a keypoint policy, loss weights, or sift token dropping."""
+    return needs_keypoints(pc.policy, pc.lam) or (pc.keep_rate < 1 and pc.keep_policy == "sift")
+
+
+def batch_inputs(pc: PretrainConfig, model: MAE, x_u8: torch.Tensor, idx: torch.Tensor, bank: KeypointBank | None,
+                 gen: torch.Generator, tau: float) -> Batch:
+    """One batch of images ``idx`` (B,) from all training images ``x_u8`` (M, H, W, 3) uint8, normalised with
+    the encoder's own mean and std. Draws, in order: crop and flip, mask noise, and (token dropping only)
+    keep noise, so r = 1 consumes exactly the random numbers it always did."""
+    cfg, enc = model.encoder.cfg, model.encoder
     xb = normalize(x_u8[idx].to(pc.device), cfg.mean, cfg.std)
     aug = draw_augment(len(idx), pc.pad, gen)
     xb = apply_augment(xb, aug, pc.pad)
     u = torch.rand(len(idx), model.num_patches, generator=gen).to(pc.device)
+    u_keep = torch.rand(len(idx), model.num_patches, generator=gen).to(pc.device) if pc.keep_rate < 1 else None
     t0 = time.perf_counter()
-    counts = weights = None
+    kxy = valid = counts = weights = guide = None
     if bank is not None:
-        kxy, valid = bank.batch(idx, pc.device)
-        kxy, valid = transform_keypoints(kxy, valid, aug, pc.pad, cfg.img_size)
-        counts = patch_counts(kxy, valid, model.encoder.patch_size, model.encoder.grid_size)
-        if pc.policy == "kamim":
-            dens = kamim_density(kxy, valid, cfg.img_size, model.encoder.patch_size,
-                                 max(1, round(bank.params.upsample)))
-            weights = kamim_weights(dens, pc.kamim_temp)
-        elif pc.lam > 0:
-            weights = keypoint_loss_weights(counts, pc.lam)
-    scores = mask_scores(pc.policy, u, counts, tau, pc.eps)
-    return xb, scores, weights, time.perf_counter() - t0
+        kxy, valid, counts = augmented_counts(bank, idx, aug, pc.pad, cfg.img_size, enc.patch_size, enc.grid_size,
+                                              pc.device)
+    if pc.policy == "kamim":
+        dens = kamim_density(kxy, valid, cfg.img_size, enc.patch_size, max(1, round(bank.params.upsample)))
+        weights = kamim_weights(dens, pc.kamim_temp)
+    elif pc.lam > 0:
+        weights = keypoint_loss_weights(counts, pc.lam)
+    if pc.policy == "attmask":
+        guide = attention_weights(enc, xb)
+    scores = mask_scores(pc.policy, u, guide if pc.policy == "attmask" else counts, tau, pc.eps)
+    keep_scores = None
+    if u_keep is not None:
+        keep_scores = u_keep if pc.keep_policy == "random" else guided_scores(u_keep, counts, pc.keep_tau,
+                                                                                 pc.keep_eps)
+    guide_tokens = len(idx) * (model.num_patches + enc.num_prefix_tokens) if guide is not None else 0
+    return Batch(xb, scores, weights, keep_scores, time.perf_counter() - t0, guide_tokens)
 
 
 def train_one_epoch(loop: Loop, x_u8: torch.Tensor, bank: KeypointBank | None, pc: PretrainConfig, epoch: int,
                     tick: Callable[[str], None]) -> dict:
-    """One epoch of MAE steps with ``pc.policy``'s masks; returns its record."""
+    """One epoch of MAE steps with ``pc.policy``'s masks; returns its record, with the encoder tokens it
+    trained on (``train_tokens``, forward + backward) and those its guidance forward processed
+    (``guide_tokens``, attmask)."""
     t0, prep, loss_sum = time.time(), 0.0, 0.0
+    model = loop.model
     loop.model.train()
     gen, batches = loop.epoch_batches(epoch, len(x_u8))
+    n_encode = keep_count(pc.keep_rate, model.num_keep)
+    train_tokens = guide_tokens = 0
     for s, (step, idx) in enumerate(batches):
         loop.set_lr(step)
         tau = tau_at(pc.policy, step, loop.sched.total, pc.tau, pc.tau_max)
-        xb, scores, weights, dt = batch_inputs(pc, loop.model, x_u8, idx, bank, gen, tau)
-        prep += dt
-        xb, scores, weights = loop.run.shard(xb, scores, weights)
+        b = batch_inputs(pc, model, x_u8, idx, bank, gen, tau)
+        prep += b.prep_seconds
+        guide_tokens += b.guide_tokens
+        train_tokens += len(idx) * (n_encode + model.encoder.num_prefix_tokens)
+        xb, scores, weights, keep_scores = loop.run.shard(b.x, b.scores, b.weights, b.keep_scores)
         with loop.autocast():
-            loss = loop.ddp(xb, scores, weights)[0]
+            loss = loop.ddp(xb, scores, weights, keep_scores, n_encode)[0]
         loop.step(loss)
         loss_sum += float(loss.detach())
         tick(f"ep {epoch + 1}/{pc.epochs} loss {loss_sum / (s + 1):.4f}")
     steps = loop.sched.steps_per_epoch
     return {"epoch": epoch + 1, "train_loss": loss_sum / steps, "lr": loop.lr, "tau": tau,
-            "seconds": time.time() - t0, "prep_seconds": prep, "steps": steps}
+            "seconds": time.time() - t0, "prep_seconds": prep, "steps": steps, "train_tokens": train_tokens,
+            "guide_tokens": guide_tokens}
 
 
 def eval_data(pc: PretrainConfig, tr: Labelled, va: Labelled) -> dict:
@@ -199,12 +221,12 @@ def evaluate(pc: PretrainConfig, model: MAE, data: dict) -> dict:
     return {"val_loss": loss_sum / max(n, 1), "knn_acc": acc, "_features": (ftr, fva)}
 
 
-def evaluate_epoch(pc: PretrainConfig, model: MAE, data: dict, last: bool) -> dict:
-    """:func:`evaluate`, plus the linear probe after the last epoch, and the seconds it all took."""
+def evaluate_epoch(pc: PretrainConfig, model: MAE, data: dict) -> dict:
+    """:func:`evaluate`, plus the linear probe (the primary MAE measure), and the seconds it all took."""
     t0 = time.time()
     ev = evaluate(pc, model, data)
     ftr, fva = ev.pop("_features")
-    if last and pc.probe:
+    if pc.probe:
         ev["probe"] = linear_probe(ftr, data["ykn"], fva, data["yva"], data["classes"])
     ev["eval_seconds"] = time.time() - t0
     return ev
@@ -227,13 +249,15 @@ def _save(pc: PretrainConfig, run: Run, model: MAE, history: dict) -> None:
 def pretrain(pc: PretrainConfig) -> dict:
     """Pre-train an MAE with masking policy ``pc.policy``; returns the history (also ``out/history.json``)."""
     check_policy(pc.policy, pc.eps, pc.lam)
+    check_keep(pc.keep_rate, pc.keep_policy, pc.keep_eps)
     if pc.feature not in ("mean", "cls"):
         raise ConfigError(f"--feature must be 'mean' or 'cls', not {pc.feature!r}")
     run = start_run(pc.device, pc.out, pc.resume, pc.threads, pc.batch_size)
     pc = replace(pc, device=run.device)
     with progress_bar(pc.progress and run.is_main) as pb:
         tr, va = load_train_val(pc.train, pc.val, (pc.img_size, pc.img_size), (pc.limit, pc.val_limit), pb)
-        bank, sift_seconds = (_keypoints(pc, tr.x, run, pb) if needs_keypoints(pc.policy, pc.lam)
+        cache = pc.keypoint_cache or run.out / "keypoints.npz"
+        bank, sift_seconds = (cached_keypoints(tr.x, pc.upsample, cache, run.dist, pb) if needs_bank(pc)
                               else (None, 0.0))
     model = build_mae(pc, tr)
     sched = Schedule.for_data(len(tr.x), pc.batch_size, pc.epochs, pc.warmup_epochs, pc.lr, pc.min_lr)
@@ -250,7 +274,7 @@ def pretrain(pc: PretrainConfig) -> dict:
             rec = train_one_epoch(loop, x_u8, bank, pc, epoch, tick)
             last = epoch + 1 == pc.epochs
             if run.is_main and data is not None and ((epoch + 1) % pc.eval_every == 0 or last):
-                rec.update(evaluate_epoch(pc, model, data, last))
+                rec.update(evaluate_epoch(pc, model, data))
             loop.end_epoch(epoch, rec, history)
             if run.is_main:
                 write_json(run.out / "history.json", history)

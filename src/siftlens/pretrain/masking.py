@@ -11,6 +11,11 @@ masks the ``M`` patches with the highest scores (:meth:`siftlens.models.mae.MAE.
   tau = 0 gives *the same* mask as ``random`` (g is an increasing function of u).
 - ``sift-curriculum``: ``sift`` with tau ramped linearly from 0 (first step) to tau_max (last step).
 - ``kamim``: random masks, loss weighted by keypoint density (:func:`kamim_weights`).
+- ``attmask``: the model's own attention as the guide, not SIFT (AttMask, Kakogeorgiou et al. 2022, "hide
+  the most attended"): the current encoder's last-layer CLS attention over the patches of the augmented
+  image (mean over heads; a no-grad forward on all tokens, where AttMask uses its EMA teacher), scaled to
+  mean 1 (``w_p = N a_p / sum_q a_q``), replaces the keypoint counts in the ``sift`` sampler. tau > 0 hides
+  the most attended patches; large tau approaches AttMask-High's deterministic top-attended mask.
 
 ``w_p`` is the keypoint count of patch ``p`` in the augmented image (``count`` scheme).
 
@@ -24,8 +29,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..training.guidance import guided_scores
 
-POLICIES = ("random", "sift", "sift-curriculum", "kamim")
+POLICIES = ("random", "sift", "sift-curriculum", "kamim", "attmask")
+GUIDED = ("sift", "sift-curriculum", "attmask")  # policies that sample masks with (w + eps) ** tau
 
 # Pixels touched by OpenCV's ``drawKeypoints`` (an anti-aliased circle of radius 3 px, 1 px thick) are,
 # within about 10 % of the pixels (all on the ring's inner and outer edge), the annulus 1.5 < d < 4.4.
@@ -36,7 +43,7 @@ def check_policy(policy: str, eps: float, lam: float) -> None:
     """Raise ConfigError for an unknown policy or inconsistent parameters."""
     if policy not in POLICIES:
         raise ConfigError(f"--policy must be one of {', '.join(POLICIES)}, not {policy!r}")
-    if eps <= 0 and policy in ("sift", "sift-curriculum"):
+    if eps <= 0 and policy in GUIDED:
         raise ConfigError(f"--eps must be > 0 (patches without keypoints need a weight), got {eps}")
     if lam < 0:
         raise ConfigError(f"--lam must be >= 0, got {lam}")
@@ -45,29 +52,32 @@ def check_policy(policy: str, eps: float, lam: float) -> None:
 
 
 def needs_keypoints(policy: str, lam: float) -> bool:
-    return policy != "random" or lam > 0
+    return policy not in ("random", "attmask") or lam > 0
 
 
 def tau_at(policy: str, step: int, total_steps: int, tau: float, tau_max: float) -> float:
     """The temperature of step ``step`` (0-based) of ``total_steps``: tau, or the curriculum's ramp."""
     if policy == "sift-curriculum":
         return tau_max * step / max(total_steps - 1, 1)
-    return tau if policy == "sift" else 0.0
+    return tau if policy in ("sift", "attmask") else 0.0
 
 
-def gumbel(u: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise from uniform u in [0, 1): -log(-log u), an increasing function of u."""
-    return -torch.log(-torch.log(u.clamp_min(1e-30)))
-
-
-def mask_scores(policy: str, u: torch.Tensor, counts: torch.Tensor | None = None, tau: float = 0.0,
+def mask_scores(policy: str, u: torch.Tensor, weights: torch.Tensor | None = None, tau: float = 0.0,
                 eps: float = 1.0) -> torch.Tensor:
-    """u: (B, N) uniform noise; counts: (B, N) keypoints per patch (guided policies) -> scores (B, N)."""
+    """u: (B, N) uniform noise; weights: (B, N) keypoint counts (sift policies) or attention shares
+    (attmask) -> scores (B, N); the MAE hides the highest."""
     if policy in ("random", "kamim"):
         return u
-    if counts is None:
-        raise ConfigError(f"policy {policy!r} needs keypoint counts")
-    return tau * torch.log(counts + eps) + gumbel(u)
+    if weights is None:
+        raise ConfigError(f"policy {policy!r} needs per-patch weights")
+    return guided_scores(u, weights, tau, eps)
+
+
+def attention_weights(encoder, x: torch.Tensor) -> torch.Tensor:
+    """``attmask``'s patch weights: the encoder's last-layer CLS attention (mean over heads) of each
+    augmented image x (B, C, H, W), scaled to mean 1 over its patches: (B, N)."""
+    a = encoder.last_cls_attention(x)
+    return a * (a.shape[1] / a.sum(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 def keypoint_loss_weights(counts: torch.Tensor, lam: float) -> torch.Tensor:

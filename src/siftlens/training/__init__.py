@@ -5,6 +5,9 @@ loops on top of it.
                    per-epoch generator and batches, one optimiser step, resume, end-of-epoch checkpoint
     images.py      an ImageFolder decoded once into memory; channel statistics; normalisation
     augment.py     random crop with padding + horizontal flip, drawn and applied in batches
+    keypoints.py   SIFT once per training image (cached, optionally in worker processes), moved with each
+                   crop + flip; keypoints per patch
+    guidance.py    the Gumbel-top-k sampler of guided masks and guided token dropping (keep-rate r)
     optim.py       AdamW with the one weight-decay rule; warm-up + cosine learning-rate schedule
     checkpoint.py  atomic checkpoints that resume a run exactly
     supervised.py  supervised training of the project's ViT (``train(TrainConfig(...))``, CLI ``siftlens train``)

@@ -1,4 +1,4 @@
-"""Keypoint-consistent batch augmentation: the keypoint map follows every crop and flip exactly.
+"""Keypoints that follow the augmentation: the keypoint map follows every crop and flip exactly.
 
 SIFT runs once on the cached original images (:class:`KeypointBank`: per image, keypoint centres
 ``xy`` and sizes, in model-input pixels, pixel centres at integers). Every training batch draws one
@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..devices import DistInfo, barrier
 from ..errors import ConfigError
 from ..io import atomic_path
-from ..keypoints import SiftParams, detect
-from ..training.augment import AugParams
+from ..keypoints import SiftParams, auto_upsample, detect
+from .augment import AugParams
 
 
 def transform_keypoints(xy: torch.Tensor, valid: torch.Tensor, p: AugParams, pad: int,
@@ -89,14 +92,24 @@ class KeypointBank:
         return xy, valid.to(device)
 
     @staticmethod
-    def detect(images: np.ndarray, params: SiftParams, progress: Callable[[int], None] | None = None
-               ) -> KeypointBank:
-        """Run SIFT on uint8 images (M, H, W, 3), exactly as :func:`siftlens.keypoints.detect` does."""
-        kps = []
-        for img in images:
-            kps.append(detect(img, params))
-            if progress is not None:
-                progress(1)
+    def detect(images: np.ndarray, params: SiftParams, progress: Callable[[int], None] | None = None,
+               workers: int = 0) -> KeypointBank:
+        """Run SIFT on uint8 images (M, H, W, 3), exactly as :func:`siftlens.keypoints.detect` does;
+        ``workers`` > 1 splits the images over that many processes."""
+        if workers > 1 and len(images) >= 2 * workers:
+            chunks = np.array_split(np.arange(len(images)), 4 * workers)
+            with ProcessPoolExecutor(workers) as pool:
+                kps = []
+                for part in pool.map(_detect_chunk, (images[c] for c in chunks), [params] * len(chunks)):
+                    kps += part
+                    if progress is not None:
+                        progress(len(part))
+        else:
+            kps = []
+            for img in images:
+                kps.append(detect(img, params))
+                if progress is not None:
+                    progress(1)
         count = np.array([len(k) for k in kps], np.int64)
         kmax = max(int(count.max(initial=0)), 1)
         xy = np.zeros((len(kps), kmax, 2), np.float32)
@@ -124,8 +137,26 @@ class KeypointBank:
             return KeypointBank(z["xy"], z["size"], z["count"], params, fp)
 
 
+def _detect_chunk(images: np.ndarray, params: SiftParams) -> list:
+    return [detect(img, params) for img in images]
+
+
 def fingerprint(images: np.ndarray) -> str:
     """A short hash of a uint8 image array (M, H, W, 3): its shape and every pixel."""
     h = hashlib.blake2b(repr(images.shape).encode(), digest_size=16)
     h.update(np.ascontiguousarray(images).data)
     return h.hexdigest()
+
+
+def cached_keypoints(x: np.ndarray, upsample: float, path: str | os.PathLike, dist: DistInfo, pb
+                     ) -> tuple[KeypointBank, float]:
+    """SIFT on every training image (M, H, W, 3) uint8 once, cached at ``path`` (rank 0 detects; other
+    ranks wait and read the cache). ``upsample`` 0 = automatic. Returns the bank and the seconds it took."""
+    params = SiftParams(upsample=upsample or auto_upsample(tuple(x.shape[1:3])))
+    path = Path(path)
+    t0 = time.time()
+    if dist.rank == 0 and not path.exists():
+        task = pb.add_task("SIFT", total=len(x), info=f"u = {params.upsample:g}")
+        KeypointBank.detect(x, params, progress=lambda n: pb.advance(task, n)).save(path)
+    barrier(dist)
+    return KeypointBank.load(path, params, x), time.time() - t0
