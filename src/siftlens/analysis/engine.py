@@ -124,7 +124,8 @@ def analyse_batch(plan: RunPlan, items: list[dict], names: list[str]) -> BatchVa
     maps, ddof = _null_maps(plan, w, lv, names)
     ms = map_sums(maps) if ddof is None else None
     rows, h1, C = plan.shape
-    out = np.full((3, B, rows, h1, C), np.nan)
+    # results stay on the model's device until the batch ends: one transfer, no sync per layer
+    out = torch.full((3, B, rows, h1, C), float("nan"), dtype=torch.float64, device=dev)
     slot = {layer: i for i, layer in enumerate(plan.layers)}
     rollout = Rollout() if cfg.rollout else None
 
@@ -137,7 +138,7 @@ def analyse_batch(plan: RunPlan, items: list[dict], names: list[str]) -> BatchVa
         attn = attn.float()
         if layer in slot:
             for k, v in enumerate(measure(attn)):
-                out[k, :, slot[layer]] = v.cpu().numpy()
+                out[k, :, slot[layer]] = v
         if rollout is not None:
             rollout.update(attn)
 
@@ -148,7 +149,8 @@ def analyse_batch(plan: RunPlan, items: list[dict], names: list[str]) -> BatchVa
     cap.check()
     if rollout is not None:  # head-averaged: only the head-mean slot is filled
         for k, v in enumerate(measure(rollout.result.unsqueeze(1))):
-            out[k, :, -1, H] = v[:, -1].cpu().numpy()
+            out[k, :, -1, H] = v[:, -1]
+    out = out.cpu().numpy()
     out[:, ~valid] = np.nan
     preds = logits.argmax(-1).tolist() if logits is not None else [None] * B
     return BatchValues([it["index"] for it in items], valid, out[0], out[1], out[2], preds)
