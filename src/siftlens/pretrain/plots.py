@@ -10,10 +10,11 @@ from ..io import atomic_path
 
 
 def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike,
-                keys: Sequence[str] = ("train_loss", "val_loss", "knn_acc")) -> Path:
+                keys: Sequence[str] = ("probe_acc", "knn_acc", "val_loss", "train_loss")) -> Path:
     """One panel per key, one line per run. runs: label -> list of per-epoch records ({"epoch", key...}).
 
-    Records without a key (epochs between evaluations) are skipped.
+    ``probe_acc`` reads the linear probe's test accuracy (``record["probe"]["test_acc"]``), the primary MAE
+    measure. Records without a key (epochs between evaluations) are skipped.
     """
     import matplotlib
 
@@ -21,11 +22,11 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike,
     import matplotlib.pyplot as plt
 
     titles = {"train_loss": "training loss (policy's own)", "val_loss": "held-out loss (random masks)",
-              "knn_acc": "k-NN accuracy (k = 20)"}
+              "knn_acc": "k-NN accuracy (k = 20)", "probe_acc": "linear probe accuracy (held out)"}
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         for label, recs in runs.items():
-            pts = [(r["epoch"], r[key]) for r in recs if r.get(key) is not None]
+            pts = [(r["epoch"], v) for r in recs if (v := _value(r, key)) is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label)
         ax.set_title(titles.get(key, key), fontsize=10)
@@ -38,3 +39,9 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping]], path: str | os.PathLike,
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
     return path
+
+
+def _value(rec: Mapping, key: str) -> float | None:
+    if key == "probe_acc":
+        return (rec.get("probe") or {}).get("test_acc")
+    return rec.get(key)
