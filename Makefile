@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test test-timm lint clean
+.PHONY: demo test test-browser test-timm lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
+
+# only the tests that open reports in a real chromium (Debian packages chromium and chromium-driver;
+# .ci/run installs them when absent); `make test` runs them too
+test-browser: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m browser
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests bench

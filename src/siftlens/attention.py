@@ -74,6 +74,17 @@ def capture(
                 h.remove()
 
 
+def patch_rows(attn: torch.Tensor, num_prefix: int, has_cls: bool) -> torch.Tensor:
+    """The rows a viewer draws over the image: ``attn (..., S, S)`` -> ``(..., 1 + N, N)`` over the N patch keys.
+
+    Row 0 is the CLS token's attention (the mean over patch queries for a model without CLS); row
+    ``1 + i`` is patch i's. Attention to prefix tokens is left out, so rows sum to at most 1.
+    """
+    keys = attn[..., num_prefix:]
+    first = keys[..., :1, :] if has_cls else keys[..., num_prefix:, :].mean(-2, keepdim=True)
+    return torch.cat([first, keys[..., num_prefix:, :]], -2)
+
+
 class Rollout:
     """Attention rollout (Abnar and Zuidema 2020), accumulated one layer at a time.
 

@@ -213,6 +213,8 @@ def analyze(
     limit: Annotated[int | None, typer.Option(help="Analyse at most this many images (spread over classes).")]
     = None,
     overlays: Annotated[int, typer.Option(help="Images drawn with keypoints and attention in the report.")] = 4,
+    explore: Annotated[int, typer.Option(help="The first this many images go into the report's interactive "
+                                              "attention viewer (0: no viewer).")] = 8,
     part_size: Annotated[int, typer.Option(help="Images per part file of metrics.parquet; an interrupted run "
                                                 "loses at most one part.")] = 256,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out (same options; batch size, "
@@ -235,7 +237,7 @@ def analyze(
     cfg = AnalysisConfig(
         scheme=scheme, n_levels=levels, upsample=upsample, layers=_layers(layers), batch_size=batch_size,
         workers=workers, device=device, null=null, null_kind=null_kind, n_boot=bootstrap,
-        seed=seed, limit=limit, rollout=rollout, overlays=overlays, part_size=part_size,
+        seed=seed, limit=limit, rollout=rollout, overlays=overlays, part_size=part_size, explore=explore,
     )
     src = images[0] if len(images) == 1 else images
     part = parse_shard(shard) if shard else None

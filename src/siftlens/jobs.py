@@ -76,7 +76,7 @@ def _finish_report(res: AnalysisResult, report: bool) -> dict[str, Path]:
     if report:
         from .report import write_report  # matplotlib is imported only when a report is asked for
 
-        paths["report"] = write_report(res.out, res.summary, res.manifest, res.overlays)
+        paths["report"] = write_report(res.out, res.summary, res.manifest, res.overlays, explore=res.explore)
     return paths
 
 

@@ -13,7 +13,8 @@ LEVEL_METRICS = ("dist", "dist_rel", "entropy")  # per query level a
 MATRIX_METRICS = ("R",)  # per level pair (a, b)
 NULL_KINDS = ("permute", "shift")
 # parameters that may differ between a run and its resumption (they do not change any number)
-RUNTIME_FIELDS = ("batch_size", "workers", "device", "overlays", "part_size")
+RUNTIME_FIELDS = ("batch_size", "workers", "device", "overlays", "part_size", "explore")
+MAX_EXPLORE = 64  # images in the report's viewer (each holds every layer's and head's attention)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class AnalysisConfig:
     overlays: int = 4
     max_pixels: int = DEFAULT_MAX_PIXELS
     part_size: int = 256  # images per part file of metrics.parquet (a crash loses at most one part)
+    explore: int = 8  # the first this many images go into the report's interactive viewer (0: no viewer)
 
     def __post_init__(self):
         if isinstance(self.null, str) and self.null.strip().isdigit():
@@ -70,6 +72,8 @@ class AnalysisConfig:
             raise ConfigError(f"--upsample must be > 0 (or 0 for automatic), got {self.upsample}")
         if self.part_size < 1:
             raise ConfigError(f"--part-size must be at least 1 image, got {self.part_size}")
+        if not 0 <= self.explore <= MAX_EXPLORE:
+            raise ConfigError(f"--explore must be between 0 (no viewer) and {MAX_EXPLORE} images, got {self.explore}")
         if self.n_boot < 10:
             raise ConfigError(f"--bootstrap must be at least 10 resamples, got {self.n_boot}")
 

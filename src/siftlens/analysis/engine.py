@@ -7,12 +7,13 @@ kept across batches: the caller writes each batch to disk.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..attention import Rollout, capture, resolve_layers
+from ..attention import Rollout, capture, patch_rows, resolve_layers
 from ..metrics import WeightMaps, attention_terms, metrics_from_terms, prepare_maps
 from ..models import Backend
 from ..nullmodel import MapSums, all_shifts, exact_moments, image_key, keyed_null_indices, map_sums, with_null
@@ -60,6 +61,8 @@ class BatchValues:
     null_mean: np.ndarray
     null_var: np.ndarray
     preds: list[int | None]
+    kept: dict[int, np.ndarray] = field(default_factory=dict)  # batch position -> (layers, h, 1 + N, N) float16
+    kept_rollout: dict[int, np.ndarray] = field(default_factory=dict)  # batch position -> (1 + N, N) float16
 
 
 def flatten_cells(res: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -112,8 +115,11 @@ def _null_maps(plan: RunPlan, w: torch.Tensor, lv: torch.Tensor, names: list[str
 
 
 @torch.inference_mode()
-def analyse_batch(plan: RunPlan, items: list[dict], names: list[str]) -> BatchValues:
-    """Values of the good ``items`` of one batch (see :class:`BatchValues`); ``names`` are theirs."""
+def analyse_batch(plan: RunPlan, items: list[dict], names: list[str], keep: Sequence[int] = ()) -> BatchValues:
+    """Values of the good ``items`` of one batch (see :class:`BatchValues`); ``names`` are theirs.
+
+    ``keep``: batch positions whose attention rows (:func:`~siftlens.attention.patch_rows`, every analysed
+    layer, and rollout when computed) are kept, as float16, for the report's viewer (``kept``)."""
     backend, cfg = plan.backend, plan.cfg
     dev, H = backend.device, backend.num_heads
     pixels = torch.from_numpy(np.stack([it["pixels"] for it in items]))
@@ -128,6 +134,8 @@ def analyse_batch(plan: RunPlan, items: list[dict], names: list[str]) -> BatchVa
     out = torch.full((3, B, rows, h1, C), float("nan"), dtype=torch.float64, device=dev)
     slot = {layer: i for i, layer in enumerate(plan.layers)}
     rollout = Rollout() if cfg.rollout else None
+    keep = list(keep)
+    kept: list[torch.Tensor] = []
 
     def measure(attn: torch.Tensor) -> list[torch.Tensor]:
         if ddof is None:
@@ -139,6 +147,8 @@ def analyse_batch(plan: RunPlan, items: list[dict], names: list[str]) -> BatchVa
         if layer in slot:
             for k, v in enumerate(measure(attn)):
                 out[k, :, slot[layer]] = v
+            if keep:
+                kept.append(patch_rows(attn[keep], backend.num_prefix_tokens, backend.has_cls).half())
         if rollout is not None:
             rollout.update(attn)
 
@@ -153,7 +163,14 @@ def analyse_batch(plan: RunPlan, items: list[dict], names: list[str]) -> BatchVa
     out = out.cpu().numpy()
     out[:, ~valid] = np.nan
     preds = logits.argmax(-1).tolist() if logits is not None else [None] * B
-    return BatchValues([it["index"] for it in items], valid, out[0], out[1], out[2], preds)
+    v = BatchValues([it["index"] for it in items], valid, out[0], out[1], out[2], preds)
+    if keep:
+        stacked = torch.stack(kept, 1).cpu().numpy()  # (k, layers, h, 1 + N, N)
+        v.kept = {j: stacked[i] for i, j in enumerate(keep)}
+        if rollout is not None:
+            rows = patch_rows(rollout.result[keep], backend.num_prefix_tokens, backend.has_cls).half().cpu()
+            v.kept_rollout = {j: rows[i].numpy() for i, j in enumerate(keep)}
+    return v
 
 
 def _image_metrics(attn: torch.Tensor, backend: Backend, maps: WeightMaps) -> dict[str, torch.Tensor]:

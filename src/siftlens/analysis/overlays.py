@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..attention import capture
+from ..attention import capture, patch_rows
 from ..data import ImageSource
 from ..keypoints import SiftParams
 from ..models import Backend
@@ -32,9 +32,7 @@ def collect_overlays(backend: Backend, source: ImageSource, images: pd.DataFrame
     cls_maps: dict[int, torch.Tensor] = {}
 
     def on_attention(layer: int, attn: torch.Tensor) -> None:
-        a = attn.float()
-        row = a[:, :, 0, T:] if backend.has_cls else a[:, :, T:, T:].mean(2)  # (B, h, N)
-        row = row.mean(1)
+        row = patch_rows(attn.float(), T, backend.has_cls)[:, :, 0].mean(1)  # (B, N): CLS row, mean over heads
         cls_maps[layer] = (row / row.sum(-1, keepdim=True).clamp_min(1e-12)).reshape(-1, gh, gw).cpu()
 
     pixels = torch.from_numpy(np.stack([it["pixels"] for it in items]))
@@ -49,13 +47,14 @@ def collect_overlays(backend: Backend, source: ImageSource, images: pd.DataFrame
             "name": names[i], "pixels": it["pixels"], "keypoints_xy": it["xy"], "keypoint_size": it["size"],
             "weights": it["weights"].reshape(gh, gw), "levels": it["levels"].reshape(gh, gw),
             "cls_attention": {layer: cls_maps[layer][j].numpy() for layer in cls_maps},
-            "label": _class_name(labels[i] if labels is not None else None, classes),
-            "prediction": _class_name(pred, classes),
+            "label": class_name(labels[i] if labels is not None else None, classes),
+            "prediction": class_name(pred, classes),
         })
     return out
 
 
-def _class_name(k: int | None, classes: list[str] | None) -> str | None:
+def class_name(k: int | None, classes: list[str] | None) -> str | None:
+    """Class index ``k`` as the model's class name (its number when the model has no names)."""
     if k is None:
         return None
     return classes[k] if classes and 0 <= k < len(classes) else str(k)

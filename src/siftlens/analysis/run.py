@@ -31,6 +31,7 @@ from ..progress import progress_bar
 from .config import AnalysisConfig, cells, level_names
 from .dataset import KeypointDataset, make_loader, one_cv2_thread_per_worker
 from .engine import RunPlan, analyse_batch
+from .explore import collect_explore, kept_records
 from .overlays import collect_overlays
 from .store import IMAGES_DIR, LONG_COLUMNS, MANIFEST, METRICS_DIR, RUN_FILE, RunStore, long_rows
 from .summary import SummaryAccumulator, summary_table
@@ -45,7 +46,9 @@ class AnalysisResult:
     images: per image (index, name, label, prediction, keypoints, status, reason);
     long: the tidy per-image table (image, layer, head, metric, level_a, level_b, value, null_mean,
     null_sd, z), read from ``out/metrics.parquet`` when first asked for;
-    overlays: a few images with pixels, keypoints, weights and CLS attention maps for figures.
+    overlays: a few images with pixels, keypoints, weights and CLS attention maps for figures;
+    explore: the first ``explore`` images with every analysed layer's attention rows, for the report's
+    viewer (see :mod:`~siftlens.analysis.explore`).
     """
 
     out: Path
@@ -53,6 +56,7 @@ class AnalysisResult:
     images: pd.DataFrame
     manifest: dict
     overlays: list[dict] = field(default_factory=list)
+    explore: list[dict] = field(default_factory=list)
     _tmp: object = None  # keeps a temporary output folder alive as long as the result
 
     @property
@@ -138,24 +142,26 @@ def analyze(
     barrier(dist)
     if dist.rank != 0:
         store.open(run, resume=True)
-    _analyse_parts(plan, source, store, sift, progress and dist.rank == 0)
+    kept = _analyse_parts(plan, source, store, sift, progress and dist.rank == 0)
     barrier(dist)
     if shard is not None:
         write_json(out / f"shard-{shard[0]:04d}.json", {"shard": list(shard), "complete": True})
         return None
     if dist.rank != 0:
         return None
-    return _finish(out, run, cfg, dist, backend, source, _tmp=tmp)
+    return _finish(out, run, cfg, dist, backend, source, kept, _tmp=tmp)
 
 
-def _analyse_parts(plan: RunPlan, source: ImageSource, store: RunStore, sift: SiftParams, progress: bool) -> None:
-    """Analyse this shard's images that no committed part holds yet, one part at a time."""
+def _analyse_parts(plan: RunPlan, source: ImageSource, store: RunStore, sift: SiftParams,
+                   progress: bool) -> dict[int, dict]:
+    """Analyse this shard's images that no committed part holds yet, one part at a time; returns the viewer
+    records (by source index) of the first ``cfg.explore`` images among them."""
     i, k = store.shard
     done = store.done_indices()
     todo = [j for j in range(i, len(source), k) if j not in done]
     names, labels, classes = source.names, source.labels, plan.backend.class_names
     loader = make_loader(KeypointDataset(source, plan.backend, plan.cfg, sift, indices=todo), plan.cfg)
-    longs, rows, t0 = [], [], time.perf_counter()
+    longs, rows, kept, t0 = [], [], {}, time.perf_counter()
     with progress_bar(progress) as pb, one_cv2_thread_per_worker(plan.cfg.workers):
         task = pb.add_task("analyse", total=len(todo), info=f"{len(done)} done before" if done else "")
         for items in loader:
@@ -164,7 +170,9 @@ def _analyse_parts(plan: RunPlan, source: ImageSource, store: RunStore, sift: Si
                      for it in items if "skip" in it]
             if good:
                 bnames = [names[it["index"]] for it in good]
-                v = analyse_batch(plan, good, bnames)
+                keep = [j for j, it in enumerate(good) if it["index"] < plan.cfg.explore]
+                v = analyse_batch(plan, good, bnames, keep)
+                kept.update(kept_records(v, good, source, plan.backend, plan.layers))
                 longs.append(long_rows(v, bnames, plan.layer_ids, plan.backend.num_heads, plan.cells))
                 rows += [_image_row(it["index"], names, labels, classes, "ok" if v.valid[j] else "no_keypoints",
                                     pred=v.preds[j], n_kp=len(it["xy"])) for j, it in enumerate(good)]
@@ -174,6 +182,7 @@ def _analyse_parts(plan: RunPlan, source: ImageSource, store: RunStore, sift: Si
             pb.update(task, advance=len(items))
     if rows:
         _flush(store, longs, rows, time.perf_counter() - t0)
+    return kept
 
 
 def _flush(store: RunStore, longs: list[pd.DataFrame], rows: list[dict], seconds: float) -> None:
@@ -239,8 +248,9 @@ def read_images(out: str | Path) -> pd.DataFrame:
 
 
 def _finish(out: Path, run: dict, cfg: AnalysisConfig, dist: DistInfo, backend: Backend | None = None,
-            source: ImageSource | None = None, _tmp=None) -> AnalysisResult:
-    """Summary, images table, manifest and overlays (when the model is at hand) of the parts in ``out``."""
+            source: ImageSource | None = None, kept: dict[int, dict] | None = None, _tmp=None) -> AnalysisResult:
+    """Summary, images table, manifest, overlays and the viewer's images (when the model is at hand) of the
+    parts in ``out``; ``kept``: viewer records the run already captured, by source index."""
     sift = sift_params(run["model"]["input_size"], cfg)
     layers = [x for x in run["layer_ids"] if x < run["model"]["layers"]]
     images = read_images(out)
@@ -254,7 +264,8 @@ def _finish(out: Path, run: dict, cfg: AnalysisConfig, dist: DistInfo, backend: 
     manifest = _manifest(run, cfg, sift, images, layers, dist)
     write_json(out / MANIFEST, manifest)
     overlays = collect_overlays(backend, source, images, cfg, sift, layers) if backend and source else []
-    return AnalysisResult(out, summary, images.drop(columns=["seconds"]), manifest, overlays, _tmp=_tmp)
+    explore = collect_explore(backend, source, images, cfg, sift, layers, kept) if backend and source else []
+    return AnalysisResult(out, summary, images.drop(columns=["seconds"]), manifest, overlays, explore, _tmp=_tmp)
 
 
 def _manifest(run: dict, cfg: AnalysisConfig, sift: SiftParams, images: pd.DataFrame, layers: list[int],

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..io import write_text
+from .explore import render_explore, viewer_budget
 from .figures import DPI, distance_entropy, head_heatmap, layer_curves, level_matrices
 from .findings import ReportDataError, findings
 from .html import render_html
@@ -27,6 +28,7 @@ __all__ = [
     "layer_curves",
     "level_matrices",
     "overlay_figure",
+    "render_explore",
     "render_html",
     "save_figure",
     "save_figures",
@@ -35,9 +37,15 @@ __all__ = [
 
 
 def write_report(out_dir: str | os.PathLike, summary: pd.DataFrame, manifest: Mapping,
-                 overlays: Sequence[Mapping] = (), dpi: int = DPI) -> Path:
-    """Save figures to ``out_dir/figures/``; write ``out_dir/report.html`` atomically; return its path."""
+                 overlays: Sequence[Mapping] = (), dpi: int = DPI, explore: Sequence[Mapping] = ()) -> Path:
+    """Save figures to ``out_dir/figures/``; write ``out_dir/report.html`` atomically; return its path.
+
+    ``explore``: the images of the interactive viewer (``AnalysisResult.explore``); none, no viewer."""
     out = Path(out_dir)
     figures = save_figures(summary, manifest, overlays, out / "figures", dpi=dpi)
-    page = render_html(summary, manifest, figures, findings(summary, manifest))
+    text = findings(summary, manifest)
+    page = render_html(summary, manifest, figures, text)
+    if explore:  # the viewer fills what the rest of the page leaves of the size budget
+        page = render_html(summary, manifest, figures, text,
+                           explore=render_explore(explore, manifest, viewer_budget(page)))
     return write_text(out / "report.html", page)

@@ -337,10 +337,11 @@ def _figure_block(src, title: str, text: str, name: str) -> str:
 
 def render_html(summary: pd.DataFrame, manifest: Mapping | None, figures: Mapping[str, object],
                 findings: Sequence[str], alpha: float = DEFAULT_ALPHA, min_effect: float = DEFAULT_MIN_EFFECT,
-                min_rho: float = DEFAULT_MIN_RHO) -> str:
+                min_rho: float = DEFAULT_MIN_RHO, explore: str = "") -> str:
     """The whole report as one HTML string; ``figures`` maps name -> PNG path or PNG bytes.
 
     ``alpha``, ``min_effect`` and ``min_rho`` only describe, in the text, the rule the findings used.
+    ``explore``: the viewer's section (:func:`~siftlens.report.explore.render_explore`), placed after the figures.
     """
     s = check_summary(summary)
     manifest = manifest or {}
@@ -388,6 +389,7 @@ The glossary at the end explains every metric.</p>
 {_skipped(manifest)}
 <h2 id="figures">Figures</h2>
 {_figures_html(figures)}
+{explore}
 <h2 id="top">Top {TOP_CELLS} (layer, head) cells by SAL</h2>
 {_top_table(s, n_layers, alpha)}
 <h2 id="glossary">How to read these metrics</h2>
