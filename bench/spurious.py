@@ -218,6 +218,14 @@ def run_kind(kind: str, a, cfg: dict, env: dict, control: Path | None) -> dict:
     return res
 
 
+def _result(fut) -> dict:
+    """A kind's result, or ``{"error": ...}`` so the other kinds still get reported (rerun to resume)."""
+    try:
+        return fut.result()
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - one failed kind must not lose the others' results
+        return {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+
+
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny build and model: checks the pipeline end to end")
@@ -276,10 +284,10 @@ def main() -> None:
             train, ctl_run, f"{a.cifar_root}/train", Path(a.work) / "control" / "train-clean", cfg, a,
             cfg["control_limit"])
         phase1 = {k: pool.submit(run_kind, k, a, cfg, env, None) for k in kinds}
-        control_train = {"reused": a.control_model} if ctl is None else ctl.result()
+        control_train = {"reused": a.control_model} if ctl is None else _result(ctl)
         control = Path(a.control_model or Path(a.work) / "control" / "train-clean" / "model")
         phase2 = {k: pool.submit(run_kind, k, a, cfg, env, control) for k in kinds}
-        res = {k: {"spurious_model": phase1[k].result(), "control_model": phase2[k].result()} for k in kinds}
+        res = {k: {"spurious_model": _result(phase1[k]), "control_model": _result(phase2[k])} for k in kinds}
     results = {
         "benchmark": "SpuriousCIFAR over shortcut kinds", "mode": "quick" if a.quick else "full",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -300,6 +308,9 @@ def main() -> None:
 def print_summary(r: dict) -> None:
     for kind, m in r["kinds"].items():
         s, c = m["spurious_model"], m["control_model"]
+        if "error" in s or "error" in c:
+            print(f"\n== {kind}: FAILED: {s.get('error') or c.get('error')}")
+            continue
         d = s["discovery"]
         print(f"\n== {kind}: rank 1 for {d['rank1_patch_rule']}/10 (patch rule), {d['rank1_word_rule']}/10 (word "
               f"purity); precision@1/5 {d['precision_at']['1']:.2f}/{d['precision_at']['5']:.2f}")
