@@ -200,6 +200,7 @@ def _groups(cfg: RepairConfig, source: ImageSource, d: dict, y: np.ndarray) -> n
         if side is None:
             raise ConfigError(f"--groups sidecar needs a markers.json inside {source.spec}")
         recs = read_sidecar(side)["images"]
-        return np.array([bool(recs[source.names[i]]["aligned"]) for i in d["index"]], dtype=np.int64)
+        names = source.names
+        return np.array([bool(recs[names[i]]["aligned"]) for i in d["index"]], dtype=np.int64)
     s = d["shortcut"]
     return ((s >= 0) & (s != y)).astype(np.int64)
