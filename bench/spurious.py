@@ -260,6 +260,8 @@ def main() -> None:
                  ("repair_limit", a.repair_limit)):
         if v:
             cfg[k] = v
+    if a.limit_per_class:  # the clean control is trained on as many images as each kind's train split
+        cfg["control_limit"] = a.limit_per_class * len(CLASSES)
     if a.discover_limit:
         cfg["discover"]["limit"] = a.discover_limit
     a.policy_set = {p: POLICIES[p] for p in dict.fromkeys(["drop", *a.policies.split(",")])}  # drop: always
