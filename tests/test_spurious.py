@@ -198,7 +198,9 @@ def test_discovery_ranks_the_planted_marker_first(planted, tmp_path):
     top1 = cand[cand["rank"] == 1]
     assert len(top1) == 3 and (top1["causal"] > 0).all()
     kp = pd.read_parquet(paths["keypoints"])
-    assert len(kp) == len(res.features.kp_xy) and kp["word"].between(0, 23).all()
+    # SIFT keypoints (words 0..23), then one pseudo-keypoint per patch for the region words (24..24+R-1)
+    assert len(kp) == len(res.features.kp_xy) and kp["word"].between(0, 24 + cfg.regions - 1).all()
+    assert (kp["word"] >= 24).sum() == 64 * len(res.features.names)
     html_text = paths["report"].read_text()
     assert "data:image/png;base64," in html_text and "src='http" not in html_text and "<script" not in html_text
     vocab = load_vocabulary(tmp_path / "disc")

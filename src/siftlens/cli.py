@@ -339,6 +339,12 @@ def discover(
                                               "image's mean colour).")] = "drop",
     causal_top: Annotated[int, typer.Option(help="Candidates per class checked by occlusion.")] = 10,
     causal_images: Annotated[int, typer.Option(help="Images per checked candidate.")] = 32,
+    control: Annotated[str, typer.Option(help="Causal check's control patches: matched (same keypoint counts as the "
+                                              "candidate's patches) or random.")] = "matched",
+    regions: Annotated[int, typer.Option(help="Region words R (k-means of the model's patch tokens), ranked with "
+                                              "the SIFT words; 0 = SIFT words only.")] = 128,
+    region_layer: Annotated[int, typer.Option(help="Block whose output tokens are clustered (0 = patch "
+                                                   "embedding, -1 = last).")] = 0,
     min_images: Annotated[int, typer.Option(help="Rank a (class, word) only when seen in this many images "
                                                  "predicted as the class.")] = 5,
     top: Annotated[int, typer.Option(help="Candidates per class kept in discovery.json and the report.")] = 10,
@@ -361,7 +367,7 @@ def discover(
     cfg = DiscoveryConfig(vocab_size=vocab, vocab_sample=vocab_sample, attention=attention, upsample=upsample,
                           batch_size=batch_size, workers=workers, device=device, seed=seed, limit=limit,
                           min_images=min_images, causal_top=causal_top, causal_images=causal_images, occlude=occlude,
-                          top=top, gallery=gallery)
+                          control=control, regions=regions, region_layer=region_layer, top=top, gallery=gallery)
     opts = jobs.JobOptions(weights=weights, report=report, progress=progress)
     res, paths = jobs.run_discovery(model, images, out, cfg, boxes=boxes, evaluate=evaluate, options=opts)
     typer.echo(jobs.discovery_outcome(res, paths))
@@ -414,6 +420,33 @@ def prompt(
                        limit=limit, groups=groups)
     res, paths = jobs.run_prompt(model, images, out, cfg, jobs.JobOptions(weights=weights, progress=progress))
     typer.echo(jobs.prompt_outcome(res, paths))
+
+
+@app.command()
+def repair(
+    model: Annotated[str, typer.Option(help="A siftlens model folder (its head is retrained).")],
+    images: Annotated[str, typer.Option(help="Labelled training images in ImageFolder layout.")],
+    candidates: Annotated[str, typer.Option(help="discovery.json (or its folder) from `siftlens discover`.")],
+    out: Annotated[Path, typer.Option(help="Output folder: model/ (a normal siftlens model) and repair.json.")],
+    top_words: Annotated[int, typer.Option(help="Flag each class's this many best-ranked candidates.")] = 5,
+    score_ratio: Annotated[float, typer.Option(help="...scoring at least this fraction of the class's best.")]
+    = 0.25,
+    groups: Annotated[str, typer.Option(help="discovery (label-free pseudo-groups) | sidecar (the markers.json's "
+                                             "true groups: an oracle reference) | none.")] = "discovery",
+    l2: Annotated[float, typer.Option(help="Weight decay of the new head.")] = 1e-3,
+    iters: Annotated[int, typer.Option(help="L-BFGS iterations.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 128,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    limit: Annotated[int | None, typer.Option(help="Use at most this many images (spread over classes).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Retrain only the classification head on features with the discovered shortcut's tokens dropped."""
+    from . import jobs
+    from .repair import RepairConfig
+
+    cfg = RepairConfig(candidates=candidates, top_words=top_words, score_ratio=score_ratio, groups=groups, l2=l2,
+                       iters=iters, batch_size=batch_size, device=device, limit=limit)
+    typer.echo(jobs.repair_outcome(jobs.run_repair(model, images, out, cfg, progress), out))
 
 
 def main() -> None:

@@ -19,9 +19,10 @@ from .analysis.run import output_paths
 from .comparison import Comparison, compare, compare_findings
 from .errors import SpuriousDataError
 from .prompting.run import PromptConfig, PromptResult, format_summary, prompt
+from .repair import RepairConfig, repair
 from .spurious.config import DiscoveryConfig
 from .spurious.data import SpuriousConfig, build, find_sidecar, read_sidecar
-from .spurious.evaluate import evaluate_markers
+from .spurious.evaluate import evaluate_markers, evaluate_patches
 from .spurious.report import write_discovery_report
 from .spurious.run import DiscoveryResult, discover
 
@@ -140,7 +141,10 @@ def run_discovery(
         raise SpuriousDataError(f"--evaluate needs a SpuriousCIFAR sidecar markers.json inside {images}")
     res = discover(model, images, config, boxes=boxes, progress=opt.progress, weights=opt.weights)
     if side is not None and evaluate is not False:
-        res.evaluation = {"sidecar": str(side), **evaluate_markers(res, read_sidecar(side))}
+        sc = read_sidecar(side)
+        pt = res.manifest["patches"]
+        res.evaluation = {"sidecar": str(side), **evaluate_markers(res, sc),
+                          "patch_rule": evaluate_patches(res, sc, pt["size"], tuple(pt["grid"]))}
     paths = res.save(out)
     if opt.report:
         paths["report"] = write_discovery_report(out, res)
@@ -155,7 +159,12 @@ def discovery_outcome(res: DiscoveryResult, paths: dict[str, Path]) -> str:
         lines.append(f"  {c:12s} " + (f"word {best['word']:4d} score {best['score']:.3g}" if best else "no candidate"))
     if res.evaluation:
         ev = res.evaluation
-        lines.append(f"own marker ranked first for {ev['rank1']:.0%} of classes; ranks: {ev['ranks']}")
+        lines.append(f"own marker ranked first for {ev['rank1']:.0%} of classes (word-purity rule); ranks: "
+                     f"{ev['ranks']}")
+        if "patch_rule" in ev:
+            pr = ev["patch_rule"]
+            lines.append(f"own marker ranked first for {pr['rank1']:.0%} of classes (patch rule); ranks: "
+                         f"{pr['ranks']}")
     lines += [f"  {k:10s} {p}" for k, p in paths.items()]
     return "\n".join(lines)
 
@@ -170,6 +179,18 @@ def run_prompt(model, images, out: str | Path, config: PromptConfig | None = Non
 
 def prompt_outcome(res: PromptResult, paths: dict[str, Path]) -> str:
     return "\n".join([format_summary(res.summary), *(f"  {k:11s} {p}" for k, p in paths.items())])
+
+
+def run_repair(model, images, out: str | Path, config: RepairConfig, progress: bool = True) -> dict:
+    """:func:`~siftlens.repair.repair`: writes ``out/model`` and ``out/repair.json``; returns the summary."""
+    return repair(model, images, out, config, progress)
+
+
+def repair_outcome(summary: dict, out: str | Path) -> str:
+    return (f"head retrained on {summary['images']} images ({summary['flagged_share']:.0%} with flagged patches; "
+            f"groups {summary['config']['groups']}, {len(summary['cells'])} cells); "
+            f"accuracy with the shortcut dropped {summary['train_accuracy_dropped']:.3f}\n"
+            f"repaired model: {Path(out) / 'model'}")
 
 
 def run_compare(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None,

@@ -22,6 +22,7 @@ from ..models.backend import Backend
 from ..progress import progress_bar
 from ..spurious.data import find_sidecar, read_sidecar
 from ..spurious.features import KeypointDataset, collate_list, model_labels
+from ..spurious.regions import region_words
 from ..spurious.vocabulary import Vocabulary, load_vocabulary
 from .groups import group_accuracy, image_groups
 from .masks import patch_masks
@@ -176,6 +177,7 @@ def _classify(inp: _Inputs, cfg: PromptConfig, progress: bool) -> tuple[list[dic
                 x = backend.normalize(torch.from_numpy(np.stack([it["pixels"] for it in good])))
                 masks = [patch_masks(it, inp.vocab, inp.flagged, P, grid, cfg.scheme, cfg.extent) for it in good]
                 flag = torch.from_numpy(np.stack([m[0] for m in masks]))
+                flag = flag | region_flags(backend, x, inp.vocab, inp.flagged)
                 flag = dilate(flag, grid, cfg.dilate)
                 w = torch.from_numpy(np.stack([m[1] for m in masks]))
                 before = backend.forward(x)
@@ -193,6 +195,15 @@ def _classify(inp: _Inputs, cfg: PromptConfig, progress: bool) -> tuple[list[dic
                                  "keypoints": len(it["xy"])})
             pb.update(task, advance=len(items), info=f"{len(rows)} images")
     return rows, skipped
+
+
+def region_flags(backend: Backend, x: torch.Tensor, vocab: Vocabulary | None, flagged: set[int]) -> torch.Tensor:
+    """(B, N) bool: patches whose region word is flagged (all False without flagged regions)."""
+    regs = vocab.flagged_regions(flagged) if vocab is not None and vocab.regions is not None else []
+    if not regs:
+        return torch.zeros((len(x), backend.num_patches), dtype=torch.bool)
+    words = region_words(backend, x, vocab.regions, vocab.region_layer)
+    return torch.from_numpy(np.isin(words, regs))
 
 
 def _intervene(

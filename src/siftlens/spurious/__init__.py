@@ -14,10 +14,14 @@ For a classifier and a set of images:
    - ``assoc``: log-odds of v being present in images predicted c minus that in the other images, with
      ``smoothing`` (0.5) added to every count;
    - ``off_object`` (only with ``boxes``: object boxes per image): share of v's keypoints outside the box.
+   Region words (``regions`` R > 0): every patch also gets the nearest of R k-means centres of the model's
+   own patch tokens (``region_layer``; 0 = the patch embedding), so candidates also cover weakly textured
+   shortcuts whole; they share the id space (``K..K+R-1``) and every step below with the SIFT words.
 4. Causal check, for the ``causal_top`` candidates per class with the largest ``S_cv * max(assoc, 0)``: in
    up to ``causal_images`` images predicted c that hold v, the patches holding v are occluded (their tokens
-   dropped, or filled with the image's mean colour) and the fall of p(c) is recorded; the same number of
-   random patches without v is occluded as a control. ``causal`` = mean fall - mean control fall.
+   dropped, or filled with the image's mean colour) and the fall of p(c) is recorded; as a control, as many
+   other patches of the image *with the same SIFT keypoint counts* are occluded (texture-matched; the old
+   random control is ``control="random"``). ``causal`` = mean fall - mean control fall.
 5. Score (higher = more suspicious): ``score = S_cv * max(assoc, 0) * (max(causal, 0) + 0.01)``, times
    ``off_object`` when boxes are given. Candidates without a causal check count ``causal = 0`` (they all
    rank below the checked ones with a positive effect). Only (c, v) seen in at least ``min_images``
@@ -33,7 +37,8 @@ preprocessing, so resizing and cropping are accounted for exactly. A SpuriousCIF
 spurious marker, not the object, and is used only by :func:`evaluate_markers` (never by the ranking).
 
 Modules, in the order of the flow: ``config`` (:class:`DiscoveryConfig`), ``features`` (step 1),
-``vocabulary`` (step 2, and reading it back for prompting), ``scoring`` (steps 3 and 5), ``causal``
+``vocabulary`` (step 2, and reading it back for prompting), ``regions`` (region words), ``scoring``
+(steps 3 and 5), ``causal``
 (step 4), ``run`` (:func:`discover`, :class:`DiscoveryResult`), ``evaluate`` (against a SpuriousCIFAR
 sidecar), ``report`` (renders the HTML page only), and ``data`` (the SpuriousCIFAR builder and its
 sidecars). The names below are imported lazily.
@@ -49,9 +54,10 @@ _EXPORTS = {
     "Vocabulary": "vocabulary", "assign": "vocabulary", "build_vocabulary": "vocabulary", "kmeans": "vocabulary",
     "load_vocabulary": "vocabulary", "rootsift": "vocabulary",
     "class_word_stats": "scoring", "rank": "scoring",
-    "causal_check": "causal", "occlude_probs": "causal",
+    "causal_check": "causal", "occlude_probs": "causal", "matched_control": "causal",
+    "patch_tokens": "regions", "region_features": "regions", "region_words": "regions",
     "DiscoveryResult": "run", "discover": "run",
-    "evaluate_markers": "evaluate", "word_marker_purity": "evaluate",
+    "evaluate_markers": "evaluate", "evaluate_patches": "evaluate", "word_marker_purity": "evaluate",
     "discovery_html": "report", "write_discovery_report": "report",
     "SpuriousConfig": "data", "build": "data", "find_sidecar": "data", "read_sidecar": "data",
 }

@@ -1,5 +1,11 @@
-"""The causal check: occlude a candidate word's patches (drop their tokens, or fill them with the image's
-mean colour) and record the fall of p(class), against as many random patches without the word."""
+"""The causal check: occlude a candidate's patches (drop their tokens, or fill them with the image's mean
+colour) and record the fall of p(class), against a control that occludes as many other patches of the same
+image *matched on texture*: each candidate patch is paired with a patch outside the candidate holding the
+same number of SIFT keypoints (the closest count when none is left; ties in a seeded random order).
+
+A random control (``control="random"``, the old rule) mostly occludes empty background on small images, so
+it rewards any keypoint-rich candidate; the matched control removes that advantage, and a texture the model
+does not need for the class scores about zero."""
 
 from __future__ import annotations
 
@@ -14,6 +20,37 @@ from ..models.backend import Backend
 from ..progress import progress_bar
 from .config import DiscoveryConfig
 from .features import Features, load_pixels, word_patches
+
+
+def patch_counts(f: Features, N: int) -> np.ndarray:
+    """Keypoints per patch of every image: (n, N) float (all keypoints, whatever their word)."""
+    counts = np.zeros((len(f.names), N))
+    np.add.at(counts, (f.kp_image, f.kp_patch), 1.0)
+    return counts
+
+
+def matched_control(flag: np.ndarray, counts: np.ndarray, rng: np.random.Generator, control: str = "matched"
+                    ) -> np.ndarray:
+    """Control patches (N,) bool for one image: as many as ``flag`` holds, outside it. ``matched``: every
+    flagged patch (visited in a random order) takes the free patch whose keypoint count is closest to its
+    own (ties random); ``random``: uniformly drawn free patches."""
+    free = np.flatnonzero(~flag)
+    m = min(int(flag.sum()), len(free))
+    ctrl = np.zeros(len(flag), bool)
+    if m == 0:
+        return ctrl
+    if control == "random":
+        ctrl[rng.choice(free, m, replace=False)] = True
+        return ctrl
+    tie = rng.random(len(free))
+    avail = np.ones(len(free), bool)
+    for p in rng.permutation(np.flatnonzero(flag))[:m]:
+        gap = np.abs(counts[free] - counts[p]) + tie  # tie < 1 never beats a whole keypoint of difference
+        gap[~avail] = np.inf
+        j = int(np.argmin(gap))
+        avail[j] = False
+        ctrl[free[j]] = True
+    return ctrl
 
 
 def occlude_probs(
@@ -43,12 +80,15 @@ def occlude_probs(
 @torch.inference_mode()
 def causal_check(
     backend: Backend, source: ImageSource, f: Features, cands: pd.DataFrame, K: int, cfg: DiscoveryConfig,
-    progress: bool = True,
+    progress: bool = True, texture: Features | None = None,
 ) -> pd.DataFrame:
-    """Adds ``causal``, ``drop_fall``, ``control_fall``, ``halved_rate`` (share of the images whose p(class)
+    """``f``: the features whose words are the candidates (SIFT words, or patch regions); ``texture``: the
+    features whose keypoints count for the matched control (default ``f``). Adds ``causal``, ``drop_fall``,
+    ``control_fall``, ``halved_rate`` (share of the images whose p(class)
     fell below half its value) and ``causal_images`` to ``cands`` rows."""
     n, N = f.attention.shape
     ti, tv, tp = word_patches(f, K, N)
+    counts = patch_counts(f if texture is None else texture, N)
     rng = np.random.default_rng(cfg.seed + 7)
     jobs = []  # (candidate row label, feature row, flags word, flags control)
     for lab, r in cands.iterrows():
@@ -61,9 +101,7 @@ def causal_check(
         for i in imgs:
             flag = np.zeros(N, bool)
             flag[tp[sel & (ti == i)]] = True
-            others = np.flatnonzero(~flag)
-            ctrl = np.zeros(N, bool)
-            ctrl[rng.choice(others, min(int(flag.sum()), len(others)), replace=False)] = True
+            ctrl = matched_control(flag, counts[i], rng, cfg.control)
             jobs.append((lab, int(i), flag, ctrl))
     res: dict = {lab: {"w": [], "c": [], "flip": []} for lab in cands.index}
     bs = max(1, cfg.batch_size // 2)

@@ -8,6 +8,7 @@ from ..errors import ConfigError
 
 ATTENTION_KINDS = ("last", "rollout")
 OCCLUDE_KINDS = ("drop", "mean")
+CONTROL_KINDS = ("matched", "random")
 
 
 @dataclass
@@ -32,6 +33,9 @@ class DiscoveryConfig:
     causal_images: int = 32
     occlude: str = "drop"
     drop_mode: str = "group"
+    regions: int = 128  # region words (k-means of the model's patch tokens); 0: SIFT words only
+    region_layer: int = 0  # block whose output tokens are clustered (0: patch embedding; -1: last)
+    control: str = "matched"  # causal check's control patches: matched on keypoint count, or random
     top: int = 10
     gallery: int = 12
 
@@ -40,6 +44,8 @@ class DiscoveryConfig:
             raise ConfigError(f"--attention must be one of {', '.join(ATTENTION_KINDS)}, not {self.attention!r}")
         if self.occlude not in OCCLUDE_KINDS:
             raise ConfigError(f"--occlude must be one of {', '.join(OCCLUDE_KINDS)}, not {self.occlude!r}")
+        if self.control not in CONTROL_KINDS:
+            raise ConfigError(f"--control must be one of {', '.join(CONTROL_KINDS)}, not {self.control!r}")
         if self.drop_mode not in ("group", "mask"):
             raise ConfigError(f"--drop-mode must be 'group' or 'mask', not {self.drop_mode!r}")
         if self.vocab_size < 2:

@@ -253,12 +253,13 @@ def _build_split(split, src, classes, markers, cfg: SpuriousConfig, root: Path, 
     total = sum(len(ix) for ix in by_class.values())
     task = pb.add_task(f"build {split}", total=total, info="")
     skipped = []
+    src_names = src.names  # one list: the property rebuilds it on every access
     for y in sorted(by_class):
         for k, i in enumerate(by_class[y]):
             try:
                 img = np.array(src.load(i), np.uint8)
             except SkipImage as e:
-                skipped.append(f"{src.names[i]}: {e.reason}")
+                skipped.append(f"{src_names[i]}: {e.reason}")
                 pb.advance(task)
                 continue
             rng = np.random.default_rng([cfg.seed, _SPLIT_CODE[split], y, k])
@@ -270,7 +271,7 @@ def _build_split(split, src, classes, markers, cfg: SpuriousConfig, root: Path, 
             with atomic_path(target) as tmp:
                 Image.fromarray(img).save(tmp, format="PNG")
             records[name] = {"label": classes[y], "marker": classes[m], "box": [x0, y0, x0 + s, y0 + s],
-                             "aligned": m == y, "source": src.names[i]}
+                             "aligned": m == y, "source": src_names[i]}
             pb.advance(task)
     side = {"split": split, "classes": classes, "marker_size": s, "images": records}
     with atomic_path(root / SIDECAR) as tmp:  # compact: one line per image keeps 50,000 records small

@@ -49,7 +49,7 @@ def evaluate_markers(result: DiscoveryResult, sidecar: dict) -> dict:
     "missing": classes whose marker no ranked word belongs to, "marker_words": {class: its marker's words}}``
     (a word belongs to a marker by :func:`word_marker_purity`).
     """
-    K = len(result.vocabulary)
+    K = len(result.vocabulary) + (0 if result.regions is None else len(result.regions))
     pur = word_marker_purity(result.features, sidecar, K)
     attributed = dict(zip(pur["word"], pur["marker"], strict=True))
     ranks, words = {}, {}
@@ -67,3 +67,63 @@ def evaluate_markers(result: DiscoveryResult, sidecar: dict) -> dict:
         "missing": [c for c, r in ranks.items() if r is None],
         "marker_words": {c: sorted(int(w) for w, m in attributed.items() if m == c) for c in result.class_names},
     }
+
+
+def _marker_patch_masks(f: Features, sidecar: dict, N: int, P: int, gw: int, classes: list[str]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: (n, N) bool of the patches the marker overlaps, and (n,) the marker's class index (-1)."""
+    recs = sidecar["images"]
+    cidx = {c: i for i, c in enumerate(classes)}
+    on = np.zeros((len(f.names), N), bool)
+    mk = np.full(len(f.names), -1, np.int64)
+    for i, name in enumerate(f.names):
+        r = recs.get(name)
+        if r is None:
+            continue
+        mk[i] = cidx.get(r["marker"], -1)
+        x0, y0, x1, y1 = r["box"]
+        g = np.zeros((N // gw, gw), bool)
+        g[y0 // P : (y1 - 1) // P + 1, x0 // P : (x1 - 1) // P + 1] = True
+        on[i] = g.reshape(-1)
+    return on, mk
+
+
+def evaluate_patches(result: DiscoveryResult, sidecar: dict, P: int, grid: tuple[int, int],
+                     ks: tuple[int, ...] = (1, 3, 5)) -> dict:
+    """The patch rule: a candidate of class c is credited when at least half of its patches, in the images
+    predicted c, lie on a class-c marker; the class's marker rank is the best rank of a credited candidate.
+
+    Also ``precision_at``: per k, the share of the top-k candidates (pooled over classes) whose patches lie
+    on *some* marker at least half of the time; ``on_marker``: per class, that share for each of its top 5.
+    """
+    from .features import word_patches
+
+    f = result.features
+    N = grid[0] * grid[1]
+    K = len(result.vocabulary) + (0 if result.regions is None else len(result.regions))
+    classes = list(result.class_names)
+    on, mk = _marker_patch_masks(f, sidecar, N, P, grid[1], classes)
+    ti, tv, tp = word_patches(f, K, N)
+    hit = on[ti, tp]
+    C = len(classes)
+    pred = f.preds[ti]
+    key = tv * C + pred
+    tot = np.bincount(key, minlength=K * C)
+    own = np.bincount(key, weights=(hit & (mk[ti] == pred)).astype(float), minlength=K * C) / np.maximum(tot, 1)
+    anym = np.bincount(key, weights=hit.astype(float), minlength=K * C) / np.maximum(tot, 1)
+    ranks, own_share = {}, {}
+    pooled: dict[int, list[bool]] = {k: [] for k in ks}
+    for ci, c in enumerate(classes):
+        rows = result.candidates[(result.candidates["class"] == c) & result.candidates["rank"].notna()]
+        rows = rows.sort_values("rank")
+        words = rows["word"].to_numpy(int)
+        o, a = own[words * C + ci], anym[words * C + ci]
+        good = np.flatnonzero(o >= 0.5)
+        ranks[c] = int(rows["rank"].iloc[good[0]]) if len(good) else None
+        own_share[c] = [round(float(v), 4) for v in o[:5]]
+        for k in ks:
+            pooled[k] += (a[:k] >= 0.5).tolist()
+    return {"rule": "patches", "ranks": ranks, "rank1": float(np.mean([r == 1 for r in ranks.values()])),
+            "rank1_count": int(sum(r == 1 for r in ranks.values())), "on_marker": own_share,
+            "precision_at": {str(k): float(np.mean(v)) if v else 0.0 for k, v in pooled.items()},
+            "missing": [c for c, r in ranks.items() if r is None]}

@@ -51,7 +51,7 @@ class KeypointDataset(Dataset):
         item = {"index": i, "pixels": pixels, "xy": kp.xy, "size": kp.size, "response": kp.response,
                 "desc": np.clip(np.rint(kp.desc), 0, 255).astype(np.uint8)}
         if self.boxes is not None:
-            item["inside"] = _inside_object(img, self.boxes.get(self.source.names[i]), self.preprocess, kp.xy)
+            item["inside"] = _inside_object(img, self.boxes.get(self.source.entries[i].name), self.preprocess, kp.xy)
         return item
 
 
@@ -193,8 +193,9 @@ def extract_features(
     if n_done == 0:
         raise ConfigError(f"no image of {source.spec!s} could be read (all {len(skipped)} were skipped)")
     idx = np.asarray(rows["idx"], np.int64)
+    all_names = source.names
     return Features(
-        names=[source.names[i] for i in idx], indices=idx, labels=labels_all[idx],
+        names=[all_names[i] for i in idx], indices=idx, labels=labels_all[idx],
         preds=np.concatenate(rows["pred"]).astype(np.int64), probs=np.concatenate(rows["prob"]),
         attention=np.concatenate(rows["attn"]),
         kp_image=_cat(kp["img"], np.int64), kp_xy=_cat(kp["xy"], np.float32, (0, 2)),

@@ -31,17 +31,21 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}
 """
 
 EXPLAIN = (
-    "For each class, the visual words (clusters of SIFT descriptors) that images <em>predicted</em> as that "
-    "class hold, ranked by <strong>score = share × max(assoc, 0) × (max(causal, 0) + 0.01)</strong>"
+    "For each class, the candidates that images <em>predicted</em> as that class hold: visual words (source "
+    "<em>sift</em>: clusters of SIFT descriptors) and region words (source <em>region</em>: clusters of the "
+    "model's own patch embeddings, one per patch, so they cover weakly textured shortcuts too), ranked together "
+    " by <strong>score = share × max(assoc, 0) × (max(causal, 0) + 0.01)</strong>"
     "{boxes}. <strong>share</strong>: fraction of the CLS token's attention those images put on the patches "
     "holding the word. <strong>lift</strong>: that attention relative to uniform attention over the same "
     "patches (1 = no preference). <strong>assoc</strong>: log-odds of the word being present in this class's "
     "predictions versus the others'. <strong>causal</strong>: mean fall of the predicted class's probability "
-    "when the word's patches are occluded, minus the fall when as many random other patches are occluded "
+    "when the word's patches are occluded, minus the fall when as many other patches with the same SIFT "
+    "keypoint counts (texture-matched control) are occluded "
     "(checked for the best candidates only; '–' = not checked). A high score marks a word the model looks "
     "at, that comes with the class, and that the prediction depends on: a candidate shortcut. The gallery "
     "shows example patches (crops around one keypoint of the word, enlarged; circles are the word's "
-    "keypoints, radius = keypoint size / 2)."
+    "keypoints, radius = keypoint size / 2; for a region, the SIFT keypoints inside its patches). "
+    "<strong>kp/patch</strong>: mean SIFT keypoints per patch of the candidate."
 )
 
 
@@ -71,6 +75,8 @@ def _fmt(v, nd=3) -> str:
         return "–"
     if isinstance(v, (int, np.integer)):
         return str(int(v))
+    if isinstance(v, str):
+        return html.escape(v)
     return f"{v:.{nd}g}"
 
 
@@ -97,13 +103,17 @@ def discovery_html(result, title: str = "siftlens: spurious-correlation candidat
         parts.append("<h2>Evaluation against the benchmark's marker boxes</h2><p class='note'>Used only to "
                      "score discovery, never for the ranking: a word belongs to a class's marker when at least "
                      "half of its keypoints lie inside that marker's boxes.</p><table><tr><th class='l'>class"
-                     "</th><th>rank of own marker</th><th>word</th></tr>")
+                     "</th><th>rank of own marker (word purity)</th><th>word</th><th>rank (patch rule: half "
+                     "of the candidate's patches on the class's marker)</th></tr>")
+        pr = ev.get("patch_rule") or {"ranks": {}}
         for c, r in ev["ranks"].items():
             cls = "ok" if r == 1 else "bad"
+            r2 = pr["ranks"].get(c)
             parts.append(f"<tr><td class='l'>{e(c)}</td><td class='{cls}'>{_fmt(r)}</td>"
-                         f"<td>{_fmt(ev['words'].get(c))}</td></tr>")
+                         f"<td>{_fmt(ev['words'].get(c))}</td><td class='{'ok' if r2 == 1 else 'bad'}'>{_fmt(r2)}"
+                         "</td></tr>")
         parts.append("</table>")
-    cols = ["rank", "word", "score", "share", "lift", "assoc", "causal", "support"] + (
+    cols = ["rank", "word", "source", "score", "share", "lift", "assoc", "causal", "support", "kp_per_patch"] + (
         ["off_object"] if has_off else [])
     for c in result.class_names:
         rows = result.top.get(c, [])
@@ -120,7 +130,8 @@ def discovery_html(result, title: str = "siftlens: spurious-correlation candidat
             ex = result.galleries.get((c, r["word"]), [])
             if not ex:
                 continue
-            parts.append(f"<div>word {r['word']} (rank {r['rank']})</div><div class='gal'>")
+            parts.append(f"<div>{e(str(r.get('source', 'sift')))} word {r['word']} (rank {r['rank']})</div>"
+                         "<div class='gal'>")
             for x in ex:
                 img = render_crop(x["crop"], x["keypoints"])
                 parts.append(f"<figure><img src='{_png(img)}' width='{img.shape[1]}' height='{img.shape[0]}' "

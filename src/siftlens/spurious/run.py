@@ -18,9 +18,10 @@ from ..io import atomic_path, write_json
 from ..keypoints import sift_params
 from ..models import load_backend
 from ..models.backend import Backend
-from .causal import causal_check
+from .causal import causal_check, patch_counts
 from .config import DiscoveryConfig
-from .features import Features, extract_features, load_pixels, read_boxes
+from .features import Features, extract_features, load_pixels, read_boxes, word_patches
+from .regions import merge_features, region_features
 from .scoring import candidate_stats, causal_candidates, rank
 from .vocabulary import assign, build_vocabulary, rootsift
 
@@ -39,6 +40,7 @@ class DiscoveryResult:
     galleries: dict[tuple[str, int], list[dict]]
     manifest: dict
     evaluation: dict | None = None
+    regions: np.ndarray | None = None  # (R, D) centres of the region words (ids K..K+R-1), or None
 
     def to_json(self) -> dict:
         return {
@@ -50,6 +52,10 @@ class DiscoveryResult:
             "top": self.top,
             "vocabulary": {"transform": "rootsift", "k": int(len(self.vocabulary)),
                            "centers": np.round(self.vocabulary, 6).tolist()},
+            "regions": None if self.regions is None else {
+                "k": int(len(self.regions)), "offset": int(len(self.vocabulary)),
+                "layer": int(self.manifest["config"]["region_layer"]),
+                "centers": np.round(self.regions, 6).tolist()},
             "manifest": self.manifest,
             "evaluation": self.evaluation,
         }
@@ -103,16 +109,24 @@ def discover(
     f.words = f.words.numpy()
     n_classes = f.probs.shape[1]
     class_names = list(backend.class_names or [str(i) for i in range(n_classes)])
-    stats = candidate_stats(f, k, n_classes, cfg.smoothing, cfg.min_images)
+    sift_f, region_centers, total = f, None, k
+    if cfg.regions > 0:
+        rf, region_centers = region_features(backend, source, f, cfg, k)
+        f, total = merge_features(f, rf), k + cfg.regions
+    stats = candidate_stats(f, total, n_classes, cfg.smoothing, cfg.min_images)
+    stats.insert(2, "source", np.where(stats["word"] < k, "sift", "region"))
+    tex = texture_per_patch(f, sift_f, total, n_classes)
+    stats["kp_per_patch"] = tex[stats["class_index"].to_numpy(int) * total + stats["word"].to_numpy(int)]
     checked = causal_candidates(stats, cfg.causal_top)
     if cfg.causal_top > 0 and len(checked):
-        upd = causal_check(backend, source, f, checked, k, cfg, progress)
+        upd = causal_check(backend, source, f, checked, total, cfg, progress, texture=sift_f)
         stats.loc[upd.index, upd.columns] = upd
     stats, top = rank(stats, class_names, cfg.top)
-    galleries = _galleries(backend, source, f, stats, k, cfg)
+    galleries = _galleries(backend, source, f, stats, total, cfg, k)
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": asdict(cfg), "model": backend.describe(),
+        "patches": {"size": int(backend.patch_size), "grid": [int(g) for g in backend.grid_size]},
         "sift": {**asdict(sift), "upsample_used": sift.upsample},
         "images": {"source": str(source.spec), "total": len(source), "analysed": len(f.names),
                    "skipped": len(f.skipped), "skipped_reasons": f.skipped[:500],
@@ -122,10 +136,24 @@ def discover(
         "timing": {"seconds": round(time.time() - t0, 3)},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
     }
-    return DiscoveryResult(stats, top, centers.numpy(), f, class_names, galleries, manifest)
+    return DiscoveryResult(stats, top, centers.numpy(), f, class_names, galleries, manifest,
+                           regions=None if region_centers is None else region_centers.numpy())
 
 
-def _galleries(backend, source, f: Features, stats: pd.DataFrame, K: int, cfg: DiscoveryConfig) -> dict:
+def texture_per_patch(f: Features, sift_f: Features, K: int, n_classes: int) -> np.ndarray:
+    """(n_classes * K,) indexed by class * K + word: mean SIFT keypoints per patch of the word's patches in the
+    images predicted as the class (0 where it never occurs)."""
+    n, N = f.attention.shape
+    ti, tv, tp = word_patches(f, K, N)
+    counts = patch_counts(sift_f, N)[ti, tp]
+    key = f.preds[ti] * K + tv
+    tot = np.bincount(key, minlength=n_classes * K)
+    s = np.bincount(key, weights=counts, minlength=n_classes * K)
+    return np.where(tot > 0, s / np.maximum(tot, 1), 0.0)
+
+
+def _galleries(backend, source, f: Features, stats: pd.DataFrame, K: int, cfg: DiscoveryConfig,
+               sift_k: int | None = None) -> dict:
     """For each class's top candidates: up to ``gallery`` example crops around the word's keypoints."""
     if cfg.gallery <= 0:
         return {}
@@ -156,6 +184,9 @@ def _galleries(backend, source, f: Features, stats: pd.DataFrame, K: int, cfg: D
             y0 = int(np.clip(round(float(y)) - half, 0, max(0, H - 2 * half)))
             crop = cache[i][y0 : y0 + 2 * half, x0 : x0 + 2 * half]
             same = np.flatnonzero((f.kp_image == i) & (f.words == v))
+            if sift_k is not None and v >= sift_k:  # a region word: draw the SIFT keypoints inside its patches
+                on = np.isin(f.kp_patch, f.kp_patch[same])
+                same = np.flatnonzero((f.kp_image == i) & on & (f.words < sift_k))
             kps = [(float(f.kp_xy[j, 0] - x0), float(f.kp_xy[j, 1] - y0), float(f.kp_size[j])) for j in same]
             ex.append({"name": f.names[i], "crop": crop, "keypoints": kps,
                        "attention": float(f.attention[i, f.kp_patch[m]] * N)})

@@ -70,12 +70,15 @@ def final_score(df: pd.DataFrame) -> pd.Series:
 
 
 def row_dict(r: pd.Series) -> dict:
-    keys = ("word", "rank", "score", "share", "lift", "assoc", "causal", "drop_fall", "control_fall", "support",
-            "present_in_class", "present_elsewhere", "off_object")
+    keys = ("word", "source", "rank", "score", "share", "lift", "assoc", "causal", "drop_fall", "control_fall",
+            "support", "kp_per_patch", "present_in_class", "present_elsewhere", "off_object")
     out = {}
     for k in keys:
         if k in r:
             v = r[k]
+            if k == "source":
+                out[k] = str(v)
+                continue
             out[k] = None if pd.isna(v) else (int(v) if k in ("word", "rank", "support") else float(v))
     return out
 

@@ -99,6 +99,8 @@ class Vocabulary:
     classes: list[str]
     ranked: dict[str, list[int]]
     scores: dict[str, list[float]] = field(default_factory=dict)
+    regions: torch.Tensor | None = None  # (R, D) region-word centres (ids len(centers)..), or None
+    region_layer: int = -1
 
     def flagged(self, top_words: int = 1, score_ratio: float = 0.0) -> list[int]:
         """Union over classes of each class's ``top_words`` best-ranked words whose score is at least
@@ -109,6 +111,11 @@ class Vocabulary:
             best = max(sc[:1] or [0.0])
             out |= {w for w, s in zip(ws[:top_words], sc[:top_words], strict=False) if s >= score_ratio * best}
         return sorted(out)
+
+    def flagged_regions(self, flagged) -> list[int]:
+        """The region words among ``flagged`` ids, as indices into :attr:`regions`."""
+        K = len(self.centers)
+        return sorted(int(w) - K for w in flagged if int(w) >= K)
 
     def words_of(self, desc: np.ndarray) -> np.ndarray:
         if len(desc) == 0:
@@ -133,4 +140,11 @@ def load_vocabulary(path: str | Path) -> Vocabulary:
         raise CandidatesError(f"{p} lacks the vocabulary or ranked candidates ({e})") from e
     if centers.ndim != 2 or centers.shape[1] != 128:
         raise CandidatesError(f"{p}: vocabulary centres must be (k, 128), got {tuple(centers.shape)}")
+    reg = raw.get("regions")
+    if reg:
+        try:
+            return Vocabulary(centers, classes, ranked, scores, torch.tensor(reg["centers"], dtype=torch.float32),
+                              int(reg["layer"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CandidatesError(f"{p} has malformed region centres ({e})") from e
     return Vocabulary(centers, classes, ranked, scores)
