@@ -74,6 +74,8 @@ FLAG = ["--candidates", "{cand}", "--top-words", "5", "--score-ratio", "0.25"]
 POLICIES = {
     "drop-top1": ["--policy", "drop", "--candidates", "{cand}", "--top-words", "1", "--extent", "footprint"],
     "drop": ["--policy", "drop", *FLAG, "--extent", "footprint"],
+    # drop, with the flagged patches grown by one patch: covers the part of a marker the candidates miss
+    "drop-dilate1": ["--policy", "drop", *FLAG, "--extent", "footprint", "--dilate", "1"],
     "keep-top-0.5": ["--policy", "keep-top", "--q", "0.5", *FLAG],
     "bias-prior": ["--policy", "bias", "--beta", "1"],
 }
@@ -213,7 +215,8 @@ def run_kind(kind: str, a, cfg: dict, env: dict, control: Path | None) -> dict:
         res["train"] = train(run, str(data / "train"), work / "train-spurious", cfg, a, val=str(data / "conflicting"))
         res.update(evaluate(run, "spurious", str(work / "train-spurious" / "model"), data, cfg, a, a.policy_set))
     else:  # phase 2: the clean control on this kind's splits
-        res.update(evaluate(run, "control", str(control), data, cfg, a, {"drop": POLICIES["drop"]}))
+        control_policies = {p: POLICIES[p] for p in ("drop", "drop-dilate1") if p in a.policy_set}
+        res.update(evaluate(run, "control", str(control), data, cfg, a, control_policies))
     res["timing"] = run.timing
     return res
 
