@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
+from .cli_options import KeepEps, KeepPolicy, KeepRate, KeepTau
 from .errors import SiftlensError
+from .models.layers import parse_layers
 
 app = typer.Typer(
     add_completion=False,
@@ -22,15 +24,6 @@ _state = {"debug": False}
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False):
     _state["debug"] = debug
-
-
-# token dropping, shared by train and pretrain (METHOD.md section 5)
-KeepRate = Annotated[float, typer.Option(help="Token dropping: training steps see this share r of the patch tokens "
-                                              "(pretrain: of the visible ones); evaluation uses all; 1 = none.")]
-KeepPolicy = Annotated[str, typer.Option(help="Which tokens a step keeps: random, or sift (probability ~ "
-                                              "(w + eps)^tau, w = keypoints in the patch).")]
-KeepTau = Annotated[float, typer.Option(help="sift keep policy: tau > 0 keeps keypoint-rich patches.")]
-KeepEps = Annotated[float, typer.Option(help="sift keep policy: added to the keypoint count.")]
 
 
 @app.command()
@@ -173,15 +166,6 @@ def pretrain(
         typer.echo(f"encoder saved to {out / 'encoder'}; final {last}")
 
 
-def _layers(spec: str | None) -> list[int] | None:
-    if spec is None or spec.strip() in ("", "all"):
-        return None
-    try:
-        return [int(t) for t in spec.split(",") if t.strip()]
-    except ValueError as e:
-        raise typer.BadParameter(f"--layers takes comma-separated integers like 0,5,-1, not {spec!r}") from e
-
-
 @app.command()
 def analyze(
     model: Annotated[str, typer.Option(help="Built-in name (default), a local siftlens or Hugging Face model "
@@ -235,7 +219,7 @@ def analyze(
     from .analysis.store import parse_shard
 
     cfg = AnalysisConfig(
-        scheme=scheme, n_levels=levels, upsample=upsample, layers=_layers(layers), batch_size=batch_size,
+        scheme=scheme, n_levels=levels, upsample=upsample, layers=parse_layers(layers), batch_size=batch_size,
         workers=workers, device=device, null=null, null_kind=null_kind, n_boot=bootstrap,
         seed=seed, limit=limit, rollout=rollout, overlays=overlays, part_size=part_size, explore=explore,
     )
@@ -415,7 +399,7 @@ def prompt(
 
     cfg = PromptConfig(policy=policy, candidates=candidates, top_words=top_words, score_ratio=score_ratio,
                        extent=extent, dilate=dilate, q=q, beta=beta,
-                       eps=eps, flag_bias=flag_bias, layers=_layers(layers), drop_mode=drop_mode, scheme=scheme,
+                       eps=eps, flag_bias=flag_bias, layers=parse_layers(layers), drop_mode=drop_mode, scheme=scheme,
                        upsample=upsample, batch_size=batch_size, workers=workers, device=device, seed=seed,
                        limit=limit, groups=groups)
     res, paths = jobs.run_prompt(model, images, out, cfg, jobs.JobOptions(weights=weights, progress=progress))

@@ -22,3 +22,13 @@ def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
         if k not in out:
             out.append(k)
     return out
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    """``--layers``: "all" (or nothing) -> None; "0,5,-1" -> [0, 5, -1]; anything else: LayerIndexError."""
+    if spec is None or spec.strip() in ("", "all"):
+        return None
+    try:
+        return [int(t) for t in spec.split(",") if t.strip()]
+    except ValueError as e:
+        raise LayerIndexError(f"--layers takes comma-separated integers like 0,5,-1, not {spec!r}") from e
