@@ -647,8 +647,9 @@ def test_fast_path_with_prepared_null_maps_and_small_chunks_matches_naive_refere
     # sorted again), then image_metrics(maps=...) layer after layer, in chunks of images. Forcing tiny
     # chunks (one image each) must not change a single value against the loop-by-loop reference.
     import siftlens.metrics as M
+    import siftlens.reductions as reductions
 
-    monkeypatch.setattr(M, "_CHUNK_ELEMS", chunk_elems)
+    monkeypatch.setattr(reductions, "_CHUNK_ELEMS", chunk_elems)
     g = torch.Generator().manual_seed(11)
     B, H, T, N, L, K1 = 3, 2, 1, 12, 3, 5
     attn = torch.softmax(torch.randn(B, H, T + N, T + N, generator=g) * 2, -1)

@@ -87,3 +87,31 @@ def test_shift_null_is_sampled_where_the_group_is_too_large(real_items, monkeypa
     assert not np.array_equal(full.null_mean[have], sampled.null_mean[have])  # it did sample
     sd = np.sqrt(full.null_var[have])
     assert np.all(np.abs(full.null_mean[have] - sampled.null_mean[have]) <= 5 * sd / np.sqrt(4000) + 1e-6)
+
+
+def test_layers_measured_together_equal_each_layer_alone():
+    # the engine finishes every layer of a batch in one stacked call (terms of layer k at rows k * B + b,
+    # maps and map sums tiled to match); a wrong tiling or stacking order would mix images or layers up.
+    # One layer has a query whose attention all goes to CLS (an all-zero patch row: the uniform fallback).
+    from siftlens.analysis.engine import _exact_values
+    from siftlens.metrics import layer_raw, prepare_maps
+    from siftlens.nullmodel import map_sums
+
+    g = torch.Generator().manual_seed(3)
+    B, H, T, N, L = 3, 2, 1, 16, 4
+    w = torch.rand(B, N, generator=g) * (torch.rand(B, N, generator=g) < 0.6)
+    lv = torch.bucketize(w, torch.tensor([1e-9, 0.4, 0.7]))
+    ys, xs = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    pos = torch.stack([xs.flatten(), ys.flatten()], 1).float() * 8 + 3.5
+    maps = prepare_maps(w[:, None], lv[:, None], L, pos)
+    ms = map_sums(maps)
+    layers = [torch.softmax(torch.randn(B, H, T + N, T + N, generator=g) * s, -1) for s in (1.0, 3.0, 0.5)]
+    layers[1][1, 0, 5] = 0.0
+    layers[1][1, 0, 5, 0] = 1.0  # image 1, head 0, query 5 attends only to CLS
+    raws = [layer_raw(a, T, maps, pattern=True) for a in layers]
+    together = _exact_values(raws, maps, ms)
+    for k, raw in enumerate(raws):
+        alone = _exact_values([raw], maps, ms)
+        for t, a in zip(together, alone, strict=True):
+            np.testing.assert_allclose(t[k].numpy(), a[0].numpy(), rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert np.isfinite(together[0][1, 1, 0, :2].numpy()).all()  # the fallback row gives finite SAL and WI

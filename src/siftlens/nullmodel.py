@@ -172,6 +172,11 @@ def map_sums(m: WeightMaps) -> MapSums:
     return MapSums(outer_sums(w, w), outer_sums(onehot[:, :, None, :], onehot[:, None, :, :]))
 
 
+def tile_sums(ms: MapSums, r: int) -> MapSums:
+    """:class:`MapSums` of ``r`` stacked copies of the batch (as :func:`siftlens.metrics.tile_maps`)."""
+    return MapSums(*(tuple(x.repeat(r, *([1] * (x.ndim - 1))) for x in pair) for pair in (ms.wi, ms.r)))
+
+
 def exact_moments(t: AttentionTerms, m: WeightMaps, ms: MapSums | None = None
                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Exact permutation-null mean and variance of every metric of one layer, for the observed maps.

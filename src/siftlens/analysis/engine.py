@@ -14,9 +14,27 @@ import numpy as np
 import torch
 
 from ..attention import Rollout, capture, patch_rows, resolve_layers
-from ..metrics import WeightMaps, attention_terms, metrics_from_terms, prepare_maps
+from ..metrics import (
+    LayerRaw,
+    WeightMaps,
+    attention_terms,
+    finish_terms,
+    layer_raw,
+    metrics_from_terms,
+    prepare_maps,
+    tile_maps,
+)
 from ..models import Backend
-from ..nullmodel import MapSums, all_shifts, exact_moments, image_key, keyed_null_indices, map_sums, with_null
+from ..nullmodel import (
+    MapSums,
+    all_shifts,
+    exact_moments,
+    image_key,
+    keyed_null_indices,
+    map_sums,
+    tile_sums,
+    with_null,
+)
 from .config import LEVEL_METRICS, SCALAR_METRICS, AnalysisConfig, cells
 
 # the cyclic-shift null enumerates its N shifts up to this many patches (a 16 x 16 grid), else samples
@@ -86,14 +104,22 @@ def _sampled_moments(flat: torch.Tensor, ddof: int) -> tuple[torch.Tensor, ...]:
     return v[:, :, 0], null.mean(2), null.var(2, correction=ddof)
 
 
-def _exact_layer(attn: torch.Tensor, plan: RunPlan, maps: WeightMaps, ms: MapSums) -> tuple[torch.Tensor, ...]:
+def _raw(attn: torch.Tensor, plan: RunPlan, maps: WeightMaps) -> LayerRaw:
     b = plan.backend
-    t = attention_terms(attn, b.num_prefix_tokens, maps, has_cls=b.has_cls, pattern=True)
-    obs = _with_head_mean(flatten_cells(metrics_from_terms(t, maps)))[:, :, 0]
-    mom = exact_moments(t, maps, ms)
+    return layer_raw(attn, b.num_prefix_tokens, maps, has_cls=b.has_cls, pattern=True)
+
+
+def _exact_values(raws: list[LayerRaw], maps: WeightMaps, ms: MapSums) -> tuple[torch.Tensor, ...]:
+    """obs, null mean, null var, each (r, B, h + 1, C), of r layers measured against the same maps: the
+    layers are stacked into one batch, so the O(h N) work runs once per batch, not once per layer."""
+    r = len(raws)
+    t = finish_terms(raws, maps.n_levels)
+    m, s = (maps, ms) if r == 1 else (tile_maps(maps, r), tile_sums(ms, r))
+    obs = _with_head_mean(flatten_cells(metrics_from_terms(t, m)))[:, :, 0]
+    mom = exact_moments(t, m, s)
     mean = flatten_cells({k: v[0].unsqueeze(2) for k, v in mom.items()})[:, :, 0]
     var = flatten_cells({k: v[1].unsqueeze(2) for k, v in mom.items()})[:, :, 0]
-    return obs, mean, var
+    return tuple(v.view(r, -1, *v.shape[1:]) for v in (obs, mean, var))
 
 
 def _null_maps(plan: RunPlan, w: torch.Tensor, lv: torch.Tensor, names: list[str]) -> tuple[WeightMaps, int | None]:
@@ -137,16 +163,16 @@ def analyse_batch(plan: RunPlan, items: list[dict], names: list[str], keep: Sequ
     keep = list(keep)
     kept: list[torch.Tensor] = []
 
-    def measure(attn: torch.Tensor) -> list[torch.Tensor]:
-        if ddof is None:
-            return list(_exact_layer(attn, plan, maps, ms))
-        return list(_sampled_moments(flatten_cells(_image_metrics(attn, backend, maps)), ddof))
+    exact: list[tuple[int, LayerRaw]] = []  # exact null: each layer's terms, measured after the forward
 
     def on_attention(layer: int, attn: torch.Tensor) -> None:
         attn = attn.float()
         if layer in slot:
-            for k, v in enumerate(measure(attn)):
-                out[k, :, slot[layer]] = v
+            if ddof is None:
+                exact.append((slot[layer], _raw(attn, plan, maps)))
+            else:
+                for k, v in enumerate(_sampled_moments(flatten_cells(_image_metrics(attn, backend, maps)), ddof)):
+                    out[k, :, slot[layer]] = v
             if keep:
                 kept.append(patch_rows(attn[keep], backend.num_prefix_tokens, backend.has_cls).half())
         if rollout is not None:
@@ -157,8 +183,17 @@ def analyse_batch(plan: RunPlan, items: list[dict], names: list[str], keep: Sequ
     with capture(backend, on_attention, captured) as cap:
         logits = backend.forward(backend.normalize(pixels))
     cap.check()
+    if exact:
+        rows_of = [i for i, _ in exact]
+        for k, v in enumerate(_exact_values([t for _, t in exact], maps, ms)):
+            out[k, :, rows_of] = v.transpose(0, 1)
     if rollout is not None:  # head-averaged: only the head-mean slot is filled
-        for k, v in enumerate(measure(rollout.result.unsqueeze(1))):
+        attn = rollout.result.unsqueeze(1)
+        if ddof is None:
+            values = [v[0] for v in _exact_values([_raw(attn, plan, maps)], maps, ms)]
+        else:
+            values = _sampled_moments(flatten_cells(_image_metrics(attn, backend, maps)), ddof)
+        for k, v in enumerate(values):
             out[k, :, -1, H] = v[:, -1]
     out = out.cpu().numpy()
     out[:, ~valid] = np.nan
