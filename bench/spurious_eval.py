@@ -16,6 +16,18 @@ from pathlib import Path
 REFERENCE = "oracle-drop (reference)"
 
 
+def marker_patches(names: list[str], side: dict, P: int, grid: tuple[int, int]):
+    """(n, N) bool: every patch the marker's sidecar box overlaps, per image name (the oracle's mask)."""
+    import numpy as np
+
+    gh, gw = grid
+    drop = np.zeros((len(names), gh, gw), bool)
+    for k, n in enumerate(names):
+        x0, y0, x1, y1 = side["images"][n]["box"]
+        drop[k, y0 // P : (y1 - 1) // P + 1, x0 // P : (x1 - 1) // P + 1] = True
+    return drop.reshape(len(names), gh * gw)
+
+
 def oracle_drop(model: str, split: Path, limit: int | None, device: str = "cpu") -> dict:
     """Accuracy before and after dropping every patch the marker overlaps (sidecar boxes)."""
     import numpy as np
@@ -36,13 +48,10 @@ def oracle_drop(model: str, split: Path, limit: int | None, device: str = "cpu")
         for s in range(0, len(src), 256):
             names = src.names[s : s + 256]
             px = np.stack([be.preprocess(src.load(i)) for i in range(s, s + len(names))])
-            drop = np.zeros((len(names), gh, gw), bool)
-            for k, n in enumerate(names):
-                x0, y0, x1, y1 = side["images"][n]["box"]
-                drop[k, y0 // P : (y1 - 1) // P + 1, x0 // P : (x1 - 1) // P + 1] = True
+            drop = marker_patches(names, side, P, (gh, gw))
             x = be.normalize(torch.from_numpy(px))
             before.append(be.forward(x).argmax(1).cpu().numpy())
-            after.append(forward_drop(be, x, torch.from_numpy(drop.reshape(len(names), -1))).argmax(1).cpu().numpy())
+            after.append(forward_drop(be, x, torch.from_numpy(drop)).argmax(1).cpu().numpy())
             labels += [side["images"][n]["label"] for n in names]
     y = np.array([be.class_names.index(c) for c in labels])
     groups = image_groups(src.names, labels, side)

@@ -104,6 +104,26 @@ def test_rho_is_honoured_and_boxes_match_the_marker_pixels(fake_cifar, tmp_path)
             assert all(r["marker"] != r["label"] for r in side["images"].values())
 
 
+def test_holdout_split_is_disjoint_from_the_evaluated_test_images(fake_cifar, tmp_path):
+    man = _build(fake_cifar, tmp_path / "h", seed=2, rho=0.5, splits=("aligned", "holdout"), holdout_start=2)
+    assert not (tmp_path / "h" / "train").exists()
+    hold = read_sidecar(tmp_path / "h" / "holdout" / "markers.json")["images"]
+    al = read_sidecar(tmp_path / "h" / "aligned" / "markers.json")["images"]
+    # test images 2..5 of every class, named by their index in the class like the aligned split's
+    assert sorted(hold) == sorted(f"{c}/{k:04d}.png" for c in CLASSES for k in range(2, 6))
+    assert all(hold[n]["source"] == al[n]["source"] for n in hold)
+    evaluated = {al[f"{c}/{k:04d}.png"]["source"] for c in CLASSES for k in range(2)}
+    assert not evaluated & {r["source"] for r in hold.values()}
+    wrong = {c: sum(not r["aligned"] for r in hold.values() if r["label"] == c) for c in CLASSES}
+    assert wrong == {c: 2 for c in CLASSES}  # rho honoured as in train: round(0.5 * 4) per class
+    assert man["splits"]["holdout"]["images"] == 12 and man["config"]["holdout_start"] == 2
+    _build(fake_cifar, tmp_path / "h2", seed=2, rho=0.5, splits=("holdout",), holdout_start=1, limit_per_class=3)
+    assert sorted(read_sidecar(tmp_path / "h2" / "holdout" / "markers.json")["images"]) == sorted(
+        f"{c}/{k:04d}.png" for c in CLASSES for k in range(1, 4))
+    with pytest.raises(ConfigError, match="holdout"):
+        _build(fake_cifar, tmp_path / "h3", splits=("holdout",), holdout_start=-1)
+
+
 def test_user_markers_are_resized_and_must_cover_every_class(fake_cifar, tmp_path):
     d = tmp_path / "marks"
     d.mkdir()

@@ -150,3 +150,33 @@ def test_repair_saves_a_normal_model_with_a_new_head(colours, tmp_path):
                         "--images", str(root / "train"), "--candidates", str(tmp_path / "nothing.json"), "--out",
                         str(tmp_path / "r2")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_repair_with_mean_pooling_saves_a_model_that_pools_like_its_head(colours, tmp_path):
+    from siftlens.repair import pooled_features
+
+    root, res, _ = colours
+    res.save(tmp_path / "disc")
+    s = repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep",
+               RepairConfig(candidates=str(tmp_path / "disc"), top_words=1, iters=50, pool="mean", l2=0.1),
+               progress=False)
+    assert s["config"]["pool"] == "mean"
+    old, new = load_backend(str(root / "run" / "model")), load_backend(str(tmp_path / "rep" / "model"))
+    assert old.model.cfg.pool == "cls" and new.model.cfg.pool == "mean"
+    x = torch.randn(5, 3, 32, 32)
+    drop = torch.zeros(5, 64, dtype=torch.bool)
+    drop[:, :10] = True
+    drop[0, :] = True  # every patch flagged: the image keeps them all
+    with torch.inference_mode():
+        tokens = old.model.forward_features(x)
+        assert torch.allclose(pooled_features(old.model, x, torch.zeros(5, 64, dtype=torch.bool), "mean"),
+                              tokens[:, 1:].mean(1), atol=1e-5)
+        assert torch.allclose(pooled_features(old.model, x, drop[:0].new_zeros(5, 64), "cls"), tokens[:, 0], atol=1e-5)
+        f = pooled_features(new.model, x, drop, "mean")
+        keep = torch.arange(10, 64).expand(4, -1)
+        assert torch.allclose(f[1:], new.model.forward_features(x[1:], keep)[:, 1:].mean(1), atol=1e-5)
+        assert torch.allclose(f[0], pooled_features(new.model, x[:1], drop[:1] & False, "mean")[0], atol=1e-5)
+        # the saved model's own forward pools the patch tokens, as its new head was fitted
+        assert torch.allclose(new.model(x[1:], keep), new.model.head(f[1:]), atol=1e-5)
+    with pytest.raises(ConfigError, match="pool"):
+        RepairConfig(candidates="x", pool="max").validate()

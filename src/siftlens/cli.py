@@ -292,7 +292,8 @@ def make_spurious(
                                                      "(any size); default: the built-in glyphs.")] = None,
     limit_per_class: Annotated[int | None, typer.Option(help="Use at most this many images per class and split "
                                                              "(a subset of the full build).")] = None,
-    splits: Annotated[str, typer.Option(help="Comma-separated splits to write.")] = "train,aligned,conflicting",
+    splits: Annotated[str, typer.Option(help="Splits to write (also: holdout).")] = "train,aligned,conflicting",
+    holdout_start: Annotated[int, typer.Option(help="holdout: test images from this index per class on.")] = 500,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
     """Build SpuriousCIFAR: CIFAR-10 images with a class-correlated marker glyph planted in each."""
@@ -301,7 +302,8 @@ def make_spurious(
 
     cfg = SpuriousConfig(cifar=cifar, out=str(out), marker_size=marker_size, rho=rho, placement=placement, seed=seed,
                          markers=markers, limit_per_class=limit_per_class,
-                         splits=tuple(s.strip() for s in splits.split(",") if s.strip()), progress=progress)
+                         splits=tuple(s.strip() for s in splits.split(",") if s.strip()),
+                         holdout_start=holdout_start, progress=progress)
     typer.echo(jobs.spurious_outcome(jobs.make_spurious(cfg), out))
 
 
@@ -418,6 +420,7 @@ def repair(
     groups: Annotated[str, typer.Option(help="discovery (label-free pseudo-groups) | sidecar (the markers.json's "
                                              "true groups: an oracle reference) | none.")] = "discovery",
     l2: Annotated[float, typer.Option(help="Weight decay of the new head.")] = 1e-3,
+    pool: Annotated[str, typer.Option(help="Features: model (its pooling) | cls | mean (patch tokens).")] = "model",
     iters: Annotated[int, typer.Option(help="L-BFGS iterations.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 128,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
@@ -429,7 +432,7 @@ def repair(
     from .repair import RepairConfig
 
     cfg = RepairConfig(candidates=candidates, top_words=top_words, score_ratio=score_ratio, groups=groups, l2=l2,
-                       iters=iters, batch_size=batch_size, device=device, limit=limit)
+                       pool=pool, iters=iters, batch_size=batch_size, device=device, limit=limit)
     typer.echo(jobs.repair_outcome(jobs.run_repair(model, images, out, cfg, progress), out))
 
 

@@ -12,12 +12,16 @@ re-weighted from discovery alone.
 3. Every non-empty group gets the same total weight; a new linear head (weight decay ``l2``) is fitted by
    full-batch L-BFGS on the weighted cross-entropy. The model with the new head is saved as a normal
    siftlens model folder.
+
+``pool`` chooses the features: the model's own pooling, the CLS token, or the mean of the kept patch tokens; the
+saved model then pools the same way. ``images`` may be a held-out split (SpuriousCIFAR ``holdout``) rather than the
+training images, as DFR does.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,7 @@ from .spurious.regions import region_words
 from .spurious.vocabulary import Vocabulary, load_vocabulary
 
 GROUPINGS = ("discovery", "sidecar", "none")
+POOLS = ("model", "cls", "mean")
 
 
 @dataclass
@@ -50,6 +55,7 @@ class RepairConfig:
     groups: str = "discovery"  # discovery | sidecar (oracle reference) | none (plain re-fit)
     l2: float = 1e-3
     iters: int = 200
+    pool: str = "model"  # model (the model's own) | cls | mean (mean of the kept patch tokens); saved with the head
     batch_size: int = 128
     device: str = "cpu"
     limit: int | None = None
@@ -62,6 +68,8 @@ class RepairConfig:
             raise ConfigError("repair needs --candidates (the discovery.json of `siftlens discover`)")
         if self.groups not in GROUPINGS:
             raise ConfigError(f"--groups must be one of {', '.join(GROUPINGS)}, not {self.groups!r}")
+        if self.pool not in POOLS:
+            raise ConfigError(f"--pool must be one of {', '.join(POOLS)}, not {self.pool!r}")
         if self.l2 < 0 or self.iters < 1 or self.top_words < 1:
             raise ConfigError("--l2 must be >= 0, --iters and --top-words >= 1")
 
@@ -92,6 +100,36 @@ def _per_class(vocab: Vocabulary, classes: list[str], top: int, ratio: float) ->
 
 
 @torch.inference_mode()
+def pooled_features(model: torch.nn.Module, x: torch.Tensor, drop: torch.Tensor, pool: str = "model") -> torch.Tensor:
+    """Pooled features (B, D) of a siftlens ViT on the normalised batch ``x`` with the patches where ``drop (B, N)``
+    is True removed (one forward per number of kept tokens; an image whose every patch is flagged keeps them all).
+
+    pool: ``model`` (the model's own pooling), ``cls`` (the CLS token) or ``mean`` (mean of the kept patch tokens
+    after the final norm)."""
+    if pool not in POOLS:
+        raise ConfigError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
+    drop = drop.to(torch.bool).cpu()
+    drop = drop & ~drop.all(1, keepdim=True)
+    keep_counts = (~drop).sum(1)
+    f = torch.empty((x.shape[0], model.head.in_features))
+    T = model.num_prefix_tokens
+    for k in keep_counts.unique().tolist():
+        rows = (keep_counts == k).nonzero().flatten()
+        keep = (~drop[rows]).nonzero()[:, 1].view(len(rows), k).to(x.device)
+        tokens = model.forward_features(x[rows.to(x.device)], keep)
+        if pool == "model":
+            out = model.pool(tokens)
+        elif pool == "cls":
+            if model.cls_token is None:
+                raise ConfigError("pool 'cls' needs a model with a CLS token")
+            out = tokens[:, 0]
+        else:
+            out = tokens[:, T:].mean(1)
+        f[rows] = out.float().cpu()
+    return f
+
+
+@torch.inference_mode()
 def dropped_features(backend: Backend, source: ImageSource, vocab: Vocabulary, cfg: RepairConfig,
                      progress: bool = True) -> dict:
     """Pooled features (n, D) with flagged tokens dropped, the shortcut class per image (-1: none), names."""
@@ -117,13 +155,7 @@ def dropped_features(backend: Backend, source: ImageSource, vocab: Vocabulary, c
             flag = flag & ~flag.all(1, keepdim=True)
             cnt = cf.sum(2)
             short.append(np.where(cnt.max(1) > 0, cnt.argmax(1), -1))
-            keep_counts = (~flag).sum(1)
-            f = torch.empty((len(items), model.head.in_features))
-            for k in keep_counts.unique().tolist():
-                rows = (keep_counts == k).nonzero().flatten()
-                keep = (~flag[rows]).nonzero()[:, 1].view(len(rows), k).to(x.device)
-                f[rows] = model.pool(model.forward_features(x[rows.to(x.device)], keep)).float().cpu()
-            feats.append(f)
+            feats.append(pooled_features(model, x, flag, cfg.pool))
             idx += [it["index"] for it in items]
             pb.update(task, advance=len(items))
     if not idx:
@@ -184,6 +216,8 @@ def repair(model: str | Backend, images, out: str | Path, config: RepairConfig, 
     with torch.no_grad():
         train_acc = float((head(d["features"]).argmax(1).numpy() == y).mean())
     backend.model.head.load_state_dict(head.state_dict())
+    if cfg.pool != "model":  # the new head reads these features, so the saved model pools this way
+        backend.model.cfg = replace(backend.model.cfg, pool=cfg.pool)
     summary = {"kind": "siftlens-repair", "config": asdict(cfg), "images": int(len(y)), "cells": cells,
                "flagged_share": float((d["shortcut"] >= 0).mean()), "train_accuracy_dropped": train_acc,
                "seconds": round(time.time() - t0, 2)}

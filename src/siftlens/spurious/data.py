@@ -7,7 +7,11 @@ or the user's images). Splits, each an ImageFolder of lossless PNGs (``<out>/<sp
   otherwise the marker of a uniformly drawn other class. Per class, exactly ``round((1 - rho) * n_k)``
   images (chosen by a seeded permutation) carry a wrong marker, so ``rho`` is honoured exactly;
 - ``aligned`` (from CIFAR-10 test): every image carries its own class's marker;
-- ``conflicting`` (the same test images): every image carries a wrong class's marker.
+- ``conflicting`` (the same test images): every image carries a wrong class's marker;
+- ``holdout`` (optional, CIFAR-10 test images from index ``holdout_start`` of each class on): marked like
+  ``train`` (own marker with probability ``rho``), for fitting a repair on images the model never trained on.
+  Its images keep their index in the class (``cat/0500.png`` is the source image of ``aligned/cat/0500.png``),
+  so an evaluation on the first ``holdout_start`` images per class of ``aligned``/``conflicting`` is disjoint.
 
 Each split folder holds a sidecar ``markers.json``: for every image (keyed by its ImageFolder name, e.g.
 ``cat/0012.png``) its label, the marker's class and the marker's bounding box ``[x0, y0, x1, y1]`` in
@@ -32,10 +36,12 @@ from ..io import atomic_path, read_json, write_json
 from ..keypoints import SiftParams, auto_upsample, detect
 from ..progress import progress_bar
 
-SPLITS = ("train", "aligned", "conflicting")
+SPLITS = ("train", "aligned", "conflicting", "holdout")
+DEFAULT_SPLITS = ("train", "aligned", "conflicting")
 SIDECAR = "markers.json"
 PLACEMENTS = ("random", "top-left", "top-right", "bottom-left", "bottom-right")
-_SPLIT_CODE = {"train": 0, "aligned": 1, "conflicting": 2}
+_SPLIT_CODE = {"train": 0, "aligned": 1, "conflicting": 2, "holdout": 3}
+_PARTS = {"train": "train", "aligned": "test", "conflicting": "test", "holdout": "test"}
 
 # Ten 8x8 glyphs ('#' white, '.' black), each a different arrangement of corners and blobs, so that SIFT
 # finds several keypoints on each and their descriptors differ. Other marker sizes scale them (nearest).
@@ -126,7 +132,8 @@ class SpuriousConfig:
     seed: int = 0
     markers: str | None = None
     limit_per_class: int | None = None
-    splits: tuple[str, ...] = SPLITS
+    splits: tuple[str, ...] = DEFAULT_SPLITS
+    holdout_start: int = 500
     progress: bool = True
 
     def validate(self) -> None:
@@ -138,6 +145,8 @@ class SpuriousConfig:
             raise ConfigError(f"marker size must be at least 4 pixels, got {self.marker_size}")
         if self.limit_per_class is not None and self.limit_per_class < 1:
             raise ConfigError(f"limit per class must be >= 1, got {self.limit_per_class}")
+        if self.holdout_start < 0:
+            raise ConfigError(f"holdout start must be >= 0, got {self.holdout_start}")
         bad = [s for s in self.splits if s not in SPLITS]
         if bad:
             raise ConfigError(f"unknown split(s) {', '.join(bad)}; choose from {', '.join(SPLITS)}")
@@ -158,13 +167,12 @@ def _source(cifar: str, part: str) -> ImageSource:
     return src
 
 
-def _by_class(src: ImageSource, limit: int | None) -> dict[int, list[int]]:
+def _by_class(src: ImageSource, limit: int | None, start: int = 0) -> dict[int, list[int]]:
+    """Per class, the source indices of its images ``start``, ``start + 1``, ... (at most ``limit``)."""
     out: dict[int, list[int]] = {}
     for i, y in enumerate(src.labels or []):
         out.setdefault(y, []).append(i)
-    if limit is not None:
-        out = {y: ix[:limit] for y, ix in out.items()}
-    return out
+    return {y: ix[start : None if limit is None else start + limit] for y, ix in out.items()}
 
 
 def _position(rng: np.random.Generator, placement: str, hw: tuple[int, int], s: int) -> tuple[int, int]:
@@ -182,7 +190,7 @@ def _position(rng: np.random.Generator, placement: str, hw: tuple[int, int], s: 
 def plan_split(split: str, counts: dict[int, int], n_classes: int, rho: float, seed: int) -> dict[int, np.ndarray]:
     """Per class, the marker class of each of its ``counts[y]`` images: (n_y,) int64.
 
-    train: exactly ``round((1 - rho) * n_y)`` images (a seeded choice) get a uniformly drawn other class;
+    train, holdout: exactly ``round((1 - rho) * n_y)`` images (a seeded choice) get a uniformly drawn other class;
     aligned: all the own class; conflicting: all a uniformly drawn other class.
     """
     out = {}
@@ -207,7 +215,7 @@ def build(cfg: SpuriousConfig) -> dict:
     """Write the splits, sidecars, marker images and ``manifest.json`` into ``cfg.out``; returns the manifest."""
     cfg.validate()
     out = Path(cfg.out)
-    parts = {"train": "train", "aligned": "test", "conflicting": "test"}
+    parts = _PARTS
     sources: dict[str, ImageSource] = {}
     for split in cfg.splits:
         part = parts[split]
@@ -246,7 +254,8 @@ def build(cfg: SpuriousConfig) -> dict:
 
 
 def _build_split(split, src, classes, markers, cfg: SpuriousConfig, root: Path, pb) -> dict:
-    by_class = _by_class(src, cfg.limit_per_class)
+    start = cfg.holdout_start if split == "holdout" else 0
+    by_class = _by_class(src, cfg.limit_per_class, start)
     plan = plan_split(split, {y: len(ix) for y, ix in by_class.items()}, len(classes), cfg.rho, cfg.seed)
     s = cfg.marker_size
     records: dict[str, dict] = {}
@@ -255,7 +264,7 @@ def _build_split(split, src, classes, markers, cfg: SpuriousConfig, root: Path, 
     skipped = []
     src_names = src.names  # one list: the property rebuilds it on every access
     for y in sorted(by_class):
-        for k, i in enumerate(by_class[y]):
+        for k, i in enumerate(by_class[y], start):
             try:
                 img = np.array(src.load(i), np.uint8)
             except SkipImage as e:
@@ -264,7 +273,7 @@ def _build_split(split, src, classes, markers, cfg: SpuriousConfig, root: Path, 
                 continue
             rng = np.random.default_rng([cfg.seed, _SPLIT_CODE[split], y, k])
             x0, y0 = _position(rng, cfg.placement, img.shape[:2], s)
-            m = int(plan[y][k])
+            m = int(plan[y][k - start])
             img[y0 : y0 + s, x0 : x0 + s] = markers[classes[m]]
             name = f"{classes[y]}/{k:04d}.png"
             target = root / name
