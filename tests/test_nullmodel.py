@@ -37,7 +37,10 @@ def test_exact_moments_agree_with_monte_carlo_at_20000(real_items, kind):
     backend, items, names = real_items
     ex = _values(backend, items, names, null="exact", null_kind=kind)
     mc = _values(backend, items, names, null=20000, null_kind=kind, seed=3)
-    np.testing.assert_array_equal(ex.obs, mc.obs)  # the observed values do not depend on the null
+    # the observed values do not depend on the null; the two paths contract the attention with the maps in a
+    # different order (keys side first for one map, queries side first for many), so they agree to float32 rounding
+    np.testing.assert_array_equal(np.isnan(ex.obs), np.isnan(mc.obs))
+    np.testing.assert_allclose(ex.obs, mc.obs, rtol=1e-5, atol=1e-6)
     have = ~np.isnan(ex.obs)
     assert have.sum() > 1000
     np.testing.assert_array_equal(have, ~np.isnan(mc.null_mean))

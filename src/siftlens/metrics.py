@@ -353,22 +353,22 @@ def finish_terms(raws: list[LayerRaw], n_levels: int) -> AttentionTerms:
     ra = average_ranks(a, tol=4 * torch.finfo(torch.float32).eps) - (n + 1) / 2.0  # (B, h, N), centred
     pairs = r.pairs.view(bsz, -1, n_levels + 1, nh, n_levels + 1)
     terms = AttentionTerms(colmean, d_q, r.ent.double(), pairs, a, ra)
-    if r.gram is not None:
+    if r.xx is not None:
         terms.psums, terms.psum2 = _pattern_terms(r, rowsum, colsum)
     return terms
 
 
 def _pattern_terms(r: LayerSums, rowsum: torch.Tensor, colsum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pattern and pair sums of ``Bt`` per head and of its head mean (slot h), (B, h + 1, 15) and (B, h + 1, 2),
-    from the row and column sums, the diagonal and the Gram matrices over heads (rowsum, colsum: (B, h, N)
-    float64). The head mean's sums of squares are the Gram totals over ``h^2``."""
+    from the row and column sums, the diagonal and the sums of squares of :class:`LayerSums` (rowsum, colsum:
+    (B, h, N) float64). The head mean's row, column and diagonal sums are the means of the heads'."""
     nh = rowsum.shape[1]
     diag = r.diag.double()
     feats = []
     for rs, cs, d, xx, xxt in (
-        (rowsum, colsum, diag, r.gram.diagonal(dim1=-2, dim2=-1), r.gram_t.diagonal(dim1=-2, dim2=-1)),
+        (rowsum, colsum, diag, r.xx[:, :nh], r.xxt[:, :nh]),
         (rowsum.mean(1, keepdim=True), colsum.mean(1, keepdim=True), diag.mean(1, keepdim=True),
-         r.gram.sum((-2, -1))[:, None] / nh**2, r.gram_t.sum((-2, -1))[:, None] / nh**2),
+         r.xx[:, nh:], r.xxt[:, nh:]),
     ):
         feats.append({"S": rs.sum(-1), "t": d.sum(-1), "rr": rs.square().sum(-1), "cc": cs.square().sum(-1),
                       "rc": (rs * cs).sum(-1), "XX": xx.double(), "XXt": xxt.double(), "dr": (d * rs).sum(-1),

@@ -8,21 +8,23 @@ one-hot level rows). ``Bt`` is the row-renormalised patch block of the attention
 Per chunk of images, each pass over ``Bt`` is one large vectorised or BLAS call:
 
 1. ``Bt = P / rowsum(P)``, written once into a contiguous buffer.
-2. ``Bt [w | one-hot]^T`` by one BLAS matmul: per query, the attention mass on each level and on the
-   weights; its level columns of map 0 add up to the row sums, and one more small matmul with the query
-   side gives every ``[w | one-hot] Bt [w | one-hot]^T``.
+2. the contraction with the maps' rows ``[w | one-hot]`` by one BLAS matmul, and one more small matmul for
+   every ``[w | one-hot] Bt [w | one-hot]^T``. One map (the exact null): the keys side ``Bt [w | one-hot]^T``
+   first, whose level columns add up to the row sums; many maps (Monte Carlo): the query side first, whose
+   level rows of map 0 add up to the column sums (in a layout that splits into maps without a copy).
 3. column sums, the distance row sums ``sum_j Bt_ij D_ij`` and the entropy ``-sum_j Bt_ij log Bt_ij``
    (``log 0 = -inf`` makes ``0 log 0`` NaN, and ``nansum`` skips it: 0, with no clamping pass). The diagonal
    and the small contractions are taken once per layer, not per chunk.
    A query row of the patch block that sums to 0 (all its attention on prefix tokens) makes the whole layer
    run again on :func:`renormalise`'d attention, where such a row is uniform.
-4. only for the exact null (``pattern=True``): the Gram matrices ``<Bt_g, Bt_g'>`` and ``<Bt_g, Bt_g'^T>``
-   over the heads ``g, g'`` of each image (two BLAS matmuls and one transposed copy). Their diagonals are
-   each head's ``sum X^2`` and ``sum X * X^T``; their totals over ``h^2`` are the same sums of the head-mean
-   matrix, so the head mean never has to be formed.
+4. only for the exact null (``pattern=True``): each head's ``sum X^2`` and ``sum X * X^T``, the diagonals
+   of two BLAS Gram matrices over the chunk's heads (one of them against a transposed copy), and the same
+   two sums of the head-mean matrix: the Gram totals over ``h^2`` when a chunk holds all heads, else from
+   the sum of ``Bt`` over the heads (a pass that writes only N^2).
 
-Chunks are one image or a few (about :data:`_CHUNK_ELEMS` attention elements), so that a chunk's buffers
-stay in the CPU's cache between passes; the buffers are allocated once per layer and reused.
+Chunks are a few images, one image, or for a large image a group of its heads (about :data:`_CHUNK_ELEMS`
+attention elements), so that a chunk's buffers stay in the CPU's cache between passes; the buffers are
+allocated once per layer and reused.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class LayerSums:
     ``rowsum``, ``colsum``, ``diag``, ``dist``, ``ent``: (B, h, N) per-query row sums of ``Bt`` (1 to
     float32 rounding), column sums, diagonal, ``sum_j Bt_ij D_ij`` and ``-sum_j Bt_ij log Bt_ij``;
     ``pairs``: (B * K, L + 1, h, L + 1), ``[w | one-hot] Bt [w | one-hot]^T`` per map and head;
-    ``gram``, ``gram_t``: (B, h, h) ``<Bt_g, Bt_g'>`` and ``<Bt_g, Bt_g'^T>`` (only with ``pattern``).
+    ``xx``, ``xxt``: (B, h + 1) ``sum Bt^2`` and ``sum Bt * Bt^T`` per head and, in slot h, of the head-mean
+    matrix (only with ``pattern``).
     """
 
     rowsum: torch.Tensor
@@ -52,13 +55,19 @@ class LayerSums:
     dist: torch.Tensor
     ent: torch.Tensor
     pairs: torch.Tensor
-    gram: torch.Tensor | None = None
-    gram_t: torch.Tensor | None = None
+    xx: torch.Tensor | None = None
+    xxt: torch.Tensor | None = None
 
 
 def chunk_images(h: int, n: int) -> int:
     """Images per chunk for ``h`` heads of ``n`` patches."""
     return max(1, _CHUNK_ELEMS // max(1, h * n * n))
+
+
+def chunk_heads(h: int, n: int) -> int:
+    """Heads per chunk: all of them, or for a large image (ViT-B at 224: 12 heads of 196 x 196) as many as fit
+    in :data:`_CHUNK_ELEMS`, so that the chunk still stays in cache; that chunk holds one image."""
+    return h if h * n * n <= _CHUNK_ELEMS else max(1, _CHUNK_ELEMS // (n * n))
 
 
 def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, n_levels: int,
@@ -76,59 +85,100 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
     sums = torch.empty(bsz, nh, n, 1, **f32)  # row sums of the patch block
     out = LayerSums(*(torch.empty(bsz, nh, n, **f32) for _ in range(5)), torch.empty(bsz * k_maps, l1, nh, l1, **f32))
     if pattern:
-        out.gram, out.gram_t = torch.empty(bsz, nh, nh, **f32), torch.empty(bsz, nh, nh, **f32)
-    c = min(bsz, chunk_images(nh, n))
-    bt, scratch = torch.empty(2, c, nh, n, n, **f32)  # one chunk's Bt and a buffer for log Bt, then Bt^T
-    # per query, the mass on every map's weights and levels; small for one map, so it is contracted once per
-    # layer (fewer small operations), else once per chunk (with 100 null maps it would be 100 times larger)
-    per_layer = k_maps == 1
-    qk = torch.empty(bsz if per_layer else c, nh * n, rows, **f32)
+        out.xx, out.xxt = torch.empty(bsz, nh + 1, **f32), torch.empty(bsz, nh + 1, **f32)
+    one_map = k_maps == 1
+    g = chunk_heads(nh, n) if one_map else nh
+    c = min(bsz, chunk_images(nh, n)) if g == nh else 1
+    # one map (the exact null): Bt contiguous per head, as the sums of squares need, and the keys side first
+    # into a small per-layer buffer; many maps (Monte Carlo): Bt laid out (image, query, head, key), so that
+    # the query side of every map and head is one matmul whose result splits into maps without a copy
+    shape = (2, c, g, n, n) if one_map else (2, c, n, g, n)
+    bt, scratch = torch.empty(shape, **f32) if one_map else torch.empty(shape, **f32).transpose(2, 3)
+    qk = torch.empty(bsz, nh * n, l1, **f32) if one_map else None
+    head_sum = torch.empty(c, n, n, **f32) if pattern and g < nh else None  # sum of Bt over an image's heads
     dvec = dmat.to(patch_attn.device, torch.float32)
-    for s in range(0, bsz, c):
-        e = min(bsz, s + c)
-        q = qk[s:e] if per_layer else qk[:e - s]
-        _chunk_sums(patch_attn[s:e], sums[s:e], lhs[s:e], q, dvec, bt[:e - s], scratch[:e - s], out, s, e)
-        if not per_layer:
-            _contract(q, lhs[s:e], l1, out, s, e)
-    if not bool((sums > 0).all()):  # a query without attention to patches: uniform, as renormalise() does
+    for s, e, h0, h1 in _chunks(bsz, nh, c, g):
+        b = bt[:e - s, :h1 - h0]  # (c, heads, N, N), a view in either layout
+        pa = patch_attn[s:e, h0:h1]
+        torch.div(pa, torch.sum(pa, -1, keepdim=True, out=sums[s:e, h0:h1]), out=b)
+        if one_map:
+            torch.bmm(b.view(e - s, (h1 - h0) * n, n), lhs[s:e].transpose(1, 2), out=qk[s:e, h0 * n:h1 * n])
+            torch.sum(b, -2, out=out.colsum[s:e, h0:h1])
+        else:
+            _contract_many_maps(b, lhs[s:e], l1, out, s, e)
+        _chunk_sums(b, dvec, scratch[:e - s, :h1 - h0], out, s, e, h0, h1)
+        if pattern and g < nh:  # heads split over chunks: the head mean's squares from the sum over heads
+            hs = head_sum[:e - s]
+            if h0 == 0:
+                torch.sum(b, 1, out=hs)
+            else:
+                hs.add_(b.sum(1))
+            if h1 == nh:
+                _head_mean_squares(hs, nh, scratch[:e - s, 0], out, s, e)
+    if not bool((sums > 0).all()):  # 0/0: a query without attention to patches; uniform, as renormalise() does
         return layer_sums(renormalise(patch_attn), lhs, dmat, n_levels, pattern)
-    if per_layer:
-        _contract(qk, lhs, l1, out, 0, bsz)
+    if one_map:
+        _contract_one_map(qk, lhs, l1, out)
     torch.div(patch_attn.diagonal(dim1=-2, dim2=-1), sums[..., 0], out=out.diag)
     return out
 
 
-def _contract(qk: torch.Tensor, lhs: torch.Tensor, l1: int, out: LayerSums, s: int, e: int) -> None:
-    """Row sums and ``[w | one-hot] Bt [w | one-hot]^T`` of images ``s:e`` from their per-query contraction
-    qk: (c, h * N, R) and their rows lhs: (c, R, N)."""
-    c, rows, n = lhs.shape
-    k_maps, nh = rows // l1, qk.shape[1] // n
-    per_q = qk.view(c, nh, n, k_maps, l1)
-    torch.sum(per_q[:, :, :, 0, 1:], -1, out=out.rowsum[s:e])  # the level columns of map 0 cover every key
-    # query side: pairs[(image, map), a, head, b] = sum_i lhs[image, map, a, i] per_q[image, head, i, map, b]
-    q_maps = per_q.permute(0, 3, 2, 1, 4).reshape(c * k_maps, n, nh * l1)
-    pairs = out.pairs[s * k_maps:e * k_maps].view(c * k_maps, l1, nh * l1)
-    torch.bmm(lhs.reshape(c * k_maps, l1, n), q_maps, out=pairs)
+def _contract_one_map(qk: torch.Tensor, lhs: torch.Tensor, l1: int, out: LayerSums) -> None:
+    """Row sums and ``[w | one-hot] Bt [w | one-hot]^T`` of one map per image, from the keys side
+    qk = ``Bt [w | one-hot]^T``: (B, h * N, L + 1) and the rows lhs: (B, L + 1, N)."""
+    bsz, _, n = lhs.shape
+    per_q = qk.view(bsz, -1, n, l1)  # (B, h, N, L + 1)
+    torch.sum(per_q[..., 1:], -1, out=out.rowsum)  # the level columns cover every key
+    out.pairs.copy_(torch.matmul(lhs[:, None], per_q).transpose(1, 2))  # (B, L + 1, h, L + 1)
 
 
-def _chunk_sums(pa: torch.Tensor, sums: torch.Tensor, lhs: torch.Tensor, qk: torch.Tensor, dmat: torch.Tensor,
-                bt: torch.Tensor, scratch: torch.Tensor, out: LayerSums, s: int, e: int) -> None:
-    """The passes over images ``s:e``: pa (c, h, N, N) their patch block; sums (c, h, N, 1), qk (c, h * N, R),
-    bt and scratch (c, h, N, N) are written; the rest of the results go into ``out`` at ``s:e``."""
-    c, nh, n, _ = pa.shape
-    torch.div(pa, torch.sum(pa, -1, keepdim=True, out=sums), out=bt)  # 0/0 = NaN rows are redone by the caller
-    torch.bmm(bt.view(c, nh * n, n), lhs.transpose(1, 2), out=qk)
-    torch.sum(bt, -2, out=out.colsum[s:e])
-    torch.sum(torch.mul(bt, dmat, out=scratch), -1, out=out.dist[s:e])  # sum_j Bt_ij D_ij
+def _contract_many_maps(bt: torch.Tensor, lhs: torch.Tensor, l1: int, out: LayerSums, s: int, e: int) -> None:
+    """Column sums, row sums and every map's ``[w | one-hot] Bt [w | one-hot]^T`` of images ``s:e``: bt (c, h,
+    N, N), a view of a contiguous (c, N, h, N) buffer; lhs (c, K (L + 1), N)."""
+    c, nh, n, _ = bt.shape
+    k_maps = lhs.shape[1] // l1
+    q = torch.bmm(lhs, bt.transpose(1, 2).reshape(c, n, nh * n))  # (c, K (L + 1), h * N): the query side
+    torch.sum(q[:, 1:l1], 1, out=out.colsum[s:e].view(c, nh * n))  # the level rows of map 0 cover every query
+    torch.sum(bt, -1, out=out.rowsum[s:e])
+    pairs = out.pairs[s * k_maps:e * k_maps].view(c * k_maps, l1 * nh, l1)
+    torch.bmm(q.view(c * k_maps, l1 * nh, n), lhs.view(c * k_maps, l1, n).transpose(1, 2), out=pairs)
+
+
+def _chunks(bsz: int, nh: int, c: int, g: int):
+    """(first image, end image, first head, end head) of every chunk, images outer, heads inner."""
+    for s in range(0, bsz, c):
+        for h0 in range(0, nh, g):
+            yield s, min(bsz, s + c), h0, min(nh, h0 + g)
+
+
+def _chunk_sums(bt: torch.Tensor, dmat: torch.Tensor, scratch: torch.Tensor, out: LayerSums, s: int, e: int,
+                h0: int, h1: int) -> None:
+    """The passes over ``bt`` (c, heads, N, N) of images ``s:e``, heads ``h0:h1``, that do not involve the
+    maps, into ``out``; ``scratch`` (same shape) is overwritten."""
+    c, nh, n, _ = bt.shape
+    torch.sum(torch.mul(bt, dmat, out=scratch), -1, out=out.dist[s:e, h0:h1])  # sum_j Bt_ij D_ij
     # entropy -sum_j p log p with 0 log 0 = 0: log 0 = -inf makes 0 * log 0 NaN, which nansum skips (one pass
     # fewer than clamping first; torch's xlogy and entr give the same values but are not vectorised)
     torch.log(bt, out=scratch).mul_(bt)
-    torch.nansum(scratch, -1, out=out.ent[s:e]).neg_()
-    if out.gram is not None:
-        x = bt.view(c, nh, n * n)
-        torch.bmm(x, x.transpose(1, 2), out=out.gram[s:e])
+    torch.nansum(scratch, -1, out=out.ent[s:e, h0:h1]).neg_()
+    if out.xx is not None:  # sum X^2 and sum X * X^T: two Gram matrices over the chunk's heads
+        x = bt.reshape(c, nh, n * n)  # a view in the one-map layout
         scratch.copy_(bt.transpose(-1, -2))
-        torch.bmm(x, scratch.view(c, nh, n * n).transpose(1, 2), out=out.gram_t[s:e])
+        for sq, y in ((out.xx, x), (out.xxt, scratch.reshape(c, nh, n * n))):
+            gram = torch.bmm(x, y.transpose(1, 2))  # (c, heads, heads)
+            sq[s:e, h0:h1] = gram.diagonal(dim1=-2, dim2=-1)  # each head's
+            if h1 - h0 == sq.shape[1] - 1:  # all heads: the head-mean matrix's is the total over h^2
+                sq[s:e, -1] = gram.sum((-2, -1)) / nh**2
+
+
+def _head_mean_squares(head_sum: torch.Tensor, nh: int, scratch: torch.Tensor, out: LayerSums, s: int,
+                       e: int) -> None:
+    """sum X^2 and sum X * X^T of the head-mean matrix X = head_sum / h (head_sum: (c, N, N)), into slot h."""
+    c = head_sum.shape[0]
+    x = head_sum.view(c, 1, -1)
+    scratch.copy_(head_sum.transpose(-1, -2))
+    out.xx[s:e, nh] = torch.bmm(x, x.transpose(1, 2)).view(c) / nh**2
+    out.xxt[s:e, nh] = torch.bmm(x, scratch.reshape(c, -1, 1)).view(c) / nh**2
 
 
 def renormalise(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
