@@ -21,7 +21,9 @@ keypoint stage has its own benchmark); the timed work starts from the preprocess
 
 Ratios are the median over rounds of per-round time ratios (side by side, order rotated per round), on
 process CPU time with ``torch.set_num_threads(--threads)`` (default 1: per core); wall-time ratios are
-recorded too. Targets: analysis_exact <= 1.10x forward for HF ViT-S/16 and ViT-B/16 and <= 1.5x for the
+recorded too. The script re-executes itself with glibc's malloc thresholds fixed (``_common.STABLE_MALLOC``):
+without that, the page faults of a forward pass vary by up to 20 % of its time with the allocation history.
+Targets: analysis_exact <= 1.10x forward for HF ViT-S/16 and ViT-B/16 and <= 1.5x for the
 built-in model; analysis_null100 <= 2x forward.
 """
 
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="smoke run: small batches, few rounds")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-core ratios)")
     a = ap.parse_args(argv)
+    malloc = C.stable_malloc()
     C.be_nice()
     import cv2
     import torch
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         backend, desc = load()
         models[key] = bench_model(key, backend, desc, which, batch, rounds, profile=not a.quick)
         del backend
-    res = {"settings": {"torch_threads": a.threads, "cv2_threads": 1, "ratio_on": "process CPU time",
+    res = {"settings": {"torch_threads": a.threads, "cv2_threads": 1, "ratio_on": "process CPU time", "malloc": malloc,
                         "timing": "side by side, order rotated per round; ratio = median of per-round ratios"},
            "models": models}
     res["checks"] = []

@@ -118,3 +118,17 @@ def test_layers_measured_together_equal_each_layer_alone():
         for t, a in zip(together, alone, strict=True):
             np.testing.assert_allclose(t[k].numpy(), a[0].numpy(), rtol=1e-12, atol=1e-12, equal_nan=True)
     assert np.isfinite(together[0][1, 1, 0, :2].numpy()).all()  # the fallback row gives finite SAL and WI
+
+
+def test_a_layers_raw_sums_keep_no_view_of_its_attention():
+    # the engine holds every layer's raw sums until the batch ends; a view into the attention would keep
+    # every layer's (B, h, S, S) attention alive at once (the memory benchmark measured 11 layers' worth)
+    from siftlens.metrics import layer_raw, prepare_maps
+
+    B, H, T, N = 2, 2, 1, 4
+    attn = torch.softmax(torch.randn(B, H, T + N, T + N), -1)
+    maps = prepare_maps(torch.rand(B, 1, N), torch.zeros(B, 1, N, dtype=torch.long), 1,
+                        torch.rand(N, 2))
+    raw = layer_raw(attn, T, maps, pattern=True)
+    held = [raw.cls_row, *(v for v in vars(raw.sums).values() if isinstance(v, torch.Tensor))]
+    assert all(t.untyped_storage().data_ptr() != attn.untyped_storage().data_ptr() for t in held)

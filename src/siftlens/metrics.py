@@ -324,7 +324,8 @@ def layer_raw(attn: torch.Tensor, num_prefix: int, maps: WeightMaps, has_cls: bo
     _check_attention(attn, num_prefix, maps, maps.n_levels, has_cls)
     t = num_prefix
     sums = layer_sums(attn[:, :, t:, t:].float(), maps.lhs, maps.dmat32, maps.n_levels, pattern)
-    return LayerRaw(sums, attn[:, :, 0, t:].float() if has_cls else None)
+    # a copy: a view would keep the layer's whole attention alive until the batch ends
+    return LayerRaw(sums, attn[:, :, 0, t:].to(torch.float32, copy=True) if has_cls else None)
 
 
 def attention_terms(
