@@ -38,11 +38,15 @@ if str(ROOT / "src") not in sys.path:  # run from a checkout without an installe
 STABLE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
 
 
-def stable_malloc() -> dict:
-    """Re-execute this script with :data:`STABLE_MALLOC` in its environment unless it is there already (Linux
-    with glibc; elsewhere nothing happens); returns the settings to record with the results."""
+def stable_malloc() -> None:
+    """Re-execute this script, from its ``__main__`` block, with :data:`STABLE_MALLOC` in its environment unless
+    it is there already (Linux with glibc; elsewhere nothing happens)."""
     if sys.platform.startswith("linux") and any(os.environ.get(k) != v for k, v in STABLE_MALLOC.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **STABLE_MALLOC})
+
+
+def malloc_settings() -> dict:
+    """The malloc environment this process runs with (recorded with timing results)."""
     return {k: os.environ.get(k) for k in STABLE_MALLOC}
 
 

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="smoke run: small batches, few rounds")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-core ratios)")
     a = ap.parse_args(argv)
-    malloc = C.stable_malloc()
+    malloc = C.malloc_settings()
     C.be_nice()
     import cv2
     import torch
@@ -128,4 +128,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    C.stable_malloc()
     main()
