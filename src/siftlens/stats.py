@@ -233,9 +233,10 @@ def qap_moments(
     if pa.shape[-1:] != (2,) or pw.shape[-1:] != (2,):
         raise GeometryError(f"pa and pw must have shape (..., 2); got {tuple(pa.shape)}, {tuple(pw.shape)}")
     pair_coef = torch.tensor(_inverse_falling_factorials(n, np.array([1, 2])), dtype=torch.float64, device=pa.device)
-    mean = (pa * pw * pair_coef).sum(-1)
+    # contractions over the pattern axis with broadcasting: one batched matmul each, no (broadcast, 15) product
+    mean = torch.einsum("...p,...p->...", pa * pair_coef, pw)
     coef = torch.tensor(_inverse_falling_factorials(n, PATTERN_SIZES), dtype=torch.float64, device=sa.device)
-    second = (sa * sw * coef).sum(-1)
+    second = torch.einsum("...p,...p->...", sa * coef, sw)
     var = (second - mean.square()).clamp_min(0.0)
     return mean.expand_as(var).contiguous(), var
 
