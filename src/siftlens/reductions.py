@@ -23,8 +23,9 @@ Per chunk of images, each pass over ``Bt`` is one large vectorised or BLAS call:
    the sum of ``Bt`` over the heads (a pass that writes only N^2).
 
 Chunks are a few images, one image, or for a large image a group of its heads (about :data:`_CHUNK_ELEMS`
-attention elements), so that a chunk's buffers stay in the CPU's cache between passes; the buffers are
-allocated once per layer and reused.
+attention elements on a CPU), so that a chunk's buffers stay in the CPU's cache between passes; on an
+accelerator they are 64 times larger, as there every operation is a kernel launch. The buffers are allocated
+once per layer and reused.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import torch
 # images per chunk: about this many elements of (h, N, N) at a time (1 MB of float32), so that the
 # chunk's Bt, its log and its transpose stay in a core's L2 cache between passes
 _CHUNK_ELEMS = 1 << 18
+# on an accelerator there is no such cache to stay in, and every operation is a kernel launch: large chunks
+_CHUNK_ELEMS_ACCELERATOR = 1 << 24
 
 
 @dataclass
@@ -59,15 +62,20 @@ class LayerSums:
     xxt: torch.Tensor | None = None
 
 
-def chunk_images(h: int, n: int) -> int:
-    """Images per chunk for ``h`` heads of ``n`` patches."""
-    return max(1, _CHUNK_ELEMS // max(1, h * n * n))
+def chunk_elements(device: torch.device) -> int:
+    """About how many attention elements one chunk holds on ``device``."""
+    return _CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS_ACCELERATOR
 
 
-def chunk_heads(h: int, n: int) -> int:
-    """Heads per chunk: all of them, or for a large image (ViT-B at 224: 12 heads of 196 x 196) as many as fit
-    in :data:`_CHUNK_ELEMS`, so that the chunk still stays in cache; that chunk holds one image."""
-    return h if h * n * n <= _CHUNK_ELEMS else max(1, _CHUNK_ELEMS // (n * n))
+def chunk_images(h: int, n: int, limit: int) -> int:
+    """Images per chunk for ``h`` heads of ``n`` patches, about ``limit`` elements."""
+    return max(1, limit // max(1, h * n * n))
+
+
+def chunk_heads(h: int, n: int, limit: int) -> int:
+    """Heads per chunk: all of them, or for a large image (ViT-B at 224 on a CPU: 12 heads of 196 x 196) as many
+    as fit in ``limit`` elements, so that the chunk still stays in cache; that chunk holds one image."""
+    return h if h * n * n <= limit else max(1, limit // (n * n))
 
 
 def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, n_levels: int,
@@ -87,8 +95,9 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
     if pattern:
         out.xx, out.xxt = torch.empty(bsz, nh + 1, **f32), torch.empty(bsz, nh + 1, **f32)
     one_map = k_maps == 1
-    g = chunk_heads(nh, n) if one_map else nh
-    c = min(bsz, chunk_images(nh, n)) if g == nh else 1
+    limit = chunk_elements(patch_attn.device)
+    g = chunk_heads(nh, n, limit) if one_map else nh
+    c = min(bsz, chunk_images(nh, n, limit)) if g == nh else 1
     # one map (the exact null): Bt contiguous per head, as the sums of squares need, and the keys side first
     # into a small per-layer buffer; many maps (Monte Carlo): Bt laid out (image, query, head, key), so that
     # the query side of every map and head is one matmul whose result splits into maps without a copy
