@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spurious_eval import marker_patches  # noqa: E402
 
 from siftlens.data import ImageSource  # noqa: E402
+from siftlens.io import write_text  # noqa: E402
 from siftlens.models import load_backend  # noqa: E402
 from siftlens.repair import fit_head, pooled_features  # noqa: E402
 from siftlens.spurious.data import read_sidecar  # noqa: E402
@@ -206,10 +206,7 @@ def main() -> None:
         res["models"][label] = {"model": path, "old_head": {k: old_head(path, v) for k, v in data.items()},
                                 "cv": rows}
     res["seconds"] = round(time.time() - t0, 1)
-    tmp = Path(a.out + ".part")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(res, indent=2, allow_nan=False))
-    os.replace(tmp, a.out)
+    write_text(a.out, json.dumps(res, indent=2, allow_nan=False))  # atomic; never NaN
     print(f"written {a.out}")
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from repair_ceiling import features as plain_features  # noqa: E402
 
 from siftlens.data import ImageSource  # noqa: E402
+from siftlens.io import write_text  # noqa: E402
 from siftlens.models import load_backend  # noqa: E402
 from siftlens.repair import RepairConfig, _groups, dropped_features, fit_head, group_weights  # noqa: E402
 from siftlens.spurious.data import read_sidecar  # noqa: E402
@@ -138,10 +138,7 @@ def main() -> None:
         res["control_cost"] = {k: round(100 * (v["repair"]["overall"] - base), 2) for k, v in ctl.items()}
         res["control"] = ctl
     res["seconds"] = round(time.time() - t0, 1)
-    tmp = Path(a.out + ".part")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(res, indent=2, allow_nan=False))
-    os.replace(tmp, a.out)
+    write_text(a.out, json.dumps(res, indent=2, allow_nan=False))  # atomic; never NaN
     print(f"written {a.out}")
 
 

@@ -237,7 +237,7 @@ def _prepare_maps(weights, levels, n_levels, pos, device=None, null_index=None) 
                       dmat.float(), u_lvl, u_lvl > 0)
 
 
-def _repeat(x: torch.Tensor | None, r: int) -> torch.Tensor | None:
+def repeat_rows(x: torch.Tensor | None, r: int) -> torch.Tensor | None:
     """``r`` copies of ``x`` stacked along its first axis (copy k's row b at k * len(x) + b)."""
     return None if x is None else x.repeat(r, *([1] * (x.ndim - 1)))
 
@@ -246,7 +246,7 @@ def tile_maps(m: WeightMaps, r: int) -> WeightMaps:
     """The maps of ``r`` stacked copies of the batch: image b of copy k at row ``k * B + b``. With
     :func:`stack_terms`, r layers are turned into metrics and null moments in one call."""
     shared = ("n_levels", "dmat", "dmat32")
-    return WeightMaps(**{f.name: getattr(m, f.name) if f.name in shared else _repeat(getattr(m, f.name), r)
+    return WeightMaps(**{f.name: getattr(m, f.name) if f.name in shared else repeat_rows(getattr(m, f.name), r)
                          for f in fields(m)})
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, GeometryError
-from .metrics import AttentionTerms, WeightMaps
+from .metrics import AttentionTerms, WeightMaps, repeat_rows
 from .stats import linear_moments, outer_sums, qap_moments
 
 NULL_KINDS = ("permute", "shift")
@@ -174,7 +174,7 @@ def map_sums(m: WeightMaps) -> MapSums:
 
 def tile_sums(ms: MapSums, r: int) -> MapSums:
     """:class:`MapSums` of ``r`` stacked copies of the batch (as :func:`siftlens.metrics.tile_maps`)."""
-    return MapSums(*(tuple(x.repeat(r, *([1] * (x.ndim - 1))) for x in pair) for pair in (ms.wi, ms.r)))
+    return MapSums(*(tuple(repeat_rows(x, r) for x in pair) for pair in (ms.wi, ms.r)))
 
 
 def exact_moments(t: AttentionTerms, m: WeightMaps, ms: MapSums | None = None
