@@ -371,6 +371,21 @@ def test_average_ranks_tolerance_separates_close_values():
     assert torch.equal(average_ranks(x, tol=0.0), average_ranks(x))
 
 
+def test_average_ranks_tolerance_matches_a_loop_on_signed_rows_with_and_without_ties():
+    # rows of both signs, some with float-noise ties (relative 1e-8) and some without: the rows without ties take
+    # the sorted-position shortcut, the others the run search; both must agree with the loop
+    g = np.random.default_rng(3)
+    x = g.normal(size=(6, 40))
+    x[1, 5:9] = x[1, 4] * (1 + 1e-8 * np.arange(1, 5))  # negative or positive run of five
+    x[3, :3] = -x[3, 10] * (1 + 1e-8 * np.arange(3))
+    got = average_ranks(torch.as_tensor(x), tol=RANK_TOL).numpy()
+    for row, want in zip(got, (_tol_ranks(r, RANK_TOL) for r in x), strict=True):
+        np.testing.assert_array_equal(row, want)
+    assert len(set(got[1])) == 36 and len(set(got[0])) == 40
+    no_ties = average_ranks(torch.as_tensor(x[[0, 2]]), tol=RANK_TOL).numpy()  # the shortcut alone
+    np.testing.assert_array_equal(no_ties, np.argsort(np.argsort(x[[0, 2]], -1), -1) + 1.0)
+
+
 def test_average_ranks_tolerance_ties_float32_noise():
     f = np.float32(0.1)
     up, down = np.nextafter(f, np.float32(1)), np.nextafter(f, np.float32(0))

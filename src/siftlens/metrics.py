@@ -67,23 +67,34 @@ def average_ranks(x: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
         leq = torch.searchsorted(srt, x, side="right")
         return (less + leq + 1).double() / 2.0
     srt, order = _sort(x)
+    starts = _run_starts(srt, tol)
     n = x.shape[-1]
     idx = torch.arange(n, device=x.device).expand(srt.shape)
-    starts = torch.ones(srt.shape, dtype=torch.bool, device=x.device)  # a run of equal values starts here
-    if tol == 0:
-        starts[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    if bool(starts.all()):  # no ties (the rule for continuous values): the rank is the sorted position
+        ranks = (idx + 1).double()
     else:
-        s64 = srt.double()
-        thr = tol * torch.maximum(s64[..., 1:].abs(), s64[..., :-1].abs())  # per neighbouring pair
-        close = (s64[..., 1:] - s64[..., :-1]) <= thr  # False where either side is NaN
-        both_nan = s64[..., 1:].isnan() & s64[..., :-1].isnan()
-        starts[..., 1:] = ~(close | both_nan)
-    ends = torch.ones_like(starts)  # ... or ends here
-    ends[..., :-1] = starts[..., 1:]
-    first = torch.where(starts, idx, 0).cummax(-1).values  # = #{x_j < x_i}
-    last = torch.where(ends, idx, n - 1).flip(-1).cummin(-1).values.flip(-1)  # = #{x_j <= x_i} - 1
-    ranks = (first + last + 2).double() / 2.0
-    return torch.empty_like(ranks).scatter_(-1, order, ranks)
+        ends = torch.ones_like(starts)  # a run ends here
+        ends[..., :-1] = starts[..., 1:]
+        first = torch.where(starts, idx, 0).cummax(-1).values  # = #{x_j < x_i}
+        last = torch.where(ends, idx, n - 1).flip(-1).cummin(-1).values.flip(-1)  # = #{x_j <= x_i} - 1
+        ranks = (first + last + 2).double() / 2.0
+    return torch.empty(ranks.shape, dtype=torch.float64, device=x.device).scatter_(-1, order, ranks)
+
+
+def _run_starts(srt: torch.Tensor, tol: float) -> torch.Tensor:
+    """(..., N) bool: where a run of tied values starts in ``srt`` (sorted along the last axis), for
+    :func:`average_ranks`."""
+    a, b = srt[..., :-1], srt[..., 1:]  # neighbours in sorted order: a <= b, NaNs last
+    if tol == 0:
+        tied = b == a
+    else:  # max(|a|, |b|) = max(b, -a) for a <= b; False where either side is NaN
+        tied = (b - a) <= tol * torch.maximum(b, -a)
+        nan = b.isnan()
+        if bool(nan.any()):
+            tied |= nan & a.isnan()
+    starts = torch.ones(srt.shape, dtype=torch.bool, device=srt.device)
+    starts[..., 1:] = ~tied
+    return starts
 
 
 def _sort(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
