@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from siftlens.data import ImageSource
 from siftlens.errors import ConfigError
 from siftlens.models import load_backend
 from siftlens.repair import RepairConfig, group_weights, repair
@@ -180,3 +181,49 @@ def test_repair_with_mean_pooling_saves_a_model_that_pools_like_its_head(colours
         assert torch.allclose(new.model(x[1:], keep), new.model.head(f[1:]), atol=1e-5)
     with pytest.raises(ConfigError, match="pool"):
         RepairConfig(candidates="x", pool="max").validate()
+
+
+def test_repair_with_blocks_fine_tunes_only_the_last_block_and_saves_a_working_model(colours, tmp_path):
+    from siftlens.repair import dropped_features, fit_head
+    from siftlens.spurious.features import model_labels
+
+    root, res, _ = colours
+    res.save(tmp_path / "disc")
+    cfg = RepairConfig(candidates=str(tmp_path / "disc"), top_words=1, iters=50, blocks=1, epochs=2, lr=1e-3)
+    s = repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep", cfg, progress=False)
+    assert s["images"] == 120 and len(s["finetune"]["epoch_loss"]) == 2 and s["finetune"]["steps"] >= 2
+    old, new = load_backend(str(root / "run" / "model")), load_backend(str(tmp_path / "rep" / "model"))
+    o, n = old.model.state_dict(), new.model.state_dict()
+    changed = {k for k in o if not torch.equal(o[k], n[k])}
+    assert {"head.weight", "norm.weight", "blocks.1.mlp.0.weight", "blocks.1.attn.qkv.weight"} <= changed
+    assert all(k.startswith(("blocks.1.", "norm.", "head.")) for k in changed)  # block 0 and embeddings bit-identical
+    cfg_json = json.loads((tmp_path / "rep" / "model" / "config.json").read_text())
+    assert cfg_json["extra"]["repair"]["config"]["blocks"] == 1 and cfg_json["extra"]["repair"]["config"]["lr"] == 1e-3
+    x = new.normalize(torch.from_numpy(np.stack([np.asarray(Image.open(root / "conflicting" / "ant" / "000.png"))])))
+    with torch.no_grad():
+        assert new.model(x).shape == (1, 3) and not torch.equal(new.model(x), old.model(x))
+    # blocks=0 is the head-only repair: every block and the norm unchanged, the head the L-BFGS fit of the old head
+    s0 = repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep0",
+                RepairConfig(candidates=str(tmp_path / "disc"), top_words=1, iters=50), progress=False)
+    assert "finetune" not in s0
+    h0 = load_backend(str(tmp_path / "rep0" / "model")).model.state_dict()
+    assert {k for k in o if not torch.equal(o[k], h0[k])} == {"head.weight", "head.bias"}
+    src = ImageSource(str(root / "train"))
+    d = dropped_features(old, src, load_vocabulary(str(tmp_path / "disc")), RepairConfig(candidates="x", top_words=1),
+                         progress=False)
+    y = model_labels(src, old)[d["index"]]
+    w, _ = group_weights(y, ((d["shortcut"] >= 0) & (d["shortcut"] != y)).astype(np.int64))
+    head = fit_head(d["features"], torch.from_numpy(y), torch.from_numpy(w).float(), 3, 1e-3, 50, init=old.model.head)
+    assert torch.equal(head.weight, h0["head.weight"])
+    with pytest.raises(ConfigError, match="blocks"):
+        repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "r3",
+               RepairConfig(candidates=str(tmp_path / "disc"), top_words=1, blocks=3), progress=False)
+    with pytest.raises(ConfigError, match="head-start"):
+        RepairConfig(candidates="x", blocks=1, head_start="new").validate()
+    r = subprocess.run([sys.executable, "-m", "siftlens.cli", "repair", "--model", str(root / "run" / "model"),
+                        "--images", str(root / "train"), "--candidates", str(tmp_path / "disc"), "--out",
+                        str(tmp_path / "cli"), "--top-words", "1", "--blocks", "2", "--epochs", "1", "--lr", "2e-4",
+                        "--head-start", "old", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "last 2 block(s)" in r.stdout, r.stderr
+    c = json.loads((tmp_path / "cli" / "repair.json").read_text())["config"]
+    assert (c["blocks"], c["epochs"], c["lr"], c["head_start"]) == (2, 1, 2e-4, "old")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import KeepEps, KeepPolicy, KeepRate, KeepTau
+from . import cli_options as opt
 from .errors import SiftlensError
 from .models.layers import parse_layers
 
@@ -53,10 +53,10 @@ def train(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most this many training images.")] = None,
     val_limit: Annotated[int | None, typer.Option(help="Use at most this many held-out images.")] = None,
-    keep_rate: KeepRate = 1.0,
-    keep_policy: KeepPolicy = "random",
-    keep_tau: KeepTau = 1.0,
-    keep_eps: KeepEps = 1.0,
+    keep_rate: opt.KeepRate = 1.0,
+    keep_policy: opt.KeepPolicy = "random",
+    keep_tau: opt.KeepTau = 1.0,
+    keep_eps: opt.KeepEps = 1.0,
     upsample: Annotated[float, typer.Option(help="SIFT upsampling factor u for the sift keep policy; 0 = "
                                                  "automatic.")] = 0.0,
     keypoint_cache: Annotated[str | None, typer.Option(help="Keypoint cache (.npz) shared between runs on the "
@@ -135,10 +135,10 @@ def pretrain(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most this many training images.")] = None,
     val_limit: Annotated[int | None, typer.Option(help="Use at most this many held-out images.")] = None,
-    keep_rate: KeepRate = 1.0,
-    keep_policy: KeepPolicy = "random",
-    keep_tau: KeepTau = 1.0,
-    keep_eps: KeepEps = 1.0,
+    keep_rate: opt.KeepRate = 1.0,
+    keep_policy: opt.KeepPolicy = "random",
+    keep_tau: opt.KeepTau = 1.0,
+    keep_eps: opt.KeepEps = 1.0,
     resume: Annotated[bool, typer.Option(help="Continue from out/checkpoint.pt (exactly).")] = False,
     stop_after: Annotated[int | None, typer.Option(help="Stop after this many epochs in this invocation; "
                                                         "continue later with --resume.")] = None,
@@ -410,29 +410,29 @@ def prompt(
 
 @app.command()
 def repair(
-    model: Annotated[str, typer.Option(help="A siftlens model folder (its head is retrained).")],
+    model: Annotated[str, typer.Option(help="A siftlens model folder (its head, or more, is retrained).")],
     images: Annotated[str, typer.Option(help="Labelled training images in ImageFolder layout.")],
     candidates: Annotated[str, typer.Option(help="discovery.json (or its folder) from `siftlens discover`.")],
     out: Annotated[Path, typer.Option(help="Output folder: model/ (a normal siftlens model) and repair.json.")],
     top_words: Annotated[int, typer.Option(help="Flag each class's this many best-ranked candidates.")] = 5,
-    score_ratio: Annotated[float, typer.Option(help="...scoring at least this fraction of the class's best.")]
-    = 0.25,
-    groups: Annotated[str, typer.Option(help="discovery (label-free pseudo-groups) | sidecar (the markers.json's "
-                                             "true groups: an oracle reference) | none.")] = "discovery",
+    score_ratio: Annotated[float, typer.Option(help="...scoring at least this share of the class's best.")] = 0.25,
+    groups: opt.RepairGroups = "discovery",
     l2: Annotated[float, typer.Option(help="Weight decay of the new head.")] = 1e-3,
     pool: Annotated[str, typer.Option(help="Features: model (its pooling) | cls | mean (patch tokens).")] = "model",
-    iters: Annotated[int, typer.Option(help="L-BFGS iterations.")] = 200,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 128,
+    iters: Annotated[int, typer.Option(help="L-BFGS iterations.")] = 200, head_start: opt.RepairStart = "fit",
+    blocks: opt.RepairBlocks = 0, epochs: opt.RepairEpochs = 3, lr: opt.RepairLr = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass (and per fine-tuning step).")] = 128,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     limit: Annotated[int | None, typer.Option(help="Use at most this many images (spread over classes).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
-    """Retrain only the classification head on features with the discovered shortcut's tokens dropped."""
+    """Retrain the classification head (with --blocks also the last blocks) with the shortcut's tokens dropped."""
     from . import jobs
     from .repair import RepairConfig
 
     cfg = RepairConfig(candidates=candidates, top_words=top_words, score_ratio=score_ratio, groups=groups, l2=l2,
-                       pool=pool, iters=iters, batch_size=batch_size, device=device, limit=limit)
+                       pool=pool, iters=iters, blocks=blocks, epochs=epochs, lr=lr, head_start=head_start,
+                       batch_size=batch_size, device=device, limit=limit)
     typer.echo(jobs.repair_outcome(jobs.run_repair(model, images, out, cfg, progress), out))
 
 

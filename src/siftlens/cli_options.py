@@ -13,3 +13,12 @@ KeepPolicy = Annotated[str, typer.Option(help="Which tokens a step keeps: random
                                               "(w + eps)^tau, w = keypoints in the patch).")]
 KeepTau = Annotated[float, typer.Option(help="sift keep policy: tau > 0 keeps keypoint-rich patches.")]
 KeepEps = Annotated[float, typer.Option(help="sift keep policy: added to the keypoint count.")]
+
+# siftlens repair
+RepairGroups = Annotated[str, typer.Option(help="discovery (label-free pseudo-groups) | sidecar (the markers.json's "
+                                                "true groups: an oracle reference) | none.")]
+RepairBlocks = Annotated[int, typer.Option(help="Also fine-tune the last K transformer blocks, the final norm and the "
+                                                "head (AdamW, flagged tokens dropped); 0 = the head only.")]
+RepairEpochs = Annotated[int, typer.Option(help="--blocks > 0: fine-tuning epochs.")]
+RepairLr = Annotated[float, typer.Option(help="--blocks > 0: peak learning rate (cosine decay to 0).")]
+RepairStart = Annotated[str, typer.Option(help="--blocks > 0: start from the head-only fit (fit) or the old head.")]

@@ -187,7 +187,8 @@ def run_repair(model, images, out: str | Path, config: RepairConfig, progress: b
 
 
 def repair_outcome(summary: dict, out: str | Path) -> str:
-    return (f"head retrained on {summary['images']} images ({summary['flagged_share']:.0%} with flagged patches; "
+    what = f"head and last {summary['config']['blocks']} block(s)" if summary["config"].get("blocks") else "head"
+    return (f"{what} retrained on {summary['images']} images ({summary['flagged_share']:.0%} with flagged patches; "
             f"groups {summary['config']['groups']}, {len(summary['cells'])} cells); "
             f"accuracy with the shortcut dropped {summary['train_accuracy_dropped']:.3f}\n"
             f"repaired model: {Path(out) / 'model'}")

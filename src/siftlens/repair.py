@@ -16,11 +16,16 @@ re-weighted from discovery alone.
 ``pool`` chooses the features: the model's own pooling, the CLS token, or the mean of the kept patch tokens; the
 saved model then pools the same way. ``images`` may be a held-out split (SpuriousCIFAR ``holdout``) rather than the
 training images, as DFR does.
+
+4. With ``blocks = K > 0`` the repair retrains more than the head: after the head-only fit (or from the old head,
+   ``head_start``), the last K transformer blocks, the final norm and the head are fine-tuned together on the same
+   images with the same tokens dropped and the same weights (:mod:`siftlens.repair_blocks`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -37,13 +42,14 @@ from .models.backend import Backend
 from .models.vit import save_vit
 from .progress import progress_bar
 from .prompting.masks import footprint_patches
+from .repair_blocks import POOLS, TuneSettings, finetune, frozen_tokens, keep_index, pool_tokens, tuned_predictions
 from .spurious.data import find_sidecar, read_sidecar
 from .spurious.features import KeypointDataset, model_labels
 from .spurious.regions import region_words
 from .spurious.vocabulary import Vocabulary, load_vocabulary
 
 GROUPINGS = ("discovery", "sidecar", "none")
-POOLS = ("model", "cls", "mean")
+STARTS = ("fit", "old")
 
 
 @dataclass
@@ -57,6 +63,11 @@ class RepairConfig:
     iters: int = 200
     pool: str = "model"  # model (the model's own) | cls | mean (mean of the kept patch tokens); saved with the head
     batch_size: int = 128
+    blocks: int = 0  # 0: the head only (L-BFGS); K > 0: then fine-tune the last K blocks, final norm and head
+    epochs: int = 3  # fine-tuning (blocks > 0): AdamW epochs ...
+    lr: float = 1e-4  # ... peak learning rate (cosine decay to 0)
+    head_start: str = "fit"  # fine-tuning starts from the head-only fit, or from the model's old head
+    seed: int = 0  # fine-tuning's minibatch order
     device: str = "cpu"
     limit: int | None = None
     upsample: float = 0.0
@@ -72,6 +83,12 @@ class RepairConfig:
             raise ConfigError(f"--pool must be one of {', '.join(POOLS)}, not {self.pool!r}")
         if self.l2 < 0 or self.iters < 1 or self.top_words < 1:
             raise ConfigError("--l2 must be >= 0, --iters and --top-words >= 1")
+        if self.blocks < 0 or self.epochs < 1 or self.lr <= 0 or self.head_start not in STARTS:
+            raise ConfigError(f"--blocks must be >= 0, --epochs >= 1, --lr > 0, --head-start in {', '.join(STARTS)}")
+
+    def tune_settings(self) -> TuneSettings:
+        return TuneSettings(blocks=self.blocks, epochs=self.epochs, lr=self.lr, l2=self.l2, pool=self.pool,
+                            batch_size=self.batch_size, seed=self.seed, device=self.device)
 
 
 def class_flags(it: dict, vocab: Vocabulary, per_class: list[set[int]], rwords: np.ndarray | None, P: int,
@@ -108,43 +125,29 @@ def pooled_features(model: torch.nn.Module, x: torch.Tensor, drop: torch.Tensor,
     after the final norm)."""
     if pool not in POOLS:
         raise ConfigError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
-    drop = drop.to(torch.bool).cpu()
-    drop = drop & ~drop.all(1, keepdim=True)
-    keep_counts = (~drop).sum(1)
     f = torch.empty((x.shape[0], model.head.in_features))
-    T = model.num_prefix_tokens
-    for k in keep_counts.unique().tolist():
-        rows = (keep_counts == k).nonzero().flatten()
-        keep = (~drop[rows]).nonzero()[:, 1].view(len(rows), k).to(x.device)
-        tokens = model.forward_features(x[rows.to(x.device)], keep)
-        if pool == "model":
-            out = model.pool(tokens)
-        elif pool == "cls":
-            if model.cls_token is None:
-                raise ConfigError("pool 'cls' needs a model with a CLS token")
-            out = tokens[:, 0]
-        else:
-            out = tokens[:, T:].mean(1)
-        f[rows] = out.float().cpu()
+    for rows, keep in keep_index(drop):
+        tokens = model.forward_features(x[rows.to(x.device)], keep.to(x.device))
+        f[rows] = pool_tokens(model, tokens, pool).float().cpu()
     return f
 
 
-@torch.inference_mode()
-def dropped_features(backend: Backend, source: ImageSource, vocab: Vocabulary, cfg: RepairConfig,
-                     progress: bool = True) -> dict:
-    """Pooled features (n, D) with flagged tokens dropped, the shortcut class per image (-1: none), names."""
-    model = backend.model
+@torch.no_grad()
+def flagged_batches(backend: Backend, source: ImageSource, vocab: Vocabulary, cfg: RepairConfig,
+                    progress: bool = True) -> Iterator[dict]:
+    """Per batch of readable images: ``x`` (B, 3, H, W) normalised, ``flag`` (B, N) bool (the tokens to drop),
+    ``shortcut`` (B,) the shortcut class (-1: none) and ``index`` (B,) the images' indices in ``source``."""
     if backend.kind != "native":
-        raise ConfigError("repair retrains the head of a siftlens ViT (native backend) only")
+        raise ConfigError("repair retrains a siftlens ViT (native backend) only")
     classes = list(backend.class_names or vocab.classes)
     per_class = _per_class(vocab, classes, cfg.top_words, cfg.score_ratio)
     P, grid = backend.patch_size, tuple(backend.grid_size)
     ds = KeypointDataset(source, backend, sift_params(backend.input_size, cfg))
-    feats, short, idx = [], [], []
     with progress_bar(progress) as pb:
         task = pb.add_task("repair features", total=len(source), info="")
         for s in range(0, len(source), cfg.batch_size):
             items = [it for it in (ds[i] for i in range(s, min(len(source), s + cfg.batch_size))) if "skip" not in it]
+            pb.update(task, advance=min(len(source), s + cfg.batch_size) - s)
             if not items:
                 continue
             x = backend.normalize(torch.from_numpy(np.stack([it["pixels"] for it in items])))
@@ -152,15 +155,27 @@ def dropped_features(backend: Backend, source: ImageSource, vocab: Vocabulary, c
             cf = np.stack([class_flags(it, vocab, per_class, None if rw is None else rw[k], P, grid)
                            for k, it in enumerate(items)])  # (B, C, N)
             flag = dilate(torch.from_numpy(cf.any(1)), grid, cfg.dilate)
-            flag = flag & ~flag.all(1, keepdim=True)
             cnt = cf.sum(2)
-            short.append(np.where(cnt.max(1) > 0, cnt.argmax(1), -1))
-            feats.append(pooled_features(model, x, flag, cfg.pool))
-            idx += [it["index"] for it in items]
-            pb.update(task, advance=len(items))
+            yield {"x": x, "flag": flag & ~flag.all(1, keepdim=True), "index": np.array([it["index"] for it in items]),
+                   "shortcut": np.where(cnt.max(1) > 0, cnt.argmax(1), -1)}
+
+
+@torch.no_grad()
+def dropped_features(backend: Backend, source: ImageSource, vocab: Vocabulary, cfg: RepairConfig,
+                     progress: bool = True) -> dict:
+    """Pooled features (n, D) with flagged tokens dropped, the shortcut class per image (-1: none), the images'
+    indices; with ``cfg.blocks > 0`` also ``tokens``: n tensors (T + k_i, D) entering the first fine-tuned block."""
+    feats, short, idx, tokens = [], [], [], []
+    for b in flagged_batches(backend, source, vocab, cfg, progress):
+        feats.append(pooled_features(backend.model, b["x"], b["flag"], cfg.pool).clone())
+        if cfg.blocks:
+            tokens += frozen_tokens(backend.model, b["x"], b["flag"], cfg.blocks)
+        short.append(b["shortcut"])
+        idx.append(b["index"])
     if not idx:
         raise ConfigError(f"no image of {source.spec!s} could be read")
-    return {"features": torch.cat(feats), "shortcut": np.concatenate(short), "index": np.asarray(idx)}
+    return {"features": torch.cat(feats), "shortcut": np.concatenate(short), "index": np.concatenate(idx),
+            "tokens": tokens}
 
 
 def group_weights(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -194,8 +209,28 @@ def fit_head(feats: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n_classes: i
     return head
 
 
+def retrain(model: torch.nn.Module, d: dict, y: np.ndarray, w: np.ndarray, cfg: RepairConfig,
+            progress: bool = True) -> dict:
+    """Refit ``model`` in place on the dropped features ``d`` (of :func:`dropped_features`), labels ``y`` (n,) and
+    weights ``w`` (n,): the head alone, then with ``cfg.blocks > 0`` the last blocks, norm and head. Returns the
+    accuracy on the fitting images (flagged tokens dropped) and the fine-tuning's losses."""
+    yt, wt = torch.from_numpy(y), torch.from_numpy(w).float()
+    if cfg.blocks == 0 or cfg.head_start == "fit":
+        head = fit_head(d["features"], yt, wt, model.head.out_features, cfg.l2, cfg.iters, init=model.head)
+        model.head.load_state_dict(head.state_dict())
+    if cfg.blocks == 0:
+        with torch.no_grad():
+            return {"train_accuracy_dropped": float((model.head(d["features"]).argmax(1).numpy() == y).mean())}
+    t0 = time.time()
+    out = finetune(model, d["tokens"], yt, wt, cfg.tune_settings(), progress)
+    pred = tuned_predictions(model, d["tokens"], cfg.blocks, cfg.pool, device=cfg.device)
+    return {"train_accuracy_dropped": float((pred == y).mean()), "finetune": {
+        **out, "seconds": round(time.time() - t0, 2)}}
+
+
 def repair(model: str | Backend, images, out: str | Path, config: RepairConfig, progress: bool = True) -> dict:
-    """Retrain the head and save the repaired model into ``out/model``; returns the summary (repair.json)."""
+    """Retrain the head (and with ``blocks > 0`` the last blocks) and save the repaired model into ``out/model``;
+    returns the summary (repair.json)."""
     cfg = config
     cfg.validate()
     t0 = time.time()
@@ -206,21 +241,13 @@ def repair(model: str | Backend, images, out: str | Path, config: RepairConfig, 
         raise ConfigError(f"{source.spec!s}: repair needs labelled images named as the model's classes")
     vocab = load_vocabulary(cfg.candidates)
     d = dropped_features(backend, source, vocab, cfg, progress)
-    d["features"] = d["features"].clone()  # a normal tensor (made in inference mode), so autograd can use it
     y = labels[d["index"]]
-    groups = _groups(cfg, source, d, y)
-    w, cells = group_weights(y, groups)
-    old = backend.model.head
-    head = fit_head(d["features"], torch.from_numpy(y), torch.from_numpy(w).float(), old.out_features, cfg.l2,
-                    cfg.iters, init=old)
-    with torch.no_grad():
-        train_acc = float((head(d["features"]).argmax(1).numpy() == y).mean())
-    backend.model.head.load_state_dict(head.state_dict())
+    w, cells = group_weights(y, _groups(cfg, source, d, y))
+    fit = retrain(backend.model, d, y, w, cfg, progress)
     if cfg.pool != "model":  # the new head reads these features, so the saved model pools this way
         backend.model.cfg = replace(backend.model.cfg, pool=cfg.pool)
     summary = {"kind": "siftlens-repair", "config": asdict(cfg), "images": int(len(y)), "cells": cells,
-               "flagged_share": float((d["shortcut"] >= 0).mean()), "train_accuracy_dropped": train_acc,
-               "seconds": round(time.time() - t0, 2)}
+               "flagged_share": float((d["shortcut"] >= 0).mean()), **fit, "seconds": round(time.time() - t0, 2)}
     save_vit(backend.model.cpu(), Path(out) / "model", extra={"repair": {k: summary[k] for k in ("config", "cells")}})
     write_json(Path(out) / "repair.json", summary)
     return summary
