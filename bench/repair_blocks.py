@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from repair_holdout import scores  # noqa: E402
+from repair_holdout import control_costs, scores  # noqa: E402
 
 from siftlens.data import ImageSource  # noqa: E402
 from siftlens.io import write_text  # noqa: E402
@@ -137,8 +137,7 @@ def grid_main(a) -> dict:
            "shortcut": variants(a.model, a.candidates, fit, a.val, Path(a.cache) / "shortcut", grid)}
     if a.control:
         ctl = variants(a.control, a.control_candidates, fit, a.val, Path(a.cache) / "control", grid)
-        base = ctl["before (old model)"]["repair"]["overall"]
-        res["control_cost"] = {k: round(100 * (v["repair"]["overall"] - base), 2) for k, v in ctl.items()}
+        res["control_cost"] = control_costs(ctl, "before (old model)")
         res["control"] = ctl
     return res
 

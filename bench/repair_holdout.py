@@ -134,13 +134,18 @@ def main() -> None:
                  "shortcut": variants(a.model, a.candidates, fits, a.val, Path(a.cache) / "shortcut", grid)}
     if a.control:
         ctl = variants(a.control, a.control_candidates, fits, a.val, Path(a.cache) / "control", grid)
-        base = ctl["before (old head)"]["repair"]["overall"]
-        res["control_cost"] = {k: round(100 * (v["repair"]["overall"] - base), 2) for k, v in ctl.items()}
+        res["control_cost"] = control_costs(ctl, "before (old head)")
         res["control"] = ctl
     res["seconds"] = round(time.time() - t0, 1)
     write_text(a.out, json.dumps(res, indent=2, allow_nan=False))  # atomic; never NaN
     print(f"written {a.out}")
 
+
+
+def control_costs(ctl: dict, before: str) -> dict:
+    """Each control variant's change in overall validation accuracy against variant ``before``, in points."""
+    base = ctl[before]["repair"]["overall"]
+    return {k: round(100 * (v["repair"]["overall"] - base), 2) for k, v in ctl.items()}
 
 if __name__ == "__main__":
     main()
