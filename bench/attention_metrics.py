@@ -104,10 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
     # (key, loader, images, batch, rounds); quick shrinks batches and rounds and leaves ViT-B/16 out
     plan = [
         ("default", C.default_backend, "cifar", 8 if a.quick else 32, 2 if a.quick else 7),
-        ("hf_vit_s16", lambda: C.hf_backend("s"), "imagenet", 2 if a.quick else 32, 1 if a.quick else 3),
+        ("hf_vit_s16", lambda: C.hf_backend("s"), "imagenet", 2 if a.quick else 32, 1 if a.quick else 5),
     ]
     if not a.quick:
-        plan.append(("hf_vit_b16", lambda: C.hf_backend("b"), "imagenet", 32, 3))
+        plan.append(("hf_vit_b16", lambda: C.hf_backend("b"), "imagenet", 32, 5))
     models = {}
     for key, load, which, batch, rounds in plan:
         backend, desc = load()

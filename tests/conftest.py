@@ -37,3 +37,14 @@ def tiny_vit():
     torch.manual_seed(0)
     return ViT(ViTConfig(img_size=(24, 32), patch_size=8, dim=32, depth=2, heads=4, num_registers=1,
                          num_classes=5)).eval()
+
+
+@pytest.fixture
+def eager_reductions(monkeypatch):
+    """The attention reductions on their eager PyTorch path, without the fused CPU kernel."""
+    from siftlens import fused
+
+    monkeypatch.setenv("SIFTLENS_FUSED", "0")
+    fused._load.cache_clear()
+    yield
+    fused._load.cache_clear()  # before monkeypatch restores the environment: the next test loads afresh

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _sums import direct_layer_sums
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -681,9 +682,11 @@ def test_fast_path_with_prepared_null_maps_and_small_chunks_matches_naive_refere
 
 @pytest.mark.parametrize("chunk_elems", [100, 1 << 18])
 @pytest.mark.parametrize("k_maps", [1, 3])
-def test_layer_sums_equal_direct_sums_however_the_layer_is_chunked(monkeypatch, chunk_elems, k_maps):
-    # 100 elements per chunk puts each head of a 9-patch image in its own chunk: the head mean's sums of squares
-    # then come from the sum over heads, else from the Gram totals; k_maps > 1 takes the Monte Carlo layout.
+def test_layer_sums_equal_direct_sums_however_the_layer_is_chunked(monkeypatch, eager_reductions, chunk_elems,
+                                                                  k_maps):
+    # the eager path (the fused CPU kernel has its own tests in test_fused.py). 100 elements per chunk puts each
+    # head of a 9-patch image in its own chunk: the head mean's sums of squares then come from the sum over
+    # heads, else from the Gram totals; k_maps > 1 takes the Monte Carlo layout.
     import siftlens.reductions as reductions
 
     monkeypatch.setattr(reductions, "_CHUNK_ELEMS", chunk_elems)
@@ -695,16 +698,6 @@ def test_layer_sums_equal_direct_sums_however_the_layer_is_chunked(monkeypatch, 
     lhs = torch.cat([w, onehot], 2).reshape(B, k_maps * (L + 1), N)  # per map the rows [w, one-hot(levels)]
     dmat = torch.cdist(grid_pos(3, 3), grid_pos(3, 3))
     r = reductions.layer_sums(attn[:, :, T:, T:], lhs, dmat, L, pattern=True)
-    bt = attn[:, :, T:, T:].double()
-    bt = bt / bt.sum(-1, keepdim=True)
-    mean = bt.mean(1)
-    want = {
-        "rowsum": bt.sum(-1), "colsum": bt.sum(-2), "diag": bt.diagonal(dim1=-2, dim2=-1),
-        "dist": (bt * dmat.double()).sum(-1), "ent": -(bt * bt.log()).sum(-1),
-        "pairs": torch.einsum("bkai,bhij,bkcj->bkahc", lhs.double().view(B, k_maps, L + 1, N), bt,
-                              lhs.double().view(B, k_maps, L + 1, N)).reshape(B * k_maps, L + 1, H, L + 1),
-        "xx": torch.cat([bt.square().sum((-2, -1)), mean.square().sum((-2, -1))[:, None]], 1),
-        "xxt": torch.cat([(bt * bt.mT).sum((-2, -1)), (mean * mean.mT).sum((-2, -1))[:, None]], 1),
-    }
+    want = direct_layer_sums(attn[:, :, T:, T:], lhs, dmat, L)
     for name, value in want.items():
         torch.testing.assert_close(getattr(r, name).double(), value, rtol=1e-5, atol=1e-6, msg=name)

@@ -21,8 +21,9 @@ The query-weighted lift ``sum_i c_i sum_j Bt_ij w_j / mean_j w_j`` (``c = w / su
 metrics and 0.0 for ``cls_rho``; the caller flags and excludes it.
 
 Precision: every O(h N^2) reduction over the attention (the contraction ``Bt @ [w, one-hot(levels)]``,
-row and column sums, distances, entropies, and the sums of squares the exact null needs) runs in float32
-on BLAS (on CUDA the matmul follows the global TF32 setting of ``torch.backends.cuda.matmul``); the
+row and column sums, distances, entropies, and the sums of squares the exact null needs) runs in float32,
+in the fused CPU kernel of :mod:`siftlens.fused` or on BLAS (on CUDA the matmul follows the global TF32 setting
+of ``torch.backends.cuda.matmul``); the
 cheap O(B h N) and O(B K N) steps (column means, CLS terms, ranks, level means, weight sums, null moments)
 run in float64. Uniform attention therefore gives the neutral values to float32 rounding (about 1e-7).
 Outputs are float32.
@@ -68,17 +69,23 @@ def average_ranks(x: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
         return (less + leq + 1).double() / 2.0
     srt, order = _sort(x)
     starts = _run_starts(srt, tol)
-    n = x.shape[-1]
-    idx = torch.arange(n, device=x.device).expand(srt.shape)
-    if bool(starts.all()):  # no ties (the rule for continuous values): the rank is the sorted position
-        ranks = (idx + 1).double()
-    else:
-        ends = torch.ones_like(starts)  # a run ends here
-        ends[..., :-1] = starts[..., 1:]
-        first = torch.where(starts, idx, 0).cummax(-1).values  # = #{x_j < x_i}
-        last = torch.where(ends, idx, n - 1).flip(-1).cummin(-1).values.flip(-1)  # = #{x_j <= x_i} - 1
-        ranks = (first + last + 2).double() / 2.0
+    # without ties (the rule for continuous values) the rank is the sorted position; rows with ties are redone
+    ranks = torch.arange(1, x.shape[-1] + 1, dtype=torch.float64, device=x.device).expand(srt.shape).contiguous()
+    tied = ~starts.all(-1)  # (...,) rows with at least one run of ties
+    if bool(tied.any()):
+        ranks[tied] = _tied_ranks(starts[tied])
     return torch.empty(ranks.shape, dtype=torch.float64, device=x.device).scatter_(-1, order, ranks)
+
+
+def _tied_ranks(starts: torch.Tensor) -> torch.Tensor:
+    """(m, N) float64 average ranks in sorted order, from where each run of ties starts (m, N) bool."""
+    n = starts.shape[-1]
+    idx = torch.arange(n, device=starts.device).expand(starts.shape)
+    ends = torch.ones_like(starts)  # a run ends here
+    ends[..., :-1] = starts[..., 1:]
+    first = torch.where(starts, idx, 0).cummax(-1).values  # = #{x_j < x_i}
+    last = torch.where(ends, idx, n - 1).flip(-1).cummin(-1).values.flip(-1)  # = #{x_j <= x_i} - 1
+    return (first + last + 2).double() / 2.0
 
 
 def _run_starts(srt: torch.Tensor, tol: float) -> torch.Tensor:

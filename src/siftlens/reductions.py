@@ -5,7 +5,9 @@ Notation as in :mod:`siftlens.metrics`: ``c`` images of a chunk, ``h`` heads, ``
 per image, ``L`` levels, ``R = K (L + 1)`` contraction rows per image (per map the weight row and the L
 one-hot level rows). ``Bt`` is the row-renormalised patch block of the attention.
 
-Per chunk of images, each pass over ``Bt`` is one large vectorised or BLAS call:
+With one map per image (the exact null, the default) on an x86-64 CPU, :mod:`siftlens.fused` computes all of
+it in one pass over each query row (a small C kernel, compiled on first use). Elsewhere (many maps, an
+accelerator, no C compiler), per chunk of images, each pass over ``Bt`` is one large vectorised or BLAS call:
 
 1. ``Bt = P / rowsum(P)``, written once into a contiguous buffer.
 2. the contraction with the maps' rows ``[w | one-hot]`` by one BLAS matmul, and one more small matmul for
@@ -33,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from . import fused
 
 # images per chunk: about this many elements of (h, N, N) at a time (1 MB of float32), so that the
 # chunk's Bt, its log and its transpose stay in a core's L2 cache between passes
@@ -89,6 +93,8 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
     bsz, nh, n, _ = patch_attn.shape
     rows, l1 = lhs.shape[1], n_levels + 1
     k_maps = rows // l1
+    if k_maps == 1 and rows <= fused.MAX_ROWS and fused.available(patch_attn.device):
+        return _fused_layer_sums(patch_attn, lhs, dmat, n_levels, pattern)
     f32 = {"dtype": torch.float32, "device": patch_attn.device}
     sums = torch.empty(bsz, nh, n, 1, **f32)  # row sums of the patch block
     out = LayerSums(*(torch.empty(bsz, nh, n, **f32) for _ in range(5)), torch.empty(bsz * k_maps, l1, nh, l1, **f32))
@@ -129,6 +135,21 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
     if one_map:
         _contract_one_map(qk, lhs, l1, out)
     torch.div(patch_attn.diagonal(dim1=-2, dim2=-1), sums[..., 0], out=out.diag)
+    return out
+
+
+def _fused_layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, n_levels: int,
+                      pattern: bool) -> LayerSums:
+    """:func:`layer_sums` of one map per image by the fused CPU kernel (:mod:`siftlens.fused`)."""
+    got = fused.layer_sums(patch_attn, lhs, dmat, pattern)
+    if got is None:  # a query row without attention to patches: uniform, as renormalise() makes it
+        return layer_sums(renormalise(patch_attn), lhs, dmat, n_levels, pattern)
+    bsz, nh, n = got["colsum"].shape
+    out = LayerSums(torch.empty(bsz, nh, n), got["colsum"], got["diag"], got["dist"], got["ent"],
+                    torch.empty(bsz, n_levels + 1, nh, n_levels + 1))
+    if pattern:
+        out.xx, out.xxt = got["xx"], got["xxt"]
+    _contract_one_map(got["qk"], lhs, n_levels + 1, out)
     return out
 
 
