@@ -126,3 +126,11 @@ def test_a_failed_build_warns_once_and_the_eager_path_serves(monkeypatch, tmp_pa
         assert not list((tmp_path / "kernels").glob("*.so"))
     finally:
         fused._load.cache_clear()
+
+
+def test_float64_attention_is_read_as_float32(kernel):
+    attn, lhs, dmat = layer(2, 3, 4, 4, 3, seed=4)
+    got = fused.layer_sums(attn[:, :, 1:, 1:].double(), lhs.double(), dmat.double(), pattern=True)
+    want = fused.layer_sums(attn[:, :, 1:, 1:], lhs, dmat, pattern=True)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

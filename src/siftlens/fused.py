@@ -75,6 +75,8 @@ def _build(source: bytes, compiler: str, width: int) -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(_compile(source, compiler, width)))
     if not lib.siftlens_supported():
         return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.siftlens_layer_sums.argtypes = [ptr, *[i64] * 7, ptr, i64, ptr, ctypes.c_int, *[ptr] * 8]
     lib.siftlens_layer_sums.restype = ctypes.c_int
     return lib
 
@@ -142,8 +144,8 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor,
     width = WIDTHS[1] if n >= WIDE_FROM and WIDTHS[1] in builds else WIDTHS[0]
     lib = builds[width]
     r = lhs.shape[1]
-    if patch_attn.stride(-1) != 1:
-        patch_attn = patch_attn.contiguous()
+    if patch_attn.dtype != torch.float32 or patch_attn.stride(-1) != 1:
+        patch_attn = patch_attn.float().contiguous()
     np_ = -(-n // width) * width
     lhs_p, dmat_p = padded(lhs, np_), padded(dmat.float(), np_)
     out = {k: torch.empty(bsz, nh, n) for k in ("colsum", "diag", "dist", "ent")}
@@ -152,15 +154,13 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor,
     bounds = [(bsz * k // workers, bsz * (k + 1) // workers) for k in range(workers)]
     s_img, s_head, s_row, _ = patch_attn.stride()
 
-    def run(span: tuple[int, int]) -> int:
+    def run(span: tuple[int, int]) -> int:  # images s:e, in one thread (ctypes releases the GIL)
         s, e = span
         work = torch.empty(np_ + 3 * n * np_)
-        ptr = [ctypes.c_void_p(t[s:e].data_ptr()) for t in (
-            patch_attn, lhs_p, out["colsum"], out["diag"], out["dist"], out["ent"], out["qk"], out["xx"], out["xxt"])]
-        i64 = ctypes.c_int64
-        return lib.siftlens_layer_sums(
-            ptr[0], i64(e - s), i64(nh), i64(n), i64(np_), i64(s_img), i64(s_head), i64(s_row), ptr[1], i64(r),
-            ctypes.c_void_p(dmat_p.data_ptr()), ctypes.c_int(int(pattern)), *ptr[2:], ctypes.c_void_p(work.data_ptr()))
+        outs = [out[k][s:e].data_ptr() for k in ("colsum", "diag", "dist", "ent", "qk", "xx", "xxt")]
+        return lib.siftlens_layer_sums(patch_attn[s:e].data_ptr(), e - s, nh, n, np_, s_img, s_head, s_row,
+                                       lhs_p[s:e].data_ptr(), r, dmat_p.data_ptr(), int(pattern), *outs,
+                                       work.data_ptr())
 
     codes = [run(bounds[0])] if workers == 1 else list(_pool(workers).map(run, bounds))
     if any(c == 2 for c in codes):
