@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +83,22 @@ def test_analyze_end_to_end(tmp_path, tiny_vit):
         assert (out / name).stat().st_size > 0
     assert Path(r.stdout.strip().splitlines()[-1].split("report: ")[-1]) == out / "report.html"
     assert not list(out.glob("*.part")), "no temporary files left behind"
+
+
+def test_a_missing_c_compiler_is_one_warning_line_and_the_run_completes(tmp_path, tiny_vit):
+    save_vit(tiny_vit, tmp_path / "model")
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    env = {**os.environ, "CC": "no-such-compiler", "SIFTLENS_CACHE": str(tmp_path / "cache")}
+    env.pop("SIFTLENS_FUSED", None)
+    r = subprocess.run([sys.executable, "-m", "siftlens.cli", "analyze", "--model", str(tmp_path / "model"),
+                        "--images", str(d), "--out", str(tmp_path / "out"), "--no-progress", "--no-report"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "analysed 3 images" in r.stdout
+    if platform.machine().lower() in ("x86_64", "amd64"):  # elsewhere the kernel is not tried at all
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert lines == ["warning: fused attention kernel unavailable: no C compiler (no-such-compiler); siftlens uses "
+                         "the slower eager path"], r.stderr

@@ -9,14 +9,12 @@ from typing import Annotated
 import typer
 
 from . import cli_options as opt
-from .errors import SiftlensError
+from .errors import SiftlensError, one_line_warnings
 from .models.layers import parse_layers
 
 app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Explain what Vision Transformer self-attention does, in terms of SIFT keypoints.",
-    pretty_exceptions_enable=False,
 )
 _state = {"debug": False}
 
@@ -437,6 +435,7 @@ def repair(
 
 
 def main() -> None:
+    one_line_warnings()
     try:
         app()
     except SiftlensError as e:

@@ -1,9 +1,18 @@
 """User-facing errors. Each carries a one-line message that says what to do.
 
-The CLI prints ``SiftlensError`` messages without a traceback (``--debug`` shows one).
+The CLI prints ``SiftlensError`` messages without a traceback (``--debug`` shows one), and warnings as one
+line each (:func:`one_line_warnings`).
 """
 
 from __future__ import annotations
+
+import sys
+import warnings
+
+
+def one_line_warnings() -> None:
+    """Print every warning as ``warning: <message>``, without the file, line and source Python shows."""
+    warnings.showwarning = lambda message, *_args, **_kw: print(f"warning: {message}", file=sys.stderr)
 
 
 class SiftlensError(Exception):

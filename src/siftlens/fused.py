@@ -103,7 +103,7 @@ def _load() -> tuple[dict[int, ctypes.CDLL], str]:
             if narrow is None:
                 return {}, "the CPU lacks AVX2 or FMA"
             return {w: lib for w, lib in zip(WIDTHS, (narrow, wide), strict=True) if lib is not None}, ""
-    warnings.warn(f"siftlens: fused attention kernel unavailable, {why}; using the slower eager path",
+    warnings.warn(f"fused attention kernel unavailable: {why}; siftlens uses the slower eager path",
                   RuntimeWarning, stacklevel=4)
     return {}, why
 
