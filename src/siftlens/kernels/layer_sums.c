@@ -1,12 +1,13 @@
 /* The O(h N^2) reductions of one layer's attention (siftlens.reductions.layer_sums, one weight map per image)
- * in one pass over each query row, for x86-64 CPUs with AVX2 and FMA.
+ * in one pass over each query row, for x86-64 CPUs with AVX2 and FMA (8 lanes) or AVX-512 (16 lanes, -DVW=16).
  *
  * Built by siftlens.fused with the system's C compiler on first use and called through ctypes. The eager
  * PyTorch path makes about twelve passes over every (h, N, N) block; here each row of the attention is read
- * from memory once, into a zero-padded buffer in the L1 cache, and everything the analysis needs from it is
- * accumulated in registers: the row sum, Bt = row / row sum, the column sums, the diagonal, the distance row
- * sum sum_j Bt_ij D_ij, the entropy -sum_j Bt_ij log Bt_ij, the contraction Bt [w | one-hot]^T, and (for the
- * exact null) sum Bt^2 and sum Bt * Bt^T of every head and of the head mean.
+ * from memory once (into a zero-padded buffer in the L1 cache when N is not a multiple of the lanes), and
+ * everything the analysis needs from it is accumulated in registers: the row sum, Bt = row / row sum, the
+ * column sums, the diagonal, the distance row sum sum_j Bt_ij D_ij, the entropy -sum_j Bt_ij log Bt_ij, the
+ * contraction Bt [w | one-hot]^T, and (for the exact null) sum Bt^2 and sum Bt * Bt^T of every head and of
+ * the head mean.
  *
  * Shapes (float32, row-major): attn (nb, nh, n, n) with any image, head and row strides and unit column
  * stride; lhs (nb, r, np) and dmat (n, np) zero-padded to np columns (np: n rounded up to a multiple of VW);
