@@ -134,3 +134,14 @@ def test_float64_attention_is_read_as_float32(kernel):
     want = fused.layer_sums(attn[:, :, 1:, 1:], lhs, dmat, pattern=True)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def test_a_cache_folder_that_cannot_be_created_falls_back_to_the_temporary_directory(kernel, monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("SIFTLENS_CACHE", str(tmp_path / "a-file" / "cache"))
+    monkeypatch.setattr(fused.tempfile, "tempdir", str(tmp_path / "tmp"))
+    fused._load.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the kernel is built, only elsewhere
+        assert fused.available(torch.device("cpu"))
+    assert len(list((tmp_path / "tmp").glob("siftlens-*/kernels/layer_sums8-*.so"))) == 1

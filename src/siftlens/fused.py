@@ -3,9 +3,11 @@ about twelve eager passes over the whole attention (``kernels/layer_sums.c``; be
 
 The kernel is plain C (no Python or torch headers). On first use it is compiled with the system's C compiler
 (``$CC``, else ``cc``) into a per-user cache, ``$SIFTLENS_CACHE`` or ``$XDG_CACHE_HOME/siftlens`` or
-``~/.cache/siftlens``, under a name that hashes the source and the command, and loaded with :mod:`ctypes`.
-Compiling takes about a second per build, once. Two builds of the one source: 8 lanes (AVX2 and FMA, every
-x86-64 CPU since about 2013) and, where the CPU has AVX-512, 16 lanes, used for rows of at least
+``~/.cache/siftlens`` (the temporary directory where none can be created), under a name that hashes the source
+and the command, and loaded with :mod:`ctypes`. Compiling takes about a second per build, once.
+
+Two builds of the one source: 8 lanes (AVX2 and FMA: Intel CPUs since 2013, AMD since 2015) and, where the
+CPU has AVX-512, 16 lanes, used for rows of at least
 :data:`WIDE_FROM` patches (10 % faster on ViT-S/16's 196; slower on the built-in model's 64, where the
 per-row work is a few vectors). Where the kernel cannot serve, the eager path does, with the same numbers to
 float32 rounding: on a non-x86-64 machine, on a CPU without AVX2 and FMA, without a C compiler (one warning
@@ -42,11 +44,21 @@ _OUTPUTS = ("colsum", "diag", "dist", "ent", "qk", "xx", "xxt")  # the kernel's 
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels are kept."""
+    """Where compiled kernels are kept: the first of ``$SIFTLENS_CACHE``, ``$XDG_CACHE_HOME/siftlens`` and
+    ``~/.cache/siftlens`` (its ``kernels`` folder), or a per-user folder of the system's temporary directory
+    where that one cannot be created (a read-only home on a cluster)."""
     if os.environ.get("SIFTLENS_CACHE"):
-        return Path(os.environ["SIFTLENS_CACHE"]) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "siftlens" / "kernels"
+        wanted = Path(os.environ["SIFTLENS_CACHE"]) / "kernels"
+    else:
+        wanted = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "siftlens" / "kernels"
+    try:
+        wanted.mkdir(parents=True, exist_ok=True)
+        return wanted
+    except OSError:
+        user = os.getuid() if hasattr(os, "getuid") else "user"
+        fallback = Path(tempfile.gettempdir()) / f"siftlens-{user}" / "kernels"
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
 
 
 def _compile(source: bytes, compiler: str, width: int) -> Path:
@@ -55,7 +67,6 @@ def _compile(source: bytes, compiler: str, width: int) -> Path:
     cmd = [compiler, *_FLAGS, f"-DVW={width}"]
     key = hashlib.sha256(source + " ".join(cmd).encode()).hexdigest()[:16]
     out_dir = cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
     lib = out_dir / f"layer_sums{width}-{key}.so"
     if lib.exists():
         return lib
