@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from _dist import torchrun
 from PIL import Image
 
 from siftlens.errors import ConfigError
@@ -395,14 +395,9 @@ def test_torchrun_two_processes_hold_identical_weights(tmp_path):
               "1", "--heads", "2", "--decoder-dim", "32", "--decoder-depth", "1", "--epochs", "2", "--batch-size",
               "8", "--warmup-epochs", "0.5", "--pad", "2", "--policy", "sift", "--tau", "1.0", "--lam", "0.5",
               "--upsample", "4", "--no-progress", "--threads", "1"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "SIFTLENS_RANK_WEIGHTS": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "siftlens.cli", "pretrain", "--out", str(tmp_path / "ddp"), *common]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = torchrun(["pretrain", "--out", str(tmp_path / "ddp"), *common], tmp_path / "logs", env)
+    assert r.returncode == 0, r.stderr
     r1 = subprocess.run([sys.executable, "-m", "siftlens.cli", "pretrain", "--out", str(tmp_path / "one"), *common],
                         capture_output=True, text=True, timeout=300, env=env)
     assert r1.returncode == 0, r1.stderr[-2000:]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _dist import torchrun
 
 from siftlens.analysis import analyze, merge, read_long
 from siftlens.errors import ConfigError
@@ -116,12 +117,9 @@ def test_three_shards_merged_equal_one_run(tmp_path):
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     run(tmp_path / "one")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 1000), "-m", "siftlens.cli", "analyze", "--model", "default", "--images", DEMO,
-           "--out", str(tmp_path / "two"), "--limit", "60", "--no-report", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = torchrun(["analyze", "--model", "default", "--images", DEMO, "--out", str(tmp_path / "two"), "--limit", "60",
+                  "--no-report", "--no-progress"], tmp_path / "logs")
+    assert r.returncode == 0, r.stderr
     assert_same_summary(summary(tmp_path / "one"), summary(tmp_path / "two"))
     shards = {p.name.split("-")[1] for p in (tmp_path / "two" / "metrics.parquet").glob("part-*")}
     assert shards == {"0000", "0001"}, "each rank wrote its own parts"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _dist import torchrun
 from PIL import Image
 
 from siftlens.errors import ConfigError
@@ -92,7 +93,6 @@ def test_augment_crops_and_flips_consistently():
 
 def test_torchrun_two_processes_match_single_process(tmp_path):
     """DDP (gloo, 2 ranks, each half of every batch) ends with the weights of one process on whole batches."""
-    import socket
     import subprocess
     import sys
 
@@ -100,13 +100,8 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     common = ["--train", str(tmp_path / "data"), "--img-size", "16", "--patch-size", "4", "--dim", "32", "--depth",
               "1", "--heads", "2", "--epochs", "2", "--batch-size", "8", "--warmup-epochs", "0.5", "--pad", "2",
               "--no-progress", "--threads", "1"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env_cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), "-m", "siftlens.cli", "train", "--out", str(tmp_path / "ddp"), *common]
-    r = subprocess.run(env_cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = torchrun(["train", "--out", str(tmp_path / "ddp"), *common], tmp_path / "logs")
+    assert r.returncode == 0, r.stderr
     r1 = subprocess.run([sys.executable, "-m", "siftlens.cli", "train", "--out", str(tmp_path / "one"), *common],
                         capture_output=True, text=True, timeout=300)
     assert r1.returncode == 0, r1.stderr[-2000:]
