@@ -18,11 +18,16 @@ conflicting and aligned accuracy and worst ``class|group`` (as ``bench/repair_ho
 same variants repair the clean control with its own discovery, and ``control_cost`` is the change of its overall
 accuracy on the val set (repaired model as it is, points). ``blocks=0`` rows are today's head-only repair.
 
+``--dilate 1`` grows the fitting images' flags by one patch (``siftlens repair --dilate``); with ``--val-dilate``
+the val images are scored with flags grown the same way, as ``siftlens prompt --policy drop --dilate`` drops them
+at test time (without it they keep the benchmark's flags). ``--cache-name control`` with the control as ``--model``
+runs one model's grid alone (two such processes use two cores).
+
 ``final``: the CLI exactly as the benchmark runs it (``commands.log``): ``siftlens repair`` on ``--fit-limit``
-training images, then ``siftlens prompt --policy drop ... --limit 1000`` on ``aligned`` and ``conflicting`` for the
-repaired shortcut model and the repaired control; the control's repair cost is the mean over the two splits of its
-accuracy change (as ``bench/spurious.py``'s ``repair_cost``), against ``--control-base`` (the benchmark's own
-prompt runs of the unrepaired control).
+training images, then ``siftlens prompt --policy drop ... --dilate D --limit 1000`` on ``aligned`` and
+``conflicting`` for the repaired shortcut model and the repaired control; the control's repair cost is the mean
+over the two splits of its accuracy change (as ``bench/spurious.py``'s ``repair_cost``), against
+``--control-base`` (the benchmark's own prompt runs of the unrepaired control).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -81,10 +87,12 @@ def features_of(model, d: dict, pool: str) -> torch.Tensor:
     return torch.cat([pooled_features(model, x[s : s + 256], f[s : s + 256], pool) for s in range(0, len(x), 256)])
 
 
-def variants(model: str, candidates: str, fit: tuple[str, int | None], val: str, cache: Path, grid: list[dict]) -> dict:
-    """{variant name: {repair, repair+drop scores on val, fit}} for every setting of ``grid`` (and the old model)."""
+def variants(model: str, candidates: str, fit: tuple[str, int | None], val: str, cache: Path, grid: list[dict],
+             val_dilate: bool = False) -> dict:
+    """{variant name: {repair, repair+drop scores on val, fit}} for every setting of ``grid`` (and the old model).
+    The val images are scored with the benchmark's flags (no dilation), or with ``val_dilate`` grown as the
+    variant's fitting flags are (the ``drop --dilate`` policy at test time)."""
     base = load_backend(model, "cpu").model
-    vd = flagged(model, val, None, candidates, cache / "val.npz")  # scored with the benchmark's flags (no dilation)
     memo: dict = {}
 
     def get(key, fn, *args):  # computed once per key
@@ -92,9 +100,16 @@ def variants(model: str, candidates: str, fit: tuple[str, int | None], val: str,
             memo[key] = fn(*args)
         return memo[key]
 
-    out = {"before (old model)": {
-        name: scores(tuned_predictions(base, get(("v", 1, drop), tokens_of, base, vd, 1, drop), 1, "model"),
-                     vd["labels"], vd["aligned"]) for name, drop in (("repair", False), ("repair+drop", True))}}
+    def val_flags(dl: int) -> dict:
+        name = f"val-dilate{dl}.npz" if dl else "val.npz"
+        return get(("vd", dl), flagged, model, val, None, candidates, cache / name, dl)
+
+    out = {}
+    for dl in sorted({s["dilate"] if val_dilate else 0 for s in grid}):
+        vd = val_flags(dl)
+        out["before (old model)" + (f" val-dilate{dl}" if dl else "")] = {
+            name: scores(tuned_predictions(base, get(("v", 1, drop, dl), tokens_of, base, vd, 1, drop), 1, "model"),
+                         vd["labels"], vd["aligned"]) for name, drop in (("repair", False), ("repair+drop", True))}
     for s in grid:
         cfg = RepairConfig(candidates=candidates, **s)
         k, dl = max(cfg.blocks, 1), cfg.dilate
@@ -109,8 +124,10 @@ def variants(model: str, candidates: str, fit: tuple[str, int | None], val: str,
         fit_res = retrain(m, d, y, w, cfg, progress=False)
         fit_res["seconds"] = round(time.time() - t0, 2)
         res = {"fit": fit_res}
+        vdl = dl if val_dilate else 0
+        vd = val_flags(vdl)
         for name, drop in (("repair", False), ("repair+drop", True)):
-            toks = get(("v", k, drop), tokens_of, base, vd, k, drop)
+            toks = get(("v", k, drop, vdl), tokens_of, base, vd, k, drop)
             res[name] = scores(tuned_predictions(m, toks, k, cfg.pool), vd["labels"], vd["aligned"])
         name = " ".join(f"{a}={b:g}" if isinstance(b, float) else f"{a}={b}" for a, b in s.items())
         out[name] = res
@@ -134,9 +151,9 @@ def grid_main(a) -> dict:
     path, _, lim = a.fit.partition(":")
     fit = (path, int(lim) if lim else None)
     res = {"fit": a.fit, "val": a.val, "grid": grid,
-           "shortcut": variants(a.model, a.candidates, fit, a.val, Path(a.cache) / "shortcut", grid)}
+           "shortcut": variants(a.model, a.candidates, fit, a.val, Path(a.cache) / a.cache_name, grid, a.val_dilate)}
     if a.control:
-        ctl = variants(a.control, a.control_candidates, fit, a.val, Path(a.cache) / "control", grid)
+        ctl = variants(a.control, a.control_candidates, fit, a.val, Path(a.cache) / "control", grid, a.val_dilate)
         res["control_cost"] = control_costs(ctl, "before (old model)")
         res["control"] = ctl
     return res
@@ -157,7 +174,7 @@ def final_one(a, name: str, model: str, candidates: str, work: Path, log: Path) 
     """Repair one model with the chosen settings, then prompt it with `drop` on aligned and conflicting."""
     o = work / f"repair-{name}"
     opts = ["--blocks", str(a.blocks), "--epochs", str(a.epochs), "--lr", str(a.lr), "--pool", a.pool, "--l2",
-            str(a.l2), "--head-start", a.head_start, "--limit", str(a.fit_limit)]
+            str(a.l2), "--head-start", a.head_start, "--limit", str(a.fit_limit), "--dilate", str(a.dilate)]
     wall = sh(["repair", "--model", model, "--images", str(Path(a.data) / "train"), "--candidates", candidates,
                "--out", str(o), "--groups", "discovery", "--no-progress", "--device", "cpu", *opts], log)
     rep = json.loads((o / "repair.json").read_text())
@@ -167,7 +184,8 @@ def final_one(a, name: str, model: str, candidates: str, work: Path, log: Path) 
         p = work / f"prompt-{name}-{split}"
         sh(["prompt", "--model", str(o / "model"), "--images", str(Path(a.data) / split), "--out", str(p),
             "--no-progress", "--workers", "0", "--device", "cpu", "--policy", "drop", "--candidates", candidates,
-            "--top-words", "5", "--score-ratio", "0.25", "--extent", "footprint", "--limit", str(a.prompt_limit)], log)
+            "--top-words", "5", "--score-ratio", "0.25", "--extent", "footprint", "--dilate", str(a.dilate),
+            "--limit", str(a.prompt_limit)], log)
         s = json.loads((p / "prompting.json").read_text())
         out[split] = {k: {"accuracy": s[w]["overall"], "worst_group": s[w]["worst_group"]["accuracy"],
                           "worst_group_name": s[w]["worst_group"]["name"]}
@@ -176,14 +194,16 @@ def final_one(a, name: str, model: str, candidates: str, work: Path, log: Path) 
 
 
 def final_main(a) -> dict:
-    a.blocks, a.epochs, a.lr, a.l2 = int(a.blocks), int(a.epochs), float(a.lr), float(a.l2)
+    a.blocks, a.epochs, a.lr, a.l2, a.dilate = int(a.blocks), int(a.epochs), float(a.lr), float(a.l2), int(a.dilate)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    log = work / "commands.log"
-    res = {"settings": {k: getattr(a, k) for k in ("blocks", "epochs", "lr", "pool", "l2", "head_start",
-                                                   "fit_limit", "prompt_limit")},
-           "shortcut": final_one(a, "spurious", a.model, a.candidates, work, log),
-           "control": final_one(a, "control", a.control, a.control_candidates, work, log)}
+    with ThreadPoolExecutor(2) as ex:  # the two models side by side (OMP_NUM_THREADS=1 gives each one core)
+        shortcut = ex.submit(final_one, a, "spurious", a.model, a.candidates, work, work / "commands-spurious.log")
+        control = ex.submit(final_one, a, "control", a.control, a.control_candidates, work,
+                            work / "commands-control.log")
+        res = {"settings": {k: getattr(a, k) for k in ("blocks", "epochs", "lr", "pool", "l2", "head_start",
+                                                       "dilate", "fit_limit", "prompt_limit")},
+               "shortcut": shortcut.result(), "control": control.result()}
     base = {s: json.loads((Path(a.control_base.format(split=s)) / "prompting.json").read_text())["before"]["overall"]
             for s in ("aligned", "conflicting")}
     res["control_base"] = base
@@ -212,11 +232,14 @@ def main() -> None:
     ap.add_argument("--pool", default="model")
     ap.add_argument("--l2", default="1e-3")
     ap.add_argument("--head-start", default="fit")
-    ap.add_argument("--dilate", default="0", help="grow the fitting images' flags (never the scored ones)")
+    ap.add_argument("--dilate", default="0", help="grow the fitting images' flags (the scored ones: --val-dilate)")
+    ap.add_argument("--val-dilate", action="store_true", help="grid: grow the val images' flags as the fitting ones")
+    ap.add_argument("--cache-name", default="shortcut", help="grid: the cache folder of --model (control: 'control')")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     a = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     t0 = time.time()
-    res = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "torch_threads": 1,
+    res = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "torch_threads": a.threads,
            **(grid_main(a) if a.mode == "grid" else final_main(a))}
     res["seconds"] = round(time.time() - t0, 1)
     write_text(a.out, json.dumps(res, indent=2, allow_nan=False))  # atomic; never NaN

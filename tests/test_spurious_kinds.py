@@ -223,7 +223,29 @@ def test_repair_with_blocks_fine_tunes_only_the_last_block_and_saves_a_working_m
     r = subprocess.run([sys.executable, "-m", "siftlens.cli", "repair", "--model", str(root / "run" / "model"),
                         "--images", str(root / "train"), "--candidates", str(tmp_path / "disc"), "--out",
                         str(tmp_path / "cli"), "--top-words", "1", "--blocks", "2", "--epochs", "1", "--lr", "2e-4",
-                        "--head-start", "old", "--no-progress"], capture_output=True, text=True, timeout=120)
+                        "--head-start", "old", "--dilate", "1", "--no-progress"], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0 and "last 2 block(s)" in r.stdout, r.stderr
     c = json.loads((tmp_path / "cli" / "repair.json").read_text())["config"]
-    assert (c["blocks"], c["epochs"], c["lr"], c["head_start"]) == (2, 1, 2e-4, "old")
+    assert (c["blocks"], c["epochs"], c["lr"], c["head_start"], c["dilate"]) == (2, 1, 2e-4, "old", 1)
+
+
+def test_repair_dilate_grows_the_fitting_flags_by_whole_patches(colours, tmp_path):
+    from siftlens.interventions import dilate
+    from siftlens.repair import flagged_batches
+
+    root, res, _ = colours
+    res.save(tmp_path / "disc")
+    be, src, vocab = load_backend(str(root / "run" / "model")), ImageSource(str(root / "train")), load_vocabulary(
+        str(tmp_path / "disc"))
+
+    def flags(radius: int) -> torch.Tensor:
+        cfg = RepairConfig(candidates="x", top_words=1, dilate=radius, batch_size=50)
+        return torch.cat([b["flag"] for b in flagged_batches(be, src, vocab, cfg, progress=False)])
+
+    f0, f1 = flags(0), flags(1)
+    grown = dilate(f0, tuple(be.grid_size), 1)
+    assert f0.any(1).float().mean() > 0.9 and f1.sum() > 1.2 * f0.sum()
+    assert torch.equal(f1, grown & ~grown.all(1, keepdim=True))  # every neighbour of a flagged patch, no more
+    with pytest.raises(ConfigError, match="dilate"):
+        RepairConfig(candidates="x", dilate=-1).validate()

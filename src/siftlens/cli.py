@@ -372,7 +372,7 @@ def prompt(
                                                     "class's best score.")] = 0.0,
     extent: Annotated[str, typer.Option(help="Flag the patch of each flagged keypoint's centre (center) or every "
                                              "patch its footprint touches (footprint).")] = "center",
-    dilate: Annotated[int, typer.Option(help="Grow flagged patches by this many patches.")] = 0,
+    dilate: opt.Dilate = 0,
     q: Annotated[float, typer.Option(help="keep-top: fraction of patches kept.")] = 0.5,
     beta: Annotated[float, typer.Option(help="bias: strength of the semantic prior beta * log(eps + c_j).")] = 1.0,
     eps: Annotated[float, typer.Option(help="bias: eps in log(eps + c_j).")] = 1e-3,
@@ -418,7 +418,7 @@ def repair(
     l2: Annotated[float, typer.Option(help="Weight decay of the new head.")] = 1e-3,
     pool: Annotated[str, typer.Option(help="Features: model (its pooling) | cls | mean (patch tokens).")] = "model",
     iters: Annotated[int, typer.Option(help="L-BFGS iterations.")] = 200, head_start: opt.RepairStart = "fit",
-    blocks: opt.RepairBlocks = 0, epochs: opt.RepairEpochs = 3, lr: opt.RepairLr = 1e-4,
+    blocks: opt.RepairBlocks = 0, epochs: opt.RepairEpochs = 3, lr: opt.RepairLr = 1e-4, dilate: opt.Dilate = 0,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (and per fine-tuning step).")] = 128,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     limit: Annotated[int | None, typer.Option(help="Use at most this many images (spread over classes).")] = None,
@@ -430,7 +430,7 @@ def repair(
 
     cfg = RepairConfig(candidates=candidates, top_words=top_words, score_ratio=score_ratio, groups=groups, l2=l2,
                        pool=pool, iters=iters, blocks=blocks, epochs=epochs, lr=lr, head_start=head_start,
-                       batch_size=batch_size, device=device, limit=limit)
+                       dilate=dilate, batch_size=batch_size, device=device, limit=limit)
     typer.echo(jobs.repair_outcome(jobs.run_repair(model, images, out, cfg, progress), out))
 
 

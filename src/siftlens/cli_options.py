@@ -14,6 +14,10 @@ KeepPolicy = Annotated[str, typer.Option(help="Which tokens a step keeps: random
 KeepTau = Annotated[float, typer.Option(help="sift keep policy: tau > 0 keeps keypoint-rich patches.")]
 KeepEps = Annotated[float, typer.Option(help="sift keep policy: added to the keypoint count.")]
 
+# flagged tokens, shared by prompt and repair
+Dilate = Annotated[int, typer.Option(help="Grow flagged patches by this many patches (repair: at fitting time; use "
+                                          "the same value with `prompt --policy drop`).")]
+
 # siftlens repair
 RepairGroups = Annotated[str, typer.Option(help="discovery (label-free pseudo-groups) | sidecar (the markers.json's "
                                                 "true groups: an oracle reference) | none.")]
