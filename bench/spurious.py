@@ -31,6 +31,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import threading
@@ -152,6 +153,13 @@ def train(run: Runner, data: str, out: Path, cfg: dict, a, limit: int | None = N
     return {"epochs": len(hist["epochs"]), "final": hist["epochs"][-1], "wall_seconds": hist.get("wall_seconds")}
 
 
+def repaired_drop(repair_args: list[str]) -> list[str]:
+    """The ``drop`` policy a repaired model is prompted with: grown as its fitting flags were (``--dilate R``)."""
+    if "--dilate" in repair_args:
+        return [*POLICIES["drop"], "--dilate", repair_args[repair_args.index("--dilate") + 1]]
+    return POLICIES["drop"]
+
+
 def evaluate(run: Runner, name: str, model: str, data: Path, cfg: dict, a, policies: dict) -> dict:
     """Discovery on the training split, each policy on aligned and conflicting, the oracle, repairs."""
     dev = ["--device", a.device]
@@ -164,13 +172,13 @@ def evaluate(run: Runner, name: str, model: str, data: Path, cfg: dict, a, polic
     for g in (("discovery", "sidecar") if name == "spurious" else ("discovery",)):
         o = run.work / f"repair-{name}-{g}"
         run.sh("repair", ["repair", "--model", model, "--images", str(data / "train"), "--candidates", cand,
-                          "--out", str(o), "--groups", g, "--no-progress", *dev]
+                          "--out", str(o), "--groups", g, "--no-progress", *dev, *a.repair_extra]
                + (["--limit", str(cfg["repair_limit"])] if cfg["repair_limit"] else []), o / "repair.json")
         models[f"repair-{g}"] = str(o / "model")
     out = {}
     for split in ("aligned", "conflicting"):
         for mname, m in models.items():
-            for pname, extra in (policies if not mname else {"drop": POLICIES["drop"]}).items():
+            for pname, extra in (policies if not mname else {"drop": repaired_drop(a.repair_extra)}).items():
                 o = run.work / f"prompt-{name}-{split}-{mname or 'base'}-{pname}"
                 args = ["prompt", "--model", m, "--images", str(data / split), "--out", str(o), "--no-progress",
                         "--workers", str(a.workers), *dev, *[x.replace("{cand}", cand) for x in extra]]
@@ -247,6 +255,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--prompt-limit", type=int, default=None, help="test images per split for prompting")
     ap.add_argument("--discover-limit", type=int, default=None, help="training images for discovery")
     ap.add_argument("--repair-limit", type=int, default=None, help="training images for repair")
+    ap.add_argument("--repair-args", default="", help="more `siftlens repair` options, e.g. '--blocks 6 --dilate 1 "
+                    "--epochs 8 --lr 3e-4'; repaired models are prompted with drop grown by the same --dilate")
     ap.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated, of {', '.join(POLICIES)}")
     ap.add_argument("--control-model", default=None, help="reuse this clean-CIFAR model as the control")
     a = ap.parse_args()
@@ -267,6 +277,7 @@ def main() -> None:
         cfg["control_limit"] = a.limit_per_class * len(CLASSES)
     if a.discover_limit:
         cfg["discover"]["limit"] = a.discover_limit
+    a.repair_extra = shlex.split(a.repair_args)
     a.policy_set = {p: POLICIES[p] for p in dict.fromkeys(["drop", *a.policies.split(",")])}  # drop: always
     if a.epochs:
         cfg["train"]["epochs"] = a.epochs
@@ -297,7 +308,7 @@ def main() -> None:
         "benchmark": "SpuriousCIFAR over shortcut kinds", "mode": "quick" if a.quick else "full",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": {**cfg, "seed": a.seed, "policies": a.policy_set, "kinds": {k: KINDS[k] for k in kinds},
-                   "device": a.device, "jobs": a.jobs, "threads": a.threads},
+                   "repair_args": a.repair_extra, "device": a.device, "jobs": a.jobs, "threads": a.threads},
         "control_train": {**control_train, "timing": ctl_run.timing}, "kinds": res,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "wall_seconds": round(time.time() - t0, 1),
