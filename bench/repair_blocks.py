@@ -105,7 +105,7 @@ def variants(model: str, candidates: str, fit: tuple[str, int | None], val: str,
         return get(("vd", dl), flagged, model, val, None, candidates, cache / name, dl)
 
     out = {}
-    for dl in sorted({s["dilate"] if val_dilate else 0 for s in grid}):
+    for dl in sorted({0} | {s["dilate"] for s in grid if val_dilate}):  # "before (old model)": the control's base
         vd = val_flags(dl)
         out["before (old model)" + (f" val-dilate{dl}" if dl else "")] = {
             name: scores(tuned_predictions(base, get(("v", 1, drop, dl), tokens_of, base, vd, 1, drop), 1, "model"),

@@ -155,8 +155,10 @@ def train(run: Runner, data: str, out: Path, cfg: dict, a, limit: int | None = N
 
 def repaired_drop(repair_args: list[str]) -> list[str]:
     """The ``drop`` policy a repaired model is prompted with: grown as its fitting flags were (``--dilate R``)."""
-    if "--dilate" in repair_args:
-        return [*POLICIES["drop"], "--dilate", repair_args[repair_args.index("--dilate") + 1]]
+    for i, arg in enumerate(repair_args):
+        if arg == "--dilate" or arg.startswith("--dilate="):
+            radius = arg.partition("=")[2] or repair_args[i + 1]
+            return [*POLICIES["drop"], "--dilate", radius]
     return POLICIES["drop"]
 
 
