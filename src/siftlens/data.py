@@ -4,6 +4,12 @@ An *image source* is a folder (searched recursively), a zip archive, a folder in
 ``archive.zip/inner/folder``, a glob pattern, or an explicit list of files. When the images sit in
 class sub-folders (ImageFolder layout: ``root/<class>/<file>``) the source also carries labels.
 
+Every image has a *name*, its identity within a run, unique and stable: the path relative to the source
+root. The root is the folder itself; the folder inside the zip; for a glob, the folder before the first
+component with a wildcard (``data/*/0*.jpg`` -> ``data``, names ``cat/01.jpg``); for a list of files, their
+deepest common folder (``a/x.jpg`` and ``b/x.jpg`` -> ``a/x.jpg``, ``b/x.jpg``; one file or files of one
+folder keep their base names). The tables, the report and every random draw keyed by image use it.
+
 Decoding never crashes a run: a file that is not a readable image raises :class:`SkipImage` with a
 reason that the caller counts and lists in the manifest.
 """
@@ -11,6 +17,7 @@ reason that the caller counts and lists in the manifest.
 from __future__ import annotations
 
 import glob as _glob
+import hashlib
 import io
 import os
 import zipfile
@@ -60,6 +67,7 @@ class ImageSource:
         if not entries:
             raise ImageSourceError(f"no images found in {spec!s}; give a folder, zip, glob or image files")
         entries.sort(key=lambda e: e.name)
+        _check_unique(entries, str(spec) if isinstance(spec, str | os.PathLike) else "the file list")
         self.classes, labels = _imagefolder_labels([e.name for e in entries])
         if limit is not None:
             entries = _spread(entries, limit, labels)
@@ -70,13 +78,7 @@ class ImageSource:
     # -- enumeration ---------------------------------------------------------------------------
     def _enumerate(self, spec) -> list[_Entry]:
         if not isinstance(spec, str | os.PathLike):
-            out = []
-            for s in spec:
-                s = str(s)
-                if not Path(s).is_file():
-                    raise ImageSourceError(f"image file not found: {s}")
-                out.append(_Entry(Path(s).name, s))
-            return out
+            return _file_list_entries([str(s) for s in spec])
         spec = str(spec)
         z = _split_zip(spec)
         if z is not None:
@@ -93,9 +95,10 @@ class ImageSource:
             return [_Entry(f.relative_to(p).as_posix(), str(f)) for f in files]
         if p.is_file():
             return [_Entry(p.name, str(p))]
-        if any(ch in spec for ch in "*?["):
-            files = [f for f in _glob.glob(spec, recursive=True) if Path(f).is_file()]
-            return [_Entry(Path(f).name, f) for f in files]
+        if _glob.has_magic(spec):
+            files = sorted({f for f in _glob.glob(spec, recursive=True) if Path(f).is_file()})
+            base = _glob_base(spec)
+            return [_Entry(Path(os.path.relpath(f, base)).as_posix(), f) for f in files]
         raise ImageSourceError(f"image source not found: {spec}")
 
     # -- access --------------------------------------------------------------------------------
@@ -105,6 +108,20 @@ class ImageSource:
     @property
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
+
+    def fingerprint(self) -> str:
+        """A digest of every image's name, size and modification time (for a zip member: size and CRC):
+        equal exactly when the run would read the same files under the same names."""
+        h = hashlib.sha256()
+        for e, stamp in zip(self.entries, self._stamps(), strict=True):
+            h.update(f"{e.name}\0{stamp}\n".encode())
+        return h.hexdigest()
+
+    def _stamps(self) -> list[str]:
+        if self._zip_path is not None:
+            with zipfile.ZipFile(self._zip_path) as zf:
+                return [f"{i.file_size}:{i.CRC:08x}" for i in map(zf.getinfo, (e.path for e in self.entries))]
+        return [_file_stamp(e.path) for e in self.entries]
 
     def read_bytes(self, i: int) -> bytes:
         e = self.entries[i]
@@ -128,6 +145,42 @@ class ImageSource:
         state = self.__dict__.copy()
         state["_zip"] = None
         return state
+
+
+def _file_stamp(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _file_list_entries(paths: list[str]) -> list[_Entry]:
+    """Entries of an explicit file list, named relative to the files' deepest common folder."""
+    for s in paths:
+        if not Path(s).is_file():
+            raise ImageSourceError(f"image file not found: {s}")
+    if not paths:
+        return []
+    full = [os.path.abspath(s) for s in paths]
+    base = os.path.commonpath([os.path.dirname(f) for f in full])
+    return [_Entry(Path(os.path.relpath(f, base)).as_posix(), s) for f, s in zip(full, paths, strict=True)]
+
+
+def _glob_base(pattern: str) -> str:
+    """The folder before the first path component with a wildcard: the root that names are relative to."""
+    parts = Path(pattern).parts
+    plain = next(i for i, part in enumerate(parts) if _glob.has_magic(part))
+    return str(Path(*parts[:plain])) if plain else "."
+
+
+def _check_unique(entries: list[_Entry], where: str) -> None:
+    """Two entries with one name would be counted as one image: refuse the source instead."""
+    seen: set[str] = set()
+    for e in entries:
+        if e.name in seen:
+            raise ImageSourceError(f"{where} holds the image {e.name} twice; list each file once")
+        seen.add(e.name)
 
 
 def _is_image_name(name: str) -> bool:

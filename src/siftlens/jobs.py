@@ -17,7 +17,8 @@ from pathlib import Path
 from .analysis import AnalysisConfig, AnalysisResult, analyze, merge
 from .analysis.run import output_paths
 from .comparison import Comparison, compare, compare_findings
-from .errors import SpuriousDataError
+from .errors import ConfigError, SpuriousDataError
+from .io import write_text
 from .prompting.run import PromptConfig, PromptResult, format_summary, prompt
 from .repair import RepairConfig, repair
 from .spurious.config import DiscoveryConfig
@@ -81,14 +82,30 @@ def _finish_report(res: AnalysisResult, report: bool) -> dict[str, Path]:
     return paths
 
 
+DEMO_MARKER = ".siftlens-demo"
+
+
 def run_demo(out: str | Path = "runs/demo", progress: bool = True, **overrides):
     """The main job on the embedded default model and bundled images, fully offline. The demo folder is
-    rebuilt on every call (it holds nothing but the demo's own outputs)."""
-    out = Path(out)
-    if (out / "run.json").exists():
-        shutil.rmtree(out)
+    rebuilt on every call; only a folder that is absent, empty, or marked by an earlier demo
+    (:data:`DEMO_MARKER`) is used, so a user's own folder is never deleted."""
+    out = _fresh_demo_folder(Path(out))
     cfg = AnalysisConfig(**overrides)
     return run_analysis("default", str(demo_images_dir()), out, cfg, JobOptions(progress=progress))
+
+
+def _fresh_demo_folder(out: Path) -> Path:
+    """Empty ``out`` for the demo and mark it as the demo's; refuse (ConfigError) a folder the demo did not make."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"demo --out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).is_file():
+            raise ConfigError(f"demo --out {out} is not empty and was not made by 'siftlens demo'; "
+                              "give an empty or new folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / DEMO_MARKER, "made by 'siftlens demo', which rebuilds this folder on every run\n")
+    return out
 
 
 def analysis_outcome(res: AnalysisResult, paths: dict[str, Path]) -> str:
