@@ -32,7 +32,7 @@ test-browser: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m browser
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench experiments scripts
 
 # timm needs torchvision, which does not work with the local CPU torch wheel: a separate venv with a
 # full torch from the registry (a few GB) runs the timm backend's tests on the CPU.

@@ -148,14 +148,14 @@ def check(name: str, value: float | None, target: float | None, op: str = "<=", 
     return {"name": name, "value": value, "target": target, "op": op, "status": status, "note": note}
 
 
-def write_result(name: str, payload: dict, quick: bool) -> Path:
-    """Atomically write bench/results/<name>[-quick].json with machine info added."""
+def write_result(name: str, payload: dict, quick: bool, results: Path = RESULTS) -> Path:
+    """Atomically write ``results``/<name>[-quick].json (bench/results by default) with machine info added."""
     from siftlens.io import write_json
 
     payload = {"benchmark": name, "mode": "quick" if quick else "full",
                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "machine": machine_info(), **payload}
-    path = RESULTS / f"{name}{'-quick' if quick else ''}.json"
+    path = results / f"{name}{'-quick' if quick else ''}.json"
     return write_json(path, payload)
 
 

@@ -1,7 +1,7 @@
 """Pack the subsets of ../shared/data that the GPU runs need into ``.devdata/`` (ignored by git), small
 enough to travel with the working tree to a borrowed GPU machine (64 MiB in all).
 
-    python bench/device_data.py [--shared ../shared/data] [--out .devdata]
+    python bench/gpu/device_data.py [--shared ../shared/data] [--out .devdata]
 
 - ``cifar10-sub.zip``: ``cifar10/train`` = the first 2,000 training images of each class, ``cifar10/pilotval``
   = the next 200 of each class (a validation split carved from *training* images, for choosing policies

@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # The one prepared run on a borrowed GPU machine (1 GPU, 16 CPU cores, no network), from the repository root,
-# with the data subsets of bench/device_data.py in .devdata/ and PYTHONPATH=src (no install needed there).
-#   1. bench/gpu_check.sh: HF ViT-B/16 analysed on CUDA against the CPU; analysis vs plain forward (issue 10);
-#   2. bench/guided_training.py --scale gpu: the MAE and token-dropping studies (issue 13);
-#   3. bench/spurious_device.sh, when present: the shortcut-kind benchmark (issue 12).
+# with the data subsets of bench/gpu/device_data.py in .devdata/ and PYTHONPATH=src (no install needed there).
+#   1. bench/gpu/gpu_check.sh: HF ViT-B/16 analysed on CUDA against the CPU; analysis vs plain forward (issue 10);
+#   2. experiments/guided_training/guided_training.py --scale gpu: the MAE and token-dropping studies.
 # Everything runs side by side; results and small logs go to $OUT (histories as one tar.gz).
-#   OUT=/tmp/out SCALE=gpu DEVICE=cuda JOBS=10 BUDGET=300 bash bench/device_run.sh
+#   OUT=/tmp/out SCALE=gpu DEVICE=cuda JOBS=10 BUDGET=300 bash bench/gpu/device_run.sh
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 SIFTLENS_DATA=$PWD/.devdata
 export TRANSFORMERS_OFFLINE=1 HF_HUB_OFFLINE=1
 PY=${PY:-python3}; export PY; OUT=${OUT:-/tmp/out}; SCALE=${SCALE:-gpu}; DEVICE=${DEVICE:-cuda}; JOBS=${JOBS:-10}; BUDGET=${BUDGET:-300}
@@ -19,17 +18,14 @@ T0=$(date +%s)
 
 if [ "$DEVICE" = cuda ] && [ -z "${SKIP_CHECK:-}" ]; then
   ( IMAGES=$PWD/.devdata/imagenet-sub.zip RATIO_MODELS=bench/.cache/hf-vit-b16,bench/.cache/hf-vit-s16,default \
-    timeout 400 bash bench/gpu_check.sh 32 > "$OUT/gpu_check.log" 2>&1
+    timeout 400 bash bench/gpu/gpu_check.sh 32 > "$OUT/gpu_check.log" 2>&1
     cp bench/results/gpu_check.json "$OUT/" 2>/dev/null ) &
 fi
-( timeout $((BUDGET + 150)) "$PY" bench/guided_training.py --scale "$SCALE" --device "$DEVICE" --jobs "$JOBS" \
+( timeout $((BUDGET + 150)) "$PY" experiments/guided_training/guided_training.py --scale "$SCALE" --device "$DEVICE" --jobs "$JOBS" \
     --budget "$BUDGET" --runs "$RUNS" --results "$OUT/guided_training.json" > "$OUT/guided.log" 2>&1 ) &
-if [ -f bench/spurious_device.sh ]; then
-  ( timeout $((BUDGET + 150)) bash bench/spurious_device.sh "$OUT" > "$OUT/spurious.log" 2>&1 ) &
-fi
 wait
 # a run cut off by the timeout still leaves its history: analyse whatever finished
-"$PY" bench/guided_training.py --scale "$SCALE" --device "$DEVICE" --runs "$RUNS" --analyse-only \
+"$PY" experiments/guided_training/guided_training.py --scale "$SCALE" --device "$DEVICE" --runs "$RUNS" --analyse-only \
     --results "$OUT/guided_training.json" >> "$OUT/guided.log" 2>&1
 tar czf "$OUT/guided_runs.tgz" -C "$(dirname "$RUNS")" --exclude='*.pt' --exclude='*.safetensors' \
     --exclude='*.npz' "$(basename "$RUNS")" 2>/dev/null

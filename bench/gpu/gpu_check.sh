@@ -2,10 +2,10 @@
 # GPU check of the analysis engine (run on a machine with CUDA, from the repository root):
 #   1. HF ViT-B/16 (random init, 224) analysed on CUDA and on the CPU: the summaries must agree;
 #   2. GPU images/s of the analysis (forward + capture + metrics + exact null) against a plain eager forward.
-# Usage: bash bench/gpu_check.sh [N_IMAGES]   (default 64; needs ../shared/data/imagenet-samples-dev.zip)
+# Usage: bash bench/gpu/gpu_check.sh [N_IMAGES]   (default 64; needs ../shared/data/imagenet-samples-dev.zip)
 # Writes bench/results/gpu_check.json.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 N=${1:-64}
 PY=${PY:-.venv/bin/python}
 DATA=${SIFTLENS_DATA:-../shared/data}

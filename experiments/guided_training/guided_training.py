@@ -1,8 +1,8 @@
 """Does SIFT guidance make training pay at equal compute? Two studies (METHOD.md section 5, issue 13).
 
-    python bench/guided_training.py --scale gpu --device cuda --jobs 12      # the GPU run (see below)
-    python bench/guided_training.py --scale quick                             # proves the pipeline on a CPU
-    python bench/guided_training.py --scale gpu --analyse-only --runs DIR    # recompute the JSON from histories
+    python experiments/guided_training/guided_training.py --scale gpu --device cuda --jobs 12  # the GPU run
+    python experiments/guided_training/guided_training.py --scale quick  # CPU pipeline check
+    python experiments/guided_training/guided_training.py --scale gpu --analyse-only --runs DIR  # JSON from histories
 
 Studies
 - ``mae``: MAE pre-training with random masking (the baseline) against guided masking policies. The primary
@@ -13,7 +13,7 @@ Studies
 
 Protocol (no tuning on the reported split)
 1. Pilot, seed 0, evaluated on ``pilotval`` (training images held out of the training split; see
-   bench/device_data.py): MAE tau in {-1, -0.5, 0.5, 1, 2}, --lam in {0.5, 1} with random and sift (tau 1)
+   bench/gpu/device_data.py): MAE tau in {-1, -0.5, 0.5, 1, 2}, --lam in {0.5, 1} with random and sift (tau 1)
    masks, the curriculum, KAMIM and the attention-guided baseline (``attmask``, tau 1 and 2); token dropping
    tau in {-1, 1, 2}.
 2. Seeds 1, 2, 3 on the test split: random masking, the two best SIFT-guided pilot policies and the best
@@ -31,7 +31,7 @@ Compute, the x axis of every curve
 Acceleration, per seed: the best baseline (highest final accuracy among the study's baselines) defines the
 target, its own final accuracy; acceleration = compute the baseline needs to first reach the target / compute
 the guided policy needs to first reach it (both read at evaluation epochs). A guided run that never reaches it
-counts 0. Results: ``bench/results/guided_training[-SCALE].json`` and ``.png``.
+counts 0. Results: ``experiments/guided_training/results/guided_training[-SCALE].json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import _common as C
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))  # the benchmarks' helpers: machine info, atomic JSON results
+import _common as C  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 MAE_ARCH = dict(dim=96, depth=4, heads=4, decoder_dim=128, decoder_depth=2, norm_pix=True, lr=1e-3)
 SCALES = {
@@ -386,14 +390,15 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     ap.add_argument("--studies", default="mae,token_drop")
     ap.add_argument("--data", default=str(C.ROOT / ".devdata" / "cifar10-sub.zip"),
-                    help="zip with cifar10/{train,pilotval,test} (bench/device_data.py)")
+                    help="zip with cifar10/{train,pilotval,test} (bench/gpu/device_data.py)")
     ap.add_argument("--runs", type=Path, default=None, help="run folder (default runs/guided/SCALE)")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds after which no new run starts")
     ap.add_argument("--analyse-only", action="store_true")
-    ap.add_argument("--results", type=Path, default=None, help="JSON path (default bench/results/...)")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="JSON path (default experiments/guided_training/results/...)")
     ap.add_argument("--step-timing", type=int, default=0, metavar="ROUNDS",
                     help="only time one training step at r = 1 / 0.5 random / 0.5 sift on this machine, side by "
-                         "side, for ROUNDS rounds (bench/results/token_drop_step.json)")
+                         "side, for ROUNDS rounds (experiments/guided_training/results/token_drop_step.json)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for --step-timing")
     o = ap.parse_args()
     if o.step_timing:
@@ -401,7 +406,7 @@ def main() -> None:
 
         res = step_timing(o, o.step_timing, o.threads)
         print(json.dumps({k: v for k, v in res.items() if k.startswith("step_ratio")}, indent=1))
-        write_json(o.results or C.RESULTS / "token_drop_step.json", res)
+        write_json(o.results or RESULTS / "token_drop_step.json", res)
         return
     o.studies = o.studies.split(",")
     o.runs = o.runs or C.ROOT / "runs" / "guided" / o.scale
@@ -427,7 +432,7 @@ def main() -> None:
             result["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    path = o.results or C.RESULTS / f"guided_training{suffix}.json"
+    path = o.results or RESULTS / f"guided_training{suffix}.json"
     from siftlens.io import write_json
 
     write_json(path, result)

@@ -1,6 +1,7 @@
 """Does SIFT-guided masking accelerate MAE pre-training? Random masking against each guided policy.
 
-    python bench/pretrain_acceleration.py [--quick] [--seeds 0,1,2] [--policies random,sift,sift-curriculum,kamim]
+    python experiments/pretrain_acceleration/pretrain_acceleration.py [--quick] [--seeds 0,1,2] \
+        [--policies random,sift,sift-curriculum,kamim]
 
 Data: CIFAR-10 from ``../shared/data/cifar10-jpg.zip`` (train split for pre-training and the k-NN memory
 bank, test split held out). Every policy trains the same MAE (same architecture, budget, learning-rate
@@ -37,10 +38,15 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import _common as C
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))  # the benchmarks' helpers: machine info, atomic JSON results
+import _common as C  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 SCALES = {
     "full": dict(limit=10_000, val_limit=2_000, knn_train_limit=5_000, epochs=30, batch_size=256, dim=96, depth=4,
@@ -281,7 +287,7 @@ def main() -> None:
                "policy_params": {p: policy_kwargs(p, args) for p in policies}, "norm_pix": True,
                "acceleration": acc, "overhead": overhead, "augmentation_agreement": agreement, "checks": checks,
                "runs": runs_summary, "wall_seconds": time.time() - t0}
-    path = C.write_result("pretrain_acceleration", payload, args.quick)
+    path = C.write_result("pretrain_acceleration", payload, args.quick, RESULTS)
     fig = path.with_suffix(".png")
     figure(hists, policies, seeds, fig)
     print()

@@ -2,19 +2,23 @@
 benchmark's evaluated splits.
 
     # 1. the grid, scored on a validation build only (make-spurious --splits holdout --holdout-start 700 --rho 0.5)
-    python bench/repair_blocks.py grid --model runs/x/train-spurious/model --candidates runs/x/discover-spurious \
+    python experiments/repair/repair_blocks.py grid --model runs/x/train-spurious/model \
+        --candidates runs/x/discover-spurious \
         --control runs/c/model --control-candidates runs/x/discover-control --fit runs/x/spurious-cifar/train:5000 \
-        --val runs/v/holdout --blocks 1,2,4 --lr 1e-4,3e-4,1e-3 --out bench/results/repair-blocks-val.json
+        --val runs/v/holdout --blocks 1,2,4 --lr 1e-4,3e-4,1e-3 \
+        --out experiments/repair/results/repair-blocks-val.json
     # 2. the chosen settings, once, on the evaluated splits: `siftlens repair` then `siftlens prompt --policy drop`
-    python bench/repair_blocks.py final --model ... --control ... --data runs/x/spurious-cifar --fit-limit 20000 \
+    python experiments/repair/repair_blocks.py final --model ... --control ... --data runs/x/spurious-cifar \
+        --fit-limit 20000 \
         --blocks 2 --epochs 3 --lr 1e-4 --head-start fit --work runs/repair3/final-fit \
-        --control-base 'runs/x/prompt-control-{split}-base-drop' --out bench/results/repair-blocks-seed1.json
+        --control-base 'runs/x/prompt-control-{split}-base-drop' \
+        --out experiments/repair/results/repair-blocks-seed1.json
 
 ``grid``: the fitting images are flagged once per model (the package's :func:`siftlens.repair.flagged_batches`);
 every variant is then fitted with the package's own :func:`siftlens.repair.retrain` (head-only L-BFGS fit, then the
 last ``blocks`` blocks, final norm and head by AdamW) on a fresh copy of the model, and scored on ``--val`` with the
 flagged tokens dropped (``repair+drop``) and with nothing dropped (``repair``). Scores per variant: the val set's
-conflicting and aligned accuracy and worst ``class|group`` (as ``bench/repair_holdout.py``); with ``--control``, the
+conflicting and aligned accuracy and worst ``class|group`` (as ``repair_holdout.py``); with ``--control``, the
 same variants repair the clean control with its own discovery, and ``control_cost`` is the change of its overall
 accuracy on the val set (repaired model as it is, points). ``blocks=0`` rows are today's head-only repair.
 
@@ -26,7 +30,7 @@ runs one model's grid alone (two such processes use two cores).
 ``final``: the CLI exactly as the benchmark runs it (``commands.log``): ``siftlens repair`` on ``--fit-limit``
 training images, then ``siftlens prompt --policy drop ... --dilate D --limit 1000`` on ``aligned`` and
 ``conflicting`` for the repaired shortcut model and the repaired control; the control's repair cost is the mean
-over the two splits of its accuracy change (as ``bench/spurious.py``'s ``repair_cost``), against
+over the two splits of its accuracy change (as ``experiments/spurious/spurious.py``'s ``repair_cost``), against
 ``--control-base`` (the benchmark's own prompt runs of the unrepaired control).
 """
 
@@ -56,7 +60,7 @@ from siftlens.repair_blocks import frozen_tokens, tuned_predictions  # noqa: E40
 from siftlens.spurious.features import model_labels  # noqa: E402
 from siftlens.spurious.vocabulary import load_vocabulary  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def flagged(model: str, images: str, limit: int | None, candidates: str, cache: Path, dilate: int = 0) -> dict:

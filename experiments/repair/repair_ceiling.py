@@ -1,13 +1,14 @@
 """How far can any head-only repair go on a shortcut model's encoder? A ceiling diagnostic for ``siftlens repair``.
 
-    python bench/repair_ceiling.py --model spurious=runs/x/train-spurious/model --model control=runs/c/model \
-        --spurious runs/x/spurious-cifar --cifar-test $CIFAR/test --out bench/results/repair-ceiling.json
+    python experiments/repair/repair_ceiling.py --model spurious=runs/x/train-spurious/model \
+        --model control=runs/c/model \
+        --spurious runs/x/spurious-cifar --cifar-test $CIFAR/test --out experiments/repair/results/repair-ceiling.json
 
 Per model, pooled features (the CLS token, and the mean of the patch tokens) are computed with the package's own
 code (:func:`siftlens.repair.pooled_features`) on
 
 - the SpuriousCIFAR ``conflicting`` and ``aligned`` splits, with the marker's patches dropped (the oracle's mask:
-  every patch the sidecar box overlaps, ``bench/spurious_eval.py``) and without dropping anything;
+  every patch the sidecar box overlaps, ``experiments/spurious/spurious_eval.py``) and without dropping anything;
 - clean CIFAR-10 test images (the same source images, no marker).
 
 A linear head (:func:`siftlens.repair.fit_head`, not started from the old head, no re-weighting) is fitted with the
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spurious"))  # spurious_eval.marker_patches
 from spurious_eval import marker_patches  # noqa: E402
 
 from siftlens.data import ImageSource  # noqa: E402
@@ -43,7 +44,7 @@ from siftlens.repair import fit_head, pooled_features  # noqa: E402
 from siftlens.spurious.data import read_sidecar  # noqa: E402
 
 POOLS = ("cls", "mean")
-EVAL_PER_CLASS = 100  # bench/spurious.py --prompt-limit 1000: ImageSource's spread takes the first 100 per class
+EVAL_PER_CLASS = 100  # spurious.py --prompt-limit 1000: ImageSource's spread takes the first 100 per class
 
 
 def features(model: str, images: str, cache: Path, oracle: bool, limit: int | None, batch: int = 256) -> dict:
@@ -157,7 +158,7 @@ def main() -> None:
     ap.add_argument("--mlp-epochs", default="50,100,200", help="full-batch epochs of the MLP head row ('' = none)")
     ap.add_argument("--cache", default="runs/repair-ceiling")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="bench/results/repair-ceiling.json")
+    ap.add_argument("--out", default="experiments/repair/results/repair-ceiling.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.time()

@@ -1,9 +1,11 @@
 """Choosing ``siftlens repair``'s options on a validation set: which images to fit on (the training split, or a
 held-out split the model never trained on), pseudo-groups, start from the old head or not, l2, CLS or mean pooling.
 
-    python bench/repair_holdout.py --model runs/x/train-spurious/model --candidates runs/x/discover-spurious \
+    python experiments/repair/repair_holdout.py --model runs/x/train-spurious/model \
+        --candidates runs/x/discover-spurious \
         --fit train=runs/x/spurious-cifar/train:5000 --fit holdout=runs/h/holdout --val runs/v/holdout \
-        --control runs/c/model --control-candidates runs/x/discover-control --out bench/results/repair-holdout.json
+        --control runs/c/model --control-candidates runs/x/discover-control \
+        --out experiments/repair/results/repair-holdout.json
 
 Every variant's head is fitted with the package's own code (:func:`siftlens.repair.dropped_features`,
 :func:`~siftlens.repair.group_weights`, :func:`~siftlens.repair.fit_head`) and scored on ``--val``, a
@@ -118,7 +120,7 @@ def main() -> None:
     ap.add_argument("--init", default="old,fresh")
     ap.add_argument("--pool", default="cls,mean")
     ap.add_argument("--cache", default="runs/repair-holdout")
-    ap.add_argument("--out", default="bench/results/repair-holdout.json")
+    ap.add_argument("--out", default="experiments/repair/results/repair-holdout.json")
     a = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()

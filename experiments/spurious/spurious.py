@@ -17,10 +17,11 @@ sidecar's groups); the same discovery, ``drop`` and repair for the control model
 
 Kinds run in parallel (``--jobs K``): every step is a subprocess, a thread per kind waits on them.
 
-    python bench/spurious.py --quick                      # tiny build and model on the CPU: checks the pipeline
-    python bench/spurious.py --device cuda --jobs 4 --seed 1 --cifar $CIFAR --imagenet $IMAGENET --out $RES/s.json
+    python experiments/spurious/spurious.py --quick   # tiny build and model on the CPU: checks the pipeline
+    python experiments/spurious/spurious.py --device cuda --jobs 4 --seed 1 --cifar $CIFAR \
+        --imagenet $IMAGENET --out $RES/s.json
 
-Results: ``--out`` (default bench/results/spurious[-quick].json); write-up: docs/spurious.md.
+Results: ``--out`` (default experiments/spurious/results/spurious[-quick].json); write-up: docs/spurious.md.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
 from spurious_eval import summarise  # noqa: E402
 
 DEFAULT_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpg.zip"
@@ -189,7 +191,7 @@ def evaluate(run: Runner, name: str, model: str, data: Path, cfg: dict, a, polic
                 run.sh("prompt", args, o / "prompting.json")
                 out[f"{split}/{mname or 'base'}/{pname}"] = str(o / "prompting.json")
         o = run.work / f"oracle-{name}-{split}.json"
-        run.sh("oracle", [str(ROOT / "bench" / "spurious_eval.py"), "--model", model, "--split", str(data / split),
+        run.sh("oracle", [str(HERE / "spurious_eval.py"), "--model", model, "--split", str(data / split),
                           "--device", a.device, "--out", str(o)]
                + (["--limit", str(cfg["prompt_limit"])] if cfg["prompt_limit"] else []), o, module="")
         out[f"{split}/oracle"] = str(o)
@@ -246,7 +248,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--cifar", default=str(DEFAULT_CIFAR), help="cifar10-jpg.zip, or a folder holding cifar10/")
     ap.add_argument("--imagenet", default=str(DEFAULT_IMAGENET), help="ImageNet sample photos: zip or folder")
     ap.add_argument("--work", default=None, help="working folder (default runs/spurious-bench[-quick])")
-    ap.add_argument("--out", default=None, help="results JSON (default bench/results/spurious[-quick].json)")
+    ap.add_argument("--out", default=None,
+                    help="results JSON (default experiments/spurious/results/spurious[-quick].json)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--jobs", type=int, default=1, help="kinds run in parallel")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per command")
@@ -285,7 +288,7 @@ def main() -> None:
         cfg["train"]["epochs"] = a.epochs
     tag = "-quick" if a.quick else ""
     a.work = str(Path(a.work or ROOT / "runs" / f"spurious-bench{tag}").resolve())
-    out = Path(a.out or ROOT / "bench" / "results" / f"spurious{tag}.json").resolve()
+    out = Path(a.out or HERE / "results" / f"spurious{tag}.json").resolve()
     if not Path(a.cifar).exists():
         raise SystemExit(f"CIFAR-10 not found at {a.cifar}; pass --cifar")
     a.cifar_root = f"{a.cifar}/cifar10" if a.cifar.endswith(".zip") or (Path(a.cifar) / "cifar10").is_dir() else a.cifar

@@ -1,6 +1,6 @@
-"""Helpers of bench/spurious.py: the oracle reference (run as a script) and the per-kind summary tables.
+"""Helpers of experiments/spurious/spurious.py: the oracle reference (run as a script) and the per-kind summary tables.
 
-    python bench/spurious_eval.py --model M --split DIR --out oracle.json [--limit n] [--device cuda]
+    python experiments/spurious/spurious_eval.py --model M --split DIR --out oracle.json [--limit n] [--device cuda]
 
 drops every patch the marker overlaps (the sidecar's boxes) and writes accuracy before and after; it is a
 reference, not a method.
