@@ -128,8 +128,10 @@ def test_outputs_are_written_atomically(tmp_path, image_dir, tiny_vit):
 
 
 def test_config_errors(image_dir, tiny_vit):
-    with pytest.raises(ConfigError, match="null"):
-        analyze(NativeBackend(tiny_vit), image_dir, null_permutations=3, progress=False)
+    with pytest.raises(ConfigError, match="--null"):  # fewer Monte Carlo maps than the 20 a p-value needs
+        analyze(NativeBackend(tiny_vit), image_dir, null=3, progress=False)
+    with pytest.raises(ConfigError, match="unknown analysis option 'null_permutations'"):  # the old name is gone
+        analyze(NativeBackend(tiny_vit), image_dir, null_permutations=200, progress=False)
     with pytest.raises(ConfigError, match="scheme"):
         analyze(NativeBackend(tiny_vit), image_dir, scheme="bogus", progress=False)
     with pytest.raises(ConfigError, match="unknown analysis option"):

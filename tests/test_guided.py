@@ -64,12 +64,11 @@ def test_keep_rate_one_reproduces_training_without_dropping(tmp_path, monkeypatc
 @pytest.mark.parametrize("policy", ["random", "sift"])
 def test_token_dropping_trains_on_exactly_k_tokens(tmp_path, monkeypatch, policy):
     make_folder(tmp_path / "data", n=12)
-    seen = []
+    seen, evaluated = [], []
     forward = ViT.forward
 
     def spy(self, x, keep_idx=None, *a, **kw):
-        if self.training:
-            seen.append(keep_idx)
+        (seen if self.training else evaluated).append(keep_idx)
         return forward(self, x, keep_idx, *a, **kw)
 
     monkeypatch.setattr(ViT, "forward", spy)
@@ -79,7 +78,7 @@ def test_token_dropping_trains_on_exactly_k_tokens(tmp_path, monkeypatch, policy
         assert (k.diff(dim=1) > 0).all() and k.min() >= 0 and k.max() < 16
     assert hist["epochs"][0]["train_tokens"] == 3 * 8 * (8 + 1)
     assert (tmp_path / policy / "keypoints.npz").exists() == (policy == "sift")
-    assert 0.0 <= hist["epochs"][0]["val_acc"] <= 1.0  # evaluation runs on all tokens
+    assert evaluated and all(k is None for k in evaluated)  # evaluation runs on all tokens
 
 
 def test_sift_keep_policy_draws_in_proportion_to_weights():
@@ -172,8 +171,11 @@ def test_no_cls_token_means_no_attmask():
 def test_pretrain_probes_every_evaluation_epoch_and_counts_tokens(tmp_path):
     make_mae_folder(tmp_path / "data", n=8)
     hist = pretrain(pcfg(tmp_path, "att", policy="attmask", tau=2.0, epochs=2, keep_rate=0.5, keep_policy="sift"))
+    assert len(hist["epochs"]) == 2
     for e in hist["epochs"]:
-        assert 0.0 <= e["probe"]["test_acc"] <= 1.0 and 0.0 <= e["knn_acc"] <= 1.0
+        # val is the training folder itself, and 16 distinct images of 32-dim features are linearly separable:
+        # a probe really fitted on this epoch's features and tested on the same images scores every one
+        assert e["probe"]["train_acc"] == 1.0 and e["probe"]["test_acc"] == 1.0
         # 16 images / batch 8 = 2 steps; 16 patches, 4 visible, 2 encoded, + CLS; guidance sees all 16 + CLS
         assert e["train_tokens"] == 2 * 8 * (2 + 1) and e["guide_tokens"] == 2 * 8 * (16 + 1)
     assert (tmp_path / "kp.npz").exists()  # the sift keep policy needs keypoints, attmask itself does not

@@ -287,10 +287,19 @@ def prompt_setup(tmp_path_factory):
 
 
 @pytest.mark.parametrize("policy", ["none", "drop", "keep-top", "bias"])
-def test_prompt_bookkeeping(prompt_setup, policy):
+def test_prompt_bookkeeping(prompt_setup, policy, monkeypatch):
     root = prompt_setup
     cfg = PromptConfig(policy=policy, candidates=str(root / "disc") if policy != "none" else None, top_words=2,
                        batch_size=5, q=0.25)
+    kept = []  # what the model really received: the patch tokens kept, per image of every keep_idx forward
+    real = ViT.forward_features
+
+    def spy(self, x, keep_idx=None, *a, **kw):
+        if keep_idx is not None:
+            kept.extend([keep_idx.shape[1]] * len(x))
+        return real(self, x, keep_idx, *a, **kw)
+
+    monkeypatch.setattr(ViT, "forward_features", spy)
     res = prompt(str(root / "model"), str(root / "data"), cfg, progress=False)
     df = res.images
     assert len(df) == 16 and set(df["group"]) == {"a|aligned", "a|conflicting", "b|aligned", "b|conflicting"}
@@ -298,8 +307,15 @@ def test_prompt_bookkeeping(prompt_setup, policy):
     assert res.before["groups"]["a|aligned"]["n"] == 4
     worst = min(g["accuracy"] for g in res.after["groups"].values())
     assert res.after["worst_group"]["accuracy"] == worst
+    changed = ~np.isclose(df["p_true_after"], df["p_true_before"], rtol=0, atol=1e-6)
     if policy == "none":
-        assert (df["pred_before"] == df["pred_after"]).all()
+        assert (df["pred_before"] == df["pred_after"]).all() and not changed.any()
+    if policy == "bias":  # a finite bias on the keys moves every image's probabilities, and removes nothing
+        assert changed.all() and (df["removed_patches"] == 0).all()
+    if policy in ("drop", "keep-top"):
+        # the bookkeeping counts what the model was really given (one kept-token count per image per forward)
+        assert sorted(kept) == sorted((64 - df["removed_patches"]).tolist())
+        assert (changed == (df["removed_patches"] > 0)).all()  # an image changes exactly when tokens go
     if policy == "drop":
         assert (df["flagged_patches"] > 0).any() and (df["removed_patches"] == df["flagged_patches"]).all()
     if policy == "keep-top":
