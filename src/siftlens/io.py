@@ -1,6 +1,8 @@
-"""Atomic output writing: write to a temporary name in the same folder, then rename into place.
+"""Atomic, durable output writing: write to a temporary name in the same folder, fsync it, rename it into
+place, then fsync the folder (what databases do).
 
-An interrupted run therefore never leaves a half-written file that looks complete.
+An interrupted run therefore never leaves a half-written file that looks complete, and after a power loss a
+file is either absent (or its previous version) or whole: never an empty or partial file under its name.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success rename it to ``target``, else delete it."""
+    """Yield a temporary path beside ``target``; on success fsync it, rename it to ``target`` and fsync the
+    folder; on failure delete it."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(target.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -26,10 +29,48 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
+        fsync_file(tmp_path)
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    fsync_dir(target.parent)
+
+
+def make_dirs(folder: Path) -> None:
+    """``mkdir -p folder``, with each new folder's entry fsynced into its parent."""
+    new = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        new.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in reversed(new):
+        fsync_dir(d.parent)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to the disk."""
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (the names created or renamed in it) to the disk; a no-op where a folder
+    cannot be opened or fsynced (Windows, some network file systems)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(target: str | os.PathLike, obj) -> Path:

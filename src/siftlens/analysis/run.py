@@ -9,6 +9,7 @@ one process writes shard i, and :func:`merge` combines shard folders. Everything
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ from .. import __version__
 from ..data import ImageSource
 from ..devices import DistInfo, barrier, init_distributed
 from ..errors import ConfigError
-from ..io import atomic_path, read_json, write_json
+from ..io import atomic_path, fsync_dir, read_json, write_json
 from ..keypoints import SiftParams, sift_params
 from ..models import Backend, load_backend
 from ..progress import progress_bar
@@ -102,7 +103,8 @@ def _configure(config: AnalysisConfig | None, overrides: dict) -> AnalysisConfig
 def _run_identity(model: str, weights: str | None, backend: Backend, source: ImageSource, cfg: AnalysisConfig,
                   plan: RunPlan) -> dict:
     return {"params": cfg.identity(), "model": {"spec": model, "weights": weights, **backend.describe()},
-            "images": {"source": str(source.spec), "count": len(source)}, "layer_ids": plan.layer_ids,
+            "images": {"source": str(source.spec), "count": len(source), "fingerprint": source.fingerprint()},
+            "layer_ids": plan.layer_ids,
             "heads": backend.num_heads, "n_levels": cfg.n_levels}
 
 
@@ -138,10 +140,10 @@ def analyze(
     run = _run_identity(str(model) if not isinstance(model, Backend) else backend.describe().get("source", ""),
                         weights, backend, source, cfg, plan)
     if dist.rank == 0:
-        store.open(run, resume)
+        store.open(run, resume)  # also cleans up after an interrupted run, before any other rank writes
     barrier(dist)
     if dist.rank != 0:
-        store.open(run, resume=True)
+        store.open(run, resume=True, clean=False)
     kept = _analyse_parts(plan, source, store, sift, progress and dist.rank == 0)
     barrier(dist)
     if shard is not None:
@@ -222,8 +224,10 @@ def accumulate(out: str | Path, run: dict, n_boot: int, seed: int) -> SummaryAcc
     acc = SummaryAccumulator(int(np.prod(shape)), n_boot, seed)
     cell_index = pd.MultiIndex.from_tuples(cell_list, names=["metric", "level_a", "level_b"])
     layer_pos = {layer: i for i, layer in enumerate(layer_ids)}
-    for p in RunStore(out).part_files():
-        df = pd.read_parquet(p)
+    store = RunStore(out)
+    for name in store.committed_parts():
+        p = store.root / METRICS_DIR / name
+        df = pd.read_parquet(p) if p.exists() else pd.DataFrame()
         if not len(df):
             continue
         names, img = np.unique(df["image"].astype(str).to_numpy(), return_inverse=True)
@@ -305,32 +309,93 @@ def _null_method(cfg: AnalysisConfig) -> str:
 
 
 def merge(out: str | Path, shard_dirs: list[str | Path], progress: bool = True) -> AnalysisResult:
-    """Combine the shard folders written with ``shard=(i, K)`` into ``out``: the same tables as one run."""
+    """Combine the shard folders written with ``shard=(i, K)`` into ``out``: the same tables as one run.
+
+    Every check (each shard of one run exactly once, no damaged part, ``out`` free) comes before anything is
+    written; the merged run is built in a temporary folder beside ``out`` and renamed into place, so a merge
+    that fails leaves no half-written ``out`` and can simply be run again."""
     out = Path(out)
-    runs = [RunStore(d).read_run() for d in shard_dirs]
-    missing = [str(d) for d, r in zip(shard_dirs, runs, strict=True) if r is None]
-    if missing:
-        raise ConfigError(f"not a siftlens analysis folder (no {RUN_FILE}): {', '.join(missing)}")
-    differ = sorted({k for r in runs[1:] for k in set(r) | set(runs[0]) if r.get(k) != runs[0].get(k)})
-    if differ:
-        raise ConfigError(f"the shards were run with different {', '.join(differ)}; merge only shards of one run")
-    marks = [read_json(p, "shard marker") for d in shard_dirs for p in sorted(Path(d).glob("shard-*.json"))]
-    k = {m["shard"][1] for m in marks}
-    have = {m["shard"][0] for m in marks if m.get("complete")}
-    if len(k) != 1 or have != set(range(next(iter(k)))):
-        want = next(iter(k)) if len(k) == 1 else "?"
-        raise ConfigError(f"merge needs every finished shard 0..{want}-1 once; found finished shards {sorted(have)}")
-    store = RunStore(out)
-    if store.read_run() is not None or (out / MANIFEST).exists():
-        raise ConfigError(f"{out} already holds an analysis; choose an empty folder to merge into")
-    write_json(out / RUN_FILE, runs[0])
-    for d in shard_dirs:
-        store.adopt(Path(d))
-    run = runs[0]
+    dirs = [Path(d) for d in shard_dirs]
+    run = _check_shards(out, dirs)
+    _check_merge_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+    try:
+        res = _merge_into(tmp, run, dirs)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    res.out = out
+    return res
+
+
+def _merge_into(folder: Path, run: dict, dirs: list[Path]) -> AnalysisResult:
+    """Write the merged run of the (checked) shard folders ``dirs`` into the empty ``folder``."""
+    write_json(folder / RUN_FILE, run)
+    store = RunStore(folder)
+    for d in dirs:
+        store.adopt(d)
     cfg = AnalysisConfig(**{**run["params"]})
     try:
         backend = load_backend(run["model"]["spec"], "cpu", weights=run["model"].get("weights"))
         source = ImageSource(run["images"]["source"], limit=cfg.limit)
     except Exception:  # noqa: BLE001 - overlays are optional; the tables never need the model
         backend = source = None
-    return _finish(out, run, cfg, DistInfo(), backend, source)
+    return _finish(folder, run, cfg, DistInfo(), backend, source)
+
+
+def _check_shards(out: Path, dirs: list[Path]) -> dict:
+    """The common run description of the shard folders ``dirs``; a one-line ConfigError when a folder is
+    given twice or is ``out``, is not an analysis, belongs to another run, repeats or misses a shard, or
+    holds a damaged part."""
+    seen: dict[Path, Path] = {}
+    for d in dirs:
+        key = d.resolve()
+        if key == out.resolve():
+            raise ConfigError(f"merge: {d} is both a shard and the output; merge into a new folder")
+        if key in seen:
+            raise ConfigError(f"merge: the shard folder {d} is given twice; give each shard once")
+        seen[key] = d
+    runs = [RunStore(d).read_run() for d in dirs]
+    missing = [str(d) for d, r in zip(dirs, runs, strict=True) if r is None]
+    if missing:
+        raise ConfigError(f"not a siftlens analysis folder (no {RUN_FILE}): {', '.join(missing)}")
+    differ = sorted({k for r in runs[1:] for k in set(r) | set(runs[0]) if r.get(k) != runs[0].get(k)})
+    if differ:
+        raise ConfigError(f"the shards were run with different {', '.join(differ)}; merge only shards of one run")
+    _check_each_shard_once(dirs)
+    for d in dirs:
+        damaged = RunStore(d).damaged_parts()
+        if damaged:
+            name, why = next(iter(damaged.items()))
+            raise ConfigError(f"merge: {d} holds a damaged part {name} ({why}); run that shard again with "
+                              "--resume, then merge")
+    return runs[0]
+
+
+def _check_each_shard_once(dirs: list[Path]) -> None:
+    """Every finished shard 0..K-1 of one K exactly once among the folders' shard markers."""
+    marks = [(d, read_json(p, "shard marker")) for d in dirs for p in sorted(d.glob("shard-*.json"))]
+    k = {m["shard"][1] for _, m in marks}
+    finished: dict[int, list[Path]] = {}
+    for d, m in marks:
+        if m.get("complete"):
+            finished.setdefault(m["shard"][0], []).append(d)
+    twice = {i: ds for i, ds in finished.items() if len(ds) > 1}
+    if twice:
+        i, ds = min(twice.items())
+        raise ConfigError(f"merge: shard {i} is in more than one folder ({', '.join(map(str, ds))}); give each "
+                          "shard once")
+    if len(k) != 1 or set(finished) != set(range(next(iter(k)))):
+        want = next(iter(k)) if len(k) == 1 else "?"
+        raise ConfigError(f"merge needs every finished shard 0..{want}-1 once; found finished shards "
+                          f"{sorted(finished)}")
+
+
+def _check_merge_target(out: Path) -> None:
+    """``out`` must be absent or an empty folder (the merged run is renamed onto it)."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        what = "an analysis" if (out / RUN_FILE).exists() or (out / MANIFEST).exists() else "files"
+        raise ConfigError(f"{out} already holds {what}; choose an empty folder to merge into")

@@ -8,17 +8,24 @@ Layout of ``OUT``::
     summary.csv images.csv manifest.json report.html   written when the run (or a merge) finishes
 
 Part files are named ``part-SSSS-NNNNNN.parquet`` by shard S and sequence N, so ranks, shards and
-resumed runs never write the same name.
+resumed runs never write the same name. The images part records the SHA-256 of its metrics part and a
+digest of its own rows (parquet key-value metadata), so ``--resume`` and ``merge`` recognise a truncated,
+emptied, corrupted or half-missing part (:meth:`RunStore.part_problem`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..errors import ConfigError
 from ..io import atomic_path, read_json, write_json
@@ -30,6 +37,9 @@ IMAGES_DIR = "images.parts"
 MANIFEST = "manifest.json"
 Z_CLIP = 1e6
 LONG_COLUMNS = ["image", "layer", "head", "metric", "level_a", "level_b", "value", "null_mean", "null_sd", "z"]
+META_METRICS_SHA = b"siftlens.metrics_sha256"  # in the images part: the SHA-256 of its metrics part
+META_ROWS_SHA = b"siftlens.rows_sha256"  # in the images part: the digest of its own rows (table_digest)
+ORPHAN = "metrics part without its images part"  # what a run killed between the two writes leaves
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -52,8 +62,11 @@ class RunStore:
         self._seq = 0
 
     # -- opening ------------------------------------------------------------------------------------
-    def open(self, run: dict, resume: bool) -> None:
-        """Start a new run, or check that ``run`` is the one in the folder and continue it."""
+    def open(self, run: dict, resume: bool, clean: bool = True) -> None:
+        """Start a new run, or check that ``run`` is the one in the folder and continue it.
+
+        ``clean``: first remove what an interrupted or damaged run left (:meth:`repair`). Under torchrun only
+        rank 0 cleans, before the other ranks open, so no rank deletes another's part in flight."""
         old = self.read_run()
         if old is None:
             if self.part_files():
@@ -64,11 +77,9 @@ class RunStore:
             raise ConfigError(f"{self.root} already holds {state}; add --resume to continue it, "
                               "or choose another --out")
         else:
-            diff = sorted(k for k in set(old) | set(run) if k != "shard" and old.get(k) != run.get(k))
-            if diff:
-                raise ConfigError(f"--resume: {', '.join(diff)} differ from the run in {self.root}; "
-                                  "use the same options, or another --out")
-        self._clean_orphans()
+            _check_same_run(old, run, self.root)
+        if clean:
+            self.repair()
         self._seq = 1 + max((int(p.stem.split("-")[2]) for p in self.part_files(IMAGES_DIR)
                              if int(p.stem.split("-")[1]) == self.shard[0]), default=-1)
 
@@ -80,12 +91,63 @@ class RunStore:
         d = self.root / kind
         return sorted(d.glob("part-*.parquet")) if d.exists() else []
 
-    def _clean_orphans(self) -> None:
-        """Delete metrics parts whose images part never landed (the run died between the two)."""
-        committed = {p.name for p in self.part_files(IMAGES_DIR)}
-        for p in self.part_files(METRICS_DIR):
-            if p.name not in committed:
-                p.unlink()
+    def part_names(self) -> list[str]:
+        """Every part name with at least one of its two halves on disk."""
+        return sorted({p.name for kind in (METRICS_DIR, IMAGES_DIR) for p in self.part_files(kind)})
+
+    def part_problem(self, name: str) -> str | None:
+        """Why the part ``name`` cannot be used (None when both halves are there and intact).
+
+        A missing half, an unreadable file (truncated, emptied) and a file that does not match the checksums
+        the images part carries are found; parts written before the checksums only get the readability check."""
+        metrics, images = self.root / METRICS_DIR / name, self.root / IMAGES_DIR / name
+        if not images.exists():
+            return ORPHAN
+        if not metrics.exists():
+            return "images part without its metrics part"
+        try:
+            table = pq.read_table(images)
+        except (OSError, pa.ArrowException) as e:
+            return f"images part unreadable ({_first_line(e)})"
+        meta = table.schema.metadata or {}
+        if META_ROWS_SHA not in meta:
+            return _readable(metrics)
+        if meta[META_ROWS_SHA].decode() != table_digest(table):
+            return "images part does not match its checksum"
+        if meta.get(META_METRICS_SHA, b"").decode() != file_sha256(metrics):
+            return "metrics part does not match its checksum"
+        return None
+
+    def damaged_parts(self) -> dict[str, str]:
+        """Parts other than a run's ordinary leftover (a metrics part whose images part never landed) that
+        cannot be used, with the reason: what ``merge`` refuses and ``--resume`` redoes."""
+        found = {name: self.part_problem(name) for name in self.part_names()}
+        return {name: why for name, why in found.items() if why not in (None, ORPHAN)}
+
+    def repair(self) -> None:
+        """Leave only whole, intact parts: remove temporary files of interrupted writes, a metrics part whose
+        images part never landed (silently: a kill between the two writes leaves it), and any part with a
+        missing, unreadable or corrupted half, with one warning line each. Their images are analysed again."""
+        for kind in (METRICS_DIR, IMAGES_DIR):
+            d = self.root / kind
+            for tmp in d.glob(".part-*.part") if d.exists() else []:
+                tmp.unlink(missing_ok=True)
+        for name in self.part_names():
+            why = self.part_problem(name)
+            if why is None:
+                continue
+            if why != ORPHAN:
+                warnings.warn(f"{self.root}: part {name} is damaged ({why}); its images will be analysed again",
+                              stacklevel=2)
+            for kind in (METRICS_DIR, IMAGES_DIR):
+                (self.root / kind / name).unlink(missing_ok=True)
+
+    def committed_parts(self) -> list[str]:
+        """The names of the parts whose images part landed, ordered by the first image each holds, so a part
+        analysed again after damage sums into the summary where the original did."""
+        first = {p.name: int(pq.read_table(p, columns=["index"])["index"].to_numpy().min(initial=2**62))
+                 for p in self.part_files(IMAGES_DIR)}
+        return sorted(first, key=lambda name: (first[name], name))
 
     def done_indices(self) -> set[int]:
         """Source indices already in committed parts, of every shard."""
@@ -96,12 +158,16 @@ class RunStore:
 
     # -- writing ------------------------------------------------------------------------------------
     def write_part(self, long: pd.DataFrame, images: pd.DataFrame) -> None:
-        """One part: the metrics rows first, then the images rows that commit it."""
+        """One part: the metrics rows first, then the images rows that commit it (with the checksums)."""
         name = f"part-{self.shard[0]:04d}-{self._seq:06d}.parquet"
         with atomic_path(self.root / METRICS_DIR / name) as tmp:
             long.to_parquet(tmp, index=False)
+            metrics_sha = file_sha256(tmp)
+        table = pa.Table.from_pandas(images, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_METRICS_SHA: metrics_sha,
+                                               META_ROWS_SHA: table_digest(table)})
         with atomic_path(self.root / IMAGES_DIR / name) as tmp:
-            images.to_parquet(tmp, index=False)
+            pq.write_table(table, tmp)
         self._seq += 1
 
     def adopt(self, other: Path) -> None:
@@ -114,6 +180,44 @@ class RunStore:
             for p in src.part_files(kind):
                 if p.name in committed:
                     _link_or_copy(p, self.root / kind / p.name)
+
+
+def _check_same_run(old: dict, run: dict, root: Path) -> None:
+    """Refuse, in one line, to resume into ``root`` a run whose settings or images differ from ``old``."""
+    if old.get("images", {}).get("source") == run["images"]["source"] and \
+            old["images"].get("fingerprint") != run["images"].get("fingerprint"):
+        raise ConfigError(f"--resume: the images of {run['images']['source']} changed since the run in {root} "
+                          "began (a file added, removed, renamed or modified); restore them, or use another --out")
+    diff = sorted(k for k in set(old) | set(run) if k != "shard" and old.get(k) != run.get(k))
+    if diff:
+        raise ConfigError(f"--resume: {', '.join(diff)} differ from the run in {root}; "
+                          "use the same options, or another --out")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def table_digest(table: pa.Table) -> str:
+    """SHA-256 of a table's column names and values (not of its file), equal after a parquet round trip."""
+    rows = {name: table.column(name).to_pylist() for name in table.column_names}
+    return hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()
+
+
+def _readable(path: Path) -> str | None:
+    try:
+        pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as e:
+        return f"{path.parent.name} part unreadable ({_first_line(e)})"
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
