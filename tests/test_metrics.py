@@ -1,4 +1,4 @@
-"""Tests of siftlens.metrics: closed-form cases, a naive reference, invariances, null models, statistics."""
+"""Tests of siftlens.metrics: closed-form cases, siftlens.reference, invariances, null models, statistics."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from _sums import direct_layer_sums
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from siftlens import reference as ref
+from siftlens.analysis.engine import flatten_cells
 from siftlens.errors import ConfigError, GeometryError
 from siftlens.metrics import (
     average_ranks,
@@ -35,94 +37,31 @@ def uniform_attn(B: int, h: int, S: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# naive reference: loops over images, heads and maps, straight from METHOD.md section 3 (float64)
+# the reference: siftlens.reference (docs/method.md in plain float64, one image and head at a time)
+
+RANK_TOL = ref.RANK_TOL  # cls_rho: attention values this close (x max) are ties
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    return np.array([1 + (x < v).sum() + ((x == v).sum() - 1) / 2 for v in x], np.float64)
-
-
-RANK_TOL = 4 * float(np.finfo(np.float32).eps)  # cls_rho: attention values this close (x max) are ties
-
-
-def _tol_ranks(x: np.ndarray, tol: float) -> np.ndarray:
-    """Average ranks where sorted neighbours within tol * max(|x_i|, |x_j|) of each other are one run of
-    ties (a loop)."""
-    order = sorted(range(len(x)), key=lambda i: x[i])
-    runs, run = [], [order[0]]
-    for i, j in zip(order, order[1:], strict=False):  # neighbours in sorted order
-        if x[j] - x[i] <= tol * max(abs(x[i]), abs(x[j])):
-            run.append(j)
-        else:
-            runs.append(run)
-            run = [j]
-    runs.append(run)
-    out, pos = np.empty(len(x)), 0
-    for run in runs:
-        out[run] = pos + (len(run) + 1) / 2  # ranks pos + 1 .. pos + len(run), averaged
-        pos += len(run)
-    return out
-
-
-def _spearman(a: np.ndarray, w: np.ndarray, tol: float = 0.0) -> float:
-    ra, rw = (_tol_ranks(a, tol) if tol else _ranks(a)), _ranks(w)
-    ra, rw = ra - ra.mean(), rw - rw.mean()
-    den = math.sqrt((ra**2).sum() * (rw**2).sum())
-    return 0.0 if den == 0 else float((ra * rw).sum() / den)
+def _spearman(a: np.ndarray, w: np.ndarray) -> float:
+    """Spearman's rho with exact ties, by the reference."""
+    return float(ref.unit_centred(ref.average_ranks(a)) @ ref.unit_centred(ref.average_ranks(w)))
 
 
 def reference(attn, T, weights, levels, L, pos, has_cls):
+    """The observed value of every image, head, map and cell of a batch by :mod:`siftlens.reference`:
+    (B, H, K, C) float64 in the order of the analysis' cells (a map without keypoints: the neutral values)."""
     attn, weights, levels, pos = (x.double().numpy() if x.is_floating_point() else x.numpy()
                                   for x in (attn, weights, levels, pos))
     B, H = attn.shape[:2]
-    K, N = weights.shape[1:]
-    D = np.sqrt(((pos[:, None] - pos[None]) ** 2).sum(-1))
-    out = {k: np.zeros((B, H, K)) for k in ("sal", "sal_w", "wi", "cls_lift", "cls_rho")}
-    out["R"] = np.full((B, H, K, L, L), np.nan)
-    out["dist"] = np.full((B, H, K, L), np.nan)
-    out["dist_rel"] = np.full((B, H, K, L), np.nan)
-    out["entropy"] = np.full((B, H, K, L), np.nan)
-    for b in range(B):
-        for h in range(H):
-            blk = attn[b, h, T:, T:]
-            bt = np.empty_like(blk)
-            for i in range(N):
-                s = blk[i].sum()
-                bt[i] = blk[i] / s if s > 0 else 1.0 / N
-            if has_cls:
-                row = attn[b, h, 0, T:]
-                a = row / row.sum() if row.sum() > 0 else np.full(N, 1.0 / N)
-            else:
-                a = bt.mean(0)
-            for k in range(K):
-                w, lv = weights[b, k], levels[b, k]
-                if w.sum() > 0:
-                    out["sal"][b, h, k] = np.mean([bt[i] @ w for i in range(N)]) / w.mean()
-                    c = w / w.sum()
-                    out["sal_w"][b, h, k] = sum(c[i] * (bt[i] @ w) for i in range(N)) / w.mean()
-                    out["wi"][b, h, k] = sum(w[i] * w[j] * bt[i, j] for i in range(N) for j in range(N)) / (
-                        w.sum() * w.sum() / N)
-                    out["cls_lift"][b, h, k] = (a @ w) / w.mean()
-                    # docs/method.md: attention values within 4 float32 epsilons of each other (relative
-                    # to their size) are float noise, ranked as ties
-                    out["cls_rho"][b, h, k] = _spearman(a, w, RANK_TOL)
-                else:
-                    for m in (*WEIGHTED, "sal_w"):
-                        out[m][b, h, k] = 1.0
-                for la in range(L):
-                    qa = np.flatnonzero(lv == la)
-                    if len(qa) == 0:
-                        continue
-                    out["dist"][b, h, k, la] = np.mean([(bt[i] * D[i]).sum() for i in qa])
-                    u = np.mean([D[i].mean() for i in qa])  # what uniform attention gives these queries
-                    out["dist_rel"][b, h, k, la] = out["dist"][b, h, k, la] / u if u > 0 else 1.0
-                    ent = [-sum(p * math.log(p) for p in bt[i] if p > 0) for i in qa]
-                    out["entropy"][b, h, k, la] = np.mean(ent)
-                    for lb in range(L):
-                        kb = np.flatnonzero(lv == lb)
-                        if len(kb) == 0:
-                            continue
-                        out["R"][b, h, k, la, lb] = np.mean([bt[i, kb].sum() for i in qa]) / (len(kb) / N)
+    K = weights.shape[1]
+    dmat = np.sqrt(((pos[:, None] - pos[None]) ** 2).sum(-1))
+    cl = ref.cells(L)
+    out = np.full((B, H, K, len(cl)), np.nan)
+    for b, h in np.ndindex(B, H):
+        terms = ref.head_terms(attn[b, h], T, has_cls, dmat)
+        for k in range(K):
+            values = ref.head_metrics(terms, weights[b, k], levels[b, k], L, dmat.mean(1))
+            out[b, h, k] = [values.get(c, np.nan) for c in cl]
     return out
 
 
@@ -152,11 +91,22 @@ def random_case(seed, B, H, T, N, K, L, *, has_cls=None, zero_img=False, onehot_
 
 
 def assert_metrics_close(got, want, atol=1e-5, rtol=1e-4):
-    for key, val in want.items():
-        # the naive query-weighted SAL (sal_w) is the same number as WI, which is what gets reported
-        g = got["wi" if key == "sal_w" else key]
-        g = g.double().numpy() if isinstance(g, torch.Tensor) else g
-        np.testing.assert_allclose(g, val, atol=atol, rtol=rtol, equal_nan=True, err_msg=key)
+    """image_metrics' output against :func:`reference`'s (B, H, K, C), cell by cell."""
+    flat = flatten_cells(got).numpy()
+    for c, cell in enumerate(ref.cells(got["R"].shape[-1])):
+        np.testing.assert_allclose(flat[..., c], want[..., c], atol=atol, rtol=rtol, equal_nan=True, err_msg=str(cell))
+
+
+def test_query_weighted_sal_is_wi():
+    # docs/method.md: the query-weighted SAL, sum_i c_i sum_j Bt_ij w_j / mean w with c = w / sum w, is WI
+    case = random_case(4, 2, 3, 1, 9, 2, 3)
+    attn, T, w, lv, L, pos, _ = case
+    wi = image_metrics(*case)["wi"].double().numpy()
+    for b, h, k in np.ndindex(wi.shape):
+        bt = ref.head_terms(attn[b, h].double().numpy(), T, True, np.zeros((9, 9)))["bt"]
+        x = w[b, k].double().numpy()
+        sal_w = (x / x.sum()) @ bt @ x / x.mean() if x.sum() > 0 else 1.0
+        assert wi[b, h, k] == pytest.approx(sal_w, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,7 +293,7 @@ def test_zero_patch_rows_fall_back_to_uniform():
     assert torch.equal(renormalise(torch.zeros(2, 5)), torch.full((2, 5), 0.2))
 
 
-def test_matches_naive_reference_fixed_cases():
+def test_matches_reference_fixed_cases():
     for seed, (B, H, T, N, K, L) in enumerate([(2, 3, 1, 9, 4, 3), (1, 2, 0, 7, 2, 2), (3, 1, 2, 16, 3, 4)]):
         case = random_case(seed, B, H, T, N, K, L)
         assert_metrics_close(image_metrics(*case), reference(*case))
@@ -364,7 +314,7 @@ def test_average_ranks_tolerance_separates_close_values():
     got = average_ranks(x, tol=RANK_TOL)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert got[1] - got[0] == 1.0  # 0.1 + 1e-7 ranks right above 0.1, not tied with it
-    torch.testing.assert_close(got, torch.as_tensor(_tol_ranks(x.numpy(), RANK_TOL)), rtol=0, atol=0)
+    torch.testing.assert_close(got, torch.as_tensor(ref.average_ranks(x.numpy(), RANK_TOL)), rtol=0, atol=0)
     # batched rows are independent; tol = 0 is the exact-equality ranking
     xb = torch.stack([x, torch.full((10,), 0.1, dtype=torch.float64)])
     torch.testing.assert_close(average_ranks(xb, tol=RANK_TOL)[0], want)
@@ -380,7 +330,7 @@ def test_average_ranks_tolerance_matches_a_loop_on_signed_rows_with_and_without_
     x[1, 5:9] = x[1, 4] * (1 + 1e-8 * np.arange(1, 5))  # negative or positive run of five
     x[3, :3] = -x[3, 10] * (1 + 1e-8 * np.arange(3))
     got = average_ranks(torch.as_tensor(x), tol=RANK_TOL).numpy()
-    for row, want in zip(got, (_tol_ranks(r, RANK_TOL) for r in x), strict=True):
+    for row, want in zip(got, (ref.average_ranks(r, RANK_TOL) for r in x), strict=True):
         np.testing.assert_array_equal(row, want)
     assert len(set(got[1])) == 36 and len(set(got[0])) == 40
     no_ties = average_ranks(torch.as_tensor(x[[0, 2]]), tol=RANK_TOL).numpy()  # the shortcut alone
@@ -658,7 +608,7 @@ def test_bh_qvalues_by_hand():
 
 
 @pytest.mark.parametrize("chunk_elems", [1, 10_000])
-def test_fast_path_with_prepared_null_maps_and_small_chunks_matches_naive_reference(monkeypatch, chunk_elems):
+def test_fast_path_with_prepared_null_maps_and_small_chunks_matches_reference(monkeypatch, chunk_elems):
     # the analysis' path: null maps made by with_null, prepared once with null_index (ranks gathered, not
     # sorted again), then image_metrics(maps=...) layer after layer, in chunks of images. Forcing tiny
     # chunks (one image each) must not change a single value against the loop-by-loop reference.
