@@ -52,7 +52,10 @@ def test_uniform_attention_gives_exactly_one(image_dir, null):
     res = analyze(NativeBackend(uniform_model()), image_dir, null=null, n_boot=200,
                   progress=False, rollout=True)
     s = res.summary
-    assert len(s) and not s.isna().any().any()
+    # nothing varies under uniform attention but raw distances: z, p and q are empty there, with the reason
+    flat = s["note"] == "no variation"
+    assert len(s) and not s.drop(columns=["z", "p", "q"]).isna().any().any()
+    assert s[flat][["z", "p", "q"]].isna().all().all() and not s[~flat][["z", "p", "q"]].isna().any().any()
     for metric in ("sal", "wi", "cls_lift"):
         # rollout (layer 2) adds the residual identity: self-attention lifts WI above 1 there
         rows = s[(s["metric"] == metric) & ((s["layer"] < 2) | s["metric"].isin(["sal", "cls_lift"]))]
@@ -73,9 +76,10 @@ def test_uniform_attention_gives_exactly_one(image_dir, null):
     assert set(s["layer"]) == {0, 1, 2}, "layer 2 = rollout"
     assert (s[s["layer"] == 2]["head"] == -1).all()
     long = res.long
-    assert not long.isna().any().any()
+    assert not long.drop(columns="z").isna().any().any()
+    assert set(long[long["z"].isna()]["note"]) <= {"no variation"}
     assert set(long.columns) == {"image", "layer", "head", "metric", "level_a", "level_b", "value", "null_mean",
-                                 "null_sd", "z"}
+                                 "null_sd", "z", "note"}
     # head means and rollout reach the per-image table too
     assert (long["head"] == -1).any() and (long["layer"] == 2).any()
     assert (long[long["layer"] == 2]["head"] == -1).all()
@@ -123,8 +127,10 @@ def test_outputs_are_written_atomically(tmp_path, image_dir, tiny_vit):
     assert not list((tmp_path / "out").rglob("*.part"))  # no temporary left behind
     back = pd.read_parquet(paths["metrics"])
     assert len(back) == len(res.long)
-    summary = pd.read_csv(paths["summary"])
-    assert not summary.isna().any().any()
+    summary = pd.read_csv(paths["summary"], keep_default_na=False, dtype=str)
+    assert not summary.isin(["nan", "NaN", "inf", "-inf"]).any().any()
+    empty = (summary[["z", "p", "q"]] == "").any(axis=1)  # only a cell with no variation has no z, p, q
+    assert (summary[empty]["note"] == "no variation").all() and (summary[~empty]["note"] == "").all()
 
 
 def test_config_errors(image_dir, tiny_vit):

@@ -29,9 +29,10 @@ import torch
 
 from .errors import ConfigError, GeometryError
 from .metrics import AttentionTerms, WeightMaps, repeat_rows
-from .stats import linear_moments, outer_sums, qap_moments
+from .stats import linear_moments, outer_sums, qap_moments, qap_rounding_bound, resolved_variance
 
 NULL_KINDS = ("permute", "shift")
+_F32_EPS = float(torch.finfo(torch.float32).eps)
 
 
 def null_indices(
@@ -154,6 +155,13 @@ def _ratio_moments(d: torch.Tensor, m: WeightMaps) -> tuple[torch.Tensor, torch.
     return mean, var.clamp_min(0)
 
 
+def _qap(sa, sw, n, pa, pw, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~siftlens.stats.qap_moments` with the variance set to 0 where rounding in the attention's sums
+    of squares (machine epsilon ``eps``) could account for all of it."""
+    mean, var = qap_moments(sa, sw, n, pa=pa, pw=pw)
+    return mean, resolved_variance(var, qap_rounding_bound(sa, sw, n, pa=pa, pw=pw, eps=eps))
+
+
 @dataclass
 class MapSums:
     """The weight side of the quadratic null moments, per image (depends on the maps only: computed once
@@ -177,7 +185,7 @@ def tile_sums(ms: MapSums, r: int) -> MapSums:
     return MapSums(*(tuple(repeat_rows(x, r) for x in pair) for pair in (ms.wi, ms.r)))
 
 
-def exact_moments(t: AttentionTerms, m: WeightMaps, ms: MapSums | None = None
+def exact_moments(t: AttentionTerms, m: WeightMaps, ms: MapSums | None = None, sums_eps: float = _F32_EPS
                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Exact permutation-null mean and variance of every metric of one layer, for the observed maps.
 
@@ -186,6 +194,11 @@ def exact_moments(t: AttentionTerms, m: WeightMaps, ms: MapSums | None = None
     with a head-mean slot appended (h + 1 heads), shapes as :func:`siftlens.metrics.image_metrics` without
     the K axis: scalars (B, h + 1), ``R`` (B, h + 1, L, L), per-level metrics (B, h + 1, L); float64.
     Entries of missing levels are NaN.
+
+    ``sums_eps``: the machine epsilon of the dtype the attention's sums of squares (``xx``, ``xxt`` of
+    :class:`siftlens.reductions.LayerSums`) were accumulated in. A WI or R variance within the rounding
+    error those sums allow (:func:`siftlens.stats.resolved_variance`) is returned as 0.0: the null cannot
+    be resolved there, and the cell reads "no variation".
     """
     n = m.shape[2]
     w = m.w64[:, 0]  # (B, N)
@@ -201,12 +214,12 @@ def exact_moments(t: AttentionTerms, m: WeightMaps, ms: MapSums | None = None
     }
     ms = ms or map_sums(m)
     (s_wi, p_wi), (s_r, p_r) = ms.wi, ms.r
-    mean, var = qap_moments(t.psums, s_wi[:, None], n, pa=t.psum2, pw=p_wi[:, None])  # (B, h1)
+    mean, var = _qap(t.psums, s_wi[:, None], n, t.psum2, p_wi[:, None], sums_eps)  # (B, h1)
     out["wi"] = (mean / m.wsq[:, :1], var / m.wsq[:, :1].square())
     cnt = m.cnt_safe[:, 0]
     scale = n / (cnt[:, :, None] * cnt[:, None, :])  # (B, L, L)
-    mean, var = qap_moments(t.psums[:, :, None, None], s_r[:, None], n, pa=t.psum2[:, :, None, None],
-                            pw=p_r[:, None])  # (B, h1, L, L)
+    mean, var = _qap(t.psums[:, :, None, None], s_r[:, None], n, t.psum2[:, :, None, None], p_r[:, None],
+                     sums_eps)  # (B, h1, L, L)
     present = m.present[:, 0]
     both = (present[:, :, None] & present[:, None, :])[:, None]
     nan = torch.tensor(float("nan"), dtype=mean.dtype, device=mean.device)

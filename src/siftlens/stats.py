@@ -82,6 +82,8 @@ PATTERNS: tuple[Partition, ...] = tuple(_set_partitions(_ARITY))
 PATTERN_SIZES: np.ndarray = np.array([len(set(p)) for p in PATTERNS], dtype=np.int64)
 PATTERN_SIZES.setflags(write=False)
 _MOEBIUS = torch.from_numpy(_moebius_matrix(list(PATTERNS)))
+# its inverse, the zeta matrix of the lattice (0/1 entries): at-least sums back from exact-pattern sums
+_ZETA = torch.linalg.inv(_MOEBIUS).round()
 # einsum equations for the "at least p" sums: positions in one block share a label; '...' batches (the
 # slow, obviously correct reference of :func:`at_least_sums`)
 _AT_LEAST_EQUATIONS = tuple("...{}{},...{}{}->...".format(*(_LABELS[b] for b in p)) for p in PATTERNS)
@@ -215,6 +217,39 @@ def _inverse_falling_factorials(n: int, sizes: np.ndarray) -> list[float]:
     return [1.0 / math.perm(n, int(m)) if m <= n else 0.0 for m in sizes]
 
 
+def centred_at_least_sums(t: torch.Tensor, pair: torch.Tensor, n: int) -> torch.Tensor:
+    """The "at least" sums (:func:`at_least_sums`) of the centred matrix ``X' = X - o (J - I) - d I``.
+
+    ``t: (..., 15)`` the at-least sums of ``X``, ``pair: (..., 2)`` = [trace, off-diagonal sum] of ``X``
+    (:func:`pair_sums`), ``n`` its side ``N``. ``d = trace / N`` and ``o = off-diagonal sum / (N (N - 1))``
+    are the mean diagonal and off-diagonal entries, so ``X'`` has trace 0 and off-diagonal sum 0. Subtracting
+    ``o J + (d - o) I`` changes ``Q = sum_ij A_ij W_pi(i)pi(j)`` by a constant (``sum_ij W_pi(i)pi(j)`` and
+    its trace do not depend on ``pi``), so the centred matrices have the same null variance, and their
+    ``E[Q']`` is 0: ``Var[Q] = E[Q'^2]`` with no ``second - mean**2`` cancellation. Float64, ``(..., 15)``.
+    """
+    t, pair = _f64(t), _f64(pair)
+    f = {name: t[..., _FEATURES.index(name)] for name in ("rr", "cc", "rc", "XX", "XXt", "dr", "dc", "dd")}
+    tr, off = pair[..., 0], pair[..., 1]
+    total = tr + off
+    d = tr / n
+    o = off / (n * (n - 1)) if n > 1 else torch.zeros_like(off)
+    b = d - o  # X' = X - o J - b I
+    k = n * o + b  # what X' takes from every row (and column) sum
+    vec = n * k * k - 2 * k * total  # sum (r_i - k)^2 = rr + vec, likewise cc and rc
+    mat = n * n * o * o + 2 * n * o * b + n * b * b - 2 * o * total - 2 * b * tr  # sum X'^2 = XX + mat
+    zero = torch.zeros_like(tr)
+    return _assemble({"S": zero, "t": zero, "rr": f["rr"] + vec, "cc": f["cc"] + vec, "rc": f["rc"] + vec,
+                      "XX": f["XX"] + mat, "XXt": f["XXt"] + mat,
+                      "dr": f["dr"] - k * tr - d * total + n * d * k, "dc": f["dc"] - k * tr - d * total + n * d * k,
+                      "dd": f["dd"] - 2 * d * tr + n * d * d})
+
+
+def _centred_pattern_sums(s: torch.Tensor, pair: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`pattern_sums` of the centred matrix (:func:`centred_at_least_sums`) from those of ``X``."""
+    t = s @ _ZETA.to(s.device).T
+    return centred_at_least_sums(t, pair, n) @ _MOEBIUS.to(s.device).T
+
+
 def qap_moments(
     sa: torch.Tensor, sw: torch.Tensor, n: int, *, pa: torch.Tensor, pw: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,32 +258,110 @@ def qap_moments(
     ``sa = pattern_sums(A)``, ``sw = pattern_sums(W)``: ``(..., 15)``; ``pa = pair_sums(A)``,
     ``pw = pair_sums(W)``: ``(..., 2)``; leading dims broadcast against each other. ``n`` is the side ``N``
     of ``A`` and ``W``. Returns ``(mean, var)`` of the broadcast leading shape; ``var >= 0``.
+
+    The variance is ``E[Q'^2]`` of the centred matrices (:func:`centred_at_least_sums`), never
+    ``E[Q^2] - E[Q]^2``: for near-uniform attention the latter subtracts two numbers of size ``E[Q]^2``
+    to get one many orders of magnitude smaller (METHOD.md section 4, "Precision").
     """
     if n < 1:
         raise ConfigError(f"qap_moments needs n >= 1; got {n}")
     sa, sw, pa, pw = _f64(sa), _f64(sw), _f64(pa), _f64(pw)
+    _check_pattern_shapes(sa, sw, pa, pw)
+    pair_coef = torch.tensor(_inverse_falling_factorials(n, np.array([1, 2])), dtype=torch.float64, device=pa.device)
+    # contractions over the pattern axis with broadcasting: one batched matmul each, no (broadcast, 15) product
+    mean = torch.einsum("...p,...p->...", pa * pair_coef, pw)
+    coef = torch.tensor(_inverse_falling_factorials(n, PATTERN_SIZES), dtype=torch.float64, device=sa.device)
+    var = torch.einsum("...p,...p->...", _centred_pattern_sums(sa, pa, n) * coef, _centred_pattern_sums(sw, pw, n))
+    var = var.clamp_min(0.0)
+    return mean.expand_as(var).contiguous(), var
+
+
+def qap_rounding_bound(
+    sa: torch.Tensor, sw: torch.Tensor, n: int, *, pa: torch.Tensor, pw: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """A bound on the error of :func:`qap_moments`'s variance from rounding in ``A``'s sums of squares.
+
+    Arguments as :func:`qap_moments`; ``eps``: the machine epsilon of the dtype in which ``sum A^2`` and
+    ``sum A * A^T`` were accumulated (``torch.finfo(torch.float32).eps`` for float32 sums). Each is taken
+    to be off by up to ``eps * N * |value|`` (a sum of ``N^2`` terms). The variance is linear in the
+    centred at-least sums of ``A``; the bound is ``sum over those two terms of |d var / d T_A| * error``.
+    Returns (broadcast leading shape,) float64, the same unit as the variance.
+    """
+    sa, sw, pa, pw = _f64(sa), _f64(sw), _f64(pa), _f64(pw)
+    _check_pattern_shapes(sa, sw, pa, pw)
+    coef = torch.tensor(_inverse_falling_factorials(n, PATTERN_SIZES), dtype=torch.float64, device=sa.device)
+    grad = (_centred_pattern_sums(sw, pw, n) * coef) @ _MOEBIUS.to(sa.device)  # d var / d T_A', (..., 15)
+    t = sa @ _ZETA.to(sa.device).T
+    bound = torch.zeros(torch.broadcast_shapes(sa.shape[:-1], sw.shape[:-1]), dtype=torch.float64, device=sa.device)
+    for name in ("XX", "XXt"):
+        q = _FEATURES.index(name)
+        bound = bound + grad[..., q].abs() * t[..., q].abs() * (eps * n)
+    return bound
+
+
+#: A variance counts as resolved when it exceeds its rounding bound this many times (its sd is then off by
+#: at most 1%: ``sqrt(1 + 1/50) - 1``).
+RESOLVE_FACTOR = 50.0
+
+
+def resolved_variance(var: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``var`` where it exceeds :data:`RESOLVE_FACTOR` times its rounding ``bound``, else 0.0 (same shape)."""
+    return torch.where(var > RESOLVE_FACTOR * bound, var, torch.zeros_like(var))
+
+
+def _check_pattern_shapes(sa, sw, pa, pw) -> None:
     npat = len(PATTERNS)
     if sa.shape[-1:] != (npat,) or sw.shape[-1:] != (npat,):
         raise GeometryError(f"sa and sw must have shape (..., {npat}); got {tuple(sa.shape)}, {tuple(sw.shape)}")
     if pa.shape[-1:] != (2,) or pw.shape[-1:] != (2,):
         raise GeometryError(f"pa and pw must have shape (..., 2); got {tuple(pa.shape)}, {tuple(pw.shape)}")
-    pair_coef = torch.tensor(_inverse_falling_factorials(n, np.array([1, 2])), dtype=torch.float64, device=pa.device)
-    # contractions over the pattern axis with broadcasting: one batched matmul each, no (broadcast, 15) product
-    mean = torch.einsum("...p,...p->...", pa * pair_coef, pw)
-    coef = torch.tensor(_inverse_falling_factorials(n, PATTERN_SIZES), dtype=torch.float64, device=sa.device)
-    second = torch.einsum("...p,...p->...", sa * coef, sw)
-    var = (second - mean.square()).clamp_min(0.0)
-    return mean.expand_as(var).contiguous(), var
 
 
 def normal_two_sided_p(z: np.ndarray) -> np.ndarray:
     """Two-sided standard-normal p-value ``erfc(|z| / sqrt 2)``, elementwise, float64, same shape as ``z``.
 
-    Never NaN for finite ``z``; it underflows to 0.0 for huge ``|z|`` (about 38 and beyond).
+    Never NaN for finite ``z`` (NaN stays NaN); it underflows to 0.0 for huge ``|z|`` (about 38 and beyond):
+    the normal tail is not accurate that far out anyway, so reports print p below 1e-12 as "< 1e-12".
     """
     zt = torch.tensor(np.asarray(z, dtype=np.float64)).abs()
     p = torch.special.erfc(zt / math.sqrt(2.0)).clamp(0.0, 1.0)
     return p.numpy()
+
+
+# z-scores and "no variation" (numpy, float64)
+
+#: Metric values are computed in float32 and carry a few float32 epsilons of rounding (measured: up to 9
+#: for WI at N = 196). A null sd at or below this many epsilons of the null mean cannot be told apart from
+#: that rounding, so the z-score would measure rounding, not attention: the cell reads "no variation".
+NO_VARIATION_EPS = 16
+NO_VARIATION = "no variation"
+_F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def no_variation(null_mean, null_var) -> np.ndarray:
+    """True where a cell's null variance is zero (or not finite) or its sd is at most
+    :data:`NO_VARIATION_EPS` float32 epsilons of ``|null_mean|``. Arrays of one shape, any unit; bool."""
+    mean, var = np.asarray(null_mean, np.float64), np.asarray(null_var, np.float64)
+    with np.errstate(invalid="ignore"):
+        sd = np.sqrt(np.clip(var, 0, None))
+        return ~np.isfinite(var) | (var <= 0) | (sd <= NO_VARIATION_EPS * _F32_EPS * np.abs(mean))
+
+
+def z_scores(observed, null_mean, null_var) -> tuple[np.ndarray, np.ndarray]:
+    """``(observed - null_mean) / null_sd`` and a note per cell; arrays of one shape, float64.
+
+    z is NaN and the note :data:`NO_VARIATION` where :func:`no_variation` holds (never a clipped or
+    floored huge z); elsewhere the note is ``""`` and z is 0.0 where ``observed`` equals the null mean to
+    1e-9 of its size. Returns ``(z, note)``, note an object array of str.
+    """
+    obs, mean = np.asarray(observed, np.float64), np.asarray(null_mean, np.float64)
+    var = np.asarray(null_var, np.float64)
+    flat = no_variation(mean, var)
+    diff = obs - mean
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(np.abs(diff) <= 1e-9 * np.maximum(1.0, np.abs(mean)), 0.0, diff / np.sqrt(var))
+    z = np.where(flat, np.nan, z)
+    return z, np.where(flat, NO_VARIATION, "").astype(object)
 
 
 # dataset-level statistics (numpy, float64)

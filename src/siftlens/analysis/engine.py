@@ -116,10 +116,17 @@ def _exact_values(raws: list[LayerRaw], maps: WeightMaps, ms: MapSums) -> tuple[
     t = finish_terms(raws, maps.n_levels)
     m, s = (maps, ms) if r == 1 else (tile_maps(maps, r), tile_sums(ms, r))
     obs = _with_head_mean(flatten_cells(metrics_from_terms(t, m)))[:, :, 0]
-    mom = exact_moments(t, m, s)
+    mom = exact_moments(t, m, s, sums_eps=_sums_eps(raws[0]))
     mean = flatten_cells({k: v[0].unsqueeze(2) for k, v in mom.items()})[:, :, 0]
     var = flatten_cells({k: v[1].unsqueeze(2) for k, v in mom.items()})[:, :, 0]
     return tuple(v.view(r, -1, *v.shape[1:]) for v in (obs, mean, var))
+
+
+def _sums_eps(raw: LayerRaw) -> float:
+    """The machine epsilon of the coarsest dtype among the sums behind the exact null variance (row, column
+    and diagonal sums, ``sum Bt^2`` and ``sum Bt * Bt^T``): what :func:`exact_moments` can resolve."""
+    s = raw.sums
+    return max(torch.finfo(x.dtype).eps for x in (s.rowsum, s.colsum, s.diag, s.xx, s.xxt) if x is not None)
 
 
 def _null_maps(plan: RunPlan, w: torch.Tensor, lv: torch.Tensor, names: list[str]) -> tuple[WeightMaps, int | None]:

@@ -197,7 +197,7 @@ def _flush(store: RunStore, longs: list[pd.DataFrame], rows: list[dict], seconds
 def long_rows_empty() -> pd.DataFrame:
     """A part with no metric rows (every image of it was skipped), with the table's columns."""
     return pd.DataFrame({c: pd.Series(dtype="float32" if c in ("value", "null_mean", "null_sd", "z") else
-                                      "object" if c in ("image", "metric") else "int16") for c in LONG_COLUMNS})
+                                      "object" if c in ("image", "metric", "note") else "int16") for c in LONG_COLUMNS})
 
 
 def _image_row(i, names, labels, classes, status, reason="", pred=None, n_kp=0) -> dict:

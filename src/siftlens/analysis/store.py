@@ -29,14 +29,15 @@ import pyarrow.parquet as pq
 
 from ..errors import ConfigError
 from ..io import atomic_path, read_json, write_json
+from ..stats import z_scores
 from .engine import BatchValues
 
 RUN_FILE = "run.json"
 METRICS_DIR = "metrics.parquet"
 IMAGES_DIR = "images.parts"
 MANIFEST = "manifest.json"
-Z_CLIP = 1e6
-LONG_COLUMNS = ["image", "layer", "head", "metric", "level_a", "level_b", "value", "null_mean", "null_sd", "z"]
+LONG_COLUMNS = ["image", "layer", "head", "metric", "level_a", "level_b", "value", "null_mean", "null_sd", "z",
+                "note"]
 META_METRICS_SHA = b"siftlens.metrics_sha256"  # in the images part: the SHA-256 of its metrics part
 META_ROWS_SHA = b"siftlens.rows_sha256"  # in the images part: the digest of its own rows (table_digest)
 ORPHAN = "metrics part without its images part"  # what a run killed between the two writes leaves
@@ -230,15 +231,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def long_rows(v: BatchValues, names: list[str], layer_ids: list[int], heads: int,
               cells: list[tuple[str, int, int]]) -> pd.DataFrame:
     """The tidy rows of a batch: one per (image, layer, head, cell) that exists; head -1 is the mean over
-    heads, layer ``num_layers`` rollout. NaN entries (excluded images, empty levels) are dropped."""
+    heads, layer ``num_layers`` rollout. NaN entries (excluded images, empty levels) are dropped.
+
+    ``z`` is empty (null) and ``note`` reads "no variation" where the cell's null variance is zero or below
+    float32 resolution (:func:`siftlens.stats.z_scores`); ``note`` is "" elsewhere."""
     obs = v.obs
     keep = ~np.isnan(obs)
     ii, li, hi, ci = np.nonzero(keep)
     mean, var = v.null_mean[keep], np.clip(v.null_var[keep], 0, None)
-    sd = np.sqrt(var)
-    diff = obs[keep] - mean
-    noise = 1e-9 * np.maximum(1.0, np.abs(mean))
-    z = np.where(np.abs(diff) <= noise, 0.0, np.clip(diff / np.maximum(sd, 1e-12), -Z_CLIP, Z_CLIP))
+    z, note = z_scores(obs[keep], mean, var)
     return pd.DataFrame({
         "image": np.asarray(names, dtype=object)[ii],
         "layer": np.asarray(layer_ids, np.int16)[li],
@@ -248,6 +249,7 @@ def long_rows(v: BatchValues, names: list[str], layer_ids: list[int], heads: int
         "level_b": np.asarray([c[2] for c in cells], np.int8)[ci],
         "value": obs[keep].astype(np.float32),
         "null_mean": mean.astype(np.float32),
-        "null_sd": sd.astype(np.float32),
+        "null_sd": np.sqrt(var).astype(np.float32),
         "z": z.astype(np.float32),
+        "note": note,
     })

@@ -18,9 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..nullmodel import image_key
-from ..stats import bh_qvalues, normal_two_sided_p
-
-Z_CLIP = 1e6
+from ..stats import NO_VARIATION, bh_qvalues, normal_two_sided_p, z_scores
 
 
 def poisson_weights(names: list[str], n_boot: int, seed: int) -> np.ndarray:
@@ -63,19 +61,28 @@ class SummaryAccumulator:
             return np.where(self.boot_count > 0, self.boot_sum / self.boot_count, np.nan)
 
     def statistics(self) -> dict[str, np.ndarray]:
-        """Per cell (D,): n, mean, ci_lo, ci_hi, null_mean, null_sd, z, p; NaN where n == 0."""
+        """Per cell (D,): n, mean, ci_lo, ci_hi, null_mean, null_sd, z, p; NaN where n == 0, and z, p NaN
+        where the cell has no variation (:func:`dataset_z`)."""
         n = self.count
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = self.sum_obs / n
             null_mean = self.sum_null_mean / n
             null_sd = np.sqrt(self.sum_null_var) / n
         lo, hi = nan_percentiles(self.boot_means(), (2.5, 97.5))
-        diff = mean - null_mean
-        noise = 1e-9 * np.maximum(1.0, np.abs(null_mean))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            z = np.where(np.abs(diff) <= noise, 0.0, np.clip(diff / np.maximum(null_sd, 1e-300), -Z_CLIP, Z_CLIP))
+        z = dataset_z(mean, null_mean, self.sum_null_var, n)
         return {"n": n, "mean": mean, "ci_lo": lo, "ci_hi": hi, "null_mean": null_mean, "null_sd": null_sd,
                 "z": z, "p": normal_two_sided_p(z)}
+
+
+def dataset_z(mean: np.ndarray, null_mean: np.ndarray, sum_null_var: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """z of the mean over n images, (D,) float64: ``(mean - null_mean) / (sqrt(sum_null_var) / n)``, NaN
+    where n == 0 or the cell has no variation. "No variation" is judged on the images' root-mean-square null
+    sd, ``sqrt(sum_null_var / n)``, against float32 resolution (:func:`siftlens.stats.no_variation`): the
+    rounding of independent images averages down like the null sd of their mean, so the mean is resolved
+    exactly when a typical image is."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z, _ = z_scores(mean, null_mean, sum_null_var / n)  # no variation per image-sized variance
+        return np.where(np.isnan(z) | (n <= 0), np.nan, z * np.sqrt(n))
 
 
 def nan_percentiles(x: np.ndarray, q: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +102,9 @@ def nan_percentiles(x: np.ndarray, q: tuple[float, float]) -> tuple[np.ndarray, 
 def summary_table(stats: dict[str, np.ndarray], layer_ids: list[int], heads: int,
                   cells: list[tuple[str, int, int]]) -> pd.DataFrame:
     """The tidy summary: one row per existing (layer, head, metric, level_a, level_b); head -1 = mean over
-    heads. BH q runs across (layer, head) within each metric/level family; head means form their own."""
+    heads. BH q runs across (layer, head) within each metric/level family, over the cells that have a p;
+    head means form their own family. A cell with no variation keeps its row with z, p and q empty (NaN
+    here, an empty field in summary.csv) and ``note`` "no variation"; ``note`` is "" elsewhere."""
     nl, h1, C = len(layer_ids), heads + 1, len(cells)
     li, hi, ci = np.meshgrid(np.arange(nl), np.arange(h1), np.arange(C), indexing="ij")
     df = pd.DataFrame({
@@ -109,10 +118,12 @@ def summary_table(stats: dict[str, np.ndarray], layer_ids: list[int], heads: int
     df["n"] = df["n"].astype(int)
     df["null_lo"] = df["null_mean"] - 1.959964 * df["null_sd"]
     df["null_hi"] = df["null_mean"] + 1.959964 * df["null_sd"]
-    df = df[df["n"] > 0].dropna(subset=["mean", "ci_lo", "ci_hi", "null_mean", "null_sd", "z", "p"]).copy()
-    df["q"] = 1.0
-    for _, ix in df.groupby(["metric", "level_a", "level_b", df["head"] == -1], sort=False).groups.items():
+    df = df[df["n"] > 0].dropna(subset=["mean", "ci_lo", "ci_hi", "null_mean", "null_sd"]).copy()
+    df["note"] = np.where(df["z"].isna(), NO_VARIATION, "")
+    df["q"] = np.nan
+    tested = df["p"].notna()
+    for _, ix in df[tested].groupby(["metric", "level_a", "level_b", df["head"] == -1], sort=False).groups.items():
         df.loc[ix, "q"] = bh_qvalues(df.loc[ix, "p"].to_numpy())
     cols = ["layer", "head", "metric", "level_a", "level_b", "n", "mean", "ci_lo", "ci_hi", "null_mean", "null_sd",
-            "null_lo", "null_hi", "z", "p", "q"]
+            "null_lo", "null_hi", "z", "p", "q", "note"]
     return df[cols].reset_index(drop=True)

@@ -9,7 +9,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .figures import CURVE_METRICS, METRIC_LABELS, NULL_GREY, REFERENCE, _figure
-from .findings import ReportDataError
+from .findings import ReportDataError, bare, fmt_q, fmt_z
 
 
 def compare_curves(summaries: pd.DataFrame, labels: Sequence[str], depth: int | None = None,
@@ -61,7 +61,8 @@ def render_compare_html(differences: pd.DataFrame, runs: pd.DataFrame, figure_pn
         f"<tr{sig if r.q < 0.05 else ''}><td>{_e(r.run)}</td><td>{_e(short[r.metric])}"
         f"</td><td class=num>{r.layer}</td><td class=num>{r.mean_base:.3f}</td><td class=num>{r.mean:.3f}</td>"
         f"<td class=num>{r.diff:+.3f}</td><td class=num>{r.ci_lo:+.3f} to {r.ci_hi:+.3f}</td>"
-        f"<td class=num>{r.z:.1f}</td><td class=num>{r.q:.2g}</td></tr>" for r in rows.itertuples())
+        f"<td class=num>{_e(bare(fmt_z(r.z)))}</td>"
+        f"<td class=num>{_e(bare(fmt_q(r.q)))}</td></tr>" for r in rows.itertuples())
     run_rows = [(r.run, f"{r.model} on {r.images}: {r.analysed} images, {r.shared_with_first} shared with {base}")
                 for r in runs.itertuples()]
     settings = ("<p class=\"muted\">Compared with --force although these settings differ: "

@@ -65,13 +65,42 @@ def cell_name(layer: int, head: int, n_layers: int) -> str:
     return f"layer {layer} head {head}" if head >= 0 else f"layer {layer} (mean over heads)"
 
 
+#: p and q below this print as "< 1e-12": the normal approximation is not accurate further into the tail,
+#: and z (printed beside them) stays the measure of strength.
+P_FLOOR = 1e-12
+NO_VARIATION = "no variation"
+
+
+def fmt_p(p: float, name: str = "p") -> str:
+    """'p=0.0031', 'p < 1e-12', or 'no variation' for a cell without a p (its null has no variation)."""
+    if p is None or not np.isfinite(p):
+        return NO_VARIATION
+    return f"{name} < {P_FLOOR:g}" if p < P_FLOOR else f"{name}={p:.2g}"
+
+
 def fmt_q(q: float) -> str:
-    """q with two significant digits; exact normal p-values make tiny q meaningful (z = 3 vs z = 30)."""
-    return "q<1e-300" if q < 1e-300 else f"q={q:.2g}"
+    """q with two significant digits, 'q < 1e-12' below that, 'no variation' where the cell has no q."""
+    return fmt_p(q, "q")
 
 
 def fmt_z(z: float) -> str:
+    """'z=3.1', 'z=42', or 'no variation' where the cell has no z."""
+    if z is None or not np.isfinite(z):
+        return NO_VARIATION
     return f"z={z:.0f}" if abs(z) >= 10 else f"z={z:.1f}"
+
+
+def bare(text: str) -> str:
+    """A formatted z, p or q without its name, for a table column: 'z=3.1' -> '3.1', 'q < 1e-12' -> '< 1e-12'."""
+    for name in ("z", "p", "q"):
+        if text.startswith(name + "=") or text.startswith(name + " "):
+            return text[len(name):].removeprefix("=").strip()
+    return text
+
+
+def strength(z: float) -> float:
+    """|z| for ranking findings; 0.0 for a cell with no variation (no z)."""
+    return abs(float(z)) if z is not None and np.isfinite(z) else 0.0
 
 
 def fmt_num(x: float, digits: int = 2) -> str:
@@ -132,6 +161,8 @@ def _ci(row) -> str:
 
 
 def _stats(row) -> str:
+    if not np.isfinite(row["z"]):
+        return NO_VARIATION
     return f"{fmt_z(row['z'])}, {fmt_q(row['q'])}"
 
 
@@ -210,13 +241,13 @@ def _sal_findings(s: pd.DataFrame, n_layers: int, rule: Rule) -> tuple[list[str]
         if len(up) > 1:
             more = [f"{cell_name(x['layer'], x['head'], n_layers)} ({fmt_num(x['mean'])}x, {fmt_q(x['q'])})"
                     for _, x in up.iloc[1:4].iterrows()]
-            scored.append((abs(float(up.iloc[1]["z"])), f"Next strongest: {join_words(more)}."))
+            scored.append((strength(up.iloc[1]["z"]), f"Next strongest: {join_words(more)}."))
     else:
         lead.append(f"No {unit1} favours keypoint-rich patches (none has SAL above the null by {eff} or "
                     f"more with q < {alpha:g}).")
     if len(down):
         r = down.iloc[0]
-        scored.append((abs(float(r["z"])),
+        scored.append((strength(r["z"]),
                        f"{_cap(cell_name(r['layer'], r['head'], n_layers))} avoids keypoint-rich patches "
                        f"most: it gives them only {fmt_num(r['mean'])}x the attention they would get if "
                        f"attention ignored keypoints ({_ci(r)}; {_stats(r)})."))
@@ -258,7 +289,7 @@ def _rollout_sentence(row: pd.DataFrame, rule: Rule) -> tuple[float, str]:
         verdict = f"differs from the null by less than {rule.min_effect:.0%}"
     else:
         verdict = "is indistinguishable from the null"
-    return (abs(float(r["z"])), f"Attention rollout across all layers gives keypoint-rich patches "
+    return (strength(r["z"]), f"Attention rollout across all layers gives keypoint-rich patches "
             f"{fmt_num(r['mean'])}x ({_ci(r)}, {fmt_q(r['q'])}) and {verdict}.")
 
 
@@ -335,7 +366,7 @@ def _cls(s: pd.DataFrame, n_layers: int, rule: Rule, manifest) -> list[tuple[flo
     else:
         text = (f"{who} gives keypoint-rich patches {fmt_num(r['mean'])}x their uniform share {where} "
                 f"({_ci(r)}, {fmt_q(r['q'])})")
-    return [(abs(float(r["z"])), text + ".")]
+    return [(strength(r["z"]), text + ".")]
 
 
 def _interrelation(s: pd.DataFrame, n_layers: int, rule: Rule, manifest) -> list[tuple[float, str]]:
@@ -367,7 +398,7 @@ def _interrelation(s: pd.DataFrame, n_layers: int, rule: Rule, manifest) -> list
         text = (f"Keypoint-rich patches show no clear preference for each other: the largest {hn}→{hn} "
                 f"value is {fmt_num(a['mean'])}x in layer {best} ({note}), against "
                 f"{fmt_num(b['mean'])}x for {hn}→{zn}.")
-    return [(abs(float(a["z"])), text)]
+    return [(strength(a["z"]), text)]
 
 
 def _distance(s: pd.DataFrame, n_layers: int, manifest, rule: Rule) -> list[tuple[float, str]]:

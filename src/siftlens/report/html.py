@@ -20,8 +20,10 @@ from .findings import (
     DEFAULT_MIN_EFFECT,
     DEFAULT_MIN_RHO,
     ReportDataError,
+    bare,
     check_summary,
     fmt_q,
+    fmt_z,
     level_names,
     num_layers,
 )
@@ -124,7 +126,12 @@ GLOSSARY = [
      "plausibly take with another sample of images of the same kind."),
     ("q", "The p-value against the null after Benjamini–Hochberg correction across all (layer, head) "
      "cells of a metric: the expected share of false discoveries among cells called significant. "
-     "q &lt; 0.05 is the threshold used here."),
+     "q &lt; 0.05 is the threshold used here. p and q below 1e-12 print as “&lt; 1e-12”: the normal "
+     "approximation is not accurate that far into the tail, so z is the measure of strength there."),
+    ("No variation", "A cell whose null variance is zero, or too small for float32 arithmetic to resolve "
+     "(null sd within 16 float32 epsilons of the null mean, or within the rounding of the attention sums "
+     "it is computed from), as with exactly or nearly uniform attention. Its z, p and q are left empty: "
+     "any z there would measure rounding, not attention. It is never counted as significant."),
     ("Rollout", "Attention rollout (Abnar and Zuidema, 2020): attention multiplied through all layers, "
      "with the residual connection, giving one map for the whole network."),
 ]
@@ -300,8 +307,9 @@ def _top_table(s: pd.DataFrame, n_layers: int, alpha: float) -> str:
         rows.append(
             f"<tr{cls}><td class=num>{i}</td><td class=num>{r.layer}</td><td class=num>{_e(head_txt)}</td>"
             f"<td class=num><strong>{r.mean:.2f}</strong></td><td class=num>{r.ci_lo:.2f}–{r.ci_hi:.2f}</td>"
-            f"<td class=num>{r.null_lo:.2f}–{r.null_hi:.2f}</td><td class=num>{r.z:.1f}</td>"
-            f"<td class=num>{_e(fmt_q(r.q).removeprefix('q=').removeprefix('q'))}</td>"
+            f"<td class=num>{r.null_lo:.2f}–{r.null_hi:.2f}</td>"
+            f"<td class=num>{_e(bare(fmt_z(r.z)))}</td>"
+            f"<td class=num>{_e(bare(fmt_q(r.q)))}</td>"
             f"<td class=num>{int(r.n)}</td></tr>"
         )
     note = (f'<p class="muted">Highlighted rows depart from the null (q &lt; {alpha:g}). '
