@@ -9,9 +9,10 @@ and the command, and loaded with :mod:`ctypes`. Compiling takes about a second p
 Two builds of the one source: 8 lanes (AVX2 and FMA: Intel CPUs since 2013, AMD since 2015) and, where the
 CPU has AVX-512, 16 lanes, used for rows of at least
 :data:`WIDE_FROM` patches (10 % faster on ViT-S/16's 196; slower on the built-in model's 64, where the
-per-row work is a few vectors). Where the kernel cannot serve, the eager path does, with the same numbers to
-float32 rounding: on a non-x86-64 machine, on a CPU without AVX2 and FMA, without a C compiler (one warning
-names the reason), for tensors on an accelerator, and with ``SIFTLENS_FUSED=0``.
+per-row work is a few vectors). Each build stands alone: where one fails to compile, the other serves (one
+warning). Where the kernel cannot serve, the eager path does, with the same numbers to float32 rounding: on a
+non-x86-64 machine, on a CPU without AVX2 and FMA, without a C compiler (one warning names the reason), for
+tensors on an accelerator, and with ``SIFTLENS_FUSED=0``.
 
 :func:`layer_sums` splits a batch's images over ``torch.get_num_threads()`` threads; ctypes releases the GIL
 during the call, so the threads run in parallel like an eager operation's.
@@ -93,10 +94,14 @@ def _build(source: bytes, compiler: str, width: int) -> ctypes.CDLL | None:
     return lib
 
 
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[dict[int, ctypes.CDLL], str]:
-    """The loaded builds by width and "", or none and why not (with one warning when something is wrong
-    rather than just absent: no compiler, or a failed build)."""
+    """The loaded builds by width and "", or none and why not. Builds stand alone: where one fails, the others
+    serve. One warning when something is wrong rather than just absent: no compiler, a failed build."""
     if os.environ.get("SIFTLENS_FUSED", "1") == "0":
         return {}, "disabled by SIFTLENS_FUSED=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -104,19 +109,33 @@ def _load() -> tuple[dict[int, ctypes.CDLL], str]:
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         why = f"no C compiler ({compiler})"
-    else:
-        source = resources.files("siftlens").joinpath("kernels", _SOURCE).read_bytes()
+        _warn(f"fused attention kernel unavailable: {why}; siftlens uses the slower eager path")
+        return {}, why
+    source = resources.files("siftlens").joinpath("kernels", _SOURCE).read_bytes()
+    builds: dict[int, ctypes.CDLL] = {}
+    failed: list[str] = []
+    lacking: list[int] = []
+    for width in WIDTHS:
+        if lacking:  # no AVX2 and FMA: no AVX-512 either
+            break
         try:
-            narrow = _build(source, compiler, WIDTHS[0])
-            wide = _build(source, compiler, WIDTHS[1]) if narrow is not None else None
+            lib = _build(source, compiler, width)
         except (OSError, subprocess.SubprocessError) as e:
-            why = f"the build failed: {e}"
+            failed.append(f"the {width}-lane build failed: {e}")
+            continue
+        if lib is None:
+            lacking.append(width)
         else:
-            if narrow is None:
-                return {}, "the CPU lacks AVX2 or FMA"
-            return {w: lib for w, lib in zip(WIDTHS, (narrow, wide), strict=True) if lib is not None}, ""
-    warnings.warn(f"fused attention kernel unavailable: {why}; siftlens uses the slower eager path",
-                  RuntimeWarning, stacklevel=4)
+            builds[width] = lib
+    if builds:
+        if failed:
+            served = " and ".join(f"{w}-lane" for w in builds)
+            _warn(f"fused attention kernel: {'; '.join(failed)}; the {served} build serves")
+        return builds, ""
+    if not failed:
+        return {}, "the CPU lacks AVX2 or FMA"
+    why = "; ".join(failed)
+    _warn(f"fused attention kernel unavailable: {why}; siftlens uses the slower eager path")
     return {}, why
 
 
@@ -153,7 +172,8 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor,
     """
     builds = _load()[0]
     bsz, nh, n, _ = patch_attn.shape
-    width = WIDTHS[1] if n >= WIDE_FROM and WIDTHS[1] in builds else WIDTHS[0]
+    width = WIDTHS[1] if n >= WIDE_FROM else WIDTHS[0]
+    width = width if width in builds else next(iter(builds))
     lib = builds[width]
     r = lhs.shape[1]
     if patch_attn.dtype != torch.float32 or patch_attn.stride(-1) != 1:

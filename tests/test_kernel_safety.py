@@ -1,0 +1,86 @@
+"""Safety of the fused kernel (siftlens.fused) where its surroundings are unusual: one build of two that fails
+(issue 22, item 15)."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from _sums import direct_layer_sums
+from test_fused import layer
+
+from siftlens import fused, reductions
+
+CPU = torch.device("cpu")
+CC = shutil.which("cc")
+needs_cc = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or CC is None,
+                              reason="the kernel is built on x86-64 with a C compiler (cc) only")
+HAS_AVX512 = Path("/proc/cpuinfo").exists() and "avx512f" in Path("/proc/cpuinfo").read_text()
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """A cache of this test's own (never the user's), the default compiler, and no kernel loaded."""
+    monkeypatch.setenv("SIFTLENS_CACHE", str(tmp_path / "cache"))
+    for var in ("SIFTLENS_FUSED", "SIFTLENS_FUSED_WIDTH"):
+        monkeypatch.delenv(var, raising=False)
+    if CC:
+        monkeypatch.setenv("CC", CC)
+    fused._load.cache_clear()
+    yield
+    fused._load.cache_clear()
+
+
+def load_and_count_warnings() -> tuple[bool, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = fused.available(CPU)
+    return ok, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def check_kernel_numbers() -> None:
+    attn, lhs, dmat = layer(2, 3, 4, 4, 3, seed=7)
+    got = reductions.layer_sums(attn[:, :, 1:, 1:], lhs, dmat, 3, pattern=True)
+    want = direct_layer_sums(attn[:, :, 1:, 1:], lhs, dmat, 3)
+    for name, value in want.items():
+        torch.testing.assert_close(getattr(got, name).double(), value, rtol=2e-5, atol=1e-6, msg=name)
+
+
+# ---- item 15: builds fall back lane by lane ----------------------------------------------------------------------
+
+def failing_compiler(tmp_path: Path, width: int) -> Path:
+    """A ``cc`` that fails for the ``width``-lane build only, as a compiler without AVX-512 support would."""
+    script = tmp_path / f"cc-without-{width}"
+    script.write_text(f'#!/bin/sh\ncase " $* " in *" -DVW={width} "*) echo "error: no -DVW={width} here" >&2; exit 1;; '
+                      f'esac\nexec {CC} "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+@needs_cc
+def test_a_failed_16_lane_build_leaves_the_8_lane_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(failing_compiler(tmp_path, 16)))
+    ok, warned = load_and_count_warnings()
+    assert ok, fused.unavailable_reason(CPU)
+    assert sorted(fused._load()[0]) == [8]
+    assert len(warned) == 1 and "16-lane build failed" in warned[0] and "8-lane build serves" in warned[0], warned
+    attn, lhs, dmat = layer(1, 2, 12, 12, 3, seed=9)  # 144 patches: where the 16-lane build would serve
+    got = reductions.layer_sums(attn[:, :, 1:, 1:], lhs, dmat, 3, pattern=True)
+    want = direct_layer_sums(attn[:, :, 1:, 1:], lhs, dmat, 3)
+    for name, value in want.items():
+        torch.testing.assert_close(getattr(got, name).double(), value, rtol=2e-5, atol=1e-6, msg=name)
+
+
+@needs_cc
+@pytest.mark.skipif(not HAS_AVX512, reason="the 16-lane build serves alone only on a CPU with AVX-512")
+def test_a_failed_8_lane_build_leaves_the_16_lane_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(failing_compiler(tmp_path, 8)))
+    ok, warned = load_and_count_warnings()
+    assert ok, fused.unavailable_reason(CPU)
+    assert sorted(fused._load()[0]) == [16]
+    assert len(warned) == 1 and "8-lane build failed" in warned[0], warned
+    check_kernel_numbers()  # 16 patches: below WIDE_FROM, served by the 16-lane build
