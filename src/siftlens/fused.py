@@ -10,9 +10,13 @@ Two builds of the one source: 8 lanes (AVX2 and FMA: Intel CPUs since 2013, AMD 
 CPU has AVX-512, 16 lanes, used for rows of at least
 :data:`WIDE_FROM` patches (10 % faster on ViT-S/16's 196; slower on the built-in model's 64, where the
 per-row work is a few vectors). Each build stands alone: where one fails to compile, the other serves (one
-warning). Where the kernel cannot serve, the eager path does, with the same numbers to float32 rounding: on a
+warning). ``SIFTLENS_FUSED_WIDTH=8`` or ``16`` builds and uses only that one (for tests and benchmarks).
+Where the kernel cannot serve, the eager path does, with the same numbers to float32 rounding: on a
 non-x86-64 machine, on a CPU without AVX2 and FMA, without a C compiler (one warning names the reason), for
 tensors on an accelerator, and with ``SIFTLENS_FUSED=0``.
+
+Outputs are float32, except ``xx`` and ``xxt`` (the terms behind the null variance), which are float64: their
+per-row partial sums are float32, added across rows in float64.
 
 :func:`layer_sums` splits a batch's images over ``torch.get_num_threads()`` threads; ctypes releases the GIL
 during the call, so the threads run in parallel like an eager operation's.
@@ -35,13 +39,17 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError
+
 _SOURCE = "layer_sums.c"
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno"]
 WIDTHS = (8, 16)  # VW in the C source, per build: rows are padded to a multiple of it
 WIDE_FROM = 128  # patches per row from which the 16-lane build is used
 MAX_ROWS = 8  # MAX_R in the C source: contraction rows per image (the weight row and up to 7 levels)
+WIDTH_ENV = "SIFTLENS_FUSED_WIDTH"  # 8 or 16: build and use only that build
 _ELEMS_PER_THREAD = 1 << 21  # a thread of its own only for this many attention elements (8 MB)
 _OUTPUTS = ("colsum", "diag", "dist", "ent", "qk", "xx", "xxt")  # the kernel's output arguments, in order
+_DOUBLE_OUTPUTS = ("xx", "xxt")  # double * in the C source
 
 
 def cache_dir() -> Path:
@@ -94,6 +102,16 @@ def _build(source: bytes, compiler: str, width: int) -> ctypes.CDLL | None:
     return lib
 
 
+def _forced_width() -> int | None:
+    """The width that ``$SIFTLENS_FUSED_WIDTH`` forces, or None where it is unset."""
+    value = os.environ.get(WIDTH_ENV, "").strip()
+    if not value:
+        return None
+    if value not in {str(w) for w in WIDTHS}:
+        raise ConfigError(f"{WIDTH_ENV}={value}: use one of {', '.join(map(str, WIDTHS))}, or leave it unset")
+    return int(value)
+
+
 def _warn(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=5)
 
@@ -106,6 +124,7 @@ def _load() -> tuple[dict[int, ctypes.CDLL], str]:
         return {}, "disabled by SIFTLENS_FUSED=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return {}, f"not an x86-64 CPU ({platform.machine()})"
+    forced = _forced_width()
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         why = f"no C compiler ({compiler})"
@@ -115,8 +134,8 @@ def _load() -> tuple[dict[int, ctypes.CDLL], str]:
     builds: dict[int, ctypes.CDLL] = {}
     failed: list[str] = []
     lacking: list[int] = []
-    for width in WIDTHS:
-        if lacking:  # no AVX2 and FMA: no AVX-512 either
+    for width in (forced,) if forced else WIDTHS:
+        if lacking and not forced:  # no AVX2 and FMA: no AVX-512 either
             break
         try:
             lib = _build(source, compiler, width)
@@ -132,9 +151,12 @@ def _load() -> tuple[dict[int, ctypes.CDLL], str]:
             served = " and ".join(f"{w}-lane" for w in builds)
             _warn(f"fused attention kernel: {'; '.join(failed)}; the {served} build serves")
         return builds, ""
-    if not failed:
+    if failed:
+        why = "; ".join(failed)
+    elif forced and forced != WIDTHS[0]:
+        why = f"the CPU lacks AVX-512 ({WIDTH_ENV}={forced})"
+    else:
         return {}, "the CPU lacks AVX2 or FMA"
-    why = "; ".join(failed)
     _warn(f"fused attention kernel unavailable: {why}; siftlens uses the slower eager path")
     return {}, why
 
@@ -167,8 +189,8 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor,
     row sums to 0 (the caller renormalises and runs its own path).
 
     patch_attn: (B, h, N, N) float32 on the CPU, unit column stride; lhs: (B, R, N), R <= :data:`MAX_ROWS`;
-    dmat: (N, N). Returns colsum, diag, dist, ent: (B, h, N); qk: (B, h * N, R) = ``Bt lhs^T``; xx, xxt:
-    (B, h + 1) (zeros unless ``pattern``).
+    dmat: (N, N). Returns float32 colsum, diag, dist, ent: (B, h, N); qk: (B, h * N, R) = ``Bt lhs^T``; float64
+    xx, xxt: (B, h + 1) (zeros unless ``pattern``).
     """
     builds = _load()[0]
     bsz, nh, n, _ = patch_attn.shape
@@ -181,7 +203,8 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor,
     np_ = -(-n // width) * width
     lhs_p, dmat_p = padded(lhs, np_), padded(dmat.float(), np_)
     out = {k: torch.empty(bsz, nh, n) for k in _OUTPUTS[:4]}
-    out |= {"qk": torch.empty(bsz, nh * n, r), "xx": torch.empty(bsz, nh + 1), "xxt": torch.empty(bsz, nh + 1)}
+    out["qk"] = torch.empty(bsz, nh * n, r)
+    out |= {k: torch.empty(bsz, nh + 1, dtype=torch.float64) for k in _DOUBLE_OUTPUTS}  # double * in the C source
     workers = max(1, min(torch.get_num_threads(), bsz, patch_attn.numel() // _ELEMS_PER_THREAD))
     bounds = [(bsz * k // workers, bsz * (k + 1) // workers) for k in range(workers)]
     s_img, s_head, s_row, _ = patch_attn.stride()

@@ -19,10 +19,11 @@ accelerator, no C compiler), per chunk of images, each pass over ``Bt`` is one l
    and the small contractions are taken once per layer, not per chunk.
    A query row of the patch block that sums to 0 (all its attention on prefix tokens) makes the whole layer
    run again on :func:`renormalise`'d attention, where such a row is uniform.
-4. only for the exact null (``pattern=True``): each head's ``sum X^2`` and ``sum X * X^T``, the diagonals
-   of two BLAS Gram matrices over the chunk's heads (one of them against a transposed copy), and the same
-   two sums of the head-mean matrix: the Gram totals over ``h^2`` when a chunk holds all heads, else from
-   the sum of ``Bt`` over the heads (a pass that writes only N^2).
+4. only for the exact null (``pattern=True``): each head's ``sum X^2`` and ``sum X * X^T`` (two elementwise
+   products, one of them with the transpose), and the same two sums of the head-mean matrix, from the sum of
+   ``Bt`` over the heads (a pass that writes only N^2). These are the terms behind the null variance, which
+   takes differences of nearly equal numbers near uniform attention: their row sums are float32, added across
+   rows in float64, as in the kernel.
 
 Chunks are a few images, one image, or for a large image a group of its heads (about :data:`_CHUNK_ELEMS`
 attention elements on a CPU), so that a chunk's buffers stay in the CPU's cache between passes; on an
@@ -47,7 +48,7 @@ _CHUNK_ELEMS_ACCELERATOR = 1 << 24
 
 @dataclass
 class LayerSums:
-    """The outputs of :func:`layer_sums` for ``B`` images, all float32.
+    """The outputs of :func:`layer_sums` for ``B`` images, float32 except ``xx`` and ``xxt`` (float64).
 
     ``rowsum``, ``colsum``, ``diag``, ``dist``, ``ent``: (B, h, N) per-query row sums of ``Bt`` (1 to
     float32 rounding), column sums, diagonal, ``sum_j Bt_ij D_ij`` and ``-sum_j Bt_ij log Bt_ij``;
@@ -88,7 +89,7 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
 
     patch_attn: (B, h, N, N) patch block of the post-softmax attention, any strides; lhs: (B, R, N) float32
     contraction rows per image, ``R = K (L + 1)``, map by map (``[w, one-hot(level 0 .. L-1)]``); dmat:
-    (N, N) float32 patch-centre distances; ``pattern``: also the Gram matrices of the exact null.
+    (N, N) float32 patch-centre distances; ``pattern``: also ``sum X^2`` and ``sum X * X^T`` of the exact null.
     """
     bsz, nh, n, _ = patch_attn.shape
     rows, l1 = lhs.shape[1], n_levels + 1
@@ -96,10 +97,11 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
     if k_maps == 1 and rows <= fused.MAX_ROWS and fused.available(patch_attn.device):
         return _fused_layer_sums(patch_attn, lhs, dmat, n_levels, pattern)
     f32 = {"dtype": torch.float32, "device": patch_attn.device}
+    f64 = {"dtype": torch.float64, "device": patch_attn.device}
     sums = torch.empty(bsz, nh, n, 1, **f32)  # row sums of the patch block
     out = LayerSums(*(torch.empty(bsz, nh, n, **f32) for _ in range(5)), torch.empty(bsz * k_maps, l1, nh, l1, **f32))
     if pattern:
-        out.xx, out.xxt = torch.empty(bsz, nh + 1, **f32), torch.empty(bsz, nh + 1, **f32)
+        out.xx, out.xxt = torch.empty(bsz, nh + 1, **f64), torch.empty(bsz, nh + 1, **f64)
     one_map = k_maps == 1
     limit = chunk_elements(patch_attn.device)
     g = chunk_heads(nh, n, limit) if one_map else nh
@@ -110,7 +112,7 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
     shape = (2, c, g, n, n) if one_map else (2, c, n, g, n)
     bt, scratch = torch.empty(shape, **f32) if one_map else torch.empty(shape, **f32).transpose(2, 3)
     qk = torch.empty(bsz, nh * n, l1, **f32) if one_map else None
-    head_sum = torch.empty(c, n, n, **f32) if pattern and g < nh else None  # sum of Bt over an image's heads
+    head_sum = torch.empty(c, n, n, **f32) if pattern else None  # sum of Bt over an image's heads
     dvec = dmat.to(patch_attn.device, torch.float32)
     for s, e, h0, h1 in _chunks(bsz, nh, c, g):
         b = bt[:e - s, :h1 - h0]  # (c, heads, N, N), a view in either layout
@@ -122,7 +124,7 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
         else:
             _contract_many_maps(b, lhs[s:e], l1, out, s, e)
         _chunk_sums(b, dvec, scratch[:e - s, :h1 - h0], out, s, e, h0, h1)
-        if pattern and g < nh:  # heads split over chunks: the head mean's squares from the sum over heads
+        if pattern:  # the head mean's squares from the sum over heads (split over chunks for a large image)
             hs = head_sum[:e - s]
             if h0 == 0:
                 torch.sum(b, 1, out=hs)
@@ -185,30 +187,28 @@ def _chunk_sums(bt: torch.Tensor, dmat: torch.Tensor, scratch: torch.Tensor, out
                 h0: int, h1: int) -> None:
     """The passes over ``bt`` (c, heads, N, N) of images ``s:e``, heads ``h0:h1``, that do not involve the
     maps, into ``out``; ``scratch`` (same shape) is overwritten."""
-    c, nh, n, _ = bt.shape
     torch.sum(torch.mul(bt, dmat, out=scratch), -1, out=out.dist[s:e, h0:h1])  # sum_j Bt_ij D_ij
     # entropy -sum_j p log p with 0 log 0 = 0: log 0 = -inf makes 0 * log 0 NaN, which nansum skips (one pass
     # fewer than clamping first; torch's xlogy and entr give the same values but are not vectorised)
     torch.log(bt, out=scratch).mul_(bt)
     torch.nansum(scratch, -1, out=out.ent[s:e, h0:h1]).neg_()
-    if out.xx is not None:  # sum X^2 and sum X * X^T: two Gram matrices over the chunk's heads
-        x = bt.reshape(c, nh, n * n)  # a view in the one-map layout
-        scratch.copy_(bt.transpose(-1, -2))
-        for sq, y in ((out.xx, x), (out.xxt, scratch.reshape(c, nh, n * n))):
-            gram = torch.bmm(x, y.transpose(1, 2))  # (c, heads, heads)
-            sq[s:e, h0:h1] = gram.diagonal(dim1=-2, dim2=-1)  # each head's
-            if h1 - h0 == sq.shape[1] - 1:  # all heads: the head-mean matrix's is the total over h^2
-                sq[s:e, -1] = gram.sum((-2, -1)) / nh**2
+    if out.xx is not None:  # each head's sum X^2 and sum X * X^T
+        out.xx[s:e, h0:h1] = _total(torch.mul(bt, bt, out=scratch))
+        out.xxt[s:e, h0:h1] = _total(torch.mul(bt, bt.transpose(-1, -2), out=scratch))
+
+
+def _total(x: torch.Tensor) -> torch.Tensor:
+    """The sum over the last two dimensions of float32 ``x`` (..., N, N), float64: row sums in float32, added
+    in float64 (the rounding of a row's N terms, not of all N^2)."""
+    return torch.sum(x.sum(-1), -1, dtype=torch.float64)
 
 
 def _head_mean_squares(head_sum: torch.Tensor, nh: int, scratch: torch.Tensor, out: LayerSums, s: int,
                        e: int) -> None:
-    """sum X^2 and sum X * X^T of the head-mean matrix X = head_sum / h (head_sum: (c, N, N)), into slot h."""
-    c = head_sum.shape[0]
-    x = head_sum.view(c, 1, -1)
-    scratch.copy_(head_sum.transpose(-1, -2))
-    out.xx[s:e, nh] = torch.bmm(x, x.transpose(1, 2)).view(c) / nh**2
-    out.xxt[s:e, nh] = torch.bmm(x, scratch.reshape(c, -1, 1)).view(c) / nh**2
+    """sum X^2 and sum X * X^T of the head-mean matrix X = head_sum / h (head_sum: (c, N, N)), into slot h;
+    ``scratch`` (c, N, N) is overwritten."""
+    out.xx[s:e, nh] = _total(torch.mul(head_sum, head_sum, out=scratch)) / nh**2
+    out.xxt[s:e, nh] = _total(torch.mul(head_sum, head_sum.transpose(-1, -2), out=scratch)) / nh**2
 
 
 def renormalise(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,7 +11,10 @@
  *
  * Shapes (float32, row-major): attn (nb, nh, n, n) with any image, head and row strides and unit column
  * stride; lhs (nb, r, np) and dmat (n, np) zero-padded to np columns (np: n rounded up to a multiple of VW);
- * colsum, diag, dist, ent (nb, nh, n); qk (nb, nh, n, r); xx, xxt (nb, nh + 1); work: np + 3 n np floats.
+ * colsum, diag, dist, ent (nb, nh, n); qk (nb, nh, n, r); xx, xxt (nb, nh + 1) double; work: np + 3 n np floats.
+ *
+ * xx and xxt are the terms behind the null variance, which takes differences of nearly equal numbers near
+ * uniform attention: their per-row partial sums are float32 (the vector loops), added across rows in double.
  */
 #include <stdint.h>
 #include <string.h>
@@ -117,33 +120,39 @@ static inline __attribute__((always_inline)) void row_pass(const float *row, flo
     for (int k = 0; k < R; k++) out[3 + k] = total(acc[k]);
 }
 
-/* sum_ij x_ij x_ji of an (n, np) matrix */
-static float sum_x_xt(const float *x, int64_t n, int64_t np) {
-    float t = 0.0f;
+/* sum_ij x_ij x_ji of an (n, np) matrix: float32 per row, double across rows */
+static double sum_x_xt(const float *x, int64_t n, int64_t np) {
+    double t = 0.0;
     for (int64_t i = 0; i < n; i++) {
         const float *row = x + i * np;
         float a = 0.0f;
 #pragma omp simd reduction(+ : a)
         for (int64_t j = i + 1; j < n; j++) a += row[j] * x[j * np + i]; /* a gather: column i */
-        t += 2.0f * a + row[i] * row[i];
+        t += 2.0 * (double)a + (double)row[i] * (double)row[i];
     }
     return t;
 }
 
-static float sum_sq(const float *x, int64_t len) {
-    vf s = {0};
-    for (int64_t j = 0; j < len; j += VW) {
-        vf v = load(x + j);
-        s += v * v;
+/* sum_ij x_ij^2 of an (n, np) matrix: float32 per row, double across rows */
+static double sum_sq(const float *x, int64_t n, int64_t np) {
+    double t = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        vf s = {0};
+        for (int64_t j = 0; j < np; j += VW) {
+            vf v = load(x + i * np + j);
+            s += v * v;
+        }
+        t += (double)total(s);
     }
-    return total(s);
+    return t;
 }
 
 /* One head of one image: returns 1 (and stops) at a query row whose sum is not positive. */
 static int image_head(const float *p, int64_t n, int64_t np, int64_t s_row, const float *lhs, int64_t r,
                       const float *dmat, float *rowbuf, float *bt, float *hs, float *colsum, float *diag, float *dist,
-                      float *ent, float *qk, float *xx) {
-    float sq = 0.0f, o[3 + MAX_R];
+                      float *ent, float *qk, double *xx) {
+    double sq = 0.0; /* sum Bt^2: float32 per row, double across rows */
+    float o[3 + MAX_R];
     for (int64_t i = 0; i < n; i++) {
         const float *row = p + i * s_row;
         if (np != n) row = memcpy(rowbuf, row, n * sizeof(float)); /* into the zero-padded buffer */
@@ -167,7 +176,7 @@ static int image_head(const float *p, int64_t n, int64_t np, int64_t s_row, cons
         }
         dist[i] = o[0];
         ent[i] = o[1];
-        sq += o[2];
+        sq += (double)o[2];
         for (int64_t k = 0; k < r; k++) qk[i * r + k] = o[3 + k];
     }
     *xx = sq;
@@ -178,14 +187,14 @@ static int image_head(const float *p, int64_t n, int64_t np, int64_t s_row, cons
  * sum is not positive (the caller then renormalises the attention and uses its own path). */
 int siftlens_layer_sums(const float *attn, int64_t nb, int64_t nh, int64_t n, int64_t np, int64_t s_img,
                         int64_t s_head, int64_t s_row, const float *lhs, int64_t r, const float *dmat, int pattern,
-                        float *colsum, float *diag, float *dist, float *ent, float *qk, float *xx, float *xxt,
+                        float *colsum, float *diag, float *dist, float *ent, float *qk, double *xx, double *xxt,
                         float *work) {
     if (r < 1 || r > MAX_R || np % VW != 0 || np < n) return 2;
     float *rowbuf = work, *bt = work + np, *hs = bt + n * np, *cs = hs + n * np;
     memset(rowbuf, 0, np * sizeof(float)); /* the padding columns stay 0 */
     for (int64_t b = 0; b < nb; b++) {
         memset(hs, 0, n * np * sizeof(float));
-        float *xb = xx + b * (nh + 1), *xtb = xxt + b * (nh + 1);
+        double *xb = xx + b * (nh + 1), *xtb = xxt + b * (nh + 1);
         for (int64_t a = 0; a < nh; a++) {
             const int64_t o = (b * nh + a) * n;
             memset(cs, 0, np * sizeof(float));
@@ -193,11 +202,11 @@ int siftlens_layer_sums(const float *attn, int64_t nb, int64_t nh, int64_t n, in
                            cs, diag + o, dist + o, ent + o, qk + o * r, xb + a))
                 return 1;
             memcpy(colsum + o, cs, n * sizeof(float));
-            xtb[a] = pattern ? sum_x_xt(bt, n, np) : 0.0f;
+            xtb[a] = pattern ? sum_x_xt(bt, n, np) : 0.0;
         }
-        const float hh = (float)(nh * nh); /* the head mean is hs / nh */
-        xb[nh] = pattern ? sum_sq(hs, n * np) / hh : 0.0f;
-        xtb[nh] = pattern ? sum_x_xt(hs, n, np) / hh : 0.0f;
+        const double hh = (double)nh * (double)nh; /* the head mean is hs / nh */
+        xb[nh] = pattern ? sum_sq(hs, n, np) / hh : 0.0;
+        xtb[nh] = pattern ? sum_x_xt(hs, n, np) / hh : 0.0;
     }
     return 0;
 }
