@@ -11,7 +11,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from siftlens.analysis import analyze, merge

@@ -36,11 +36,11 @@ RUN_FILE = "run.json"
 METRICS_DIR = "metrics.parquet"
 IMAGES_DIR = "images.parts"
 MANIFEST = "manifest.json"
-LONG_COLUMNS = ["image", "layer", "head", "metric", "level_a", "level_b", "value", "null_mean", "null_sd", "z",
-                "note"]
 META_METRICS_SHA = b"siftlens.metrics_sha256"  # in the images part: the SHA-256 of its metrics part
 META_ROWS_SHA = b"siftlens.rows_sha256"  # in the images part: the digest of its own rows (table_digest)
 ORPHAN = "metrics part without its images part"  # what a run killed between the two writes leaves
+LONG_COLUMNS = ["image", "layer", "head", "metric", "level_a", "level_b", "value", "null_mean", "null_sd", "z",
+                "note"]
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -108,7 +108,7 @@ class RunStore:
             return "images part without its metrics part"
         try:
             table = pq.read_table(images)
-        except (OSError, pa.ArrowException) as e:
+        except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the reader raise, it is damaged
             return f"images part unreadable ({_first_line(e)})"
         meta = table.schema.metadata or {}
         if META_ROWS_SHA not in meta:
@@ -129,10 +129,7 @@ class RunStore:
         """Leave only whole, intact parts: remove temporary files of interrupted writes, a metrics part whose
         images part never landed (silently: a kill between the two writes leaves it), and any part with a
         missing, unreadable or corrupted half, with one warning line each. Their images are analysed again."""
-        for kind in (METRICS_DIR, IMAGES_DIR):
-            d = self.root / kind
-            for tmp in d.glob(".part-*.part") if d.exists() else []:
-                tmp.unlink(missing_ok=True)
+        self._remove_temporary_files()
         for name in self.part_names():
             why = self.part_problem(name)
             if why is None:
@@ -142,6 +139,19 @@ class RunStore:
                               stacklevel=2)
             for kind in (METRICS_DIR, IMAGES_DIR):
                 (self.root / kind / name).unlink(missing_ok=True)
+
+    def _remove_temporary_files(self) -> None:
+        """The temporary files of writes a kill interrupted (atomic_path names them ``.<name>.<random>.part``)."""
+        found = [p for kind in (METRICS_DIR, IMAGES_DIR) for p in (self.root / kind).glob(".part-*.part")]
+        found += [p for name in (RUN_FILE, MANIFEST, "summary.csv", "images.csv")
+                  for p in self.root.glob(f".{name}.*.part")]
+        for p in found:
+            p.unlink(missing_ok=True)
+
+    def image_indices(self) -> list[int]:
+        """The source index of every image in a committed part (with repeats, if a part was doubled)."""
+        tables = [pq.read_table(p, columns=["index"]) for p in self.part_files(IMAGES_DIR)]
+        return [i for t in tables for i in t["index"].to_pylist()]
 
     def committed_parts(self) -> list[str]:
         """The names of the parts whose images part landed, ordered by the first image each holds, so a part
@@ -204,15 +214,19 @@ def file_sha256(path: str | Path) -> str:
 
 
 def table_digest(table: pa.Table) -> str:
-    """SHA-256 of a table's column names and values (not of its file), equal after a parquet round trip."""
-    rows = {name: table.column(name).to_pylist() for name in table.column_names}
-    return hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()
+    """SHA-256 of a table's fields, types, key-value metadata (but the checksums) and values: what a reader
+    gets back from the file, equal after a parquet round trip."""
+    meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (table.schema.metadata or {}).items()
+            if k not in (META_METRICS_SHA, META_ROWS_SHA)}
+    content = {"fields": [[f.name, str(f.type)] for f in table.schema], "metadata": meta,
+               "rows": {name: table.column(name).to_pylist() for name in table.column_names}}
+    return hashlib.sha256(json.dumps(content, default=str, sort_keys=True).encode()).hexdigest()
 
 
 def _readable(path: Path) -> str | None:
     try:
         pq.read_metadata(path)
-    except (OSError, pa.ArrowException) as e:
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the reader raise, it is damaged
         return f"{path.parent.name} part unreadable ({_first_line(e)})"
     return None
 
