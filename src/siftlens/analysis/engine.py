@@ -71,7 +71,8 @@ class RunPlan:
 @dataclass
 class BatchValues:
     """Per-image results of one batch. ``obs``, ``null_mean``, ``null_var``: (B, rows, h + 1, C) float64,
-    NaN where a cell does not exist (empty level, image without keypoints, per-head slots of rollout)."""
+    NaN where a cell does not exist (empty level, image without keypoints, per-head slots of rollout) and
+    for every cell of an image in ``errors`` (e.g. non-finite attention: skipped, not measured)."""
 
     index: list[int]
     valid: np.ndarray  # (B,) bool: the image has keypoints
@@ -81,6 +82,27 @@ class BatchValues:
     preds: list[int | None]
     kept: dict[int, np.ndarray] = field(default_factory=dict)  # batch position -> (layers, h, 1 + N, N) float16
     kept_rollout: dict[int, np.ndarray] = field(default_factory=dict)  # batch position -> (1 + N, N) float16
+    errors: dict[int, str] = field(default_factory=dict)  # batch position -> why the image was not measured
+
+
+class NonFiniteLayers:
+    """The first layer in which each image's attention holds a NaN or an infinity, tracked on the model's
+    device as the layers go by (no host sync per layer; one when :meth:`errors` is read)."""
+
+    NONE = torch.iinfo(torch.int64).max
+
+    def __init__(self, images: int, device):
+        self.first = torch.full((images,), self.NONE, dtype=torch.int64, device=device)
+
+    def check(self, layer: int, attn: torch.Tensor) -> None:
+        """attn: (B, h, S, S) of ``layer``."""
+        bad = ~torch.isfinite(attn).flatten(1).all(1)
+        self.first = torch.where(bad & (self.first == self.NONE), layer, self.first)
+
+    def errors(self) -> dict[int, str]:
+        """Batch position -> 'non-finite attention in layer L' for every image with such a layer."""
+        first = self.first.cpu().tolist()
+        return {j: f"non-finite attention in layer {x}" for j, x in enumerate(first) if x != self.NONE}
 
 
 def flatten_cells(res: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -172,8 +194,11 @@ def analyse_batch(plan: RunPlan, items: list[dict], names: list[str], keep: Sequ
 
     exact: list[tuple[int, LayerRaw]] = []  # exact null: each layer's terms, measured after the forward
 
+    finite = NonFiniteLayers(B, dev)
+
     def on_attention(layer: int, attn: torch.Tensor) -> None:
         attn = attn.float()
+        finite.check(layer, attn)
         if layer in slot:
             if ddof is None:
                 exact.append((slot[layer], _raw(attn, plan, maps)))
@@ -203,9 +228,11 @@ def analyse_batch(plan: RunPlan, items: list[dict], names: list[str], keep: Sequ
         for k, v in enumerate(values):
             out[k, :, -1, H] = v[:, -1]
     out = out.cpu().numpy()
+    errors = finite.errors()
+    valid[list(errors)] = False
     out[:, ~valid] = np.nan
     preds = logits.argmax(-1).tolist() if logits is not None else [None] * B
-    v = BatchValues([it["index"] for it in items], valid, out[0], out[1], out[2], preds)
+    v = BatchValues([it["index"] for it in items], valid, out[0], out[1], out[2], preds, errors=errors)
     if keep:
         stacked = torch.stack(kept, 1).cpu().numpy()  # (k, layers, h, 1 + N, N)
         v.kept = {j: stacked[i] for i, j in enumerate(keep)}
