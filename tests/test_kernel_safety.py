@@ -1,5 +1,5 @@
-"""Safety of the fused kernel (siftlens.fused) where its surroundings are unusual: one build of two that fails
-(issue 22, item 15)."""
+"""Safety of the fused kernel (siftlens.fused) where its inputs or its surroundings are unusual: shapes that do
+not fit at the ctypes boundary, and one build of two that fails (issue 22, items 14 and 15)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,38 @@ def check_kernel_numbers() -> None:
     attn, lhs, dmat = layer(2, 3, 4, 4, 3, seed=7)
     got = reductions.layer_sums(attn[:, :, 1:, 1:], lhs, dmat, 3, pattern=True)
     assert_within(got, direct_layer_sums(attn[:, :, 1:, 1:], lhs, dmat, 3), 16, 3, 3)
+
+
+# ---- item 14: shapes are checked at the ctypes boundary ----------------------------------------------------------
+
+def one_line_value_error(call, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as err:
+        call()
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("path", ["kernel", "eager"])
+def test_lhs_for_one_image_with_attention_for_four_raises(monkeypatch, path):
+    if path == "eager":
+        monkeypatch.setenv("SIFTLENS_FUSED", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if path == "kernel" and not fused.available(CPU):
+            pytest.skip(f"no fused kernel here: {fused.unavailable_reason(CPU)}")
+    attn, lhs, dmat = layer(4, 3, 3, 3, 2)
+    patch = attn[:, :, 1:, 1:]
+    one_line_value_error(lambda: reductions.layer_sums(patch, lhs[:1], dmat, 2, pattern=True),
+                         r"lhs of shape \(1, 3, 9\) does not fit attention for 4 image")
+    one_line_value_error(lambda: reductions.layer_sums(patch, lhs[..., :5], dmat, 2, pattern=True),
+                         r"lhs of shape \(4, 3, 5\)")
+    one_line_value_error(lambda: reductions.layer_sums(patch, lhs, dmat[:5, :5], 2, pattern=True),
+                         r"dmat of shape \(5, 5\) does not fit 9 patches")
+    one_line_value_error(lambda: reductions.layer_sums(patch[..., :5], lhs, dmat, 2, pattern=True),
+                         r"attention of shape \(4, 3, 9, 5\)")
+    if path == "kernel":  # the module's own entry point checks too
+        one_line_value_error(lambda: fused.layer_sums(patch, lhs[:1], dmat, pattern=True),
+                             r"lhs of shape \(1, 3, 9\) does not fit attention for 4 image")
+        one_line_value_error(lambda: fused.layer_sums(patch, lhs, dmat[:5], pattern=True), r"dmat of shape \(5, 9\)")
 
 
 # ---- item 15: builds fall back lane by lane ----------------------------------------------------------------------

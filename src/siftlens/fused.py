@@ -183,16 +183,40 @@ def padded(x: torch.Tensor, width: int) -> torch.Tensor:
     return out
 
 
+def check_shapes(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor,
+                 max_rows: int | None = MAX_ROWS) -> None:
+    """Raise a one-line ValueError unless patch_attn is (B, h, N, N), lhs (B, R, N) with 1 <= R <= ``max_rows``
+    (None: any R) and dmat (N, N), with h, N >= 1: the sizes the kernel reads its buffers by."""
+    where = "layer_sums"
+    if patch_attn.dim() != 4 or patch_attn.shape[-1] != patch_attn.shape[-2] or 0 in patch_attn.shape[1:]:
+        raise ValueError(f"{where}: attention of shape {tuple(patch_attn.shape)}, not (B, h, N, N) with h, N >= 1")
+    bsz, _, n, _ = patch_attn.shape
+    if lhs.dim() != 3 or lhs.shape[0] != bsz or lhs.shape[2] != n:
+        raise ValueError(f"{where}: lhs of shape {tuple(lhs.shape)} does not fit attention for {bsz} image(s) of "
+                         f"{n} patches, which needs ({bsz}, R, {n})")
+    if lhs.shape[1] < 1 or (max_rows is not None and lhs.shape[1] > max_rows):
+        raise ValueError(f"{where}: {lhs.shape[1]} contraction rows (1 to {max_rows or 'any'})")
+    if tuple(dmat.shape) != (n, n):
+        raise ValueError(f"{where}: dmat of shape {tuple(dmat.shape)} does not fit {n} patches, which needs ({n}, {n})")
+
+
 def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor,
                pattern: bool) -> dict[str, torch.Tensor] | None:
     """The one-map reductions of :func:`siftlens.reductions.layer_sums` by the kernel, or None where a query
     row sums to 0 (the caller renormalises and runs its own path).
 
     patch_attn: (B, h, N, N) float32 on the CPU, unit column stride; lhs: (B, R, N), R <= :data:`MAX_ROWS`;
-    dmat: (N, N). Returns float32 colsum, diag, dist, ent: (B, h, N); qk: (B, h * N, R) = ``Bt lhs^T``; float64
-    xx, xxt: (B, h + 1) (zeros unless ``pattern``).
+    dmat: (N, N) (all on the CPU; shapes are checked by :func:`check_shapes`). Returns float32 colsum, diag,
+    dist, ent: (B, h, N); qk: (B, h * N, R) = ``Bt lhs^T``; float64 xx, xxt: (B, h + 1) (zeros unless
+    ``pattern``).
     """
+    check_shapes(patch_attn, lhs, dmat)
+    for name, t in (("attention", patch_attn), ("lhs", lhs), ("dmat", dmat)):
+        if t.device.type != "cpu":
+            raise ValueError(f"fused layer_sums: {name} on {t.device}, not on the CPU")
     builds = _load()[0]
+    if not builds:
+        raise ValueError(f"fused layer_sums: no kernel here ({_load()[1]})")
     bsz, nh, n, _ = patch_attn.shape
     width = WIDTHS[1] if n >= WIDE_FROM else WIDTHS[0]
     width = width if width in builds else next(iter(builds))

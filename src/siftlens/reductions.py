@@ -90,9 +90,13 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
     patch_attn: (B, h, N, N) patch block of the post-softmax attention, any strides; lhs: (B, R, N) float32
     contraction rows per image, ``R = K (L + 1)``, map by map (``[w, one-hot(level 0 .. L-1)]``); dmat:
     (N, N) float32 patch-centre distances; ``pattern``: also ``sum X^2`` and ``sum X * X^T`` of the exact null.
+    Shapes that do not fit raise a one-line ValueError.
     """
+    fused.check_shapes(patch_attn, lhs, dmat, max_rows=None)
     bsz, nh, n, _ = patch_attn.shape
     rows, l1 = lhs.shape[1], n_levels + 1
+    if rows % l1:
+        raise ValueError(f"layer_sums: {rows} contraction rows are not whole maps of {l1} rows ({n_levels} levels)")
     k_maps = rows // l1
     if k_maps == 1 and rows <= fused.MAX_ROWS and fused.available(patch_attn.device):
         return _fused_layer_sums(patch_attn, lhs, dmat, n_levels, pattern)
