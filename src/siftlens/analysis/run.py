@@ -367,19 +367,40 @@ def _check_shards(out: Path, dirs: list[Path]) -> dict:
     differ = sorted({k for r in runs[1:] for k in set(r) | set(runs[0]) if r.get(k) != runs[0].get(k)})
     if differ:
         raise ConfigError(f"the shards were run with different {', '.join(differ)}; merge only shards of one run")
-    _check_each_shard_once(dirs)
-    for d in dirs:
-        damaged = RunStore(d).damaged_parts()
-        if damaged:
-            name, why = next(iter(damaged.items()))
-            raise ConfigError(f"merge: {d} holds a damaged part {name} ({why}); run that shard again with "
-                              "--resume, then merge")
+    k = _check_each_shard_once(dirs)
+    for d, i in _shard_of_folder(dirs).items():
+        _check_shard_parts(d, (i, k), runs[0])
     return runs[0]
 
 
-def _check_each_shard_once(dirs: list[Path]) -> None:
-    """Every finished shard 0..K-1 of one K exactly once among the folders' shard markers."""
-    marks = [(d, read_json(p, "shard marker")) for d in dirs for p in sorted(d.glob("shard-*.json"))]
+def _check_shard_parts(d: Path, shard: tuple[int, int], run: dict) -> None:
+    """The folder ``d`` of ``shard`` (i, K) must hold intact parts with each of its images exactly once."""
+    store = RunStore(d)
+    damaged = store.damaged_parts()
+    if damaged:
+        name, why = next(iter(damaged.items()))
+        raise ConfigError(f"merge: {d} holds a damaged part {name} ({why}); run that shard again with --resume, "
+                          "then merge")
+    i, k = shard
+    want = set(range(i, run["images"]["count"], k))
+    have = store.image_indices()
+    if len(have) != len(want) or set(have) != want:
+        raise ConfigError(f"merge: {d} holds {len(set(have) & want)} of the {len(want)} images of shard {i} "
+                          f"(a part is missing); run that shard again with --resume, then merge")
+
+
+def _shard_markers(dirs: list[Path]) -> list[tuple[Path, dict]]:
+    return [(d, read_json(p, "shard marker")) for d in dirs for p in sorted(d.glob("shard-*.json"))]
+
+
+def _shard_of_folder(dirs: list[Path]) -> dict[Path, int]:
+    """The finished shard each folder holds (checked by :func:`_check_each_shard_once`)."""
+    return {d: m["shard"][0] for d, m in _shard_markers(dirs) if m.get("complete")}
+
+
+def _check_each_shard_once(dirs: list[Path]) -> int:
+    """Every finished shard 0..K-1 of one K exactly once among the folders' shard markers; returns K."""
+    marks = _shard_markers(dirs)
     k = {m["shard"][1] for _, m in marks}
     finished: dict[int, list[Path]] = {}
     for d, m in marks:
@@ -394,6 +415,7 @@ def _check_each_shard_once(dirs: list[Path]) -> None:
         want = next(iter(k)) if len(k) == 1 else "?"
         raise ConfigError(f"merge needs every finished shard 0..{want}-1 once; found finished shards "
                           f"{sorted(finished)}")
+    return next(iter(k))
 
 
 def _check_merge_target(out: Path) -> None:
