@@ -1,11 +1,13 @@
-"""Safety of the fused kernel (siftlens.fused) where its inputs or its surroundings are unusual: shapes that do
-not fit at the ctypes boundary, and one build of two that fails (issue 22, items 14 and 15)."""
+"""Safety of the fused kernel (siftlens.fused) where its inputs or its surroundings are unusual: torch's global
+default dtype, shapes that do not fit at the ctypes boundary, and one build of two that fails (issue 22, items 13
+to 15)."""
 
 from __future__ import annotations
 
 import platform
 import shutil
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,30 @@ def check_kernel_numbers() -> None:
     attn, lhs, dmat = layer(2, 3, 4, 4, 3, seed=7)
     got = reductions.layer_sums(attn[:, :, 1:, 1:], lhs, dmat, 3, pattern=True)
     assert_within(got, direct_layer_sums(attn[:, :, 1:, 1:], lhs, dmat, 3), 16, 3, 3)
+
+
+# ---- item 13: buffers do not follow torch's default dtype --------------------------------------------------------
+
+@pytest.mark.parametrize("default", [torch.float16, torch.float64], ids=["float16", "float64"])
+@pytest.mark.parametrize("path", ["kernel", "eager"])
+def test_the_default_dtype_does_not_change_the_numbers(monkeypatch, default, path):
+    if path == "eager":
+        monkeypatch.setenv("SIFTLENS_FUSED", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if path == "kernel" and not fused.available(CPU):
+            pytest.skip(f"no fused kernel here: {fused.unavailable_reason(CPU)}")
+    attn, lhs, dmat = layer(2, 3, 5, 5, 3, seed=8)
+    want = reductions.layer_sums(attn[:, :, 1:, 1:], lhs, dmat, 3, pattern=True)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        got = reductions.layer_sums(attn[:, :, 1:, 1:], lhs, dmat, 3, pattern=True)
+    finally:
+        torch.set_default_dtype(before)
+    for f in fields(want):
+        a, b = getattr(got, f.name), getattr(want, f.name)
+        assert a.dtype == b.dtype and torch.equal(a, b), f.name
 
 
 # ---- item 14: shapes are checked at the ctypes boundary ----------------------------------------------------------

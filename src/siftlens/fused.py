@@ -225,17 +225,18 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor,
     if patch_attn.dtype != torch.float32 or patch_attn.stride(-1) != 1:
         patch_attn = patch_attn.float().contiguous()
     np_ = -(-n // width) * width
-    lhs_p, dmat_p = padded(lhs, np_), padded(dmat.float(), np_)
-    out = {k: torch.empty(bsz, nh, n) for k in _OUTPUTS[:4]}
-    out["qk"] = torch.empty(bsz, nh * n, r)
-    out |= {k: torch.empty(bsz, nh + 1, dtype=torch.float64) for k in _DOUBLE_OUTPUTS}  # double * in the C source
+    lhs_p, dmat_p = padded(lhs, np_), padded(dmat, np_)
+    f32, f64 = torch.float32, torch.float64  # every buffer's dtype explicit: the C side reads float and double
+    out = {k: torch.empty(bsz, nh, n, dtype=f32) for k in _OUTPUTS[:4]}
+    out["qk"] = torch.empty(bsz, nh * n, r, dtype=f32)
+    out |= {k: torch.empty(bsz, nh + 1, dtype=f64) for k in _DOUBLE_OUTPUTS}
     workers = max(1, min(torch.get_num_threads(), bsz, patch_attn.numel() // _ELEMS_PER_THREAD))
     bounds = [(bsz * k // workers, bsz * (k + 1) // workers) for k in range(workers)]
     s_img, s_head, s_row, _ = patch_attn.stride()
 
     # every buffer is allocated here, in the calling thread: allocations in the pool's threads would each open a
     # glibc malloc arena of their own, which kept about 70 MB more resident in a ViT-S/16 analysis
-    works = torch.empty(workers, np_ + 3 * n * np_)
+    works = torch.empty(workers, np_ + 3 * n * np_, dtype=f32)
     calls = [(patch_attn[s:e].data_ptr(), e - s, nh, n, np_, s_img, s_head, s_row, lhs_p[s:e].data_ptr(), r,
               dmat_p.data_ptr(), int(pattern), *[out[k][s:e].data_ptr() for k in _OUTPUTS], works[i].data_ptr())
              for i, (s, e) in enumerate(bounds)]

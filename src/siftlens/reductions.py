@@ -90,7 +90,8 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
     patch_attn: (B, h, N, N) patch block of the post-softmax attention, any strides; lhs: (B, R, N) float32
     contraction rows per image, ``R = K (L + 1)``, map by map (``[w, one-hot(level 0 .. L-1)]``); dmat:
     (N, N) float32 patch-centre distances; ``pattern``: also ``sum X^2`` and ``sum X * X^T`` of the exact null.
-    Shapes that do not fit raise a one-line ValueError.
+    Shapes that do not fit raise a one-line ValueError. Every buffer has an explicit dtype, whatever torch's
+    default dtype.
     """
     fused.check_shapes(patch_attn, lhs, dmat, max_rows=None)
     bsz, nh, n, _ = patch_attn.shape
@@ -102,6 +103,7 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
         return _fused_layer_sums(patch_attn, lhs, dmat, n_levels, pattern)
     f32 = {"dtype": torch.float32, "device": patch_attn.device}
     f64 = {"dtype": torch.float64, "device": patch_attn.device}
+    lhs = lhs.to(**f32)
     sums = torch.empty(bsz, nh, n, 1, **f32)  # row sums of the patch block
     out = LayerSums(*(torch.empty(bsz, nh, n, **f32) for _ in range(5)), torch.empty(bsz * k_maps, l1, nh, l1, **f32))
     if pattern:
@@ -151,8 +153,9 @@ def _fused_layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.T
     if got is None:  # a query row without attention to patches: uniform, as renormalise() makes it
         return layer_sums(renormalise(patch_attn), lhs, dmat, n_levels, pattern)
     bsz, nh, n = got["colsum"].shape
-    out = LayerSums(torch.empty(bsz, nh, n), got["colsum"], got["diag"], got["dist"], got["ent"],
-                    torch.empty(bsz, n_levels + 1, nh, n_levels + 1))
+    f32 = torch.float32
+    out = LayerSums(torch.empty(bsz, nh, n, dtype=f32), got["colsum"], got["diag"], got["dist"], got["ent"],
+                    torch.empty(bsz, n_levels + 1, nh, n_levels + 1, dtype=f32))
     if pattern:
         out.xx, out.xxt = got["xx"], got["xxt"]
     _contract_one_map(got["qk"], lhs, n_levels + 1, out)
