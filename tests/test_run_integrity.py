@@ -270,3 +270,20 @@ def test_atomic_write_fsyncs_file_then_renames_then_fsyncs_folder(tmp_path, monk
     write_text(tmp_path / "d" / "a.txt", "hello")
     assert events == ["fsync file", "rename", "fsync dir"]
     assert (tmp_path / "d" / "a.txt").read_text() == "hello"
+
+
+def test_a_zip_source_is_keyed_by_member_names_sizes_and_crcs(tmp_path):
+    import zipfile
+
+    def write_zip(members: dict[str, str], date=(2020, 1, 1, 0, 0, 0)) -> str:
+        zp = tmp_path / "set.zip"
+        with zipfile.ZipFile(zp, "w") as z:
+            for name, demo in members.items():
+                z.writestr(zipfile.ZipInfo(name, date), (DEMO / demo).read_bytes())
+        return str(zp)
+
+    base = {"cat/a.jpg": "cat/0000.jpg", "dog/b.jpg": "dog/0000.jpg"}
+    first = ImageSource(write_zip(base)).fingerprint()
+    assert ImageSource(write_zip(base, date=(2024, 5, 5, 0, 0, 0))).fingerprint() == first, "a re-zip is the same"
+    assert ImageSource(write_zip({"cat/a.jpg": "cat/0000.jpg", "dog/c.jpg": "dog/0000.jpg"})).fingerprint() != first
+    assert ImageSource(write_zip({"cat/a.jpg": "cat/0000.jpg", "dog/b.jpg": "dog/0001.jpg"})).fingerprint() != first
