@@ -20,7 +20,7 @@ from ..models import Backend
 from .config import AnalysisConfig
 from .dataset import KeypointDataset
 from .engine import BatchValues
-from .overlays import class_name
+from .overlays import class_name, folder_label
 
 
 def explore_record(item: dict, source: ImageSource, backend: Backend, pred: int | None, attention: np.ndarray,
@@ -28,12 +28,11 @@ def explore_record(item: dict, source: ImageSource, backend: Backend, pred: int 
     """One viewer image. ``attention``: (len(layers), h, 1 + N, N) float16, row 0 the CLS token's (see
     :func:`~siftlens.attention.patch_rows`); ``rollout``: (1 + N, N) or None. Weights and levels: (gh, gw)."""
     i, (gh, gw) = item["index"], backend.grid_size
-    label = source.labels[i] if source.labels is not None else None
     return {
         "index": int(i), "name": source.names[i], "pixels": item["pixels"], "keypoints_xy": item["xy"],
         "keypoint_size": item["size"], "weights": item["weights"].reshape(gh, gw),
         "levels": item["levels"].reshape(gh, gw), "attention": attention, "layers": list(layers),
-        "rollout": rollout, "label": class_name(label, backend.class_names),
+        "rollout": rollout, "label": folder_label(source, i),
         "prediction": class_name(pred, backend.class_names),
     }
 

@@ -38,7 +38,7 @@ def collect_overlays(backend: Backend, source: ImageSource, images: pd.DataFrame
     pixels = torch.from_numpy(np.stack([it["pixels"] for it in items]))
     with capture(backend, on_attention, show):
         logits = backend.forward(backend.normalize(pixels))
-    names, labels, classes = source.names, source.labels, backend.class_names
+    names, classes = source.names, backend.class_names
     out = []
     for j, it in enumerate(items):
         i = it["index"]
@@ -47,14 +47,25 @@ def collect_overlays(backend: Backend, source: ImageSource, images: pd.DataFrame
             "name": names[i], "pixels": it["pixels"], "keypoints_xy": it["xy"], "keypoint_size": it["size"],
             "weights": it["weights"].reshape(gh, gw), "levels": it["levels"].reshape(gh, gw),
             "cls_attention": {layer: cls_maps[layer][j].numpy() for layer in cls_maps},
-            "label": class_name(labels[i] if labels is not None else None, classes),
+            "label": folder_label(source, i),
             "prediction": class_name(pred, classes),
         })
     return out
 
 
+def folder_label(source: ImageSource, i: int) -> str | None:
+    """Image ``i``'s label as the source's own class name (its folder), None for an unlabelled source.
+    Never the model's class names: the folder's label index means nothing to the model."""
+    if source.labels is None:
+        return None
+    k = source.labels[i]
+    classes = getattr(source, "classes", None) or []
+    return str(classes[k]) if 0 <= k < len(classes) else str(k)
+
+
 def class_name(k: int | None, classes: list[str] | None) -> str | None:
-    """Class index ``k`` as the model's class name (its number when the model has no names)."""
+    """The model's class ``k`` (a prediction) as the model's class name (its number when the model has no
+    names)."""
     if k is None:
         return None
     return classes[k] if classes and 0 <= k < len(classes) else str(k)
