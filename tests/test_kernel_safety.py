@@ -1,13 +1,18 @@
-"""Safety of the fused kernel (siftlens.fused) where its inputs or its surroundings are unusual: torch's global
-default dtype, shapes that do not fit at the ctypes boundary, and one build of two that fails (issue 22, items 13
-to 15)."""
+"""Safety of the fused kernel (siftlens.fused) where its inputs or its surroundings are hostile or unusual: a
+planted kernel in a cache folder that others can write, torch's global default dtype, shapes that do not fit at
+the ctypes boundary, and one build of two that fails (issue 22, items 12 to 15)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import platform
 import shutil
+import subprocess
+import tempfile
 import warnings
 from dataclasses import fields
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -23,6 +28,17 @@ needs_cc = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd6
                               reason="the kernel is built on x86-64 with a C compiler (cc) only")
 HAS_AVX512 = Path("/proc/cpuinfo").exists() and "avx512f" in Path("/proc/cpuinfo").read_text()
 
+# a "kernel" whose constructor runs as soon as it is loaded, and leaves a file behind to say so
+PLANTED = r"""
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(MARKER, "w");
+    if (f) { fputs("the planted kernel ran\n", f); fclose(f); }
+}
+int siftlens_supported(void) { return 1; }
+int siftlens_layer_sums(void) { return 0; }
+"""
+
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
@@ -37,6 +53,37 @@ def clean_env(monkeypatch, tmp_path):
     fused._load.cache_clear()
 
 
+def planted_kernel(tmp_path: Path) -> tuple[Path, Path]:
+    """A shared library that writes a marker file when loaded; (the library, the marker's path)."""
+    marker = tmp_path / "the-planted-kernel-ran"
+    src = tmp_path / "planted.c"
+    src.write_text(PLANTED)
+    lib = tmp_path / "planted.so"
+    subprocess.run([CC, "-shared", "-fPIC", f'-DMARKER="{marker}"', "-o", str(lib), str(src)], check=True,
+                   capture_output=True)
+    return lib, marker
+
+
+def predictable_names() -> list[str]:
+    """The file names the kernel's builds get in a cache: a hash of the source and the command, which anyone
+    who has the package can compute."""
+    source = resources.files("siftlens").joinpath("kernels", "layer_sums.c").read_bytes()
+    names = []
+    for width in fused.WIDTHS:
+        cmd = [CC, *fused._FLAGS, f"-DVW={width}"]
+        names.append(f"layer_sums{width}-{hashlib.sha256(source + ' '.join(cmd).encode()).hexdigest()[:16]}.so")
+    return names
+
+
+def plant(folder: Path, planted: Path) -> None:
+    """The planted library under every predictable name in ``folder``, which anyone may write (mode 777)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in predictable_names():
+        shutil.copy(planted, folder / name)
+    for p in (folder, *folder.parents[:1]):
+        p.chmod(0o777)
+
+
 def load_and_count_warnings() -> tuple[bool, list[str]]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -48,6 +95,80 @@ def check_kernel_numbers() -> None:
     attn, lhs, dmat = layer(2, 3, 4, 4, 3, seed=7)
     got = reductions.layer_sums(attn[:, :, 1:, 1:], lhs, dmat, 3, pattern=True)
     assert_within(got, direct_layer_sums(attn[:, :, 1:, 1:], lhs, dmat, 3), 16, 3, 3)
+
+
+# ---- item 12: a planted kernel is never loaded ----------------------------------------------------------------
+
+@needs_cc
+def test_a_world_writable_shared_cache_is_refused_and_its_planted_kernel_never_runs(monkeypatch, tmp_path):
+    planted, marker = planted_kernel(tmp_path)
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("SIFTLENS_CACHE", str(shared))
+    plant(shared / "kernels", planted)
+    ok, warned = load_and_count_warnings()
+    assert not marker.exists(), "the planted kernel ran"
+    assert ok, "the kernel is built in a private folder instead"
+    assert len(warned) == 1 and "refused" in warned[0] and "\n" not in warned[0], warned
+    check_kernel_numbers()
+    assert not marker.exists()
+
+
+@needs_cc
+def test_a_planted_temporary_directory_fallback_is_refused(monkeypatch, tmp_path):
+    planted, marker = planted_kernel(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("SIFTLENS_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be created
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    # someone else made $TMPDIR/siftlens-<uid>/kernels first, writable by all, with kernels under the names
+    plant(tmp_path / "tmp" / f"siftlens-{os.getuid()}" / "kernels", planted)
+    ok, warned = load_and_count_warnings()
+    assert not marker.exists(), "the planted kernel ran"
+    assert ok and len(warned) == 1 and "refused" in warned[0], warned
+
+
+@needs_cc
+def test_a_cache_folder_owned_by_another_user_is_refused(monkeypatch, tmp_path):
+    planted, marker = planted_kernel(tmp_path)
+    folder = tmp_path / "cache" / "kernels"
+    folder.mkdir(parents=True, mode=0o700)
+    for name in predictable_names():
+        shutil.copy(planted, folder / name)
+    real = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: real + 1)  # as if another user had made the folder (mode 700)
+    _, warned = load_and_count_warnings()
+    assert not marker.exists(), "the planted kernel ran"
+    assert len(warned) == 1 and f"uid {real}" in warned[0], warned
+
+
+@needs_cc
+def test_a_kernel_swapped_in_after_the_rename_is_not_loaded(monkeypatch, tmp_path):
+    # between the build's rename into the cache and the load, the file is replaced by one that others may write
+    planted, marker = planted_kernel(tmp_path)
+    real_replace, swapped = os.replace, []
+
+    def replace_then_swap(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if str(dst).endswith(".so") and not swapped:
+            shutil.copy(planted, dst)
+            os.chmod(dst, 0o666)
+            swapped.append(dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_swap)
+    ok, _ = load_and_count_warnings()
+    assert swapped
+    assert not marker.exists(), "the planted kernel ran"
+    assert ok
+    check_kernel_numbers()
+
+
+@needs_cc
+def test_cache_folders_are_created_private(monkeypatch, tmp_path):
+    monkeypatch.setenv("SIFTLENS_CACHE", str(tmp_path / "new" / "cache"))
+    assert fused.available(CPU)
+    for p in (tmp_path / "new", tmp_path / "new" / "cache", tmp_path / "new" / "cache" / "kernels"):
+        assert p.stat().st_mode & 0o777 == 0o700, p
+    for lib in (tmp_path / "new" / "cache" / "kernels").iterdir():
+        assert lib.stat().st_mode & 0o022 == 0, lib
 
 
 # ---- item 13: buffers do not follow torch's default dtype --------------------------------------------------------
