@@ -1,7 +1,12 @@
 """Exact permutation-null moments for linear and quadratic (Mantel) statistics (METHOD.md section 3).
 
 Null model: the weight map is re-assigned to the ``N`` patch positions by a uniform random permutation
-``pi``. Everything here is exact (no sampling), batched over leading dims ``...``, float64, device-agnostic.
+``pi``. The moments below are exact (closed forms, no sampling, checked against all N! permutations),
+batched over leading dims ``...``, float64, device-agnostic. Exact: the mean and variance of every linear
+statistic (SAL, CLS lift, rho, per-level distance and entropy) and of every quadratic form (WI, R). Not
+exact: ``dist_rel``, a ratio of two linear statistics, whose moments
+(:func:`siftlens.nullmodel.exact_moments`) are the delta-method approximation built from these exact
+moments (its null sd is off by up to about 3% at N = 64, 2% at N = 196, and 1-30% below N = 10).
 
 - Linear statistic ``S = sum_j c_j x_pi(j)`` (sampling without replacement), ``c, x: (..., N)``:
   ``E[S] = N mean(c) mean(x)``, ``Var[S] = sum_j (c_j - mean c)^2 sum_j (x_j - mean x)^2 / (N - 1)``.
