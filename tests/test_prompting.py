@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 
 from siftlens.errors import ConfigError, GeometryError
-from siftlens.interventions import dilate, forward_bias, forward_drop, keep_top_idx, semantic_bias
 from siftlens.models.native import NativeBackend
 from siftlens.models.vit import ViT, ViTConfig, save_vit
-from siftlens.prompting import (
+from siftlens.shortcuts import (
     PromptConfig,
     footprint_patches,
     group_accuracy,
@@ -23,6 +22,7 @@ from siftlens.prompting import (
     patch_masks,
     prompt,
 )
+from siftlens.shortcuts.interventions import dilate, forward_bias, forward_drop, keep_top_idx, semantic_bias
 
 B = 4
 
@@ -258,8 +258,8 @@ def test_hf_bias_lands_on_the_logits_of_the_chosen_layers():
 @pytest.fixture(scope="module")
 def prompt_setup(tmp_path_factory):
     """A random tiny native model, a labelled folder with a sidecar, and a discovery output to flag words."""
-    from siftlens.spurious import DiscoveryConfig, discover
-    from siftlens.spurious.data import glyph
+    from siftlens.benchmarks.spurious_cifar import glyph
+    from siftlens.shortcuts import DiscoveryConfig, discover
 
     root = tmp_path_factory.mktemp("prompt")
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
-"""Block fine-tuning for ``siftlens repair --blocks K`` (siftlens.repair_blocks) on a tiny random ViT: the split
-forward equals the model's own forward with the same tokens dropped, only the last blocks, the final norm and the
-head train, and the weighted loss is the one minimised."""
+"""Block fine-tuning for ``siftlens repair --blocks K`` (siftlens.shortcuts.retraining.blocks) on a tiny random ViT:
+the split forward equals the model's own forward with the same tokens dropped, only the last blocks, the final norm
+and the head train, and the weighted loss is the one minimised."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from siftlens.errors import ConfigError
 from siftlens.models.vit import ViT, ViTConfig
-from siftlens.repair_blocks import (
+from siftlens.shortcuts.retraining.blocks import (
     TuneSettings,
     finetune,
     frozen_tokens,

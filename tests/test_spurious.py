@@ -13,17 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from siftlens.errors import CandidatesError, ConfigError, SpuriousDataError
-from siftlens.jobs import JobOptions, run_discovery
-from siftlens.spurious import (
-    DiscoveryConfig,
-    discover,
-    evaluate_markers,
-    kmeans,
-    load_vocabulary,
-    rootsift,
-)
-from siftlens.spurious.data import (
+from siftlens.benchmarks.spurious_cifar import (
     GLYPH_NAMES,
     SpuriousConfig,
     build,
@@ -32,6 +22,11 @@ from siftlens.spurious.data import (
     glyph,
     read_sidecar,
 )
+from siftlens.benchmarks.spurious_cifar_eval import evaluate_markers
+from siftlens.errors import CandidatesError, ConfigError, SpuriousDataError
+from siftlens.jobs import JobOptions, run_discovery
+from siftlens.shortcuts import DiscoveryConfig, discover
+from siftlens.shortcuts.discovery.vocabulary import kmeans, load_vocabulary, rootsift
 
 CLASSES = ("ant", "bee", "cow")
 

@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+from siftlens.benchmarks.spurious_cifar import glyph, read_sidecar
+from siftlens.benchmarks.spurious_cifar_eval import evaluate_patches
 from siftlens.data import ImageSource
 from siftlens.errors import ConfigError
 from siftlens.models import load_backend
-from siftlens.repair import RepairConfig, group_weights, repair
-from siftlens.spurious import DiscoveryConfig, discover, read_sidecar
-from siftlens.spurious.causal import matched_control
-from siftlens.spurious.data import glyph
-from siftlens.spurious.evaluate import evaluate_patches
-from siftlens.spurious.vocabulary import load_vocabulary
+from siftlens.shortcuts import DiscoveryConfig, discover
+from siftlens.shortcuts.discovery.causal import matched_control
+from siftlens.shortcuts.discovery.vocabulary import load_vocabulary
+from siftlens.shortcuts.retraining.head import RepairConfig, group_weights, repair
 
 COLOURS = {"ant": (230, 40, 40), "bee": (40, 210, 40), "cow": (40, 40, 230)}
 
@@ -114,7 +114,7 @@ def test_regions_find_a_weakly_textured_marker(colours):
 
 
 def test_prompting_flags_region_candidates_on_the_marker(colours, tmp_path):
-    from siftlens.prompting.run import PromptConfig, prompt
+    from siftlens.shortcuts.prompting import PromptConfig, prompt
 
     root, res, _ = colours
     res.save(tmp_path / "disc")
@@ -154,7 +154,7 @@ def test_repair_saves_a_normal_model_with_a_new_head(colours, tmp_path):
 
 
 def test_repair_with_mean_pooling_saves_a_model_that_pools_like_its_head(colours, tmp_path):
-    from siftlens.repair import pooled_features
+    from siftlens.shortcuts.retraining.head import pooled_features
 
     root, res, _ = colours
     res.save(tmp_path / "disc")
@@ -184,8 +184,8 @@ def test_repair_with_mean_pooling_saves_a_model_that_pools_like_its_head(colours
 
 
 def test_repair_with_blocks_fine_tunes_only_the_last_block_and_saves_a_working_model(colours, tmp_path):
-    from siftlens.repair import dropped_features, fit_head
-    from siftlens.spurious.features import model_labels
+    from siftlens.shortcuts.discovery.features import model_labels
+    from siftlens.shortcuts.retraining.head import dropped_features, fit_head
 
     root, res, _ = colours
     res.save(tmp_path / "disc")
@@ -231,8 +231,8 @@ def test_repair_with_blocks_fine_tunes_only_the_last_block_and_saves_a_working_m
 
 
 def test_repair_dilate_grows_the_fitting_flags_by_whole_patches(colours, tmp_path):
-    from siftlens.interventions import dilate
-    from siftlens.repair import flagged_batches
+    from siftlens.shortcuts.interventions import dilate
+    from siftlens.shortcuts.retraining.head import flagged_batches
 
     root, res, _ = colours
     res.save(tmp_path / "disc")

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.timm
 
 timm = pytest.importorskip("timm", reason="timm not installed (needs torchvision); run `make test-timm`")
 
-from siftlens.interventions import forward_bias, forward_drop, semantic_bias  # noqa: E402
 from siftlens.models.timm import TimmBackend  # noqa: E402
+from siftlens.shortcuts.interventions import forward_bias, forward_drop, semantic_bias  # noqa: E402
 
 B = 3
 MODELS = {

@@ -14,10 +14,11 @@ benchmark's evaluated splits.
         --control-base 'runs/x/prompt-control-{split}-base-drop' \
         --out experiments/repair/results/repair-blocks-seed1.json
 
-``grid``: the fitting images are flagged once per model (the package's :func:`siftlens.repair.flagged_batches`);
-every variant is then fitted with the package's own :func:`siftlens.repair.retrain` (head-only L-BFGS fit, then the
-last ``blocks`` blocks, final norm and head by AdamW) on a fresh copy of the model, and scored on ``--val`` with the
-flagged tokens dropped (``repair+drop``) and with nothing dropped (``repair``). Scores per variant: the val set's
+``grid``: the fitting images are flagged once per model (the package's
+:func:`siftlens.shortcuts.retraining.head.flagged_batches`); every variant is then fitted with the package's own
+:func:`siftlens.shortcuts.retraining.head.retrain` (head-only L-BFGS fit, then the last ``blocks`` blocks, final norm
+and head by AdamW) on a fresh copy of the model, and scored on ``--val`` with the flagged tokens dropped
+(``repair+drop``) and with nothing dropped (``repair``). Scores per variant: the val set's
 conflicting and aligned accuracy and worst ``class|group`` (as ``repair_holdout.py``); with ``--control``, the
 same variants repair the clean control with its own discovery, and ``control_cost`` is the change of its overall
 accuracy on the val set (repaired model as it is, points). ``blocks=0`` rows are today's head-only repair.
@@ -55,10 +56,17 @@ from repair_holdout import control_costs, scores  # noqa: E402
 from siftlens.data import ImageSource  # noqa: E402
 from siftlens.io import write_text  # noqa: E402
 from siftlens.models import load_backend  # noqa: E402
-from siftlens.repair import RepairConfig, _groups, flagged_batches, group_weights, pooled_features, retrain  # noqa: E402
-from siftlens.repair_blocks import frozen_tokens, tuned_predictions  # noqa: E402
-from siftlens.spurious.features import model_labels  # noqa: E402
-from siftlens.spurious.vocabulary import load_vocabulary  # noqa: E402
+from siftlens.shortcuts.discovery.features import model_labels  # noqa: E402
+from siftlens.shortcuts.discovery.vocabulary import load_vocabulary  # noqa: E402
+from siftlens.shortcuts.retraining.blocks import frozen_tokens, tuned_predictions  # noqa: E402
+from siftlens.shortcuts.retraining.head import (  # noqa: E402
+    RepairConfig,
+    _groups,
+    flagged_batches,
+    group_weights,
+    pooled_features,
+    retrain,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

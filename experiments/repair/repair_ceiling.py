@@ -5,15 +5,16 @@
         --spurious runs/x/spurious-cifar --cifar-test $CIFAR/test --out experiments/repair/results/repair-ceiling.json
 
 Per model, pooled features (the CLS token, and the mean of the patch tokens) are computed with the package's own
-code (:func:`siftlens.repair.pooled_features`) on
+code (:func:`siftlens.shortcuts.retraining.head.pooled_features`) on
 
 - the SpuriousCIFAR ``conflicting`` and ``aligned`` splits, with the marker's patches dropped (the oracle's mask:
   every patch the sidecar box overlaps, ``experiments/spurious/spurious_eval.py``) and without dropping anything;
 - clean CIFAR-10 test images (the same source images, no marker).
 
-A linear head (:func:`siftlens.repair.fit_head`, not started from the old head, no re-weighting) is fitted with the
-true class labels and scored by 2-fold cross-validation. The folds split the CIFAR-10 *source* images (stratified
-by class, seeded), so a head trained on one fold of split A and tested on the other fold of split B never sees a
+A linear head (:func:`siftlens.shortcuts.retraining.head.fit_head`, not started from the old head, no re-weighting) is
+fitted with the true class labels and scored by 2-fold cross-validation. The folds split the CIFAR-10 *source* images
+(stratified by class, seeded), so a head trained on one fold of split A and tested on the other fold of split B never
+sees a
 test image's source picture, with or without a marker. The cross-validated accuracy of a head fitted on the
 evaluation distribution itself (conflicting, marker dropped) bounds what any head-only repair can reach on this
 encoder. ``eval`` rows restrict the scores to the images the benchmark evaluates (``--prompt-limit 1000``: the
@@ -37,11 +38,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spurious"))  # spurious_eval.marker_patches
 from spurious_eval import marker_patches  # noqa: E402
 
+from siftlens.benchmarks.spurious_cifar import read_sidecar  # noqa: E402
 from siftlens.data import ImageSource  # noqa: E402
 from siftlens.io import write_text  # noqa: E402
 from siftlens.models import load_backend  # noqa: E402
-from siftlens.repair import fit_head, pooled_features  # noqa: E402
-from siftlens.spurious.data import read_sidecar  # noqa: E402
+from siftlens.shortcuts.retraining.head import fit_head, pooled_features  # noqa: E402
 
 POOLS = ("cls", "mean")
 EVAL_PER_CLASS = 100  # spurious.py --prompt-limit 1000: ImageSource's spread takes the first 100 per class

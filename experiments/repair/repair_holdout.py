@@ -7,10 +7,12 @@ held-out split the model never trained on), pseudo-groups, start from the old he
         --control runs/c/model --control-candidates runs/x/discover-control \
         --out experiments/repair/results/repair-holdout.json
 
-Every variant's head is fitted with the package's own code (:func:`siftlens.repair.dropped_features`,
-:func:`~siftlens.repair.group_weights`, :func:`~siftlens.repair.fit_head`) and scored on ``--val``, a
-SpuriousCIFAR ``holdout`` build disjoint from the fitting images and from the benchmark's evaluation images (for
-example ``make-spurious --splits holdout --holdout-start 700 --rho 0.5``: half its images carry a wrong marker).
+Every variant's head is fitted with the package's own code
+(:func:`siftlens.shortcuts.retraining.head.dropped_features`,
+:func:`~siftlens.shortcuts.retraining.head.group_weights`, :func:`~siftlens.shortcuts.retraining.head.fit_head`) and
+scored on ``--val``, a SpuriousCIFAR ``holdout`` build disjoint from the fitting images and from the benchmark's
+evaluation images (for example ``make-spurious --splits holdout --holdout-start 700 --rho 0.5``: half its images carry
+a wrong marker).
 Per variant: the accuracy on the val set's conflicting and aligned images and its worst ``class|group``, for the
 repaired model as it is and with discovery's flagged tokens dropped (``repair+drop``). With ``--control``, the
 same variants repair the clean control with its own discovery, and ``control_cost`` is the change of its accuracy
@@ -32,13 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from repair_ceiling import features as plain_features  # noqa: E402
 
+from siftlens.benchmarks.spurious_cifar import read_sidecar  # noqa: E402
 from siftlens.data import ImageSource  # noqa: E402
 from siftlens.io import write_text  # noqa: E402
 from siftlens.models import load_backend  # noqa: E402
-from siftlens.repair import RepairConfig, _groups, dropped_features, fit_head, group_weights  # noqa: E402
-from siftlens.spurious.data import read_sidecar  # noqa: E402
-from siftlens.spurious.features import model_labels  # noqa: E402
-from siftlens.spurious.vocabulary import load_vocabulary  # noqa: E402
+from siftlens.shortcuts.discovery.features import model_labels  # noqa: E402
+from siftlens.shortcuts.discovery.vocabulary import load_vocabulary  # noqa: E402
+from siftlens.shortcuts.retraining.head import RepairConfig, _groups, dropped_features, fit_head, group_weights  # noqa: E402
 
 POOLS = ("cls", "mean")
 

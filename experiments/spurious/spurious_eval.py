@@ -33,11 +33,11 @@ def oracle_drop(model: str, split: Path, limit: int | None, device: str = "cpu")
     import numpy as np
     import torch
 
+    from siftlens.benchmarks.spurious_cifar import read_sidecar
     from siftlens.data import ImageSource
-    from siftlens.interventions import forward_drop
     from siftlens.models import load_backend
-    from siftlens.prompting import group_accuracy, image_groups
-    from siftlens.spurious.data import read_sidecar
+    from siftlens.shortcuts import group_accuracy, image_groups
+    from siftlens.shortcuts.interventions import forward_drop
 
     be = load_backend(model, device)
     side = read_sidecar(split / "markers.json")

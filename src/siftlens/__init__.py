@@ -13,8 +13,8 @@ Public API (imported lazily, so ``import siftlens`` stays light)::
     TrainConfig, train                              supervised training of the project's ViT (siftlens.training)
     MAE, MAEConfig, PretrainConfig                  masked-autoencoder pre-training (siftlens.pretrain.pretrain runs it)
     SiftlensError                                   base class of every user-facing error
-    build_spurious, SpuriousConfig                  the SpuriousCIFAR builder
-    discover, DiscoveryConfig, DiscoveryResult      spurious-correlation discovery with SIFT visual words
+    build_spurious, SpuriousConfig                  the SpuriousCIFAR builder (siftlens.benchmarks)
+    discover, DiscoveryConfig, DiscoveryResult      shortcut discovery with SIFT visual words (siftlens.shortcuts)
     prompt, PromptConfig, PromptResult              inference-time token interventions and their evaluation
     compare, Comparison                             differences between analysis runs, with bootstrap CIs and q
 """
@@ -39,11 +39,11 @@ _EXPORTS = {
     "TrainConfig": "training", "train": "training",
     "MAE": "models.mae", "MAEConfig": "models.mae", "PretrainConfig": "pretrain",
     "compare": "comparison", "Comparison": "comparison",
-    "SpuriousConfig": "spurious.data",
-    "discover": "spurious", "DiscoveryConfig": "spurious", "DiscoveryResult": "spurious",
-    "prompt": "prompting", "PromptConfig": "prompting", "PromptResult": "prompting",
+    "SpuriousConfig": "benchmarks.spurious_cifar",
+    "discover": "shortcuts", "DiscoveryConfig": "shortcuts", "DiscoveryResult": "shortcuts",
+    "prompt": "shortcuts", "PromptConfig": "shortcuts", "PromptResult": "shortcuts",
 }
-_ALIASES = {"build_spurious": ("spurious.data", "build")}
+_ALIASES = {"build_spurious": ("benchmarks.spurious_cifar", "build")}
 
 __all__ = sorted([*_EXPORTS, *_ALIASES]) + ["__version__"]
 

@@ -296,7 +296,7 @@ def make_spurious(
 ):
     """Build SpuriousCIFAR: CIFAR-10 images with a class-correlated marker glyph planted in each."""
     from . import jobs
-    from .spurious.data import SpuriousConfig
+    from .benchmarks.spurious_cifar import SpuriousConfig
 
     cfg = SpuriousConfig(cifar=cifar, out=str(out), marker_size=marker_size, rho=rho, placement=placement, seed=seed,
                          markers=markers, limit_per_class=limit_per_class,
@@ -346,7 +346,7 @@ def discover(
 ):
     """Find visual words the model attends to, that come with a class, and that its predictions depend on."""
     from . import jobs
-    from .spurious.config import DiscoveryConfig
+    from .shortcuts.discovery.config import DiscoveryConfig
 
     cfg = DiscoveryConfig(vocab_size=vocab, vocab_sample=vocab_sample, attention=attention, upsample=upsample,
                           batch_size=batch_size, workers=workers, device=device, seed=seed, limit=limit,
@@ -395,7 +395,7 @@ def prompt(
 ):
     """Intervene on patch tokens at inference (no retraining) and report accuracy before and after."""
     from . import jobs
-    from .prompting.run import PromptConfig
+    from .shortcuts.prompting import PromptConfig
 
     cfg = PromptConfig(policy=policy, candidates=candidates, top_words=top_words, score_ratio=score_ratio,
                        extent=extent, dilate=dilate, q=q, beta=beta,
@@ -426,7 +426,7 @@ def repair(
 ):
     """Retrain the classification head (with --blocks also the last blocks) with the shortcut's tokens dropped."""
     from . import jobs
-    from .repair import RepairConfig
+    from .shortcuts.retraining.head import RepairConfig
 
     cfg = RepairConfig(candidates=candidates, top_words=top_words, score_ratio=score_ratio, groups=groups, l2=l2,
                        pool=pool, iters=iters, blocks=blocks, epochs=epochs, lr=lr, head_start=head_start,

@@ -1,7 +1,7 @@
 """Whole jobs: load, run, save, report. The command line calls these functions and nothing else.
 
 This is the one module that joins the steps with each other and with their rendering: the analysis with
-:mod:`siftlens.report`, discovery with :mod:`siftlens.spurious.report`, the SpuriousCIFAR evaluation with
+:mod:`siftlens.report`, discovery with :mod:`siftlens.shortcuts.discovery.report`, the SpuriousCIFAR evaluation with
 discovery, prompting with its output files. Nothing in the library imports it (only ``cli.py`` and the
 lazy public names ``siftlens.run_analysis`` and ``siftlens.run_demo``). Each job returns its result and
 the paths it wrote; the ``*_outcome`` functions give the few lines the CLI prints about them.
@@ -16,16 +16,16 @@ from pathlib import Path
 
 from .analysis import AnalysisConfig, AnalysisResult, analyze, merge
 from .analysis.run import output_paths
+from .benchmarks.spurious_cifar import SpuriousConfig, build, find_sidecar, read_sidecar
+from .benchmarks.spurious_cifar_eval import evaluate_markers, evaluate_patches
 from .comparison import Comparison, compare, compare_findings
 from .errors import ConfigError, SpuriousDataError
 from .io import write_text
-from .prompting.run import PromptConfig, PromptResult, format_summary, prompt
-from .repair import RepairConfig, repair
-from .spurious.config import DiscoveryConfig
-from .spurious.data import SpuriousConfig, build, find_sidecar, read_sidecar
-from .spurious.evaluate import evaluate_markers, evaluate_patches
-from .spurious.report import write_discovery_report
-from .spurious.run import DiscoveryResult, discover
+from .shortcuts.discovery.config import DiscoveryConfig
+from .shortcuts.discovery.report import write_discovery_report
+from .shortcuts.discovery.run import DiscoveryResult, discover
+from .shortcuts.prompting import PromptConfig, PromptResult, format_summary, prompt
+from .shortcuts.retraining.head import RepairConfig, repair
 
 
 @dataclass
@@ -188,7 +188,7 @@ def discovery_outcome(res: DiscoveryResult, paths: dict[str, Path]) -> str:
 
 def run_prompt(model, images, out: str | Path, config: PromptConfig | None = None,
                options: JobOptions | None = None) -> tuple[PromptResult, dict[str, Path]]:
-    """:func:`~siftlens.prompting.prompt`, then write ``prompting.json`` and ``predictions.csv`` into ``out``."""
+    """:func:`~siftlens.shortcuts.prompt`, then write ``prompting.json`` and ``predictions.csv`` into ``out``."""
     opt = options or JobOptions()
     res = prompt(model, images, config, progress=opt.progress, weights=opt.weights)
     return res, res.save(out)
@@ -199,7 +199,7 @@ def prompt_outcome(res: PromptResult, paths: dict[str, Path]) -> str:
 
 
 def run_repair(model, images, out: str | Path, config: RepairConfig, progress: bool = True) -> dict:
-    """:func:`~siftlens.repair.repair`: writes ``out/model`` and ``out/repair.json``; returns the summary."""
+    """:func:`~siftlens.shortcuts.repair`: writes ``out/model`` and ``out/repair.json``; returns the summary."""
     return repair(model, images, out, config, progress)
 
 

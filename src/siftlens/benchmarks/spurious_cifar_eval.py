@@ -1,13 +1,14 @@
-"""Evaluation of a discovery against a SpuriousCIFAR sidecar: the rank of each class's own marker among its
-candidates. The sidecar is never used for the ranking itself."""
+"""The SpuriousCIFAR benchmark's evaluation of a discovery (:mod:`siftlens.benchmarks.spurious_cifar`): against
+its sidecar, the rank of each class's own marker among its candidates. The sidecar is never used for the
+ranking itself."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from .features import Features
-from .run import DiscoveryResult
+from ..shortcuts.discovery.features import Features, word_patches
+from ..shortcuts.discovery.run import DiscoveryResult
 
 
 def word_marker_purity(f: Features, sidecar: dict, K: int) -> pd.DataFrame:
@@ -96,8 +97,6 @@ def evaluate_patches(result: DiscoveryResult, sidecar: dict, P: int, grid: tuple
     Also ``precision_at``: per k, the share of the top-k candidates (pooled over classes) whose patches lie
     on *some* marker at least half of the time; ``on_marker``: per class, that share for each of its top 5.
     """
-    from .features import word_patches
-
     f = result.features
     N = grid[0] * grid[1]
     K = len(result.vocabulary) + (0 if result.regions is None else len(result.regions))

@@ -1,25 +1,20 @@
-"""Inference-time prompting: per-image token interventions built from keypoints, with no retraining.
+"""Shortcuts (spurious correlations): find them, flag them in an image, and act on them, in one home.
 
-Policies (METHOD.md section 4):
+The flow, each step in one place:
 
-- ``drop``: remove the patch tokens *flagged* by a discovery output, i.e. the patches holding a keypoint
-  whose visual word is among each class's ``top_words`` best candidates (union over classes), optionally
-  grown by ``dilate`` patches; kept tokens keep their position embeddings;
-- ``keep-top``: keep only the ``ceil(q * N)`` patches with the largest semantic weight (keypoints per
-  patch, ``scheme``); with a discovery output, keypoints of flagged words do not count;
-- ``bias``: add ``beta * log(eps + c_j)`` to the attention logits of patch key j (``c_j`` the keypoint
-  concentration, flagged keypoints excluded; shifted by its value at uniform concentration, see
-  :func:`~siftlens.interventions.semantic_bias`) and, with a discovery output, ``flag_bias`` to flagged
-  keys, in the blocks ``layers`` (None = all).
+- ``discovery/``: :func:`discover` ranks (class, visual word) candidates a classifier attends to, that come
+  with a class and that its predictions depend on (:class:`DiscoveryConfig`, :class:`DiscoveryResult`);
+- ``flags``: the one rule that says which patches of an image a discovery output flags
+  (:func:`~siftlens.shortcuts.flags.flag_patches`), used by prompting and repair alike;
+- ``interventions``: drop, keep-top and attention-bias forwards for any backend, grouping by kept-token count,
+  growing a patch mask;
+- ``prompting``: :func:`prompt` classifies images before and after an intervention at inference
+  (:class:`PromptConfig`, :class:`PromptResult`); ``groups``: overall, per-group and worst-group accuracy;
+- ``retraining/``: :func:`repair` retrains the head (``head``) and with ``blocks > 0`` the last blocks
+  (``blocks``) with the flagged tokens dropped (:class:`RepairConfig`).
 
-Every image is classified before and after; :func:`group_accuracy` gives overall, per-group and worst-group
-accuracy. Groups come from a SpuriousCIFAR sidecar (``<class>|aligned`` or ``<class>|conflicting``) when
-the image folder holds one (or ``groups`` names it), else the true class.
-
-Modules: ``masks`` (flagged patches and semantic weights per image), ``groups`` (group accuracy), ``run``
-(:class:`PromptConfig`, :func:`prompt`, :class:`PromptResult`). The token interventions themselves are
-:mod:`siftlens.interventions`, shared with discovery's causal check (which comes before prompting, so
-they cannot live here). The names below are imported lazily.
+The SpuriousCIFAR benchmark that plants known shortcuts, and its evaluation of a discovery, live in
+:mod:`siftlens.benchmarks`. The names below are imported lazily.
 """
 
 from __future__ import annotations
@@ -27,9 +22,12 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "footprint_patches": "masks", "patch_masks": "masks",
+    "discover": "discovery.run", "DiscoveryConfig": "discovery.config", "DiscoveryResult": "discovery.run",
+    "prompt": "prompting", "PromptConfig": "prompting", "PromptResult": "prompting", "POLICIES": "prompting",
+    "format_summary": "prompting",
+    "repair": "retraining.head", "RepairConfig": "retraining.head",
     "group_accuracy": "groups", "image_groups": "groups",
-    "POLICIES": "run", "PromptConfig": "run", "PromptResult": "run", "format_summary": "run", "prompt": "run",
+    "footprint_patches": "flags", "patch_masks": "flags",
 }
 
 __all__ = sorted(_EXPORTS)

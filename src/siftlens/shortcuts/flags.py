@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..keypoints import Keypoints, patch_index, weight_map
-from ..spurious.vocabulary import Vocabulary
+from .discovery.vocabulary import Vocabulary
 
 
 def footprint_patches(xy: np.ndarray, size: np.ndarray, P: int, grid: tuple[int, int]) -> np.ndarray:
@@ -30,7 +30,7 @@ def patch_masks(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(flag (N,) bool of patches holding a flagged word, semantic weight (N,) without flagged keypoints).
 
-    it: one item of :class:`~siftlens.spurious.features.KeypointDataset` (``xy``, ``size``, ``response``,
+    it: one item of :class:`~siftlens.shortcuts.discovery.features.KeypointDataset` (``xy``, ``size``, ``response``,
     ``desc``); scheme: the weight scheme of :func:`~siftlens.keypoints.weight_map`.
 
     extent: ``center`` flags the patch of each flagged keypoint's centre; ``footprint`` every patch its

@@ -2,7 +2,7 @@
 
 All functions take a :class:`~siftlens.models.backend.Backend` and a normalised batch ``x: (B, 3, H, W)``
 and work on patch masks over the model's grid (``N = g_h * g_w`` patches, row-major). They are used by
-discovery's occlusion check (:mod:`siftlens.spurious.causal`) and by prompting (:mod:`siftlens.prompting`).
+discovery's occlusion check (:mod:`~siftlens.shortcuts.discovery.causal`), prompting and repair.
 
 Variable numbers of dropped tokens per image. ``mode="group"`` runs one forward per distinct number of
 kept tokens, each with ``keep_idx`` (exact removal for every model and pooling); ``mode="mask"`` runs one
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .errors import ConfigError
-from .models.backend import Backend
+from ..errors import ConfigError
+from ..models.backend import Backend
 
 DROP_MODES = ("group", "mask")
 

@@ -12,20 +12,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import __version__
+from ..benchmarks.spurious_cifar import find_sidecar, read_sidecar
 from ..data import ImageSource
 from ..errors import ConfigError
-from ..interventions import DROP_MODES, dilate, forward_bias, forward_drop, keep_top_idx, semantic_bias
 from ..io import atomic_path, write_json
 from ..keypoints import SCHEMES, SiftParams, sift_params
 from ..models import load_backend
 from ..models.backend import Backend
 from ..progress import progress_bar
-from ..spurious.data import find_sidecar, read_sidecar
-from ..spurious.features import KeypointDataset, collate_list, model_labels
-from ..spurious.regions import region_words
-from ..spurious.vocabulary import Vocabulary, load_vocabulary
+from .discovery.features import KeypointDataset, collate_list, model_labels
+from .discovery.regions import region_words
+from .discovery.vocabulary import Vocabulary, load_vocabulary
+from .flags import patch_masks
 from .groups import group_accuracy, image_groups
-from .masks import patch_masks
+from .interventions import DROP_MODES, dilate, forward_bias, forward_drop, keep_top_idx, semantic_bias
 
 POLICIES = ("none", "drop", "keep-top", "bias")
 EXTENTS = ("center", "footprint")

@@ -1,4 +1,4 @@
-"""Spurious-correlation discovery with SIFT visual words (METHOD.md section 4).
+"""Shortcut (spurious-correlation) discovery with SIFT visual words (METHOD.md section 4).
 
 For a classifier and a set of images:
 
@@ -29,19 +29,19 @@ For a classifier and a set of images:
 
 Everything is returned as data (:class:`DiscoveryResult`); :meth:`DiscoveryResult.save` writes
 ``candidates.csv``, ``discovery.json`` (with the vocabulary, so prompting can assign words to new images)
-and ``keypoints.parquet``; :mod:`siftlens.spurious.report` renders the HTML report.
+and ``keypoints.parquet``; :mod:`siftlens.shortcuts.discovery.report` renders the HTML report.
 
 Boxes file (``boxes``): JSON ``{"<image name>": [x0, y0, x1, y1] | [[x0, y0, x1, y1], ...]}`` of *object*
 boxes in the original image's pixels (x1, y1 exclusive); they are pushed through the model's own
 preprocessing, so resizing and cropping are accounted for exactly. A SpuriousCIFAR sidecar marks the
-spurious marker, not the object, and is used only by :func:`evaluate_markers` (never by the ranking).
+spurious marker, not the object, and is used only by the benchmark's evaluation
+(:mod:`siftlens.benchmarks.spurious_cifar_eval`), never by the ranking.
 
 Modules, in the order of the flow: ``config`` (:class:`DiscoveryConfig`), ``features`` (step 1),
 ``vocabulary`` (step 2, and reading it back for prompting), ``regions`` (region words), ``scoring``
 (steps 3 and 5), ``causal``
-(step 4), ``run`` (:func:`discover`, :class:`DiscoveryResult`), ``evaluate`` (against a SpuriousCIFAR
-sidecar), ``report`` (renders the HTML page only), and ``data`` (the SpuriousCIFAR builder and its
-sidecars). The names below are imported lazily.
+(step 4), ``run`` (:func:`discover`, :class:`DiscoveryResult`) and ``report`` (renders the HTML page
+only). The names below are imported lazily.
 """
 
 from __future__ import annotations
@@ -57,9 +57,7 @@ _EXPORTS = {
     "causal_check": "causal", "occlude_probs": "causal", "matched_control": "causal",
     "patch_tokens": "regions", "region_features": "regions", "region_words": "regions",
     "DiscoveryResult": "run", "discover": "run",
-    "evaluate_markers": "evaluate", "evaluate_patches": "evaluate", "word_marker_purity": "evaluate",
     "discovery_html": "report", "write_discovery_report": "report",
-    "SpuriousConfig": "data", "build": "data", "find_sidecar": "data", "read_sidecar": "data",
 }
 
 __all__ = sorted(_EXPORTS)

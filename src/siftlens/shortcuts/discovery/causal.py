@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import ImageSource
-from ..errors import ConfigError
+from ...data import ImageSource
+from ...errors import ConfigError
+from ...models.backend import Backend
+from ...progress import progress_bar
 from ..interventions import forward_drop
-from ..models.backend import Backend
-from ..progress import progress_bar
 from .config import DiscoveryConfig
 from .features import Features, load_pixels, word_patches
 

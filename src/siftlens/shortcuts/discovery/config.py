@@ -1,10 +1,10 @@
-"""The parameters of a discovery run (:func:`siftlens.spurious.discover`), shared by its steps."""
+"""The parameters of a discovery run (:func:`siftlens.shortcuts.discover`), shared by its steps."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 ATTENTION_KINDS = ("last", "rollout")
 OCCLUDE_KINDS = ("drop", "mean")

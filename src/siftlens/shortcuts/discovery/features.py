@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..attention import Rollout, capture
-from ..data import ImageSource
-from ..errors import ConfigError, SkipImage
-from ..io import read_json
-from ..keypoints import SiftParams, detect, patch_index
-from ..models.backend import Backend
-from ..progress import progress_bar
+from ...attention import Rollout, capture
+from ...data import ImageSource
+from ...errors import ConfigError, SkipImage
+from ...io import read_json
+from ...keypoints import SiftParams, detect, patch_index
+from ...models.backend import Backend
+from ...progress import progress_bar
 from .config import DiscoveryConfig
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data import ImageSource
-from ..errors import ConfigError
-from ..models.backend import Backend
+from ...data import ImageSource
+from ...errors import ConfigError
+from ...models.backend import Backend
 from .config import DiscoveryConfig
 from .features import Features, load_pixels
 from .vocabulary import assign, kmeans

@@ -1,5 +1,5 @@
 """The self-contained HTML report of a discovery run. Rendering only: from a finished
-:class:`~siftlens.spurious.DiscoveryResult` to ``report.html`` (discovery itself runs elsewhere). Per
+:class:`~siftlens.shortcuts.DiscoveryResult` to ``report.html`` (discovery itself runs elsewhere). Per
 class, the ranked candidate words with a gallery of example patches (crops enlarged without smoothing,
 the word's keypoints drawn as circles).
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..io import write_text
+from ...io import write_text
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -81,7 +81,7 @@ def _fmt(v, nd=3) -> str:
 
 
 def discovery_html(result, title: str = "siftlens: spurious-correlation candidates") -> str:
-    """The report page for a :class:`~siftlens.spurious.DiscoveryResult`."""
+    """The report page for a :class:`~siftlens.shortcuts.DiscoveryResult`."""
     e = html.escape
     m = result.manifest
     im = m["images"]

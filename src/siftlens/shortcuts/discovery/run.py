@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import __version__
-from ..data import ImageSource
-from ..errors import ConfigError
-from ..io import atomic_path, write_json
-from ..keypoints import sift_params
-from ..models import load_backend
-from ..models.backend import Backend
+from ... import __version__
+from ...data import ImageSource
+from ...errors import ConfigError
+from ...io import atomic_path, write_json
+from ...keypoints import sift_params
+from ...models import load_backend
+from ...models.backend import Backend
 from .causal import causal_check, patch_counts
 from .config import DiscoveryConfig
 from .features import Features, extract_features, load_pixels, read_boxes, word_patches

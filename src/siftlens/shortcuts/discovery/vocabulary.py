@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CandidatesError, ConfigError
-from ..io import read_json
-from ..progress import progress_bar
+from ...errors import CandidatesError, ConfigError
+from ...io import read_json
+from ...progress import progress_bar
 from .config import DiscoveryConfig
 
 

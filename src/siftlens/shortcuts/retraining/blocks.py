@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .progress import progress_bar
+from ...errors import ConfigError
+from ...progress import progress_bar
 
 POOLS = ("model", "cls", "mean")
 

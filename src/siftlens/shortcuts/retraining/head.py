@@ -19,7 +19,7 @@ training images, as DFR does.
 
 4. With ``blocks = K > 0`` the repair retrains more than the head: after the head-only fit (or from the old head,
    ``head_start``), the last K transformer blocks, the final norm and the head are fine-tuned together on the same
-   images with the same tokens dropped and the same weights (:mod:`siftlens.repair_blocks`).
+   images with the same tokens dropped and the same weights (:mod:`siftlens.shortcuts.retraining.blocks`).
 5. ``dilate = R`` grows the flags of step 1 by R patches, so that the tokens left hold none of a marker that the
    candidates cover only in part; the repaired model is then used with ``prompt --policy drop --dilate R``. With
    every block retrained this is what meets the glyph benchmark's targets (docs/spurious.md).
@@ -35,21 +35,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import ImageSource
-from .errors import ConfigError
-from .interventions import dilate
-from .io import write_json
-from .keypoints import sift_params
-from .models import load_backend
-from .models.backend import Backend
-from .models.vit import save_vit
-from .progress import progress_bar
-from .prompting.masks import footprint_patches
-from .repair_blocks import POOLS, TuneSettings, finetune, frozen_tokens, keep_index, pool_tokens, tuned_predictions
-from .spurious.data import find_sidecar, read_sidecar
-from .spurious.features import KeypointDataset, model_labels
-from .spurious.regions import region_words
-from .spurious.vocabulary import Vocabulary, load_vocabulary
+from ...benchmarks.spurious_cifar import find_sidecar, read_sidecar
+from ...data import ImageSource
+from ...errors import ConfigError
+from ...io import write_json
+from ...keypoints import sift_params
+from ...models import load_backend
+from ...models.backend import Backend
+from ...models.vit import save_vit
+from ...progress import progress_bar
+from ..discovery.features import KeypointDataset, model_labels
+from ..discovery.regions import region_words
+from ..discovery.vocabulary import Vocabulary, load_vocabulary
+from ..flags import footprint_patches
+from ..interventions import dilate
+from .blocks import POOLS, TuneSettings, finetune, frozen_tokens, keep_index, pool_tokens, tuned_predictions
 
 GROUPINGS = ("discovery", "sidecar", "none")
 STARTS = ("fit", "old")
