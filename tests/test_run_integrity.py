@@ -287,3 +287,15 @@ def test_a_zip_source_is_keyed_by_member_names_sizes_and_crcs(tmp_path):
     assert ImageSource(write_zip(base, date=(2024, 5, 5, 0, 0, 0))).fingerprint() == first, "a re-zip is the same"
     assert ImageSource(write_zip({"cat/a.jpg": "cat/0000.jpg", "dog/c.jpg": "dog/0000.jpg"})).fingerprint() != first
     assert ImageSource(write_zip({"cat/a.jpg": "cat/0000.jpg", "dog/b.jpg": "dog/0001.jpg"})).fingerprint() != first
+
+
+def test_resume_of_a_run_that_did_not_record_its_images_is_refused(tmp_path):
+    import json
+
+    out = tmp_path / "old"
+    run(out, limit=4)
+    desc = json.loads((out / "run.json").read_text())
+    del desc["images"]["fingerprint"]  # as written before the images were recorded
+    (out / "run.json").write_text(json.dumps(desc))
+    with pytest.raises(ConfigError, match="older siftlens"):
+        run(out, limit=4, resume=True)

@@ -195,6 +195,9 @@ class RunStore:
 
 def _check_same_run(old: dict, run: dict, root: Path) -> None:
     """Refuse, in one line, to resume into ``root`` a run whose settings or images differ from ``old``."""
+    if old.get("images", {}).get("source") == run["images"]["source"] and "fingerprint" not in old["images"]:
+        raise ConfigError(f"--resume: the run in {root} was started by an older siftlens that did not record its "
+                          "images; start it again in another --out")
     if old.get("images", {}).get("source") == run["images"]["source"] and \
             old["images"].get("fingerprint") != run["images"].get("fingerprint"):
         raise ConfigError(f"--resume: the images of {run['images']['source']} changed since the run in {root} "
