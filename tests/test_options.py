@@ -30,13 +30,14 @@ class Job:
     rollout: bool = option(False, "Also rollout.")
     limit: int | None = option(None, "At most this many images.")
     hidden: float = option(0.5, "Set from Python only.", cli=False)
-    run: Run = group(Run)
+    run: Run = group(Run, batch_size=64)  # this job's own default for a shared group
 
 
 def test_flat_options_flatten_groups_and_rename_flags():
     opts = {o.flag: o for o in flat_options(Job)}
     assert list(opts) == ["levels", "layers", "rollout", "limit", "device", "batch-size"]
-    assert opts["batch-size"].path == ("run", "batch_size") and opts["batch-size"].default == 32
+    assert opts["batch-size"].path == ("run", "batch_size") and opts["batch-size"].default == 64
+    assert opts["device"].default == "cpu" and Job().run == Run(batch_size=64)
     assert opts["levels"].path == ("n_levels",) and opts["levels"].help == "Semantic levels."
     assert "hidden" in {o.flag for o in flat_options(Job, cli_only=False)}
 
@@ -44,6 +45,7 @@ def test_flat_options_flatten_groups_and_rename_flags():
 def test_build_makes_the_nested_config_and_parses_text():
     cfg = build(Job, {"levels": 5, "layers": "0,-1", "batch_size": 8})
     assert cfg == Job(n_levels=5, layers=[0, -1], run=Run(batch_size=8))
+    assert build(Job, {"device": "cuda"}).run == Run(device="cuda", batch_size=64)  # the job's group default stays
     assert build(Job, {}) == Job()
     with pytest.raises(ConfigError, match="unknown Job option"):
         build(Job, {"colour": "red"})

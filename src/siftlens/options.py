@@ -23,6 +23,7 @@ config back from such a flat mapping. Nothing here imports typer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field
@@ -48,9 +49,10 @@ def option(default=MISSING, help: str = "", *, flag: str | None = None, cli: boo
     return field(default=default, metadata=meta)
 
 
-def group(cls: type, help: str = "") -> dataclasses.Field:
-    """A nested config of type ``cls`` (default: ``cls()``) whose fields are options of the same command."""
-    return field(default_factory=cls, metadata={_GROUP: True, _HELP: help})
+def group(cls: type, help: str = "", **defaults) -> dataclasses.Field:
+    """A nested config of type ``cls`` whose fields are options of the same command; its default is
+    ``cls(**defaults)``, so one job can give a shared group its own defaults (``batch_size=256``)."""
+    return field(default_factory=functools.partial(cls, **defaults), metadata={_GROUP: True, _HELP: help})
 
 
 @dataclass(frozen=True)
@@ -91,16 +93,21 @@ def flat_options(cls: type, *, cli_only: bool = True) -> list[FlatOption]:
     return out
 
 
-def _collect(cls: type, prefix: tuple[str, ...], out: list[FlatOption], cli_only: bool) -> None:
+def _collect(cls: type, prefix: tuple[str, ...], out: list[FlatOption], cli_only: bool,
+             instance: object | None = None) -> None:
+    """Append the options of ``cls`` to ``out``; ``instance`` (a group's default) supplies the defaults."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if is_group(f):
-            _collect(hints[f.name], prefix + (f.name,), out, cli_only)
+            _collect(hints[f.name], prefix + (f.name,), out, cli_only, f.default_factory())
             continue
         if cli_only and not f.metadata.get(_CLI, True):
             continue
-        default = f.default if f.default is not MISSING else (
-            f.default_factory() if f.default_factory is not MISSING else MISSING)
+        if instance is not None:
+            default = getattr(instance, f.name)
+        else:
+            default = f.default if f.default is not MISSING else (
+                f.default_factory() if f.default_factory is not MISSING else MISSING)
         out.append(FlatOption(prefix + (f.name,), (f.metadata.get(_FLAG) or f.name).replace("_", "-"),
                               hints[f.name], default, f.metadata.get(_HELP, ""), f.metadata.get(_PARSE),
                               f.metadata.get(_CLI_TYPE)))
@@ -117,13 +124,15 @@ def build(cls: type, values: Mapping[str, object]):
     return _build(cls, (), values, by_path)
 
 
-def _build(cls: type, prefix: tuple[str, ...], values: Mapping[str, object], by_path: dict):
+def _build(cls: type, prefix: tuple[str, ...], values: Mapping[str, object], by_path: dict,
+           base: object | None = None):
+    """``cls`` from ``values``; fields without a value keep ``base``'s (a group's default), else the field's."""
     hints = typing.get_type_hints(cls)
-    kwargs = {}
+    kwargs = {} if base is None else {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         path = prefix + (f.name,)
         if is_group(f):
-            kwargs[f.name] = _build(hints[f.name], path, values, by_path)
+            kwargs[f.name] = _build(hints[f.name], path, values, by_path, f.default_factory())
             continue
         o = by_path[path]
         if o.name in values:
