@@ -27,20 +27,25 @@ def test_help_explains_every_command():
         assert cmd in r.stdout
     r = run("analyze", "--help")
     assert r.returncode == 0
-    for opt in ("--model", "--images", "--out", "--batch-size", "--device", "--workers", "--layers", "--scheme",
-                "--levels", "--upsample", "--null", "--seed", "--limit"):
+    for opt in ("--model", "--revision", "--images", "--out", "--batch-size", "--device", "--workers", "--layers",
+                "--scheme", "--levels", "--upsample", "--null", "--seed", "--limit"):
         assert opt in r.stdout
 
 
 @pytest.mark.parametrize(
     "model, needle",
-    [("does/not/exist/anywhere", "offline"), ("./missing-model-dir", "not found"),
-     ("google/vit-base-patch16-224", "never downloads")],
+    [("does/not/exist/anywhere", "not found"), ("./missing-model-dir", "not found"),
+     ("google/vit-base-patch16-224", "not in the local cache")],
 )
 def test_model_errors_are_one_line(tmp_path, model, needle):
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "imgs" / "a.png")
-    r = run("analyze", "--model", model, "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"))
+    # an empty hub cache, offline: a hub id is looked up there and nowhere else
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    r = subprocess.run([sys.executable, "-m", "siftlens.cli", "analyze", "--model", model, "--images",
+                        str(tmp_path / "imgs"), "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       timeout=300, env=env)
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]

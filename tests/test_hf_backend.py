@@ -278,7 +278,10 @@ def _one_line_error(exc_info) -> str:
 
 
 @pytest.mark.parametrize("spec", ["/nonexistent/vit-folder", "google/vit-base-patch16-224"])
-def test_missing_folder_and_hub_names_fail_with_one_line(spec):
+def test_missing_folder_and_uncached_hub_names_fail_with_one_line(spec, tmp_path, monkeypatch):
+    from _hub import offline_hub
+
+    offline_hub(tmp_path / "hf", monkeypatch)  # an empty cache, offline: nothing reaches the network
     with pytest.raises(ModelLoadError) as e:
         load_backend(spec)
     _one_line_error(e)
@@ -286,7 +289,7 @@ def test_missing_folder_and_hub_names_fail_with_one_line(spec):
         HFBackend.load(spec)
     msg = _one_line_error(e)
     if spec.startswith("google/"):
-        assert "never downloads" in msg
+        assert "not in the local cache" in msg and "HF_HOME" in msg and "HF_HUB_OFFLINE" in msg
 
 
 def test_folder_without_weights_fails_with_one_line(tmp_path):

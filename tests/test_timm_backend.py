@@ -225,10 +225,12 @@ def test_unknown_model_and_missing_timm(monkeypatch):
     one_line(e)
 
 
-def test_load_backend_resolves_timm_names():
-    backend = load_backend("timm:vit_tiny_patch16_224")
+def test_load_backend_resolves_timm_names(tmp_path):
+    """With --weights, a local file; without, timm's pretrained weights (tests/test_hub.py, offline cache)."""
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), tmp_path / "w.pth")
+    backend = load_backend("timm:vit_tiny_patch16_224", weights=str(tmp_path / "w.pth"))
     assert isinstance(backend, TimmBackend)
-    assert backend.source == "timm:vit_tiny_patch16_224"
+    assert backend.source == f"timm:vit_tiny_patch16_224 ({tmp_path / 'w.pth'})"
     assert backend.forward(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
 
 

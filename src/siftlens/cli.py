@@ -177,12 +177,17 @@ def pretrain(
 @app.command()
 def analyze(
     model: Annotated[str, typer.Option(help="Built-in name (default), a local siftlens or Hugging Face model "
-                                            "folder, or timm:<name> (with --weights).")],
+                                            "folder, a Hugging Face hub id ORG/NAME (read from the cache in "
+                                            "HF_HOME, downloaded when online), or timm:<name> (timm's pretrained "
+                                            "weights, or --weights).")],
     images: Annotated[list[str], typer.Option(help="Images: a folder, a zip, archive.zip/inner/folder, a glob "
                                                    "(quote it), or files; repeat the option for several files.")],
     out: Annotated[Path, typer.Option(help="Output folder: report.html, summary.csv, metrics.parquet, "
                                            "manifest.json, figures/.")],
     weights: Annotated[str | None, typer.Option(help="Weights file for timm:<name> (.safetensors or .pth).")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of a hub id or of "
+                                                     "timm's pretrained weights; the manifest records the commit.")]
+    = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")] = "cpu",
     workers: Annotated[int, typer.Option(help="Data-loading worker processes (decode + SIFT in parallel).")] = 0,
@@ -225,7 +230,9 @@ def analyze(
     from . import jobs
     from .analysis import AnalysisConfig
     from .analysis.store import parse_shard
+    from .models.hub import with_revision
 
+    model = with_revision(model, revision)
     cfg = AnalysisConfig(
         scheme=scheme, n_levels=levels, upsample=upsample, layers=parse_layers(layers), batch_size=batch_size,
         workers=workers, device=device, null=null, null_kind=null_kind, n_boot=bootstrap,
@@ -317,12 +324,15 @@ def make_spurious(
 
 @app.command()
 def discover(
-    model: Annotated[str, typer.Option(help="A local siftlens or Hugging Face classifier folder, a built-in name, "
-                                            "or timm:<name> (with --weights).")],
+    model: Annotated[str, typer.Option(help="A local siftlens or Hugging Face classifier folder, a hub id "
+                                            "ORG/NAME, a built-in name, or timm:<name> (pretrained or --weights).")],
     images: Annotated[str, typer.Option(help="Images: a folder, a zip, archive.zip/inner/folder or a glob.")],
     out: Annotated[Path, typer.Option(help="Output folder: candidates.csv, discovery.json, keypoints.parquet, "
                                            "report.html.")],
     weights: Annotated[str | None, typer.Option(help="Weights file for timm:<name>.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of a hub id or of "
+                                                     "timm's pretrained weights; the manifest records the commit.")]
+    = None,
     vocab: Annotated[int, typer.Option(help="Visual words K (k-means clusters of SIFT descriptors).")] = 256,
     vocab_sample: Annotated[int, typer.Option(help="Descriptors sampled for k-means.")] = 100_000,
     attention: Annotated[str, typer.Option(help="last (CLS attention of the last layer, mean over heads) or "
@@ -356,8 +366,10 @@ def discover(
 ):
     """Find visual words the model attends to, that come with a class, and that its predictions depend on."""
     from . import jobs
+    from .models.hub import with_revision
     from .shortcuts.discovery.config import DiscoveryConfig
 
+    model = with_revision(model, revision)
     cfg = DiscoveryConfig(vocab_size=vocab, vocab_sample=vocab_sample, attention=attention, upsample=upsample,
                           batch_size=batch_size, workers=workers, device=device, seed=seed, limit=limit,
                           min_images=min_images, causal_top=causal_top, causal_images=causal_images, occlude=occlude,
@@ -369,8 +381,8 @@ def discover(
 
 @app.command()
 def prompt(
-    model: Annotated[str, typer.Option(help="A local siftlens or Hugging Face classifier folder, a built-in name, "
-                                            "or timm:<name> (with --weights).")],
+    model: Annotated[str, typer.Option(help="A local siftlens or Hugging Face classifier folder, a hub id "
+                                            "ORG/NAME, a built-in name, or timm:<name> (pretrained or --weights).")],
     images: Annotated[str, typer.Option(help="Labelled images in ImageFolder layout (folder, zip, "
                                              "archive.zip/inner/folder).")],
     out: Annotated[Path, typer.Option(help="Output folder: prompting.json, predictions.csv.")],
@@ -395,6 +407,9 @@ def prompt(
     groups: Annotated[str | None, typer.Option(help="SpuriousCIFAR markers.json for groups (default: the one in "
                                                     "--images, else groups are classes).")] = None,
     weights: Annotated[str | None, typer.Option(help="Weights file for timm:<name>.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of a hub id or of "
+                                                     "timm's pretrained weights; the manifest records the commit.")]
+    = None,
     upsample: Annotated[float, typer.Option(help="SIFT upsampling factor u; 0 = automatic.")] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
@@ -405,8 +420,10 @@ def prompt(
 ):
     """Intervene on patch tokens at inference (no retraining) and report accuracy before and after."""
     from . import jobs
+    from .models.hub import with_revision
     from .shortcuts.prompting import PromptConfig
 
+    model = with_revision(model, revision)
     cfg = PromptConfig(policy=policy, candidates=candidates, top_words=top_words, score_ratio=score_ratio,
                        extent=extent, dilate=dilate, q=q, beta=beta,
                        eps=eps, flag_bias=flag_bias, layers=parse_layers(layers), drop_mode=drop_mode, scheme=scheme,

@@ -23,6 +23,10 @@ class ModelLoadError(SiftlensError):
     """A model path, name or weights file could not be loaded."""
 
 
+class ModelNotCachedError(ModelLoadError):
+    """A hub model is not in the local cache and cannot be downloaded (offline, or no network)."""
+
+
 class GeometryError(SiftlensError):
     """Image size, patch size or grid do not fit together."""
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import inspect
-import os
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -166,14 +165,16 @@ class Backend(abc.ABC):
         resolved (None = all). This default hooks a library model; every hook is removed on exit.
 
         Drop: a forward hook on :meth:`token_module` keeps the prefix tokens and gathers the kept patch
-        tokens of its output. Bias: a forward pre-hook on :meth:`bias_module` of each chosen layer adds the
-        bias to its :attr:`bias_arg` argument (an additive mask on the logits).
+        tokens of its output (plus any :meth:`drop_hooks`). Bias: a forward pre-hook on :meth:`bias_module` of
+        each chosen layer adds the bias to its :attr:`bias_arg` argument (an additive mask on the logits).
         """
         handles = []
         try:
             if keep_idx is not None:
                 hook = gather_tokens_hook(keep_idx, self.num_prefix_tokens)
                 handles.append(self.token_module().register_forward_hook(hook))
+                for mod, extra in self.drop_hooks(keep_idx):
+                    handles.append(mod.register_forward_hook(extra))
             if bias is not None:
                 for li in resolve_layers(layers, self.num_layers):
                     mod = self.bias_module(li)
@@ -184,6 +185,11 @@ class Backend(abc.ABC):
         finally:
             for h in handles:
                 h.remove()
+
+    def drop_hooks(self, keep_idx: torch.Tensor) -> list[tuple[nn.Module, Callable]]:
+        """(module, forward hook) pairs that a token drop needs besides gathering the tokens, e.g. gathering the
+        output of a relative position bias module to the kept tokens; registered before the bias hooks."""
+        return []
 
     def token_module(self) -> nn.Module:
         """The module whose output is the token sequence (B, T + N, D) with position embeddings added
@@ -345,12 +351,3 @@ def first_line(e: BaseException) -> str:
     """The first non-empty line of an exception's message (its type name when there is none)."""
     lines = [s.strip() for s in str(e).strip().splitlines() if s.strip()]
     return lines[0] if lines else type(e).__name__
-
-
-def check_not_hub_name(spec: str) -> None:
-    """Raise the offline error for an ``owner/name`` that is no local path: siftlens never downloads."""
-    if "/" in spec and not spec.startswith((".", "/", "~")) and os.path.sep + os.path.sep not in spec:
-        raise ModelLoadError(
-            f"'{spec}' is not a local folder; siftlens runs offline and never downloads from a hub: "
-            "save the model with save_pretrained() elsewhere and pass that folder"
-        )

@@ -1,27 +1,30 @@
-"""Hugging Face Vision Transformers (ViT, DeiT, DINOv2 with or without registers, ViT-MAE encoder).
+"""Hugging Face Vision Transformers: ViT, DeiT, DINOv2 (+ registers), the ViT-MAE encoder, the CLIP, SigLIP and
+SigLIP2 vision towers, BEiT and Data2Vec-vision (the families: :mod:`siftlens.models.hf_families`).
 
-Models load from a local folder written by ``save_pretrained`` and never from a hub. Geometry comes from the
-model's config; preprocessing from the folder's ``preprocessor_config.json`` (HF's PIL pipeline: resize,
-centre crop with a floor offset, rescale, normalise), or a plain resize + centre crop with ImageNet
-statistics when the folder has none.
+A model comes from a local ``save_pretrained`` folder, from a hub id through transformers' own
+``from_pretrained`` (the user's cache, ``HF_HOME``; a download when the network is there; ``HF_HUB_OFFLINE``
+honoured), or as a model object (:meth:`HFBackend.from_model`). Geometry comes from the model's config;
+preprocessing from ``preprocessor_config.json`` or an image processor (:mod:`siftlens.models.hf_preprocess`),
+or a plain resize + centre crop with ImageNet statistics when there is neither (recorded as "defaulted").
 
 Attention is observed on each encoder layer's attention module, whose forward returns
 ``(attn_output, attn_weights)`` with ``attn_weights: (B, h, S, S)`` in the eager implementation only
 (SDPA and flash attention return ``None`` there); :meth:`HFBackend.eager` switches the model to eager for
 the duration of a capture.
 
-Token order is ``[CLS, (distillation | registers), patches in row-major order]``: ``S = T + g_h * g_w``.
+Token order is ``[prefix tokens, patches in row-major order]``: ``S = T + g_h * g_w`` with T = 1 (CLS), 2 (DeiT),
+1 + registers (DINOv2) or 0 (SigLIP).
 
 Interventions (:meth:`~siftlens.models.backend.Backend.forward_intervened`): tokens are dropped from the
 output of the embeddings module (position embeddings already added); the bias is added to each chosen
-attention module's ``attention_mask``, which the eager and SDPA attention functions add to the logits.
+attention module's ``attention_mask``, which the eager and SDPA attention functions add to the logits. BEiT's
+relative position bias travels in that mask; a drop gathers it with the tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,107 +33,12 @@ from PIL import Image
 from torch import nn
 
 from ..errors import GeometryError, ModelLoadError
-from ..io import read_json
-from .backend import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Backend,
-    check_not_hub_name,
-    first_line,
-    pair,
-    resize_center_crop,
-    shortest_edge_size,
-)
+from .backend import IMAGENET_MEAN, IMAGENET_STD, Backend, first_line, pair, resize_center_crop
+from .hf_families import SUPPORTED_TYPES, Family, family, prefix_tokens, vision_config
+from .hf_preprocess import HFPreprocessing
+from .hub import commit_of, is_hub_id, load_error, quiet_transformers, split_revision
 
-SUPPORTED_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "vit_mae")
-# model types that resample their position embeddings to any input size on every forward
-_INTERPOLATES_POSITIONS = ("dinov2", "dinov2_with_registers")
-# processors whose integer ``size`` means "shortest edge" rather than a square
-_SHORTEST_EDGE_PROCESSORS = ("BitImageProcessor", "CLIPImageProcessor", "ConvNextImageProcessor")
-_PIL_BILINEAR = 2
-
-
-@dataclass
-class HFPreprocessing:
-    """What an HF image processor does to a PIL image, in the order it does it.
-
-    ``resize``: ("exact", (H, W)), ("shortest_edge", s) or None; ``crop``: (H, W) or None;
-    ``resample``: a PIL filter number; ``scale``: rescale factor (1.0 when rescaling is off);
-    ``mean``/``std``: per-channel statistics applied after rescaling (0 / 1 when normalisation is off).
-    """
-
-    resize: tuple[str, object] | None
-    crop: tuple[int, int] | None
-    resample: int
-    scale: float
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    source: str  # "preprocessor_config.json" or "defaulted"
-
-    def output_size(self) -> tuple[int, int] | None:
-        """(H, W) of every preprocessed image, or None when it depends on the image."""
-        if self.crop is not None:
-            return self.crop
-        if self.resize is not None and self.resize[0] == "exact":
-            return self.resize[1]  # type: ignore[return-value]
-        return None
-
-    @classmethod
-    def read(cls, folder: Path) -> HFPreprocessing | None:
-        f = folder / "preprocessor_config.json"
-        if not f.is_file():
-            return None
-        raw = read_json(f, "preprocessor config", error=ModelLoadError)
-        ptype = str(raw.get("image_processor_type") or raw.get("feature_extractor_type") or "")
-        resize = None
-        if raw.get("do_resize", True):
-            size = raw.get("size")
-            if isinstance(size, int):
-                square = not any(ptype.startswith(p) for p in _SHORTEST_EDGE_PROCESSORS)
-                resize = ("exact", (size, size)) if square else ("shortest_edge", size)
-            elif isinstance(size, dict) and "height" in size and "width" in size:
-                resize = ("exact", (int(size["height"]), int(size["width"])))
-            elif isinstance(size, dict) and set(size) == {"shortest_edge"}:
-                resize = ("shortest_edge", int(size["shortest_edge"]))
-            elif isinstance(size, (list, tuple)) and len(size) == 2:
-                resize = ("exact", (int(size[0]), int(size[1])))
-            else:
-                raise ModelLoadError(
-                    f"{f}: size={size!r} is not supported; use {{height, width}} or {{shortest_edge}}"
-                )
-        crop = pair(raw.get("crop_size"), "crop_size") if raw.get("do_center_crop", False) else None
-        resample = raw.get("resample", _PIL_BILINEAR)
-        if not isinstance(resample, int):
-            raise ModelLoadError(f"{f}: resample={resample!r} is not a PIL filter number")
-        scale = float(raw.get("rescale_factor", 1 / 255)) if raw.get("do_rescale", True) else 1.0
-        if raw.get("do_normalize", True):
-            mean = tuple(float(m) for m in _per_channel(raw.get("image_mean", IMAGENET_MEAN)))
-            std = tuple(float(s) for s in _per_channel(raw.get("image_std", IMAGENET_STD)))
-        else:
-            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        return cls(resize, crop, resample, scale, mean, std, source=f.name)
-
-
-def _jsonable(v):
-    return list(v) if isinstance(v, tuple) else v
-
-
-def _per_channel(v) -> list[float]:
-    return [v] * 3 if isinstance(v, (int, float)) else list(v)
-
-
-def _center_crop_floor(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """HF's centre crop of (h, w, 3) to ``size`` = (H, W): floor offsets, zero padding when too small."""
-    H, W = size
-    h, w = arr.shape[:2]
-    if h < H or w < W:
-        ph, pw = max(H, h), max(W, w)
-        canvas = np.zeros((ph, pw, arr.shape[2]), dtype=arr.dtype)
-        top, left = math.ceil((ph - h) / 2), math.ceil((pw - w) / 2)
-        canvas[top : top + h, left : left + w] = arr
-        arr, h, w = canvas, ph, pw
-    top, left = (h - H) // 2, (w - W) // 2
-    return np.ascontiguousarray(arr[top : top + H, left : left + W])
+__all__ = ["SUPPORTED_TYPES", "HFBackend", "HFPreprocessing"]
 
 
 def _attention_output(module, args, kwargs, output) -> torch.Tensor | None:
@@ -141,7 +49,7 @@ def _attention_output(module, args, kwargs, output) -> torch.Tensor | None:
 
 
 class HFBackend(Backend):
-    """A Hugging Face ViT-family model loaded from a local ``save_pretrained`` folder."""
+    """A Hugging Face ViT-family model (from a folder, a hub id or an object)."""
 
     kind = "hf"
     bias_arg = "attention_mask"  # the eager and SDPA attention functions add it to the logits
@@ -153,20 +61,24 @@ class HFBackend(Backend):
         device: str | torch.device = "cpu",
         source: str = "",
         preprocessing: HFPreprocessing | None = None,
+        hub: dict | None = None,
     ):
-        super().__init__(model, device)
         cfg = model.config
+        self.family: Family = family(cfg.model_type)  # one line for Swin and the unsupported, before any move
+        super().__init__(model, device)
         self.source = source
+        self.hub = hub
         self.model_type: str = cfg.model_type
-        if self.model_type not in SUPPORTED_TYPES:
-            raise ModelLoadError(_unsupported(self.model_type))
-        P, config_hw = _config_geometry(cfg)
+        vcfg = vision_config(cfg, self.family)
+        self.vision = _vision_root(model)
+        P, config_hw = _config_geometry(vcfg, self.family)
         self.patch_size = P
-        self.input_size = _input_size(self.model_type, P, config_hw, preprocessing)
+        self.input_size = _input_size(self.family, self.model_type, P, config_hw, preprocessing)
         self.grid_size = (self.input_size[0] // P, self.input_size[1] // P)
-        self.num_prefix_tokens = _prefix_tokens(cfg)
-        self.num_layers = int(cfg.num_hidden_layers)
-        self.num_heads = int(cfg.num_attention_heads)
+        self.num_prefix_tokens = prefix_tokens(cfg)
+        self.has_cls = self.family.has_cls
+        self.num_layers = int(vcfg.num_hidden_layers)
+        self.num_heads = int(vcfg.num_attention_heads)
         self.is_classifier = "ForImageClassification" in type(model).__name__
         if self.is_classifier:
             id2label = {int(k): str(v) for k, v in (cfg.id2label or {}).items()}
@@ -183,92 +95,117 @@ class HFBackend(Backend):
             # keep every patch; forward() also passes noise whose argsort is the identity (no shuffle)
             cfg.mask_ratio = 0.0
         self._attention = self._attention_modules()
+        if self.family.legacy:
+            self.bias_arg = "relative_position_bias"  # added to the attention scores, like a mask
         self.check_geometry()
 
     # loading -------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str, device: str | torch.device = "cpu") -> HFBackend:
-        """Load a model from a local folder holding ``config.json`` and weights; never downloads."""
-        p = Path(path).expanduser()
-        if not p.is_dir():
-            if not p.exists():
-                check_not_hub_name(path)
+    def load(cls, spec: str, device: str | torch.device = "cpu", revision: str | None = None) -> HFBackend:
+        """A local ``save_pretrained`` folder, or a hub id ``org/name`` (``org/name@rev``, or ``revision``) loaded
+        by transformers' ``from_pretrained``: from the cache, downloaded when online and not cached."""
+        p = Path(spec).expanduser()
+        if p.is_dir():
+            if revision is not None:
+                raise ModelLoadError(f"--revision applies to hub ids; {spec} is a local folder")
+            if not (p / "config.json").is_file():
+                raise ModelLoadError(f"{spec} has no config.json; pass a folder written by save_pretrained()")
+            return cls._load(str(p), device, None, local=True)
+        name, revision = split_revision(spec, revision)
+        if p.exists() or not is_hub_id(name):
             raise ModelLoadError(
-                f"model folder {path} does not exist; pass a folder written by save_pretrained()"
+                f"model folder {spec} does not exist; pass a folder written by save_pretrained() or a hub id org/name"
             )
-        if not (p / "config.json").is_file():
-            raise ModelLoadError(f"{path} has no config.json; pass a folder written by save_pretrained()")
-        try:
-            import transformers
-        except ImportError as e:
-            raise ModelLoadError(
-                "Hugging Face models need `pip install transformers` (or `pip install siftlens[hf]`)"
-            ) from e
-        try:
-            config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"{p / 'config.json'} could not be read: {first_line(e)}") from e
-        if config.model_type not in SUPPORTED_TYPES:
-            raise ModelLoadError(_unsupported(config.model_type))
-        preprocessing = HFPreprocessing.read(p)
-        # geometry is checked before the (possibly large) weights are read
-        P, config_hw = _config_geometry(config)
-        _input_size(config.model_type, P, config_hw, preprocessing)
-        model_cls = _model_class(transformers, config)
-        if config.model_type == "vit_mae":
-            config.mask_ratio = 0.0
-        try:
-            model, info = model_cls.from_pretrained(
-                str(p), config=config, local_files_only=True, attn_implementation="eager",
-                output_loading_info=True,
-            )
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise ModelLoadError(f"could not load the model in {p}: {first_line(e)}") from e
+        return cls._load(name, device, revision, local=False)
+
+    @classmethod
+    def _load(cls, where: str, device, revision: str | None, local: bool) -> HFBackend:
+        transformers = _import_transformers()
+        kw: dict = {"local_files_only": True} if local else {"revision": revision}
+
+        def failed(e: BaseException, what: str) -> ModelLoadError:
+            if local:
+                return ModelLoadError(f"could not load the {what} in {where}: {first_line(e)}")
+            return load_error(e, where, revision, what)
+
+        with quiet_transformers():
+            try:
+                config = transformers.AutoConfig.from_pretrained(where, **kw)
+            except (OSError, ValueError, KeyError) as e:
+                raise failed(e, "model config") from e
+            fam = family(config.model_type)
+            pp_file = Path(where) / "preprocessor_config.json" if local else _hub_file(transformers, where, revision)
+            preprocessing = HFPreprocessing.read(pp_file) if pp_file is not None else None
+            # geometry is checked before the (possibly large) weights are read
+            P, config_hw = _config_geometry(vision_config(config, fam), fam)
+            _input_size(fam, config.model_type, P, config_hw, preprocessing)
+            model_cls, pass_config = _model_class(transformers, config, fam)
+            if config.model_type == "vit_mae":
+                config.mask_ratio = 0.0
+            extra = {"config": config} if pass_config else {}
+            try:
+                model, info = model_cls.from_pretrained(
+                    where, attn_implementation="eager", output_loading_info=True, **extra, **kw
+                )
+            except (OSError, ValueError, RuntimeError, KeyError) as e:
+                raise failed(e, "model") from e
         missing = sorted(k for k in info.get("missing_keys", []) if "pooler." not in k)
         mismatched = list(info.get("mismatched_keys", []))
         if missing or mismatched:
             bad = missing or [str(m[0]) if isinstance(m, tuple) else str(m) for m in mismatched]
             raise ModelLoadError(
-                f"{p} does not hold a complete {type(model).__name__}: {len(bad)} weights missing or of the "
+                f"{where} does not hold a complete {type(model).__name__}: {len(bad)} weights missing or of the "
                 f"wrong shape (e.g. {bad[0]}); re-save the model with save_pretrained()"
             )
-        return cls(model, device, source=str(p), preprocessing=preprocessing)
+        if local:
+            return cls(model, device, source=where, preprocessing=preprocessing)
+        hub = {"repo": where, "revision": revision or "main", "commit": commit_of(where, "config.json", revision)}
+        source = where if revision is None else f"{where}@{revision}"
+        return cls(model, device, source=source, preprocessing=preprocessing, hub=hub)
+
+    @classmethod
+    def from_model(
+        cls, model: nn.Module, device: str | torch.device = "cpu", processor=None, source: str | None = None
+    ) -> HFBackend:
+        """A transformers ``PreTrainedModel`` object. Preprocessing from ``processor`` (an image processor), else
+        the ``preprocessor_config.json`` next to where the model was loaded from (a folder, or the hub cache:
+        never a download), else defaulted. A CLIP or SigLIP model is used through its vision tower."""
+        family(model.config.model_type)
+        origin = str(getattr(model, "name_or_path", "") or "")
+        if processor is not None:
+            preprocessing = HFPreprocessing.from_processor(processor)
+        else:
+            preprocessing = _preprocessing_near(origin)
+        name = source or f"object:{type(model).__name__}" + (f" ({origin})" if origin else "")
+        return cls(model, device, source=name, preprocessing=preprocessing)
 
     # preprocessing -------------------------------------------------------------------------------
     def preprocess(self, img: Image.Image) -> np.ndarray:
         """PIL image -> (H, W, 3) uint8: the processor's resize and centre crop, before rescale/normalise."""
         if img.mode != "RGB":
             img = img.convert("RGB")
-        pp = self.preprocessing
-        if pp is None:
+        if self.preprocessing is None:
             return resize_center_crop(img, self.input_size)
-        arr: np.ndarray
-        if pp.resize is None:
-            arr = np.asarray(img, dtype=np.uint8)
-        else:
-            how, val = pp.resize
-            target = val if how == "exact" else shortest_edge_size(img.width, img.height, int(val))
-            arr = resize_center_crop(img, target, resize_to=target, resample=pp.resample)  # type: ignore[arg-type]
-        if pp.crop is not None:
-            arr = _center_crop_floor(arr, pp.crop)
-        return arr
+        return self.preprocessing.apply(img)
 
     # attention -----------------------------------------------------------------------------------
     def _attention_modules(self) -> list[nn.Module]:
-        base = getattr(self.model, "base_model", self.model)
-        layers = getattr(base, "layers", None)
-        if layers is None:
-            layers = getattr(getattr(base, "encoder", None), "layer", None)
+        root = self.vision
+        encoder = getattr(root, "encoder", None)
+        layers = getattr(root, "layers", None)
+        for cand in (getattr(encoder, "layer", None), getattr(encoder, "layers", None)):
+            layers = layers if layers is not None else cand
         if layers is None or len(layers) != self.num_layers:
             raise ModelLoadError(
                 f"cannot find the {self.num_layers} encoder layers of {type(self.model).__name__} in this "
-                "transformers version; siftlens expects model.layers or model.encoder.layer"
+                "transformers version; siftlens expects .layers, .encoder.layer or .encoder.layers"
             )
-        mods = [getattr(layer, "attention", None) for layer in layers]
+        attr = self.family.attention_attr
+        mods = [getattr(layer, attr, None) for layer in layers]
+        if self.family.legacy:  # the self-attention inside: (context, probs) with output_attentions=True
+            mods = [getattr(m, "attention", None) for m in mods]
         if any(m is None for m in mods):
-            raise ModelLoadError(
-                f"the encoder layers of {type(self.model).__name__} have no .attention module"
-            )
+            raise ModelLoadError(f"the encoder layers of {type(self.model).__name__} have no .{attr} module")
         return mods  # type: ignore[return-value]
 
     def probes(self):
@@ -277,7 +214,14 @@ class HFBackend(Backend):
 
     @contextlib.contextmanager
     def eager(self):
-        """Switch every config the attention modules read to the eager implementation; restore after."""
+        """Switch every config the attention modules read to the eager implementation; restore after.
+
+        Data2Vec-vision (the older layout): each SDPA self-attention becomes its eager parent class, and a
+        pre-hook sets ``output_attentions=True``, for the duration of the block."""
+        if self.family.legacy:
+            with _legacy_eager(self._attention):
+                yield
+            return
         configs = {id(self.model.config): self.model.config}
         for m in self._attention:
             c = getattr(m, "config", None)
@@ -297,33 +241,57 @@ class HFBackend(Backend):
         """Extra inputs the HF model needs besides ``pixel_values`` x: (B, 3, H, W).
 
         ViT-MAE: ``noise`` (B, N) = 0..N-1 per row, so its argsort (the shuffle) is the identity and tokens
-        stay in row-major patch order.
+        stay in row-major patch order. SigLIP2: one grid in ``spatial_shapes`` and no padding
+        (``pixel_attention_mask=None``: every token attends to every token).
         """
+        B, N = x.shape[0], self.num_patches
+        if self.family.naflex:
+            shapes = torch.tensor([list(self.grid_size)], device=x.device).expand(B, 2)
+            return {"spatial_shapes": shapes, "pixel_attention_mask": None}
         if self.model_type != "vit_mae":
             return {}
-        B, N = x.shape[0], self.num_patches
         return {"noise": torch.arange(N, device=x.device, dtype=torch.float32).expand(B, N)}
 
+    def model_inputs(self, x: torch.Tensor) -> dict:
+        """Every input of the HF model for x: (B, 3, H, W); SigLIP2 takes the processor's patches
+        (B, N, P * P * 3), flattened (row, column, channel) within a patch."""
+        if self.family.naflex:
+            B, _, H, W = x.shape
+            P = self.patch_size
+            x = x.reshape(B, 3, H // P, P, W // P, P).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // P) * (W // P), -1)
+        return {"pixel_values": x, **self.model_kwargs(x)}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x: (B, 3, H, W) -> logits (B, C) of a classifier (DeiT with teacher: averaged), else None."""
-        out = self.model(pixel_values=x, **self.model_kwargs(x))
-        return out.logits if self.is_classifier else None
+        """x: (B, 3, H, W) -> logits (B, C) of a classifier (DeiT with teacher: averaged), else None (the vision
+        tower alone runs)."""
+        if self.is_classifier:
+            return self.model(**self.model_inputs(x)).logits
+        self.vision(**self.model_inputs(x))
+        return None
 
     # interventions: what differs from the template in Backend -------------------------------------
     def token_module(self) -> nn.Module:
         """The embeddings module: its output has the position embeddings added (ViT-MAE: a tuple)."""
-        base = getattr(self.model, "base_model", self.model)
-        emb = getattr(base, "embeddings", None)
+        emb = getattr(self.vision, "embeddings", None)
         if emb is None:
             raise ModelLoadError(f"cannot find the embeddings module of {type(self.model).__name__}")
         return emb
+
+    def drop_hooks(self, keep_idx: torch.Tensor):
+        """BEiT / Data2Vec-vision: the output of every relative position bias module (1, h, T + N, T + N), per
+        layer or shared, is gathered to the kept tokens (B, h, T + K, T + K): each keeps its relative positions."""
+        if not self.family.relative_bias:
+            return []
+        hook = _gather_bias_hook(keep_idx, self.num_prefix_tokens)
+        return [(m, hook) for m in self.vision.modules() if type(m).__name__.endswith("RelativePositionBias")]
 
     def bias_module(self, layer: int) -> nn.Module:
         return self._attention[layer]
 
     def intervention_mode(self):
         """Attention implementations that ignore the mask (flash attention) run eager for the call."""
-        impl = getattr(self.model.config, "_attn_implementation", "eager")
+        cfg = getattr(self._attention[0], "config", None) or self.model.config
+        impl = getattr(cfg, "_attn_implementation", "eager")
         return contextlib.nullcontext() if impl in ("eager", "sdpa") else self.eager()
 
     def describe(self) -> dict:
@@ -332,40 +300,92 @@ class HFBackend(Backend):
         d.update({
             "hf_class": type(self.model).__name__,
             "model_type": self.model_type,
-            "preprocessor": "defaulted" if pp is None else {
-                "resize": None if pp.resize is None else [pp.resize[0], _jsonable(pp.resize[1])],
-                "crop": None if pp.crop is None else list(pp.crop),
-                "resample": pp.resample, "rescale": pp.scale,
-                "image_mean": list(pp.mean), "image_std": list(pp.std),
-            },
+            "family": self.family.name,
+            "preprocessor": "defaulted" if pp is None else pp.describe(),
         })
+        if self.hub is not None:
+            d["hub"] = dict(self.hub)
+        if not self.has_cls:
+            d["cls_row"] = "no CLS token: the 'CLS' metrics use the mean attention over patch queries"
         return d
 
 
-# -- helpers reading the config ---------------------------------------------------------------------
-def _unsupported(model_type: str) -> str:
-    return (
-        f"Hugging Face model_type '{model_type}' is not supported; siftlens supports: "
-        + ", ".join(SUPPORTED_TYPES)
-    )
+# -- helpers ------------------------------------------------------------------------------------------
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelLoadError(
+            "Hugging Face models need `pip install transformers` (or `pip install siftlens[hf]`)"
+        ) from e
+    return transformers
 
 
-def _model_class(transformers, config):
-    """The *ForImageClassification* class named in config.architectures, else the base model class."""
+def _hub_file(transformers, name: str, revision: str | None) -> Path | None:
+    """The cached (or just downloaded) ``preprocessor_config.json`` of a hub model; None when it has none."""
+    from transformers.utils import cached_file
+
+    try:
+        f = cached_file(name, "preprocessor_config.json", revision=revision,
+                        _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError) as e:
+        raise load_error(e, name, revision, "preprocessor config") from e
+    return Path(f) if f else None
+
+
+def _preprocessing_near(origin: str) -> HFPreprocessing | None:
+    """``preprocessor_config.json`` where a model object was loaded from: its folder, or the local hub cache."""
+    if not origin:
+        return None
+    p = Path(origin).expanduser()
+    if p.is_dir():
+        return HFPreprocessing.read(p)
+    name, revision = split_revision(origin)
+    if not is_hub_id(name):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        f = try_to_load_from_cache(name, "preprocessor_config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - a lookup in the cache only; no file is no preprocessing
+        return None
+    return HFPreprocessing.read(Path(f)) if isinstance(f, str) else None
+
+
+def _vision_root(model: nn.Module) -> nn.Module:
+    """The module holding ``embeddings`` and the encoder: a multimodal model's ``vision_model``, else the base."""
+    v = getattr(model, "vision_model", None)
+    if isinstance(v, nn.Module):
+        return v
+    return getattr(model, "base_model", model)
+
+
+def _model_class(transformers, config, fam: Family):
+    """(class to load, whether to pass the config): the *ForImageClassification* named in config.architectures,
+    else the family's vision tower (CLIP, SigLIP: from the whole checkpoint), else the base model class."""
     for name in config.architectures or []:
         if "ForImageClassification" in name:
             cls = getattr(transformers, name, None)
             if cls is None:
                 raise ModelLoadError(f"this transformers version has no {name}; upgrade transformers")
-            return cls
-    return transformers.AutoModel
+            return cls, True
+    if fam.vision_class is not None:
+        cls = getattr(transformers, fam.vision_class, None)
+        if cls is None:
+            raise ModelLoadError(f"this transformers version has no {fam.vision_class}; upgrade transformers")
+        return cls, False
+    return transformers.AutoModel, True
 
 
-def _config_geometry(cfg) -> tuple[int, tuple[int, int]]:
-    """(patch size P, config image size (H, W)); raises GeometryError when P does not divide it."""
+def _config_geometry(cfg, fam: Family) -> tuple[int, tuple[int, int]]:
+    """(patch size P, config image size (H, W)); raises GeometryError when P does not divide it. SigLIP2 has
+    no image size: its position grid is sqrt(num_patches) square."""
     ph, pw = pair(cfg.patch_size, "patch_size")
     if ph != pw:
         raise GeometryError(f"non-square patches {ph}x{pw} are not supported")
+    if fam.naflex:
+        g = math.isqrt(int(cfg.num_patches))
+        return ph, (g * ph, g * ph)
     H, W = pair(cfg.image_size, "image_size")
     if H % ph or W % ph:
         raise GeometryError(
@@ -376,7 +396,7 @@ def _config_geometry(cfg) -> tuple[int, tuple[int, int]]:
 
 
 def _input_size(
-    model_type: str, P: int, config_hw: tuple[int, int], pp: HFPreprocessing | None
+    fam: Family, model_type: str, P: int, config_hw: tuple[int, int], pp: HFPreprocessing | None
 ) -> tuple[int, int]:
     """(H, W) the model receives: what preprocessing outputs, checked against what the model accepts."""
     if pp is None:
@@ -390,7 +410,9 @@ def _input_size(
     H, W = out
     if H % P or W % P:
         raise GeometryError(f"the preprocessor outputs {H}x{W}, which patch size {P} does not divide")
-    if model_type in _INTERPOLATES_POSITIONS:
+    if fam.naflex:
+        return out
+    if fam.interpolates:
         gh, gw = config_hw[0] // P, config_hw[1] // P
         if (out != config_hw or H != W) and gh != gw:
             raise GeometryError(
@@ -405,10 +427,42 @@ def _input_size(
     return out
 
 
-def _prefix_tokens(cfg) -> int:
-    """CLS, plus DeiT's distillation token or DINOv2's registers."""
-    if cfg.model_type == "deit":
-        return 2
-    if cfg.model_type == "dinov2_with_registers":
-        return 1 + int(cfg.num_register_tokens)
-    return 1
+def _gather_bias_hook(keep_idx: torch.Tensor, num_prefix: int):
+    """Forward hook on a relative position bias module: its output (1 or B, h, T + N, T + N) -> the rows and
+    columns of the prefix and the kept patches ``keep_idx`` (B, K), (B, h, T + K, T + K)."""
+
+    def hook(module, args, output):
+        B = keep_idx.shape[0]
+        idx = torch.cat([torch.arange(num_prefix).expand(B, num_prefix), keep_idx.cpu() + num_prefix], 1)
+        idx = idx.to(output.device)
+        S = idx.shape[1]
+        m = output.expand(B, *output.shape[1:])
+        h = m.shape[1]
+        m = torch.gather(m, 2, idx[:, None, :, None].expand(B, h, S, m.shape[3]))
+        return torch.gather(m, 3, idx[:, None, None, :].expand(B, h, S, S))
+
+    return hook
+
+
+@contextlib.contextmanager
+def _legacy_eager(modules: list[nn.Module]):
+    """Older-layout self-attention modules: eager class, ``output_attentions=True`` (argument 1), restored after."""
+
+    def ask_for_weights(module, args, kwargs):
+        if len(args) > 1:
+            return (args[0], True, *args[2:]), kwargs
+        return args, {**kwargs, "output_attentions": True}
+
+    classes = [type(m) for m in modules]
+    handles = []
+    try:
+        for m in modules:
+            if "Sdpa" in type(m).__name__:
+                m.__class__ = type(m).__mro__[1]  # the eager parent: same parameters, softmax materialised
+            handles.append(m.register_forward_pre_hook(ask_for_weights, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, c in zip(modules, classes, strict=True):
+            m.__class__ = c

@@ -1,7 +1,10 @@
 """timm Vision Transformers (``VisionTransformer`` and relatives with ``blocks[i].attn``).
 
-timm is imported lazily, inside :meth:`TimmBackend.load`, so siftlens works without it. Models are created
-with ``pretrained=False`` (never downloaded); weights come from a local ``.safetensors`` or ``.pth`` file.
+timm is imported lazily, inside :meth:`TimmBackend.load`, so siftlens works without it. ``timm:<name>`` with
+a local ``.safetensors`` or ``.pth`` file builds the architecture and loads that file; without one,
+:func:`~siftlens.models.load_backend` asks timm for its pretrained weights, which timm reads from the Hugging
+Face cache (``HF_HOME``) or downloads there from the hub (repo ``timm/<arch>.<tag>``). A timm model object
+is taken as it is (:meth:`TimmBackend.from_model`).
 
 Attention: in timm's non-fused path each ``Attention`` computes ``attn = softmax(q k^T * scale)`` and passes
 it through ``attn_drop`` (an ``nn.Dropout``, the identity in eval mode); the input of ``attn_drop`` is
@@ -32,6 +35,7 @@ from torch import nn
 
 from ..errors import GeometryError, ModelLoadError
 from .backend import IMAGENET_MEAN, IMAGENET_STD, Backend, first_line, pair, resize_center_crop, shortest_edge_size
+from .hub import commit_of, load_error, split_revision
 
 DEFAULT_CROP_PCT = 0.875  # timm.data.DEFAULT_CROP_PCT
 _CHECKPOINT_KEYS = ("model", "state_dict")
@@ -54,6 +58,7 @@ class TimmBackend(Backend):
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu", source: str = ""):
         super().__init__(model, device)
         self.source = source
+        self.hub: dict | None = None  # {"repo", "revision", "commit"} of timm's pretrained weights
         name = source or type(model).__name__
         blocks = getattr(model, "blocks", None)
         pe = getattr(model, "patch_embed", None)
@@ -102,10 +107,20 @@ class TimmBackend(Backend):
     # loading -------------------------------------------------------------------------------------
     @classmethod
     def load(
-        cls, name: str, device: str | torch.device = "cpu", weights: str | None = None, **model_kwargs
+        cls,
+        name: str,
+        device: str | torch.device = "cpu",
+        weights: str | None = None,
+        pretrained: bool = False,
+        revision: str | None = None,
+        **model_kwargs,
     ) -> TimmBackend:
-        """``timm.create_model(name, pretrained=False, **model_kwargs)``; then ``weights`` (a local
-        .safetensors / .pth / .pt file, optionally wrapped as {"model": sd} or {"state_dict": sd})."""
+        """``timm.create_model(name, pretrained=pretrained, **model_kwargs)``; then ``weights`` (a local
+        .safetensors / .pth / .pt file, optionally wrapped as {"model": sd} or {"state_dict": sd}).
+
+        ``pretrained``: timm's own weights for ``name`` (``arch.tag``), which timm fetches from the Hugging Face
+        hub (repo ``timm/<arch>.<tag>``) into the cache in ``HF_HOME``, or reads from there; ``revision`` pins
+        the hub revision. ``load_backend`` asks for them when no weights file is given."""
         try:
             import timm
         except ImportError as e:
@@ -115,21 +130,46 @@ class TimmBackend(Backend):
             ) from e
         if weights is not None and not Path(weights).expanduser().is_file():
             raise ModelLoadError(f"weights file {weights} not found; pass a local .safetensors or .pth file")
+        name, revision = split_revision(name, revision)
+        if revision is not None and not pretrained:
+            raise ModelLoadError("--revision applies to timm's pretrained weights, not to a --weights file")
+        hub_id = _hub_id(timm, name) if pretrained else None
+        if pretrained and hub_id is None:
+            raise ModelLoadError(
+                f"timm has no pretrained weights on the Hugging Face hub for '{name}'; pass --weights FILE"
+            )
+        if hub_id is not None and revision is not None:
+            model_kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": f"{hub_id}@{revision}"}
         try:
-            model = timm.create_model(name, pretrained=False, **model_kwargs)
+            model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
         except RuntimeError as e:
             if "Unknown model" in str(e):
                 raise ModelLoadError(
                     f"timm has no model '{name}'; list candidates with timm.list_models('*vit*')"
                 ) from e
-            raise ModelLoadError(f"could not create timm model '{name}': {first_line(e)}") from e
-        except (TypeError, ValueError, AssertionError) as e:
-            raise ModelLoadError(f"could not create timm model '{name}': {first_line(e)}") from e
+            raise _pretrained_error(e, hub_id, revision, name) from e
+        except (TypeError, ValueError, AssertionError, OSError) as e:
+            raise _pretrained_error(e, hub_id, revision, name) from e
         source = f"timm:{name}"
         if weights is not None:
             _load_weights(model, Path(weights).expanduser(), name)
             source += f" ({weights})"
-        return cls(model, device, source=source)
+        hub = None
+        if hub_id is not None:
+            source += "" if revision is None else f"@{revision}"
+            filename = model.pretrained_cfg.get("hf_hub_filename") or "model.safetensors"
+            hub = {"repo": hub_id, "revision": revision or "main", "commit": commit_of(hub_id, filename, revision)}
+        backend = cls(model, device, source=source)
+        backend.hub = hub
+        return backend
+
+    @classmethod
+    def from_model(cls, model: nn.Module, device: str | torch.device = "cpu") -> TimmBackend:
+        """A timm model object; preprocessing from its ``pretrained_cfg``."""
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        arch = cfg.get("architecture") or type(model).__name__
+        tag = f".{cfg['tag']}" if cfg.get("tag") else ""
+        return cls(model, device, source=f"object:timm:{arch}{tag}")
 
     # preprocessing -------------------------------------------------------------------------------
     def preprocess(self, img: Image.Image) -> np.ndarray:
@@ -193,7 +233,26 @@ class TimmBackend(Backend):
             "timm_class": type(self.model).__name__, "crop_pct": self.crop_pct, "crop_mode": self.crop_mode,
             "interpolation": self.interpolation,
         })
+        if self.hub is not None:
+            d["hub"] = dict(self.hub)
         return d
+
+
+def _hub_id(timm, name: str) -> str | None:
+    """The hub repo timm fetches ``name``'s pretrained weights from (``timm/<arch>.<tag>``), if any."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except (RuntimeError, ValueError, KeyError):
+        cfg = None
+    if cfg is None:
+        return None
+    return getattr(cfg, "hf_hub_id", None) or None
+
+
+def _pretrained_error(e: BaseException, hub_id: str | None, revision: str | None, name: str) -> ModelLoadError:
+    if hub_id is not None:
+        return load_error(e, hub_id, revision, "timm weights")
+    return ModelLoadError(f"could not create timm model '{name}': {first_line(e)}")
 
 
 def _load_weights(model: nn.Module, path: Path, name: str) -> None:
