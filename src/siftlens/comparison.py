@@ -41,6 +41,13 @@ class Comparison:
     runs: pd.DataFrame
     setting_differences: dict[str, list] = field(default_factory=dict)
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: every run's per-layer curves and the cells that differ (:mod:`siftlens.report.notebook`)."""
+        from .report.notebook import comparison_html  # matplotlib only when a notebook asks
+
+        depth = int(self.runs["depth"].min()) if "depth" in self.runs else None
+        return comparison_html(self.differences, self.summaries, self.labels, depth)
+
 
 def setting_differences(runs: list[dict]) -> dict[str, list]:
     """{parameter: [value per run]} for every comparability setting that is not the same in all runs."""

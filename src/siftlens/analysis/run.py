@@ -64,6 +64,12 @@ class AnalysisResult:
     def long(self) -> pd.DataFrame:
         return read_long(self.out)
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the per-layer curves and the significant cells (:mod:`siftlens.report.notebook`)."""
+        from ..report.notebook import analysis_html  # matplotlib only when a notebook asks
+
+        return analysis_html(self.summary, self.manifest, out=self.out)
+
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         """Copy the tables and the manifest into ``out_dir`` (a no-op for the run's own folder)."""
         dst = Path(out_dir)

@@ -17,11 +17,14 @@ from .explore import render_explore, viewer_budget
 from .figures import DPI, distance_entropy, head_heatmap, layer_curves, level_matrices
 from .findings import ReportDataError, findings
 from .html import render_html
+from .notebook import analysis_html, comparison_html, viewer_html
 from .overlay import overlay_figure
 from .saving import save_figure, save_figures
 
 __all__ = [
     "ReportDataError",
+    "analysis_html",
+    "comparison_html",
     "distance_entropy",
     "findings",
     "head_heatmap",
@@ -32,6 +35,7 @@ __all__ = [
     "render_html",
     "save_figure",
     "save_figures",
+    "viewer_html",
     "write_report",
 ]
 
