@@ -137,13 +137,13 @@ def analyze(
     dist, cfg.device = init_distributed(cfg.device)
     tmp = tempfile.TemporaryDirectory(prefix="siftlens-") if out is None else None
     out = Path(tmp.name if tmp else out)
-    backend = model if isinstance(model, Backend) else load_backend(str(model), cfg.device, weights=weights)
+    backend = model if isinstance(model, Backend) else load_backend(model, cfg.device, weights=weights)
     source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.limit)
     plan = RunPlan.build(backend, cfg)
     sift = sift_params(backend.input_size, cfg)
     part = shard or (dist.rank, dist.world)
     store = RunStore(out, part)
-    run = _run_identity(str(model) if not isinstance(model, Backend) else backend.describe().get("source", ""),
+    run = _run_identity(str(model) if isinstance(model, (str, os.PathLike)) else backend.source,
                         weights, backend, source, cfg, plan)
     if dist.rank == 0:
         store.open(run, resume)  # also cleans up after an interrupted run, before any other rank writes

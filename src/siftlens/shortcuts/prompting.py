@@ -139,7 +139,7 @@ def prompt(
 
 
 def _read_inputs(model: str | Backend, images, cfg: PromptConfig, weights: str | None) -> _Inputs:
-    backend = model if isinstance(model, Backend) else load_backend(str(model), cfg.device, weights=weights)
+    backend = model if isinstance(model, Backend) else load_backend(model, cfg.device, weights=weights)
     source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.limit)
     labels = model_labels(source, backend)
     if source.labels is None:

@@ -93,7 +93,7 @@ def discover(
     cfg = config or DiscoveryConfig()
     cfg.validate()
     t0 = time.time()
-    backend = model if isinstance(model, Backend) else load_backend(str(model), cfg.device, weights=weights)
+    backend = model if isinstance(model, Backend) else load_backend(model, cfg.device, weights=weights)
     source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.limit)
     if isinstance(boxes, (str, Path)):
         boxes = read_boxes(boxes)

@@ -237,7 +237,7 @@ def repair(model: str | Backend, images, out: str | Path, config: RepairConfig, 
     cfg = config
     cfg.validate()
     t0 = time.time()
-    backend = model if isinstance(model, Backend) else load_backend(str(model), cfg.device)
+    backend = model if isinstance(model, Backend) else load_backend(model, cfg.device)
     source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.limit)
     labels = model_labels(source, backend)
     if source.labels is None or (labels < 0).any():
