@@ -134,6 +134,10 @@ def test_quickstart_notebook_runs_in_a_real_kernel(tmp_path, monkeypatch):
     code = [c for c in nb.cells if c.cell_type == "code"]
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
+    # the kernel ran this Python with this siftlens: the first cell prints the bundled images' folder
+    from siftlens.jobs import demo_images_dir
+
+    assert str(demo_images_dir()) in "".join(o.get("text", "") for o in code[0].outputs), code[0].outputs
     result = next(c for c in code if c.source.strip() == "res")
     page = _html(result.outputs)
     assert 'class="sl-significant"' in page and _rows(page) == MAX_ROWS, page[:500]
