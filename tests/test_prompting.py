@@ -19,10 +19,10 @@ from siftlens.shortcuts import (
     footprint_patches,
     group_accuracy,
     image_groups,
-    patch_masks,
     prompt,
 )
 from siftlens.shortcuts.interventions import dilate, forward_bias, forward_drop, keep_top_idx, semantic_bias
+from siftlens.shortcuts.prompting import semantic_weights
 
 B = 4
 
@@ -154,11 +154,13 @@ def test_response_scheme_weighs_keypoints_by_their_response():
     """--scheme response is honoured (it used to fall back to count silently)."""
     it = {"xy": np.array([[1.0, 1.0], [2.0, 2.0], [9.0, 1.0]], np.float32), "size": np.full(3, 2.0, np.float32),
           "response": np.array([0.1, 0.3, 0.5], np.float32), "desc": np.zeros((3, 128), np.uint8)}
-    flag, w = patch_masks(it, None, set(), 8, (2, 2), "response")
-    assert not flag.any()
+    w = semantic_weights(it, np.zeros(3, bool), 8, (2, 2), "response")
     np.testing.assert_allclose(w, [0.4, 0.5, 0.0, 0.0], rtol=1e-6)
-    _, wc = patch_masks(it, None, set(), 8, (2, 2), "count")
+    wc = semantic_weights(it, np.zeros(3, bool), 8, (2, 2), "count")
     np.testing.assert_array_equal(wc, [2.0, 1.0, 0.0, 0.0])
+    # flagged keypoints do not count
+    np.testing.assert_array_equal(semantic_weights(it, np.array([True, False, False]), 8, (2, 2), "count"),
+                                  [1.0, 1.0, 0.0, 0.0])
 
 
 # -- accuracy bookkeeping ---------------------------------------------------------------------------

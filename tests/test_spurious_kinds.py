@@ -17,7 +17,7 @@ from siftlens.benchmarks.spurious_cifar_eval import evaluate_patches
 from siftlens.data import ImageSource
 from siftlens.errors import ConfigError
 from siftlens.models import load_backend
-from siftlens.shortcuts import DiscoveryConfig, discover
+from siftlens.shortcuts import DiscoveryConfig, PromptConfig, discover
 from siftlens.shortcuts.discovery.causal import matched_control
 from siftlens.shortcuts.discovery.vocabulary import load_vocabulary
 from siftlens.shortcuts.retraining.head import RepairConfig, group_weights, repair
@@ -249,3 +249,51 @@ def test_repair_dilate_grows_the_fitting_flags_by_whole_patches(colours, tmp_pat
     assert torch.equal(f1, grown & ~grown.all(1, keepdim=True))  # every neighbour of a flagged patch, no more
     with pytest.raises(ConfigError, match="dilate"):
         RepairConfig(candidates="x", dilate=-1).validate()
+
+
+def test_prompt_and_repair_flag_the_same_patches_through_the_one_rule(colours, tmp_path, monkeypatch):
+    """prompt --extent footprint and repair with the same --top-words, --score-ratio and --dilate drop the same
+    patches of every image, SIFT and region words alike: both flag through shortcuts.flags.flag_patches (each
+    command's call is recorded here), prompt with one global word set, repair with one set per class. A command
+    that flagged by its own rule, or read the options differently, fails this test."""
+    import siftlens.shortcuts.prompting as prompting
+    import siftlens.shortcuts.retraining.head as head
+    from siftlens.shortcuts import flags
+
+    root, res, _ = colours
+    res.save(tmp_path / "disc")
+    model, images, disc = str(root / "run" / "model"), str(root / "conflicting"), str(tmp_path / "disc")
+    seen: dict[str, dict[int, torch.Tensor]] = {"prompt": {}, "repair": {}}
+
+    def recording(who: str):
+        def flag_patches(backend, x, items, vocab, sets, extent="center", dilate_by=0):
+            out = flags.flag_patches(backend, x, items, vocab, sets, extent, dilate_by)
+            seen[who].update({it["index"]: p.clone() for it, p in zip(items, out.patches, strict=True)})
+            return out
+        return flag_patches
+
+    monkeypatch.setattr(prompting, "flag_patches", recording("prompt"))
+    monkeypatch.setattr(head, "flag_patches", recording("repair"))
+    opts = {"top_words": 6, "score_ratio": 0.0, "dilate": 1}
+    out = prompting.prompt(model, images, PromptConfig(policy="drop", candidates=disc, extent="footprint", **opts),
+                           progress=False)
+    be, src, vocab = load_backend(model), ImageSource(images), load_vocabulary(disc)
+    batches = list(head.flagged_batches(be, src, vocab, RepairConfig(candidates=disc, **opts), progress=False))
+    assert len(seen["prompt"]) == len(src) and seen["prompt"].keys() == seen["repair"].keys()
+    for i, p in seen["prompt"].items():
+        assert torch.equal(p, seen["repair"][i]), src.names[i]
+    # each command used what it recorded: prompt's per-image counts, repair's dropped tokens
+    rows = {n: k for k, n in enumerate(src.names)}
+    assert out.images["flagged_patches"].tolist() == [int(seen["prompt"][rows[n]].sum()) for n in out.images["name"]]
+    flag, index = torch.cat([b["flag"] for b in batches]), np.concatenate([b["index"] for b in batches])
+    for f, i in zip(flag, index, strict=True):
+        r = seen["repair"][int(i)]
+        assert torch.equal(f, r & ~r.all())
+    # SIFT and region words were flagged, and the per-class sets are the global set split by class
+    sets = flags.word_sets(vocab, 6, 0.0, vocab.classes)
+    assert flags.word_sets(vocab, 6, 0.0)[0] == set().union(*sets)
+    assert {w < len(vocab.centers) for w in set().union(*sets)} == {True, False} and flag.float().mean() > 0
+    # the test can tell the rules apart: prompt's default extent (center) flags other patches
+    seen["prompt"].clear()
+    prompting.prompt(model, images, PromptConfig(policy="drop", candidates=disc, **opts), progress=False)
+    assert any(not torch.equal(p, seen["repair"][i]) for i, p in seen["prompt"].items())

@@ -27,7 +27,7 @@ _EXPORTS = {
     "format_summary": "prompting",
     "repair": "retraining.head", "RepairConfig": "retraining.head",
     "group_accuracy": "groups", "image_groups": "groups",
-    "footprint_patches": "flags", "patch_masks": "flags",
+    "flag_patches": "flags", "word_sets": "flags", "Flags": "flags", "footprint_patches": "flags",
 }
 
 __all__ = sorted(_EXPORTS)

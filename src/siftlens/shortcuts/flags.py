@@ -1,12 +1,53 @@
-"""Per-image patch masks for the interventions: the patches holding a flagged visual word, and the semantic
-weight of every patch from the keypoints that are not flagged."""
+"""Which patches of an image a discovery output flags: the one rule, used by prompting and by repair.
+
+A discovery output (:class:`~siftlens.shortcuts.discovery.vocabulary.Vocabulary`) ranks candidate words per class,
+SIFT words (ids ``0..K-1``) and region words (``K..``). The rule has three settings:
+
+- the word sets (:func:`word_sets`): a class's ``top_words`` best-ranked words whose score is at least
+  ``score_ratio`` times the class's best; either one global set, the union over the discovery's classes
+  (``prompt``), or one set per class (``repair``, which also asks which class's shortcut an image holds);
+- ``extent``: a flagged SIFT word flags the patch of each of its keypoints' centres (``center``, prompt's
+  default) or every patch the keypoint's square of side = size touches (``footprint``, repair's rule); a
+  flagged region word flags its own patch;
+- ``dilate``: the union over the sets grows by that many patches on the grid (8-neighbourhood).
+
+:func:`flag_patches` applies it to a batch. Shapes: ``B`` images, ``S`` word sets, ``N = g_h * g_w`` patches,
+``k`` keypoints of an image.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
 
-from ..keypoints import Keypoints, patch_index, weight_map
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..keypoints import patch_index
+from ..models.backend import Backend
+from .discovery.regions import region_words
 from .discovery.vocabulary import Vocabulary
+from .interventions import dilate
+
+EXTENTS = ("center", "footprint")
+
+
+def class_words(vocab: Vocabulary, c: str, top_words: int, score_ratio: float) -> set[int]:
+    """Class ``c``'s ``top_words`` best-ranked words scoring at least ``score_ratio`` times its best (empty for a
+    class the discovery does not rank)."""
+    ws = vocab.ranked.get(c, [])
+    sc = vocab.scores.get(c) or [1.0] * len(ws)
+    best = max(sc[:1] or [0.0])
+    return {w for w, s in zip(ws[:top_words], sc[:top_words], strict=False) if s >= score_ratio * best}
+
+
+def word_sets(vocab: Vocabulary, top_words: int = 1, score_ratio: float = 0.0,
+              classes: list[str] | None = None) -> list[set[int]]:
+    """The flagged word ids: ``[one set]``, the union over the discovery's classes, when ``classes`` is None;
+    else one set per class of ``classes`` (in that order)."""
+    if classes is None:
+        return [set().union(*(class_words(vocab, c, top_words, score_ratio) for c in vocab.ranked))]
+    return [class_words(vocab, c, top_words, score_ratio) for c in classes]
 
 
 def footprint_patches(xy: np.ndarray, size: np.ndarray, P: int, grid: tuple[int, int]) -> np.ndarray:
@@ -24,30 +65,53 @@ def footprint_patches(xy: np.ndarray, size: np.ndarray, P: int, grid: tuple[int,
     return m.reshape(-1)
 
 
-def patch_masks(
-    it: dict, vocab: Vocabulary | None, flagged: set[int], P: int, grid: tuple[int, int], scheme: str,
-    extent: str = "center",
-) -> tuple[np.ndarray, np.ndarray]:
-    """(flag (N,) bool of patches holding a flagged word, semantic weight (N,) without flagged keypoints).
+def keypoint_patches(xy: np.ndarray, size: np.ndarray, P: int, grid: tuple[int, int], extent: str) -> np.ndarray:
+    """(N,) bool: the patches of keypoints ``xy (k, 2)``, ``size (k,)`` by ``extent`` (``center`` or
+    ``footprint``)."""
+    if extent == "footprint":
+        return footprint_patches(xy, size, P, grid)
+    if extent != "center":
+        raise ConfigError(f"extent must be one of {', '.join(EXTENTS)}, not {extent!r}")
+    out = np.zeros(grid[0] * grid[1], bool)
+    out[patch_index(xy, P, grid)] = True
+    return out
 
-    it: one item of :class:`~siftlens.shortcuts.discovery.features.KeypointDataset` (``xy``, ``size``, ``response``,
-    ``desc``); scheme: the weight scheme of :func:`~siftlens.keypoints.weight_map`.
 
-    extent: ``center`` flags the patch of each flagged keypoint's centre; ``footprint`` every patch its
-    square of side = keypoint size touches.
-    """
-    N = grid[0] * grid[1]
-    xy, size = it["xy"], it["size"]
-    fl = np.zeros(len(xy), bool)
-    if vocab is not None and len(xy):
-        fl = np.isin(vocab.words_of(it["desc"]), list(flagged))
-    flag = np.zeros(N, bool)
-    if fl.any():
-        if extent == "footprint":
-            flag = footprint_patches(xy[fl], size[fl], P, grid)
-        else:
-            flag[patch_index(xy[fl], P, grid)] = True
-    keep = ~fl
-    kp = Keypoints(xy[keep], size[keep], np.asarray(it["response"], np.float32)[keep],
-                   np.zeros(int(keep.sum()), np.float32))
-    return flag, weight_map(kp, P, grid, scheme)
+@dataclass
+class Flags:
+    """patches: (B, N) bool, the union over the word sets grown by ``dilate`` (the tokens to drop); by_set:
+    (B, S, N) bool, each set's patches before growing; keypoints: per image (k,) bool, the keypoints whose
+    word is in some set."""
+
+    patches: torch.Tensor
+    by_set: np.ndarray
+    keypoints: list[np.ndarray]
+
+
+def flag_patches(backend: Backend, x: torch.Tensor, items: list[dict], vocab: Vocabulary | None,
+                 sets: list[set[int]], extent: str = "center", dilate_by: int = 0) -> Flags:
+    """Flag the patches of a batch. items: :class:`~siftlens.loading.KeypointDataset` items with descriptors
+    (``xy``, ``size``, ``desc``); x: (B, 3, H, W) the same images normalised (region words read the model's
+    tokens); sets: from :func:`word_sets`. Without a vocabulary nothing is flagged."""
+    P, grid = backend.patch_size, tuple(backend.grid_size)
+    by_set = np.zeros((len(items), len(sets), grid[0] * grid[1]), bool)
+    K = len(vocab.centers) if vocab is not None else 0
+    sift_sets = [sorted(w for w in s if w < K) for s in sets]
+    kp_flags = []
+    for b, it in enumerate(items):
+        xy, size = it["xy"], it["size"]
+        words = vocab.words_of(it["desc"]) if vocab is not None and len(xy) else np.zeros(len(xy), np.int64)
+        hit = np.zeros(len(xy), bool)
+        for s, ids in enumerate(sift_sets):
+            fl = np.isin(words, ids)
+            if fl.any():
+                by_set[b, s] = keypoint_patches(xy[fl], size[fl], P, grid, extent)
+            hit |= fl
+        kp_flags.append(hit)
+    region_sets = [vocab.flagged_regions(s) for s in sets] if vocab is not None and vocab.regions is not None else []
+    if any(region_sets):
+        rw = region_words(backend, x, vocab.regions, vocab.region_layer)  # (B, N)
+        for s, ids in enumerate(region_sets):
+            by_set[:, s] |= np.isin(rw, ids)
+    patches = dilate(torch.from_numpy(by_set.any(1)), grid, dilate_by)
+    return Flags(patches, by_set, kp_flags)

@@ -1,4 +1,26 @@
-"""The prompting runner: classify every image before and after the intervention of a policy; returns data."""
+"""Inference-time prompting: per-image token interventions built from keypoints, with no retraining;
+classify every image before and after the intervention of a policy and return data.
+
+Policies (METHOD.md section 4):
+
+- ``drop``: remove the patch tokens *flagged* by a discovery output, i.e. the patches holding a keypoint
+  whose visual word is among each class's ``top_words`` best candidates (union over classes), optionally
+  grown by ``dilate`` patches; kept tokens keep their position embeddings;
+- ``keep-top``: keep only the ``ceil(q * N)`` patches with the largest semantic weight (keypoints per
+  patch, ``scheme``); with a discovery output, keypoints of flagged words do not count;
+- ``bias``: add ``beta * log(eps + c_j)`` to the attention logits of patch key j (``c_j`` the keypoint
+  concentration, flagged keypoints excluded; shifted by its value at uniform concentration, see
+  :func:`~siftlens.shortcuts.interventions.semantic_bias`) and, with a discovery output, ``flag_bias`` to flagged
+  keys, in the blocks ``layers`` (None = all).
+
+Every image is classified before and after; :func:`group_accuracy` gives overall, per-group and worst-group
+accuracy. Groups come from a SpuriousCIFAR sidecar (``<class>|aligned`` or ``<class>|conflicting``) when
+the image folder holds one (or ``groups`` names it), else the true class.
+
+Which patches are flagged is :func:`siftlens.shortcuts.flags.flag_patches` (global word set, ``extent`` center
+by default); group accuracy is :mod:`siftlens.shortcuts.groups`; the token interventions are
+:mod:`siftlens.shortcuts.interventions`, shared with discovery's causal check and repair.
+"""
 
 from __future__ import annotations
 
@@ -16,19 +38,17 @@ from ..benchmarks.spurious_cifar import find_sidecar, read_sidecar
 from ..data import ImageSource
 from ..errors import ConfigError
 from ..io import atomic_path, write_json
-from ..keypoints import SCHEMES, SiftParams, sift_params
+from ..keypoints import SCHEMES, Keypoints, SiftParams, sift_params, weight_map
 from ..models import load_backend
 from ..models.backend import Backend
 from ..progress import progress_bar
 from .discovery.features import KeypointDataset, collate_list, model_labels
-from .discovery.regions import region_words
 from .discovery.vocabulary import Vocabulary, load_vocabulary
-from .flags import patch_masks
+from .flags import EXTENTS, flag_patches, word_sets
 from .groups import group_accuracy, image_groups
-from .interventions import DROP_MODES, dilate, forward_bias, forward_drop, keep_top_idx, semantic_bias
+from .interventions import DROP_MODES, forward_bias, forward_drop, keep_top_idx, semantic_bias
 
 POLICIES = ("none", "drop", "keep-top", "bias")
-EXTENTS = ("center", "footprint")
 
 
 @dataclass
@@ -147,7 +167,7 @@ def _read_inputs(model: str | Backend, images, cfg: PromptConfig, weights: str |
     if (labels < 0).any():
         raise ConfigError("some class folders are not classes of the model; name the folders as the model's classes")
     vocab = load_vocabulary(cfg.candidates) if cfg.candidates else None
-    flagged = set(vocab.flagged(cfg.top_words, cfg.score_ratio)) if vocab is not None else set()
+    flagged = word_sets(vocab, cfg.top_words, cfg.score_ratio)[0] if vocab is not None else set()
     sidecar = None
     side = Path(cfg.groups) if cfg.groups else (find_sidecar(source.spec) if isinstance(source.spec, (str, Path))
                                                 else None)
@@ -175,11 +195,10 @@ def _classify(inp: _Inputs, cfg: PromptConfig, progress: bool) -> tuple[list[dic
             skipped += [{"name": names[it["index"]], "reason": it["skip"]} for it in items if "skip" in it]
             if good:
                 x = backend.normalize(torch.from_numpy(np.stack([it["pixels"] for it in good])))
-                masks = [patch_masks(it, inp.vocab, inp.flagged, P, grid, cfg.scheme, cfg.extent) for it in good]
-                flag = torch.from_numpy(np.stack([m[0] for m in masks]))
-                flag = flag | region_flags(backend, x, inp.vocab, inp.flagged)
-                flag = dilate(flag, grid, cfg.dilate)
-                w = torch.from_numpy(np.stack([m[1] for m in masks]))
+                fl = flag_patches(backend, x, good, inp.vocab, [inp.flagged], cfg.extent, cfg.dilate)
+                flag = fl.patches
+                w = torch.from_numpy(np.stack([semantic_weights(it, k, P, grid, cfg.scheme)
+                                               for it, k in zip(good, fl.keypoints, strict=True)]))
                 before = backend.forward(x)
                 if before is None:
                     raise ConfigError("prompting needs a classifier: this model has no classification head")
@@ -197,13 +216,13 @@ def _classify(inp: _Inputs, cfg: PromptConfig, progress: bool) -> tuple[list[dic
     return rows, skipped
 
 
-def region_flags(backend: Backend, x: torch.Tensor, vocab: Vocabulary | None, flagged: set[int]) -> torch.Tensor:
-    """(B, N) bool: patches whose region word is flagged (all False without flagged regions)."""
-    regs = vocab.flagged_regions(flagged) if vocab is not None and vocab.regions is not None else []
-    if not regs:
-        return torch.zeros((len(x), backend.num_patches), dtype=torch.bool)
-    words = region_words(backend, x, vocab.regions, vocab.region_layer)
-    return torch.from_numpy(np.isin(words, regs))
+def semantic_weights(it: dict, flagged: np.ndarray, P: int, grid: tuple[int, int], scheme: str) -> np.ndarray:
+    """(N,) semantic weight per patch from the keypoints of item ``it`` (``xy``, ``size``, ``response``) that are
+    not ``flagged`` ((k,) bool); scheme: of :func:`~siftlens.keypoints.weight_map`."""
+    keep = ~flagged
+    kp = Keypoints(it["xy"][keep], it["size"][keep], np.asarray(it["response"], np.float32)[keep],
+                   np.zeros(int(keep.sum()), np.float32))
+    return weight_map(kp, P, grid, scheme)
 
 
 def _intervene(

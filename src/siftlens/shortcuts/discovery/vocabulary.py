@@ -102,16 +102,6 @@ class Vocabulary:
     regions: torch.Tensor | None = None  # (R, D) region-word centres (ids len(centers)..), or None
     region_layer: int = -1
 
-    def flagged(self, top_words: int = 1, score_ratio: float = 0.0) -> list[int]:
-        """Union over classes of each class's ``top_words`` best-ranked words whose score is at least
-        ``score_ratio`` times that class's best score (sorted)."""
-        out = set()
-        for c, ws in self.ranked.items():
-            sc = self.scores.get(c) or [1.0] * len(ws)
-            best = max(sc[:1] or [0.0])
-            out |= {w for w, s in zip(ws[:top_words], sc[:top_words], strict=False) if s >= score_ratio * best}
-        return sorted(out)
-
     def flagged_regions(self, flagged) -> list[int]:
         """The region words among ``flagged`` ids, as indices into :attr:`regions`."""
         K = len(self.centers)

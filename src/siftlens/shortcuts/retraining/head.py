@@ -1,10 +1,12 @@
-"""Label-free repair, beyond prompting: retrain only the classification head (DFR-style, Kirichenko et al.
-2022, arXiv 2204.02937) on features computed with the discovered shortcut's tokens dropped, over a set
-re-weighted from discovery alone.
+"""Label-free repair, beyond prompting: retrain the classification head (DFR-style, Kirichenko et al. 2022,
+arXiv 2204.02937), and with ``blocks > 0`` the last blocks too, on features computed with the discovered
+shortcut's tokens dropped, over a set re-weighted from discovery alone.
 
-1. Every image of ``images`` is flagged as in prompting's ``drop`` policy (each class's best candidates:
-   SIFT words by their keypoints' footprint, region words by their patches) and its pooled features are
-   computed with the flagged tokens removed.
+1. Every image of ``images`` is flagged by :func:`~siftlens.shortcuts.flags.flag_patches`, the rule prompting
+   uses, with one word set per class (each class's best candidates) and the ``footprint`` extent (SIFT words by
+   their keypoints' footprint, region words by their patches: ``prompt --policy drop --extent footprint`` with
+   the same ``--top-words``, ``--score-ratio`` and ``--dilate`` flags the same patches), and its pooled features
+   are computed with the flagged tokens removed.
 2. Pseudo-groups without group labels: an image's *shortcut class* is the class whose candidates cover
    most of its flagged patches (none when nothing is flagged); the group is (label, shortcut class ==
    label or none) -> "aligned", else "conflicting". ``groups="sidecar"`` uses a SpuriousCIFAR sidecar's
@@ -45,13 +47,12 @@ from ...models.backend import Backend
 from ...models.vit import save_vit
 from ...progress import progress_bar
 from ..discovery.features import KeypointDataset, model_labels
-from ..discovery.regions import region_words
 from ..discovery.vocabulary import Vocabulary, load_vocabulary
-from ..flags import footprint_patches
-from ..interventions import dilate
+from ..flags import flag_patches, word_sets
 from .blocks import POOLS, TuneSettings, finetune, frozen_tokens, keep_index, pool_tokens, tuned_predictions
 
 GROUPINGS = ("discovery", "sidecar", "none")
+EXTENT = "footprint"  # a flagged keypoint flags every patch its footprint touches (prompt's --extent footprint)
 STARTS = ("fit", "old")
 
 
@@ -94,31 +95,6 @@ class RepairConfig:
                             batch_size=self.batch_size, seed=self.seed, device=self.device)
 
 
-def class_flags(it: dict, vocab: Vocabulary, per_class: list[set[int]], rwords: np.ndarray | None, P: int,
-                grid: tuple[int, int]) -> np.ndarray:
-    """(C, N) bool: the patches flagged by each class's candidates in one image."""
-    N = grid[0] * grid[1]
-    out = np.zeros((len(per_class), N), bool)
-    words = vocab.words_of(it["desc"]) if len(it["xy"]) else np.zeros(0, np.int64)
-    K = len(vocab.centers)
-    for c, ids in enumerate(per_class):
-        fl = np.isin(words, [w for w in ids if w < K])
-        if fl.any():
-            out[c] |= footprint_patches(it["xy"][fl], it["size"][fl], P, grid)
-        if rwords is not None:
-            out[c] |= np.isin(rwords, [w - K for w in ids if w >= K])
-    return out
-
-
-def _per_class(vocab: Vocabulary, classes: list[str], top: int, ratio: float) -> list[set[int]]:
-    out = []
-    for c in classes:
-        ws, sc = vocab.ranked.get(c, []), vocab.scores.get(c) or []
-        best = max(sc[:1] or [0.0])
-        out.append({w for w, s in zip(ws[:top], sc[:top], strict=False) if s >= ratio * best})
-    return out
-
-
 @torch.inference_mode()
 def pooled_features(model: torch.nn.Module, x: torch.Tensor, drop: torch.Tensor, pool: str = "model") -> torch.Tensor:
     """Pooled features (B, D) of a siftlens ViT on the normalised batch ``x`` with the patches where ``drop (B, N)``
@@ -143,8 +119,7 @@ def flagged_batches(backend: Backend, source: ImageSource, vocab: Vocabulary, cf
     if backend.kind != "native":
         raise ConfigError("repair retrains a siftlens ViT (native backend) only")
     classes = list(backend.class_names or vocab.classes)
-    per_class = _per_class(vocab, classes, cfg.top_words, cfg.score_ratio)
-    P, grid = backend.patch_size, tuple(backend.grid_size)
+    per_class = word_sets(vocab, cfg.top_words, cfg.score_ratio, classes)
     ds = KeypointDataset(source, backend, sift_params(backend.input_size, cfg))
     with progress_bar(progress) as pb:
         task = pb.add_task("repair features", total=len(source), info="")
@@ -154,11 +129,8 @@ def flagged_batches(backend: Backend, source: ImageSource, vocab: Vocabulary, cf
             if not items:
                 continue
             x = backend.normalize(torch.from_numpy(np.stack([it["pixels"] for it in items])))
-            rw = region_words(backend, x, vocab.regions, vocab.region_layer) if vocab.regions is not None else None
-            cf = np.stack([class_flags(it, vocab, per_class, None if rw is None else rw[k], P, grid)
-                           for k, it in enumerate(items)])  # (B, C, N)
-            flag = dilate(torch.from_numpy(cf.any(1)), grid, cfg.dilate)
-            cnt = cf.sum(2)
+            fl = flag_patches(backend, x, items, vocab, per_class, EXTENT, cfg.dilate)
+            flag, cnt = fl.patches, fl.by_set.sum(2)  # (B, N), (B, C) flagged patches per class
             yield {"x": x, "flag": flag & ~flag.all(1, keepdim=True), "index": np.array([it["index"] for it in items]),
                    "shortcut": np.where(cnt.max(1) > 0, cnt.argmax(1), -1)}
 
