@@ -32,26 +32,38 @@ def gamma(k: int, u: float = U) -> float:
 
 def tolerances(n: int, n_levels: int, nh: int) -> dict[str, tuple[float, float]]:
     """(rtol, atol) of each output of ``layer_sums`` against the float64 reference, from the float32 computation
-    (kernel or eager; any summation order): every output is a sum of terms of one sign. An entry of Bt = P /
-    rowsum carries the row sum of n terms and a division (the kernel: a reciprocal and a product): gamma(n + 1).
-    A product of factors with gamma(j) and gamma(k) has gamma(j + k). xx and xxt: float32 row sums, added in
-    float64; the head mean adds the h heads' Bt first. The entropy's terms p log p carry, besides, the error of
-    log (taken as 4 u (|log p| + 1), for the kernel's Cephes polynomial as for torch.log), and an absolute part
-    (sum p = 1). The float64 reference adds gamma(n^2) in double; 1% covers the second-order terms."""
+    (kernel or eager; any summation order). An entry of Bt = P / rowsum carries the row sum of n terms and a
+    division (the kernel: a reciprocal and a product): gamma(n + 1). A product of factors with gamma(j) and
+    gamma(k) has gamma(j + k). A float32 sum of n terms is off by up to gamma(n - 1) times the sum of their
+    absolute values.
+
+    rowsum, colsum, xx, xxt are built from the centred Y = Bt - c (c = 1/n as a float32, n c = 1 to u): y = v - c
+    is one more rounding of |v - c| <= v + c, so a row or column sum of Y is off by gamma(n) sum |y| <= gamma(n)
+    (sum v + n c), an absolute part gamma(n) n c besides the relative gamma(b + n). The column sums are shifted
+    by (sum of the row sums of Y - sum of their column sums) / n, each total off by gamma(n) sum |y| <= gamma(n)
+    (n + n^2 c): 2 gamma(n) (1 + n c) more. xx = sum Y^2 + 2 c sum Y + n^2 c^2 (float32 row sums of Y^2,
+    float64 across rows and for the rest): the error of the entries (gamma(b) v and u |v - c|) moves it by up to
+    2 gamma(b + 2) xx (using n c <= xx, as xx = sum Bt^2 >= 1), the row sums of y^2 <= v^2 + c^2 by
+    gamma(n) (xx + n^2 c^2) <= 2 gamma(n) xx, and 2 c sum Y by 2 c gamma(n) 2 n <= 4 gamma(n) xx: gamma(2 b + 6 n
+    + 4) relative; xxt likewise (|y_ij y_ji| <= (y_ij^2 + y_ji^2) / 2). The head mean adds the h heads' Y first
+    (gamma(h - 1) more on each entry). The entropy's terms p log p carry, besides, the error of log (taken as
+    4 u (|log p| + 1), for the kernel's Cephes polynomial as for torch.log), and an absolute part (sum p = 1).
+    The float64 reference adds gamma(n^2) in double; 1% covers the second-order terms."""
     b = n + 1  # roundings behind one entry of Bt
     ref = gamma(n * n, U64)
+    nc = 1.0 + U  # n c, c = 1/n rounded to float32 (within u of 1/n)
     bounds = {
-        "rowsum": (gamma(b + 1 + n - 1 + n_levels - 1), 0.0),  # Bt [w | one-hot]^T, then the L level columns
-        "colsum": (gamma(b + n - 1), 0.0),
+        "rowsum": (gamma(b + n), gamma(n) * nc),
+        "colsum": (gamma(b + n), gamma(n) * nc + 2 * gamma(n) * (1 + nc)),
         "diag": (gamma(b), 0.0),
         "dist": (gamma(b + 1 + n - 1), 0.0),
         "ent": (gamma(b + 5 + n - 1), gamma(b + 4)),
         "pairs": (gamma(b + 1 + n - 1 + 1 + n - 1), 0.0),  # two contractions of n terms each
-        "xx": (gamma(2 * b + 1 + n - 1), 0.0),  # squares of Bt, a float32 row sum
-        "xxt": (gamma(2 * b + 1 + n - 1), 0.0),
+        "xx": (gamma(2 * b + 6 * n + 4), 0.0),  # from sum Y^2: see above
+        "xxt": (gamma(2 * b + 6 * n + 4), 0.0),
     }
-    # slot h of xx and xxt (the head mean): Bt summed over h heads first
-    bounds["xx_mean"] = bounds["xxt_mean"] = (gamma(2 * (b + nh - 1) + 1 + n - 1), 0.0)
+    # slot h of xx and xxt (the head mean): Y summed over h heads first
+    bounds["xx_mean"] = bounds["xxt_mean"] = (gamma(2 * (b + nh - 1) + 6 * n + 4), 0.0)
     return {k: (1.01 * (r + ref), 1.01 * a) for k, (r, a) in bounds.items()}
 
 

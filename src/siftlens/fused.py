@@ -23,8 +23,11 @@ Where the kernel cannot serve, the eager path does, with the same numbers to flo
 machine, on a CPU without AVX2 and FMA, without a C compiler (one warning names the reason), for tensors on an
 accelerator, and with ``SIFTLENS_FUSED=0``.
 
-Outputs are float32, except ``xx`` and ``xxt`` (the terms behind the null variance), which are float64: their
-per-row partial sums are float32, added across rows in float64.
+The row sums, column sums, ``xx`` and ``xxt`` (the terms behind the null variance) are those of the centred
+matrix ``Y = Bt - c`` (:func:`centre`: ``c`` = 1/N as a float32): near uniform attention these are sums of small
+deviations, rounded relative to the deviations rather than to 1/N. ``xx`` and ``xxt`` are float64: float32
+per-row partial sums, added across rows in float64. :func:`siftlens.reductions.layer_sums` adds the constant
+parts back in float64.
 
 :func:`layer_sums` splits a batch's images over ``torch.get_num_threads()`` threads; ctypes releases the GIL
 during the call, so the threads run in parallel like an eager operation's.
@@ -58,7 +61,7 @@ WIDE_FROM = 128  # patches per row from which the 16-lane build is used
 MAX_ROWS = 8  # MAX_R in the C source: contraction rows per image (the weight row and up to 7 levels)
 WIDTH_ENV = "SIFTLENS_FUSED_WIDTH"  # 8 or 16: build and use only that build
 _ELEMS_PER_THREAD = 1 << 21  # a thread of its own only for this many attention elements (8 MB)
-_OUTPUTS = ("colsum", "diag", "dist", "ent", "qk", "xx", "xxt")  # the kernel's output arguments, in order
+_OUTPUTS = ("rowsum", "colsum", "diag", "dist", "ent", "qk", "xx", "xxt")  # the kernel's outputs, in order
 _DOUBLE_OUTPUTS = ("xx", "xxt")  # double * in the C source
 
 
@@ -204,7 +207,7 @@ def _build(source: bytes, compiler: str, width: int, folder: Path) -> ctypes.CDL
     if not dll.siftlens_supported():
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    dll.siftlens_layer_sums.argtypes = [ptr, *[i64] * 7, ptr, i64, ptr, ctypes.c_int, *[ptr] * 8]
+    dll.siftlens_layer_sums.argtypes = [ptr, *[i64] * 7, ptr, i64, ptr, ctypes.c_int, ctypes.c_float, *[ptr] * 9]
     dll.siftlens_layer_sums.restype = ctypes.c_int
     return dll
 
@@ -301,6 +304,12 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="siftlens-fused")
 
 
+def centre(n: int) -> float:
+    """The constant ``c`` the kernel and the eager path centre ``Bt`` by: 1/n rounded to float32 (the value
+    that float32 division gives), returned as the Python float it equals exactly."""
+    return float(torch.tensor(1.0, dtype=torch.float32) / n)
+
+
 def padded(x: torch.Tensor, width: int) -> torch.Tensor:
     """``x`` (..., n) float32, contiguous, zero-padded on the right to ``width`` columns."""
     out = x.new_zeros(*x.shape[:-1], width, dtype=torch.float32)
@@ -331,9 +340,10 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor,
     row sums to 0 (the caller renormalises and runs its own path).
 
     patch_attn: (B, h, N, N) float32 on the CPU, unit column stride; lhs: (B, R, N), R <= :data:`MAX_ROWS`;
-    dmat: (N, N) (all on the CPU; shapes are checked by :func:`check_shapes`). Returns float32 colsum, diag,
-    dist, ent: (B, h, N); qk: (B, h * N, R) = ``Bt lhs^T``; float64 xx, xxt: (B, h + 1) (zeros unless
-    ``pattern``).
+    dmat: (N, N) (all on the CPU; shapes are checked by :func:`check_shapes`). Returns float32 diag, dist, ent
+    of ``Bt`` and rowsum, colsum of ``Y = Bt - c`` (c: :func:`centre`): (B, h, N); qk: (B, h * N, R) = ``Bt
+    lhs^T``; float64 xx, xxt of ``Y``: (B, h + 1) (``sum Y^2`` and ``sum Y * Y^T``, slot h of the head mean;
+    only ``xx``'s per-head slots are filled without ``pattern``, the rest is 0).
     """
     check_shapes(patch_attn, lhs, dmat)
     for name, t in (("attention", patch_attn), ("lhs", lhs), ("dmat", dmat)):
@@ -352,7 +362,7 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor,
     np_ = -(-n // width) * width
     lhs_p, dmat_p = padded(lhs, np_), padded(dmat, np_)
     f32, f64 = torch.float32, torch.float64  # every buffer's dtype explicit: the C side reads float and double
-    out = {k: torch.empty(bsz, nh, n, dtype=f32) for k in _OUTPUTS[:4]}
+    out = {k: torch.empty(bsz, nh, n, dtype=f32) for k in _OUTPUTS[:5]}
     out["qk"] = torch.empty(bsz, nh * n, r, dtype=f32)
     out |= {k: torch.empty(bsz, nh + 1, dtype=f64) for k in _DOUBLE_OUTPUTS}
     workers = max(1, min(torch.get_num_threads(), bsz, patch_attn.numel() // _ELEMS_PER_THREAD))
@@ -361,9 +371,10 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor,
 
     # every buffer is allocated here, in the calling thread: allocations in the pool's threads would each open a
     # glibc malloc arena of their own, which kept about 70 MB more resident in a ViT-S/16 analysis
-    works = torch.empty(workers, np_ + 3 * n * np_, dtype=f32)
+    works = torch.empty(workers, 2 * np_ + 3 * n * np_, dtype=f32)
+    c = centre(n)
     calls = [(patch_attn[s:e].data_ptr(), e - s, nh, n, np_, s_img, s_head, s_row, lhs_p[s:e].data_ptr(), r,
-              dmat_p.data_ptr(), int(pattern), *[out[k][s:e].data_ptr() for k in _OUTPUTS], works[i].data_ptr())
+              dmat_p.data_ptr(), int(pattern), c, *[out[k][s:e].data_ptr() for k in _OUTPUTS], works[i].data_ptr())
              for i, (s, e) in enumerate(bounds)]
     run = lib.siftlens_layer_sums  # one call per span of images; ctypes releases the GIL during each
     codes = [run(*calls[0])] if workers == 1 else list(_pool(workers).map(lambda args: run(*args), calls))

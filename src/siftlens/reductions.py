@@ -9,21 +9,28 @@ With one map per image (the exact null, the default) on an x86-64 CPU, :mod:`sif
 it in one pass over each query row (a small C kernel, compiled on first use). Elsewhere (many maps, an
 accelerator, no C compiler), per chunk of images, each pass over ``Bt`` is one large vectorised or BLAS call:
 
-1. ``Bt = P / rowsum(P)``, written once into a contiguous buffer.
+1. ``Bt = P / rowsum(P)``, written once into a contiguous buffer, and the centred ``Y = Bt - c`` (``c`` = 1/N
+   as a float32, :func:`siftlens.fused.centre`) into another.
 2. the contraction with the maps' rows ``[w | one-hot]`` by one BLAS matmul, and one more small matmul for
    every ``[w | one-hot] Bt [w | one-hot]^T``. One map (the exact null): the keys side ``Bt [w | one-hot]^T``
-   first, whose level columns add up to the row sums; many maps (Monte Carlo): the query side first, whose
-   level rows of map 0 add up to the column sums (in a layout that splits into maps without a copy).
-3. column sums, the distance row sums ``sum_j Bt_ij D_ij`` and the entropy ``-sum_j Bt_ij log Bt_ij``
+   first; many maps (Monte Carlo): the query side first (in a layout that splits into maps without a copy).
+3. row and column sums of ``Y``, the distance row sums ``sum_j Bt_ij D_ij`` and the entropy
+   ``-sum_j Bt_ij log Bt_ij``
    (``log 0 = -inf`` makes ``0 log 0`` NaN, and ``nansum`` skips it: 0, with no clamping pass). The diagonal
    and the small contractions are taken once per layer, not per chunk.
    A query row of the patch block that sums to 0 (all its attention on prefix tokens) makes the whole layer
    run again on :func:`renormalise`'d attention, where such a row is uniform.
-4. only for the exact null (``pattern=True``): each head's ``sum X^2`` and ``sum X * X^T`` (two elementwise
+4. only for the exact null (``pattern=True``): each head's ``sum Y^2`` and ``sum Y * Y^T`` (two elementwise
    products, one of them with the transpose), and the same two sums of the head-mean matrix, from the sum of
-   ``Bt`` over the heads (a pass that writes only N^2). These are the terms behind the null variance, which
-   takes differences of nearly equal numbers near uniform attention: their row sums are float32, added across
-   rows in float64, as in the kernel.
+   ``Y`` over the heads (a pass that writes only N^2); their row sums are float32, added across rows in
+   float64, as in the kernel.
+
+Why ``Y``: the null variance of the quadratic statistics takes differences of nearly equal numbers near uniform
+attention, where every entry of ``Bt`` is close to 1/N (a randomly initialised model). Sums of ``Y`` are sums
+of the small deviations, so their float32 rounding is relative to the deviations, not to 1/N; ``Y = Bt - c``
+is itself exact where ``Bt`` is within a factor 2 of ``c``. The row sums, column sums, ``sum Bt^2`` and
+``sum Bt * Bt^T`` are then ``Y``'s plus their constant parts, added in float64 (:func:`_uncentre`), from one
+total ``sum Y`` (the row sums'), so that every sum describes the same matrix to that rounding.
 
 Chunks are a few images, one image, or for a large image a group of its heads (about :data:`_CHUNK_ELEMS`
 attention elements on a CPU), so that a chunk's buffers stay in the CPU's cache between passes; on an
@@ -34,6 +41,7 @@ once per layer and reused.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -48,7 +56,9 @@ _CHUNK_ELEMS_ACCELERATOR = 1 << 24
 
 @dataclass
 class LayerSums:
-    """The outputs of :func:`layer_sums` for ``B`` images, float32 except ``xx`` and ``xxt`` (float64).
+    """The outputs of :func:`layer_sums` for ``B`` images: ``rowsum``, ``colsum``, ``xx`` and ``xxt`` float64
+    (from float32 sums of the centred ``Bt - 1/N``, see the module docstring; :data:`EPS` is their rounding
+    unit), the others float32.
 
     ``rowsum``, ``colsum``, ``diag``, ``dist``, ``ent``: (B, h, N) per-query row sums of ``Bt`` (1 to
     float32 rounding), column sums, diagonal, ``sum_j Bt_ij D_ij`` and ``-sum_j Bt_ij log Bt_ij``;
@@ -56,6 +66,11 @@ class LayerSums:
     ``xx``, ``xxt``: (B, h + 1) ``sum Bt^2`` and ``sum Bt * Bt^T`` per head and, in slot h, of the head-mean
     matrix (only with ``pattern``).
     """
+
+    #: the unit roundoff the sums behind the null variance carry, relative to the deviations of ``Bt`` from
+    #: 1/N (float32 sums of ``Bt - 1/N``, added in float64): what :func:`siftlens.stats.qap_rounding_bound`
+    #: takes as ``eps``
+    EPS: ClassVar[float] = float(torch.finfo(torch.float32).eps)
 
     rowsum: torch.Tensor
     colsum: torch.Tensor
@@ -104,38 +119,43 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
     f32 = {"dtype": torch.float32, "device": patch_attn.device}
     f64 = {"dtype": torch.float64, "device": patch_attn.device}
     lhs = lhs.to(**f32)
+    c = fused.centre(n)
     sums = torch.empty(bsz, nh, n, 1, **f32)  # row sums of the patch block
-    out = LayerSums(*(torch.empty(bsz, nh, n, **f32) for _ in range(5)), torch.empty(bsz * k_maps, l1, nh, l1, **f32))
-    if pattern:
+    ysums = torch.empty(2, bsz, nh, n, **f32)  # row and column sums of Y = Bt - c
+    out = LayerSums(torch.empty(bsz, nh, n, **f64), torch.empty(bsz, nh, n, **f64),
+                    *(torch.empty(bsz, nh, n, **f32) for _ in range(3)), torch.empty(bsz * k_maps, l1, nh, l1, **f32))
+    if pattern:  # sum Y^2 and sum Y * Y^T until _uncentre
         out.xx, out.xxt = torch.empty(bsz, nh + 1, **f64), torch.empty(bsz, nh + 1, **f64)
     one_map = k_maps == 1
     limit = chunk_elements(patch_attn.device)
     g = chunk_heads(nh, n, limit) if one_map else nh
-    c = min(bsz, chunk_images(nh, n, limit)) if g == nh else 1
+    c_img = min(bsz, chunk_images(nh, n, limit)) if g == nh else 1
     # one map (the exact null): Bt contiguous per head, as the sums of squares need, and the keys side first
     # into a small per-layer buffer; many maps (Monte Carlo): Bt laid out (image, query, head, key), so that
     # the query side of every map and head is one matmul whose result splits into maps without a copy
-    shape = (2, c, g, n, n) if one_map else (2, c, n, g, n)
-    bt, scratch = torch.empty(shape, **f32) if one_map else torch.empty(shape, **f32).transpose(2, 3)
+    shape = (3, c_img, g, n, n) if one_map else (3, c_img, n, g, n)
+    bt, yt, scratch = torch.empty(shape, **f32) if one_map else torch.empty(shape, **f32).transpose(2, 3)
     qk = torch.empty(bsz, nh * n, l1, **f32) if one_map else None
-    head_sum = torch.empty(c, n, n, **f32) if pattern else None  # sum of Bt over an image's heads
+    head_sum = torch.empty(c_img, n, n, **f32) if pattern else None  # sum of Y over an image's heads
     dvec = dmat.to(patch_attn.device, torch.float32)
-    for s, e, h0, h1 in _chunks(bsz, nh, c, g):
-        b = bt[:e - s, :h1 - h0]  # (c, heads, N, N), a view in either layout
+    for s, e, h0, h1 in _chunks(bsz, nh, c_img, g):
+        b, y = bt[:e - s, :h1 - h0], yt[:e - s, :h1 - h0]  # (c, heads, N, N), views in either layout
         pa = patch_attn[s:e, h0:h1]
         torch.div(pa, torch.sum(pa, -1, keepdim=True, out=sums[s:e, h0:h1]), out=b)
+        torch.sub(b, c, out=y)
+        torch.sum(y, -1, out=ysums[0, s:e, h0:h1])
+        torch.sum(y, -2, out=ysums[1, s:e, h0:h1])
         if one_map:
             torch.bmm(b.view(e - s, (h1 - h0) * n, n), lhs[s:e].transpose(1, 2), out=qk[s:e, h0 * n:h1 * n])
-            torch.sum(b, -2, out=out.colsum[s:e, h0:h1])
         else:
             _contract_many_maps(b, lhs[s:e], l1, out, s, e)
-        _chunk_sums(b, dvec, scratch[:e - s, :h1 - h0], out, s, e, h0, h1)
+        _chunk_sums(b, y, dvec, scratch[:e - s, :h1 - h0], out, s, e, h0, h1)
         if pattern:  # the head mean's squares from the sum over heads (split over chunks for a large image)
             hs = head_sum[:e - s]
             if h0 == 0:
-                torch.sum(b, 1, out=hs)
+                torch.sum(y, 1, out=hs)
             else:
-                hs.add_(b.sum(1))
+                hs.add_(y.sum(1))
             if h1 == nh:
                 _head_mean_squares(hs, nh, scratch[:e - s, 0], out, s, e)
     if not bool((sums > 0).all()):  # 0/0: a query without attention to patches; uniform, as renormalise() does
@@ -143,6 +163,7 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
     if one_map:
         _contract_one_map(qk, lhs, l1, out)
     torch.div(patch_attn.diagonal(dim1=-2, dim2=-1), sums[..., 0], out=out.diag)
+    _uncentre(out, ysums[0], ysums[1], out.xx, out.xxt, c)
     return out
 
 
@@ -153,32 +174,48 @@ def _fused_layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.T
     if got is None:  # a query row without attention to patches: uniform, as renormalise() makes it
         return layer_sums(renormalise(patch_attn), lhs, dmat, n_levels, pattern)
     bsz, nh, n = got["colsum"].shape
-    f32 = torch.float32
-    out = LayerSums(torch.empty(bsz, nh, n, dtype=f32), got["colsum"], got["diag"], got["dist"], got["ent"],
-                    torch.empty(bsz, n_levels + 1, nh, n_levels + 1, dtype=f32))
-    if pattern:
-        out.xx, out.xxt = got["xx"], got["xxt"]
+    f32, f64 = torch.float32, torch.float64
+    out = LayerSums(torch.empty(bsz, nh, n, dtype=f64), torch.empty(bsz, nh, n, dtype=f64), got["diag"],
+                    got["dist"], got["ent"], torch.empty(bsz, n_levels + 1, nh, n_levels + 1, dtype=f32))
     _contract_one_map(got["qk"], lhs, n_levels + 1, out)
+    _uncentre(out, got["rowsum"], got["colsum"], got["xx"] if pattern else None, got["xxt"] if pattern else None,
+              fused.centre(n))
     return out
 
 
+def _uncentre(out: LayerSums, rows: torch.Tensor, cols: torch.Tensor, xx: torch.Tensor | None,
+              xxt: torch.Tensor | None, c: float) -> None:
+    """The sums of ``Bt = Y + c`` into ``out`` from those of ``Y``, in float64: rows, cols (B, h, N) float32 row
+    and column sums of Y; xx, xxt (B, h + 1) float64 ``sum Y^2`` and ``sum Y * Y^T`` (slot h: the head mean),
+    or None. Everything is built on one total ``sum Y`` (the row sums'): the column sums are shifted by the
+    difference of the two float32 totals spread over the N columns (within their rounding), so that the row sums,
+    the column sums and the sums of squares add up to one matrix, as the centring of the null variance
+    (:func:`siftlens.stats.centred_at_least_sums`) assumes."""
+    n = rows.shape[-1]
+    torch.add(rows, n * c, out=out.rowsum)  # float32 rows into the float64 buffer
+    total = out.rowsum.sum(-1) - n * n * c  # (B, h): sum Y, in float64
+    cols64 = cols.to(torch.float64)
+    torch.add(cols64, ((total - cols64.sum(-1)) / n + n * c)[..., None], out=out.colsum)
+    if xx is not None:
+        total = torch.cat([total, total.mean(1, keepdim=True)], 1)  # the head mean's Y is the mean of the heads'
+        const = 2 * c * total + n * n * c * c  # sum (Y + c)^2 = sum Y^2 + 2 c sum Y + N^2 c^2; likewise with Y^T
+        out.xx, out.xxt = xx + const, xxt + const
+
+
 def _contract_one_map(qk: torch.Tensor, lhs: torch.Tensor, l1: int, out: LayerSums) -> None:
-    """Row sums and ``[w | one-hot] Bt [w | one-hot]^T`` of one map per image, from the keys side
-    qk = ``Bt [w | one-hot]^T``: (B, h * N, L + 1) and the rows lhs: (B, L + 1, N)."""
+    """``[w | one-hot] Bt [w | one-hot]^T`` of one map per image, from the keys side qk = ``Bt [w | one-hot]^T``:
+    (B, h * N, L + 1) and the rows lhs: (B, L + 1, N)."""
     bsz, _, n = lhs.shape
     per_q = qk.view(bsz, -1, n, l1)  # (B, h, N, L + 1)
-    torch.sum(per_q[..., 1:], -1, out=out.rowsum)  # the level columns cover every key
     out.pairs.copy_(torch.matmul(lhs[:, None], per_q).transpose(1, 2))  # (B, L + 1, h, L + 1)
 
 
 def _contract_many_maps(bt: torch.Tensor, lhs: torch.Tensor, l1: int, out: LayerSums, s: int, e: int) -> None:
-    """Column sums, row sums and every map's ``[w | one-hot] Bt [w | one-hot]^T`` of images ``s:e``: bt (c, h,
-    N, N), a view of a contiguous (c, N, h, N) buffer; lhs (c, K (L + 1), N)."""
+    """Every map's ``[w | one-hot] Bt [w | one-hot]^T`` of images ``s:e``: bt (c, h, N, N), a view of a
+    contiguous (c, N, h, N) buffer; lhs (c, K (L + 1), N)."""
     c, nh, n, _ = bt.shape
     k_maps = lhs.shape[1] // l1
     q = torch.bmm(lhs, bt.transpose(1, 2).reshape(c, n, nh * n))  # (c, K (L + 1), h * N): the query side
-    torch.sum(q[:, 1:l1], 1, out=out.colsum[s:e].view(c, nh * n))  # the level rows of map 0 cover every query
-    torch.sum(bt, -1, out=out.rowsum[s:e])
     pairs = out.pairs[s * k_maps:e * k_maps].view(c * k_maps, l1 * nh, l1)
     torch.bmm(q.view(c * k_maps, l1 * nh, n), lhs.view(c * k_maps, l1, n).transpose(1, 2), out=pairs)
 
@@ -190,18 +227,18 @@ def _chunks(bsz: int, nh: int, c: int, g: int):
             yield s, min(bsz, s + c), h0, min(nh, h0 + g)
 
 
-def _chunk_sums(bt: torch.Tensor, dmat: torch.Tensor, scratch: torch.Tensor, out: LayerSums, s: int, e: int,
-                h0: int, h1: int) -> None:
-    """The passes over ``bt`` (c, heads, N, N) of images ``s:e``, heads ``h0:h1``, that do not involve the
-    maps, into ``out``; ``scratch`` (same shape) is overwritten."""
+def _chunk_sums(bt: torch.Tensor, y: torch.Tensor, dmat: torch.Tensor, scratch: torch.Tensor, out: LayerSums,
+                s: int, e: int, h0: int, h1: int) -> None:
+    """The passes over ``bt`` (c, heads, N, N) of images ``s:e``, heads ``h0:h1``, and over its centred ``y``
+    (``bt - c``), that do not involve the maps, into ``out``; ``scratch`` (same shape) is overwritten."""
     torch.sum(torch.mul(bt, dmat, out=scratch), -1, out=out.dist[s:e, h0:h1])  # sum_j Bt_ij D_ij
     # entropy -sum_j p log p with 0 log 0 = 0: log 0 = -inf makes 0 * log 0 NaN, which nansum skips (one pass
     # fewer than clamping first; torch's xlogy and entr give the same values but are not vectorised)
     torch.log(bt, out=scratch).mul_(bt)
     torch.nansum(scratch, -1, out=out.ent[s:e, h0:h1]).neg_()
-    if out.xx is not None:  # each head's sum X^2 and sum X * X^T
-        out.xx[s:e, h0:h1] = _total(torch.mul(bt, bt, out=scratch))
-        out.xxt[s:e, h0:h1] = _total(torch.mul(bt, bt.transpose(-1, -2), out=scratch))
+    if out.xx is not None:  # each head's sum Y^2 and sum Y * Y^T
+        out.xx[s:e, h0:h1] = _total(torch.mul(y, y, out=scratch))
+        out.xxt[s:e, h0:h1] = _total(torch.mul(y, y.transpose(-1, -2), out=scratch))
 
 
 def _total(x: torch.Tensor) -> torch.Tensor:
@@ -212,8 +249,8 @@ def _total(x: torch.Tensor) -> torch.Tensor:
 
 def _head_mean_squares(head_sum: torch.Tensor, nh: int, scratch: torch.Tensor, out: LayerSums, s: int,
                        e: int) -> None:
-    """sum X^2 and sum X * X^T of the head-mean matrix X = head_sum / h (head_sum: (c, N, N)), into slot h;
-    ``scratch`` (c, N, N) is overwritten."""
+    """sum Y^2 and sum Y * Y^T of the head mean's Y = head_sum / h (head_sum: (c, N, N), the sum of the heads'
+    Y), into slot h; ``scratch`` (c, N, N) is overwritten."""
     out.xx[s:e, nh] = _total(torch.mul(head_sum, head_sum, out=scratch)) / nh**2
     out.xxt[s:e, nh] = _total(torch.mul(head_sum, head_sum.transpose(-1, -2), out=scratch)) / nh**2
 

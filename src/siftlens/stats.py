@@ -284,23 +284,44 @@ def qap_moments(
 def qap_rounding_bound(
     sa: torch.Tensor, sw: torch.Tensor, n: int, *, pa: torch.Tensor, pw: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """A bound on the error of :func:`qap_moments`'s variance from rounding in ``A``'s sums of squares.
+    """A bound on the error of :func:`qap_moments`'s variance from rounding in ``A``'s O(N^2) sums.
 
-    Arguments as :func:`qap_moments`; ``eps``: the machine epsilon of the dtype in which ``sum A^2`` and
-    ``sum A * A^T`` were accumulated (``torch.finfo(torch.float32).eps`` for float32 sums). Each is taken
-    to be off by up to ``eps * N * |value|`` (a sum of ``N^2`` terms). The variance is linear in the
-    centred at-least sums of ``A``; the bound is ``sum over those two terms of |d var / d T_A| * error``.
-    Returns (broadcast leading shape,) float64, the same unit as the variance.
+    Arguments as :func:`qap_moments`; ``eps``: the machine epsilon of the float sums that ``A``'s row sums,
+    column sums, ``sum A^2`` and ``sum A * A^T`` were built from, as sums of the centred entries ``Y = A - c``
+    (``c`` a constant near the mean entry; :class:`siftlens.reductions.LayerSums`: ``Bt - 1/N`` in float32,
+    float32 per row, the rest added in float64). A float sum of ``N`` terms is off by at most ``N eps`` times
+    the sum of their absolute values, so with ``q = sum Y^2`` (taken about the mean entry, from ``sum A^2`` and
+    ``sum A``): ``sum Y^2`` and ``sum Y * Y^T`` are off by up to ``N eps q``; the vector of row (or column)
+    sums by up to ``g = 2 N eps sqrt(N q)`` in norm (Cauchy-Schwarz; 2 for the column sums' shift onto the row
+    sums' total), so a centred product of two such vectors ``u . v`` by up to ``|u| g + |v| g + g^2``. The
+    diagonal is exact (entries, not sums). The variance is linear in the centred at-least sums of ``A``; the
+    bound is the sum over them of ``|d var / d T_A'|`` times that error. The error is relative to the
+    deviations of ``A`` from a constant, not to ``A``'s size: it vanishes with them, and an ``A`` that is
+    constant up to rounding is caught by :func:`no_variation`. The rounding of ``A``'s entries themselves (each
+    ``Bt`` a float32) is not in the bound: it changes the variance in second order (about 5e-5 of the sd at an
+    attention logit sd of 1e-3, N = 196). Returns (broadcast leading shape,) float64, the unit of the variance.
     """
     sa, sw, pa, pw = _f64(sa), _f64(sw), _f64(pa), _f64(pw)
     _check_pattern_shapes(sa, sw, pa, pw)
     coef = torch.tensor(_inverse_falling_factorials(n, PATTERN_SIZES), dtype=torch.float64, device=sa.device)
     grad = (_centred_pattern_sums(sw, pw, n) * coef) @ _MOEBIUS.to(sa.device)  # d var / d T_A', (..., 15)
     t = sa @ _ZETA.to(sa.device).T
+    tc = centred_at_least_sums(t, pa, n)
+
+    def feature(name: str) -> torch.Tensor:
+        return tc[..., _FEATURES.index(name)]
+
+    total = pa.sum(-1)
+    q = (t[..., _FEATURES.index("XX")] - total * total / (n * n)).clamp_min(0.0)  # sum of squared deviations
+    gamma = n * eps
+    g = 2 * gamma * (n * q).sqrt()  # row or column sums: the norm of their error vector
+    norm = {name: feature(name).clamp_min(0.0).sqrt() for name in ("rr", "cc", "dd")}
+    err = {"XX": gamma * q, "XXt": gamma * q, "rr": 2 * norm["rr"] * g + g * g, "cc": 2 * norm["cc"] * g + g * g,
+           "rc": (norm["rr"] + norm["cc"]) * g + g * g, "dr": norm["dd"] * g, "dc": norm["dd"] * g}
     bound = torch.zeros(torch.broadcast_shapes(sa.shape[:-1], sw.shape[:-1]), dtype=torch.float64, device=sa.device)
-    for name in ("XX", "XXt"):
-        q = _FEATURES.index(name)
-        bound = bound + grad[..., q].abs() * t[..., q].abs() * (eps * n)
+    for p, name in enumerate(_FEATURES):
+        if name in err:
+            bound = bound + grad[..., p].abs() * err[name]
     return bound
 
 

@@ -145,10 +145,11 @@ def _exact_values(raws: list[LayerRaw], maps: WeightMaps, ms: MapSums) -> tuple[
 
 
 def _sums_eps(raw: LayerRaw) -> float:
-    """The machine epsilon of the coarsest dtype among the sums behind the exact null variance (row, column
-    and diagonal sums, ``sum Bt^2`` and ``sum Bt * Bt^T``): what :func:`exact_moments` can resolve."""
-    s = raw.sums
-    return max(torch.finfo(x.dtype).eps for x in (s.rowsum, s.colsum, s.diag, s.xx, s.xxt) if x is not None)
+    """The rounding unit of the sums behind the exact null variance (row and column sums, ``sum Bt^2`` and
+    ``sum Bt * Bt^T``), relative to the deviations of ``Bt`` from 1/N: they are float32 sums of ``Bt - 1/N``
+    added in float64, whatever their dtype (:attr:`~siftlens.reductions.LayerSums.EPS`). What
+    :func:`exact_moments` can resolve, through :func:`~siftlens.stats.qap_rounding_bound`."""
+    return raw.sums.EPS
 
 
 def _null_maps(plan: RunPlan, w: torch.Tensor, lv: torch.Tensor, names: list[str]) -> tuple[WeightMaps, int | None]:
