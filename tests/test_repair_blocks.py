@@ -10,16 +10,16 @@ import torch
 
 from siftlens.errors import ConfigError
 from siftlens.models.vit import ViT, ViTConfig
+from siftlens.shortcuts.interventions import keep_groups
 from siftlens.shortcuts.retraining.blocks import (
     TuneSettings,
     finetune,
     frozen_tokens,
-    keep_index,
-    lr_at,
     minibatches,
     tuned_logits,
     tuned_predictions,
 )
+from siftlens.training.optim import lr_at
 
 
 @pytest.fixture
@@ -34,9 +34,9 @@ def tiny():
     return model, x, drop
 
 
-def test_keep_index_groups_images_by_kept_count(tiny):
+def test_keep_groups_groups_images_by_kept_count(tiny):
     _, _, drop = tiny
-    got = {int(k.shape[1]): (rows.tolist(), k) for rows, k in keep_index(drop)}
+    got = {int(k.shape[1]): (rows.tolist(), k) for rows, k in keep_groups(drop)}
     assert sorted(got) == [13, 15, 16]
     assert got[13][0] == [0, 1, 2, 3] and torch.equal(got[13][1][0], torch.arange(3, 16))
     assert got[15][0] == [4, 5] and 5 not in got[15][1][0].tolist()
@@ -50,7 +50,7 @@ def test_split_forward_equals_the_models_forward_with_the_tokens_dropped(tiny, b
     assert [len(t) for t in toks] == [14] * 4 + [16] * 2 + [17] * 6  # CLS + kept patches
     want_pred = np.full(12, -1)
     with torch.no_grad():
-        for rows, keep in keep_index(drop):
+        for rows, keep in keep_groups(drop):
             want = model(x[rows], keep)
             got = tuned_logits(model, torch.stack([toks[r] for r in rows.tolist()]), blocks, "model")
             assert torch.allclose(got, want, atol=1e-5)
@@ -97,6 +97,7 @@ def test_finetune_minimises_the_weighted_loss(tiny):
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
-    lrs = [lr_at(i, 100, 1e-3, 0.1) for i in range(100)]
+    """finetune's schedule is training.optim's: 10% warm-up steps, cosine decay to 0."""
+    lrs = [lr_at(i, 100, 10, 1e-3, 0.0) for i in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False)) and lrs[-1] < 1e-6 + 1e-3 * 1e-3

@@ -26,6 +26,7 @@ from .layers import resolve_layers
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+POOLS = ("cls", "mean")
 
 
 @dataclass
@@ -66,7 +67,7 @@ class ViTConfig:
             )
         if self.dim % self.heads:
             raise GeometryError(f"width {self.dim} is not divisible by {self.heads} heads")
-        if self.pool not in ("cls", "mean"):
+        if self.pool not in POOLS:
             raise GeometryError(f"pool must be 'cls' or 'mean', not {self.pool!r}")
         if self.pool == "cls" and not self.cls_token:
             raise GeometryError("pool='cls' needs cls_token=True")
@@ -248,9 +249,17 @@ class ViT(nn.Module):
         a = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, 1, S)
         return a.mean(dim=1)[:, 0, self.num_prefix_tokens :].float()
 
-    def pool(self, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: (B, S, D) -> (B, D). key_mask: (B, S) bool of tokens that count for mean pooling."""
-        if self.cfg.pool == "cls":
+    def pool(self, tokens: torch.Tensor, key_mask: torch.Tensor | None = None, how: str = "model") -> torch.Tensor:
+        """tokens: (B, S, D) -> (B, D). key_mask: (B, S) bool of tokens that count for mean pooling.
+
+        how: ``model`` (the model's own pooling, ``cfg.pool``), ``cls`` (the CLS token) or ``mean`` (the mean of
+        the patch tokens)."""
+        if how not in ("model", *POOLS):
+            raise ConfigError(f"pool must be one of model, {', '.join(POOLS)}, not {how!r}")
+        how = self.cfg.pool if how == "model" else how
+        if how == "cls":
+            if self.cls_token is None:
+                raise ConfigError("pool 'cls' needs a model with a CLS token")
             return tokens[:, 0]
         patches = tokens[:, self.num_prefix_tokens :]
         if key_mask is None:

@@ -30,11 +30,25 @@ def _ensure_logits(out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+def keep_groups(drop: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """drop (B, N) bool -> one ``(rows (b,), keep (b, k) long)`` per number ``k`` of kept patches: the images with
+    that many kept patches and the indices of those patches (row-major, ascending per row). An image whose every
+    patch is flagged keeps them all (an empty sequence of patches is not a valid input for every model)."""
+    drop = drop.to(torch.bool).cpu()
+    drop = drop & ~drop.all(1, keepdim=True)
+    counts = (~drop).sum(1)
+    out = []
+    for k in counts.unique().tolist():
+        rows = (counts == k).nonzero().flatten()
+        out.append((rows, (~drop[rows]).nonzero()[:, 1].view(len(rows), k)))
+    return out
+
+
 def forward_drop(backend: Backend, x: torch.Tensor, drop: torch.Tensor, mode: str = "group") -> torch.Tensor:
     """Logits (B, C) with the patches where ``drop: (B, N) bool`` is True removed from each image.
 
-    An image whose every patch is flagged keeps them all (an empty sequence of patches is not a valid
-    input for every model); callers can detect that case from ``drop.all(1)``.
+    An image whose every patch is flagged keeps them all (see :func:`keep_groups`); callers can detect that case
+    from ``drop.all(1)``.
     """
     if mode not in DROP_MODES:
         raise ConfigError(f"drop mode must be one of {', '.join(DROP_MODES)}, not {mode!r}")
@@ -45,11 +59,8 @@ def forward_drop(backend: Backend, x: torch.Tensor, drop: torch.Tensor, mode: st
     if mode == "mask":
         bias = torch.zeros(drop.shape, dtype=torch.float32).masked_fill(drop, float("-inf")).to(x.device)
         return _ensure_logits(backend.forward_intervened(x, key_bias=bias))
-    keep_counts = (~drop).sum(1)
     out: torch.Tensor | None = None
-    for k in keep_counts.unique().tolist():
-        rows = (keep_counts == k).nonzero().flatten()
-        keep = (~drop[rows]).nonzero()[:, 1].view(len(rows), k)  # row-major order, ascending per row
+    for rows, keep in keep_groups(drop):
         logits = _ensure_logits(backend.forward_intervened(x[rows.to(x.device)], keep_idx=keep.to(x.device)))
         if out is None:
             out = logits.new_empty((x.shape[0], logits.shape[1]))

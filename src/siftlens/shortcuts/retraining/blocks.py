@@ -1,5 +1,4 @@
-"""Fine-tuning the last blocks of a siftlens ViT for ``siftlens repair --blocks K``, and the token dropping
-that repair shares with it.
+"""Fine-tuning the last blocks of a siftlens ViT for ``siftlens repair --blocks K``.
 
 Shapes: ``B`` batch, ``N`` patch tokens, ``k`` kept patch tokens, ``T`` prefix tokens, ``D`` width, ``C``
 classes, ``n`` fitting images.
@@ -13,7 +12,6 @@ trained model computes exactly what it computes at inference with the same token
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,36 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError
+from ...models.vit import POOLS as VIT_POOLS
 from ...progress import progress_bar
+from ...training.optim import lr_at
+from ..interventions import keep_groups
 
-POOLS = ("model", "cls", "mean")
-
-
-def keep_index(drop: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """drop (B, N) bool -> one ``(rows (b,), keep (b, k) long)`` per number ``k`` of kept patches: the images
-    with that many kept patches and the indices of those patches. An image whose every patch is flagged keeps
-    them all."""
-    drop = drop.to(torch.bool).cpu()
-    drop = drop & ~drop.all(1, keepdim=True)
-    counts = (~drop).sum(1)
-    out = []
-    for k in counts.unique().tolist():
-        rows = (counts == k).nonzero().flatten()
-        out.append((rows, (~drop[rows]).nonzero()[:, 1].view(len(rows), k)))
-    return out
-
-
-def pool_tokens(model: torch.nn.Module, tokens: torch.Tensor, pool: str) -> torch.Tensor:
-    """Normed tokens (B, T + k, D) -> (B, D): ``model`` (its own pooling), ``cls`` or ``mean`` (patch tokens)."""
-    if pool == "model":
-        return model.pool(tokens)
-    if pool == "cls":
-        if model.cls_token is None:
-            raise ConfigError("pool 'cls' needs a model with a CLS token")
-        return tokens[:, 0]
-    if pool == "mean":
-        return tokens[:, model.num_prefix_tokens :].mean(1)
-    raise ConfigError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
+POOLS = ("model", *VIT_POOLS)  # repair's --pool: the model's own pooling, or one of the ViT's
 
 
 def split_at(model: torch.nn.Module, blocks: int) -> int:
@@ -67,7 +41,7 @@ def frozen_tokens(model: torch.nn.Module, x: torch.Tensor, drop: torch.Tensor, b
     as they enter the first fine-tuned block (the frozen blocks run once, here)."""
     start = split_at(model, blocks)
     out: list[torch.Tensor] = [torch.empty(0)] * x.shape[0]
-    for rows, keep in keep_index(drop):
+    for rows, keep in keep_groups(drop):
         t = model.embed(x[rows.to(x.device)], keep.to(x.device))
         for blk in model.blocks[:start]:
             t = blk(t)
@@ -81,7 +55,7 @@ def tuned_logits(model: torch.nn.Module, tokens: torch.Tensor, blocks: int, pool
     the final norm, the pooling and the head."""
     for blk in model.blocks[split_at(model, blocks) :]:
         tokens = blk(tokens)
-    return model.head(pool_tokens(model, model.norm(tokens), pool))
+    return model.head(model.pool(model.norm(tokens), how=pool))
 
 
 def trainable(model: torch.nn.Module, blocks: int) -> list[torch.nn.Parameter]:
@@ -116,14 +90,6 @@ class TuneSettings:
     device: str = "cpu"
 
 
-def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
-    """Linear warm-up over the first ``warmup * total`` steps, then cosine decay from ``peak`` to 0."""
-    warm = max(1, round(warmup * total))
-    if step < warm:
-        return peak * (step + 1) / warm
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-
 def _step_loss(model, tokens, y, w, s: TuneSettings) -> torch.Tensor:
     """Weighted cross-entropy of one minibatch (weights of mean 1 over the fitting set) + l2 * ||W_head||^2."""
     t = torch.stack(tokens).to(s.device)
@@ -143,6 +109,7 @@ def finetune(model: torch.nn.Module, tokens: list[torch.Tensor], y: torch.Tensor
     w = w.float() * (len(w) / w.float().sum())
     plan = [minibatches(lengths, s.batch_size, rng) for _ in range(s.epochs)]
     total, step, losses = sum(map(len, plan)), 0, []
+    warm = max(1, round(s.warmup * total))
     model.eval()  # no stochastic depth: the trained blocks compute what inference computes
     with torch.enable_grad(), progress_bar(progress) as pb:
         task = pb.add_task(f"repair: fine-tune {s.blocks} block(s)", total=total, info="")
@@ -150,7 +117,7 @@ def finetune(model: torch.nn.Module, tokens: list[torch.Tensor], y: torch.Tensor
             run = 0.0
             for idx in epoch:
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(step, total, s.lr, s.warmup)
+                    g["lr"] = lr_at(step, total, warm, s.lr, 0.0)
                 loss = _step_loss(model, [tokens[i] for i in idx], y[idx], w[idx], s)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

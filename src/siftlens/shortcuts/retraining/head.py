@@ -49,7 +49,8 @@ from ...progress import progress_bar
 from ..discovery.features import KeypointDataset, model_labels
 from ..discovery.vocabulary import Vocabulary, load_vocabulary
 from ..flags import flag_patches, word_sets
-from .blocks import POOLS, TuneSettings, finetune, frozen_tokens, keep_index, pool_tokens, tuned_predictions
+from ..interventions import keep_groups
+from .blocks import POOLS, TuneSettings, finetune, frozen_tokens, tuned_predictions
 
 GROUPINGS = ("discovery", "sidecar", "none")
 EXTENT = "footprint"  # a flagged keypoint flags every patch its footprint touches (prompt's --extent footprint)
@@ -105,9 +106,9 @@ def pooled_features(model: torch.nn.Module, x: torch.Tensor, drop: torch.Tensor,
     if pool not in POOLS:
         raise ConfigError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
     f = torch.empty((x.shape[0], model.head.in_features))
-    for rows, keep in keep_index(drop):
+    for rows, keep in keep_groups(drop):
         tokens = model.forward_features(x[rows.to(x.device)], keep.to(x.device))
-        f[rows] = pool_tokens(model, tokens, pool).float().cpu()
+        f[rows] = model.pool(tokens, how=pool).float().cpu()
     return f
 
 
