@@ -181,9 +181,16 @@ def analyze(
                                             "HF_HOME, downloaded when online), or timm:<name> (timm's pretrained "
                                             "weights, or --weights).")],
     images: Annotated[list[str], typer.Option(help="Images: a folder, a zip, archive.zip/inner/folder, a glob "
-                                                   "(quote it), or files; repeat the option for several files.")],
+                                                   "(quote it), files (repeat the option), tar shards, HF datasets, "
+                                                   "manifests: docs/data.md.")],
     out: Annotated[Path, typer.Option(help="Output folder: report.html, summary.csv, metrics.parquet, "
                                            "manifest.json, figures/.")],
+    image_column: Annotated[str | None, typer.Option(help="Image column (HF data), path column (manifest) or "
+                                                          "image extension (tar); default: detected.")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column (HF data, manifest); default: label, "
+                                                          "labels.")] = None,
+    label_key: Annotated[str | None, typer.Option(help="Tar shards: the .json key of the label (else .cls).")] = None,
+    id_column: Annotated[str | None, typer.Option(help="HF data: a stable id column (names split/<id>).")] = None,
     weights: Annotated[str | None, typer.Option(help="Weights file for timm:<name> (.safetensors or .pth).")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of a hub id or of "
                                                      "timm's pretrained weights; the manifest records the commit.")]
@@ -239,6 +246,8 @@ def analyze(
         seed=seed, limit=limit, rollout=rollout, overlays=overlays, part_size=part_size, explore=explore,
     )
     src = images[0] if len(images) == 1 else images
+    src = _with_columns(src, limit, image_column=image_column, label_column=label_column, label_key=label_key,
+                        id_column=id_column)
     part = parse_shard(shard) if shard else None
     opts = jobs.JobOptions(weights=weights, report=report, progress=progress)
     res, paths = jobs.run_analysis(model, src, out, cfg, opts, resume=resume, shard=part)
@@ -246,6 +255,16 @@ def analyze(
         typer.echo(jobs.shard_outcome(part, out))
     elif res is not None:
         typer.echo(jobs.analysis_outcome(res, paths))
+
+
+def _with_columns(src, limit: int | None, **columns):
+    """The source as an ImageSource when a column or key option is given (docs/data.md), else as given."""
+    columns = {k: v for k, v in columns.items() if v is not None}
+    if not columns:
+        return src
+    from .data import ImageSource
+
+    return ImageSource(src, limit=limit, **columns)
 
 
 @app.command()

@@ -3,6 +3,9 @@
 An *image source* is a folder (searched recursively), a zip archive, a folder inside a zip written as
 ``archive.zip/inner/folder``, a glob pattern, or an explicit list of files. When the images sit in
 class sub-folders (ImageFolder layout: ``root/<class>/<file>``) the source also carries labels.
+At scale it is also WebDataset tar shards (``shards/train-{0000..0099}.tar``), a Hugging Face dataset (a
+``save_to_disk`` folder, parquet files, ``hf:ORG/NAME:SPLIT``) or a CSV/parquet manifest of paths: see
+:mod:`siftlens.sources` for their identities and labels.
 
 Every image has a *name*, its identity within a run, unique and stable: the path relative to the source
 root. The root is the folder itself; the folder inside the zip; for a glob, the folder before the first
@@ -22,24 +25,21 @@ import io
 import os
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from .errors import ImageSourceError, SkipImage
+from .sources import IMAGE_EXTS, Entry, check_no_options, open_source, source_labels
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+__all__ = ["IMAGE_EXTS", "ImageSource", "decode_image", "load_labelled_array", "to_rgb"]
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are skipped (decompression-bomb guard)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 
 
-@dataclass(frozen=True)
-class _Entry:
-    name: str  # what reports show: path relative to the source root
-    path: str  # file path, or member name inside the zip
+_Entry = Entry  # name: what reports show (path relative to the source root); path: file, or member in the zip
 
 
 def _split_zip(spec: str) -> tuple[str, str] | None:
@@ -53,25 +53,40 @@ def _split_zip(spec: str) -> tuple[str, str] | None:
 
 
 class ImageSource:
-    """A list of images with optional ImageFolder labels; reads raw bytes by index.
+    """A list of images with optional labels (ImageFolder layout, or a tar's, dataset's or manifest's own);
+    reads raw bytes by index.
 
-    The zip file is opened once per process (so it is safe to use from DataLoader workers).
+    The zip file (tar shard, parquet file) is opened once per process, so it is safe to use from DataLoader
+    workers. ``image_column``, ``label_column``, ``label_key`` and ``id_column`` choose what a tar sample, a
+    dataset row or a manifest row holds (see :mod:`siftlens.sources`); ``options`` records the ones given.
     """
 
-    def __init__(self, spec: str | os.PathLike | Sequence[str | os.PathLike], limit: int | None = None):
+    def __init__(self, spec: str | os.PathLike | Sequence[str | os.PathLike], limit: int | None = None, *,
+                 image_column: str | None = None, label_column: str | None = None, label_key: str | None = None,
+                 id_column: str | None = None):
         self.spec = spec if isinstance(spec, str | os.PathLike) else [str(s) for s in spec]
+        self.options = {k: v for k, v in (("image_column", image_column), ("label_column", label_column),
+                                          ("label_key", label_key), ("id_column", id_column)) if v is not None}
         self._zip_path: str | None = None
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid: int | None = None
-        entries = self._enumerate(spec)
+        where = str(spec) if isinstance(spec, str | os.PathLike) else "the file list"
+        opened = open_source(spec, self.options, limit)
+        self._reader = None if opened is None else opened[1]
+        if opened is None:
+            check_no_options(self.options, spec)
+            entries = sorted(self._enumerate(spec), key=lambda e: e.name)
+            label_of = _imagefolder_labels
+        else:
+            entries = opened[0]  # in the source's own order: shards and members, rows
+            label_of = lambda es: source_labels(es, self._reader.class_names)  # noqa: E731
         if not entries:
             raise ImageSourceError(f"no images found in {spec!s}; give a folder, zip, glob or image files")
-        entries.sort(key=lambda e: e.name)
-        _check_unique(entries, str(spec) if isinstance(spec, str | os.PathLike) else "the file list")
-        self.classes, labels = _imagefolder_labels([e.name for e in entries])
-        if limit is not None:
+        _check_unique(entries, where)
+        self.classes, labels = label_of(entries)
+        if limit is not None and limit < len(entries):
             entries = _spread(entries, limit, labels)
-            self.classes, labels = _imagefolder_labels([e.name for e in entries])
+            self.classes, labels = label_of(entries)
         self.entries = entries
         self.labels = labels
 
@@ -110,14 +125,20 @@ class ImageSource:
         return [e.name for e in self.entries]
 
     def fingerprint(self) -> str:
-        """A digest of every image's name, size and modification time (for a zip member: size and CRC):
-        equal exactly when the run would read the same files under the same names."""
+        """A digest of every image's name, size and modification time (for a zip member: size and CRC; a tar
+        member: its shard's size and time, offset and size; a dataset: its fingerprint and files; and the label
+        of a tar, dataset or manifest image): equal exactly when the run would read the same files under the
+        same names."""
         h = hashlib.sha256()
+        if self._reader is not None:
+            h.update(f"{self._reader.header()}\n".encode())
         for e, stamp in zip(self.entries, self._stamps(), strict=True):
             h.update(f"{e.name}\0{stamp}\n".encode())
         return h.hexdigest()
 
     def _stamps(self) -> list[str]:
+        if self._reader is not None:
+            return self._reader.stamps(self.entries)
         if self._zip_path is not None:
             with zipfile.ZipFile(self._zip_path) as zf:
                 return [f"{i.file_size}:{i.CRC:08x}" for i in map(zf.getinfo, (e.path for e in self.entries))]
@@ -125,6 +146,8 @@ class ImageSource:
 
     def read_bytes(self, i: int) -> bytes:
         e = self.entries[i]
+        if self._reader is not None:
+            return self._reader.read(e)
         if self._zip_path is not None:
             if self._zip is None or self._zip_pid != os.getpid():
                 self._zip = zipfile.ZipFile(self._zip_path)
@@ -188,8 +211,9 @@ def _is_image_name(name: str) -> bool:
     return not base.startswith(".") and base.lower().endswith(IMAGE_EXTS)
 
 
-def _imagefolder_labels(names: list[str]) -> tuple[list[str] | None, list[int] | None]:
+def _imagefolder_labels(entries: list[_Entry]) -> tuple[list[str] | None, list[int] | None]:
     """Labels from the first path component when every image sits in a class folder."""
+    names = [e.name for e in entries]
     if not names or any("/" not in n for n in names):
         return None, None
     tops = [n.split("/", 1)[0] for n in names]
@@ -201,22 +225,23 @@ def _imagefolder_labels(names: list[str]) -> tuple[list[str] | None, list[int] |
 
 
 def _spread(entries: list[_Entry], limit: int, labels: list[int] | None) -> list[_Entry]:
-    """Take ``limit`` entries, round-robin over classes when labelled, so a limit keeps every class."""
+    """Take ``limit`` entries, round-robin over classes when labelled, so a limit keeps every class; in the
+    source's order."""
     if limit >= len(entries):
         return entries
     if labels is None:
         return entries[:limit]
-    by_class: dict[int, list[_Entry]] = {}
-    for e, y in zip(entries, labels, strict=True):
-        by_class.setdefault(y, []).append(e)
-    out: list[_Entry] = []
+    by_class: dict[int, list[int]] = {}
+    for j, y in enumerate(labels):
+        by_class.setdefault(y, []).append(j)
+    out: list[int] = []
     k = 0
     while len(out) < limit:
         for y in sorted(by_class):
             if k < len(by_class[y]) and len(out) < limit:
                 out.append(by_class[y][k])
         k += 1
-    return sorted(out, key=lambda e: e.name)
+    return [entries[j] for j in sorted(out)]
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -109,7 +109,9 @@ def _configure(config: AnalysisConfig | None, overrides: dict) -> AnalysisConfig
 def _run_identity(model: str, weights: str | None, backend: Backend, source: ImageSource, cfg: AnalysisConfig,
                   plan: RunPlan) -> dict:
     return {"params": cfg.identity(), "model": {"spec": model, "weights": weights, **backend.describe()},
-            "images": {"source": str(source.spec), "count": len(source), "fingerprint": source.fingerprint()},
+            "images": {"source": str(source.spec), **({"options": source.options} if getattr(source, "options", None)
+                                                      else {}),
+                       "count": len(source), "fingerprint": source.fingerprint()},
             "layer_ids": plan.layer_ids,
             "heads": backend.num_heads, "n_levels": cfg.n_levels}
 
@@ -348,7 +350,7 @@ def _merge_into(folder: Path, run: dict, dirs: list[Path]) -> AnalysisResult:
     cfg = AnalysisConfig(**{**run["params"]})
     try:
         backend = load_backend(run["model"]["spec"], "cpu", weights=run["model"].get("weights"))
-        source = ImageSource(run["images"]["source"], limit=cfg.limit)
+        source = ImageSource(run["images"]["source"], limit=cfg.limit, **run["images"].get("options", {}))
     except Exception:  # noqa: BLE001 - overlays are optional; the tables never need the model
         backend = source = None
     return _finish(folder, run, cfg, DistInfo(), backend, source)
