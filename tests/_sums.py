@@ -1,4 +1,4 @@
-"""Direct float64 reference for :func:`siftlens.reductions.layer_sums`, shared by the metric and kernel tests."""
+"""Direct float64 reference for :func:`siftlens.core.reductions.layer_sums`, shared by the metric and kernel tests."""
 
 from __future__ import annotations
 

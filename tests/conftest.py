@@ -42,7 +42,7 @@ def tiny_vit():
 @pytest.fixture
 def eager_reductions(monkeypatch):
     """The attention reductions on their eager PyTorch path, without the fused CPU kernel."""
-    from siftlens import fused
+    from siftlens.core import fused
 
     monkeypatch.setenv("SIFTLENS_FUSED", "0")
     fused._load.cache_clear()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import siftlens.stats as stats
+import siftlens.core.stats as stats
 from siftlens.report.html import GLOSSARY
 
 

@@ -1,4 +1,4 @@
-"""The fused CPU kernel of the attention reductions (siftlens.fused, kernels/layer_sums.c) against a direct float64
+"""The fused CPU kernel of the attention reductions (siftlens.core.fused, kernels/layer_sums.c) against a direct float64
 reference, its fallbacks, its cache and its threads.
 
 Every kernel test runs twice, with the 8-lane and with the 16-lane build forced by ``SIFTLENS_FUSED_WIDTH``
@@ -15,7 +15,7 @@ import pytest
 import torch
 from _sums import direct_layer_sums
 
-from siftlens import fused, reductions
+from siftlens.core import fused, reductions
 
 # where the kernel cannot exist here; a failed build is not among them, so a broken kernel fails these tests
 ABSENT = ("SIFTLENS_FUSED=0", "not an x86-64 CPU", "no C compiler", "the CPU lacks AVX2 or FMA")

@@ -1,4 +1,4 @@
-"""Safety of the fused kernel (siftlens.fused) where its inputs or its surroundings are hostile or unusual: a
+"""Safety of the fused kernel (siftlens.core.fused) where its inputs or its surroundings are hostile or unusual: a
 planted kernel in a cache folder that others can write, torch's global default dtype, shapes that do not fit at
 the ctypes boundary, and one build of two that fails (issue 22, items 12 to 15)."""
 
@@ -20,7 +20,7 @@ import torch
 from _sums import direct_layer_sums
 from test_fused import assert_within, layer
 
-from siftlens import fused, reductions
+from siftlens.core import fused, reductions
 
 CPU = torch.device("cpu")
 CC = shutil.which("cc")
@@ -67,7 +67,7 @@ def planted_kernel(tmp_path: Path) -> tuple[Path, Path]:
 def predictable_names() -> list[str]:
     """The file names the kernel's builds get in a cache: a hash of the source and the command, which anyone
     who has the package can compute."""
-    source = resources.files("siftlens").joinpath("kernels", "layer_sums.c").read_bytes()
+    source = resources.files("siftlens.core").joinpath("kernels", "layer_sums.c").read_bytes()
     names = []
     for width in fused.WIDTHS:
         cmd = [CC, *fused._FLAGS, f"-DVW={width}"]

@@ -1,4 +1,4 @@
-"""Tests of siftlens.metrics: closed-form cases, siftlens.reference, invariances, null models, statistics."""
+"""Tests of siftlens.core.metrics: closed-form cases, siftlens.reference, invariances, null models, statistics."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from hypothesis import strategies as st
 
 from siftlens import reference as ref
 from siftlens.analysis.engine import flatten_cells
-from siftlens.errors import ConfigError, GeometryError
-from siftlens.metrics import (
+from siftlens.core.metrics import (
     average_ranks,
     image_metrics,
     renormalise,
 )
-from siftlens.nullmodel import null_indices, with_null
-from siftlens.stats import bh_qvalues, bootstrap_ci
+from siftlens.core.nullmodel import null_indices, with_null
+from siftlens.core.stats import bh_qvalues, bootstrap_ci
+from siftlens.errors import ConfigError, GeometryError
 
 WEIGHTED = ("sal", "wi", "cls_lift")
 PER_LEVEL = ("dist", "dist_rel", "entropy")
@@ -612,8 +612,8 @@ def test_fast_path_with_prepared_null_maps_and_small_chunks_matches_reference(mo
     # the analysis' path: null maps made by with_null, prepared once with null_index (ranks gathered, not
     # sorted again), then image_metrics(maps=...) layer after layer, in chunks of images. Forcing tiny
     # chunks (one image each) must not change a single value against the loop-by-loop reference.
-    import siftlens.metrics as M
-    import siftlens.reductions as reductions
+    import siftlens.core.metrics as M
+    import siftlens.core.reductions as reductions
 
     monkeypatch.setattr(reductions, "_CHUNK_ELEMS", chunk_elems)
     g = torch.Generator().manual_seed(11)
@@ -637,7 +637,7 @@ def test_layer_sums_equal_direct_sums_however_the_layer_is_chunked(monkeypatch, 
     # the eager path (the fused CPU kernel has its own tests in test_fused.py). 100 elements per chunk puts each
     # head of a 9-patch image in its own chunk: the head mean's sums of squares then come from the sum over
     # heads, else from the Gram totals; k_maps > 1 takes the Monte Carlo layout.
-    import siftlens.reductions as reductions
+    import siftlens.core.reductions as reductions
 
     monkeypatch.setattr(reductions, "_CHUNK_ELEMS", chunk_elems)
     g = torch.Generator().manual_seed(5)

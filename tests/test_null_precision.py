@@ -12,13 +12,13 @@ from PIL import Image
 from siftlens.analysis import analyze
 from siftlens.analysis.engine import BatchValues, _exact_values
 from siftlens.analysis.store import long_rows
+from siftlens.core.metrics import layer_raw, prepare_maps
+from siftlens.core.nullmodel import map_sums
+from siftlens.core.reductions import renormalise
+from siftlens.core.stats import PATTERN_SIZES, linear_moments, pair_sums, pattern_sums
 from siftlens.keypoints import levels_of
-from siftlens.metrics import layer_raw, prepare_maps
 from siftlens.models.native import NativeBackend
 from siftlens.models.vit import ViT, ViTConfig
-from siftlens.nullmodel import map_sums
-from siftlens.reductions import renormalise
-from siftlens.stats import PATTERN_SIZES, linear_moments, pair_sums, pattern_sums
 
 N, HEADS, GRID, PATCH, L = 196, 6, 14, 16, 3
 CELLS = [("sal", -1, -1), ("wi", -1, -1)] + [("R", a, b) for a in range(L) for b in range(L)] + [
@@ -112,7 +112,7 @@ def library_rows(attn: torch.Tensor, maps) -> pd.DataFrame:
 @pytest.fixture(params=["default", "eager"])
 def reductions_path(request, monkeypatch):
     """The reductions as this machine runs them (the fused kernel where it can), then the eager path."""
-    from siftlens import fused
+    from siftlens.core import fused
 
     if request.param == "eager":
         monkeypatch.setenv("SIFTLENS_FUSED", "0")

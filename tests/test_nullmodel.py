@@ -9,11 +9,11 @@ import torch
 from siftlens.analysis import AnalysisConfig
 from siftlens.analysis.dataset import KeypointDataset
 from siftlens.analysis.engine import RunPlan, analyse_batch
+from siftlens.core.nullmodel import all_shifts, image_key, keyed_null_indices, null_indices
 from siftlens.data import ImageSource
 from siftlens.jobs import demo_images_dir
 from siftlens.keypoints import sift_params
 from siftlens.models import load_backend
-from siftlens.nullmodel import all_shifts, image_key, keyed_null_indices, null_indices
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +97,8 @@ def test_layers_measured_together_equal_each_layer_alone():
     # maps and map sums tiled to match); a wrong tiling or stacking order would mix images or layers up.
     # One layer has a query whose attention all goes to CLS (an all-zero patch row: the uniform fallback).
     from siftlens.analysis.engine import _exact_values
-    from siftlens.metrics import layer_raw, prepare_maps
-    from siftlens.nullmodel import map_sums
+    from siftlens.core.metrics import layer_raw, prepare_maps
+    from siftlens.core.nullmodel import map_sums
 
     g = torch.Generator().manual_seed(3)
     B, H, T, N, L = 3, 2, 1, 16, 4
@@ -123,7 +123,7 @@ def test_layers_measured_together_equal_each_layer_alone():
 def test_a_layers_raw_sums_keep_no_view_of_its_attention():
     # the engine holds every layer's raw sums until the batch ends; a view into the attention would keep
     # every layer's (B, h, S, S) attention alive at once (the memory benchmark measured 11 layers' worth)
-    from siftlens.metrics import layer_raw, prepare_maps
+    from siftlens.core.metrics import layer_raw, prepare_maps
 
     B, H, T, N = 2, 2, 1, 4
     attn = torch.softmax(torch.randn(B, H, T + N, T + N), -1)

@@ -19,7 +19,8 @@ import torch
 import siftlens
 
 ROOT = Path(__file__).resolve().parents[1]
-INSIDE = ["siftlens/kernels/layer_sums.c", "siftlens/assets/viewer/explore.js", "siftlens/assets/viewer/explore.css",
+INSIDE = ["siftlens/core/kernels/layer_sums.c", "siftlens/assets/viewer/explore.js",
+          "siftlens/assets/viewer/explore.css",
           "siftlens/assets/models/default/config.json", "siftlens/assets/models/default/model.safetensors",
           "siftlens/assets/demo_images/cat/0000.jpg"]
 

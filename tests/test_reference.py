@@ -23,14 +23,15 @@ import numpy as np
 import pytest
 import torch
 
-from siftlens import fused, reference
+from siftlens import reference
 from siftlens.analysis.config import AnalysisConfig, cells
 from siftlens.analysis.engine import RunPlan, _exact_values, analyse_batch
 from siftlens.attention import Rollout, capture
+from siftlens.core import fused
+from siftlens.core.metrics import layer_raw, prepare_maps
+from siftlens.core.nullmodel import map_sums
 from siftlens.keypoints import levels_of
-from siftlens.metrics import layer_raw, prepare_maps
 from siftlens.models.native import NativeBackend
-from siftlens.nullmodel import map_sums
 
 RTOL, ATOL = 1e-4, 1e-6
 

@@ -19,9 +19,9 @@ import pytest
 from _dist import torchrun
 
 from siftlens.analysis import analyze, merge, read_long
+from siftlens.core.stats import bootstrap_ci
 from siftlens.errors import ConfigError
 from siftlens.jobs import demo_images_dir
-from siftlens.stats import bootstrap_ci
 
 DEMO = str(demo_images_dir())
 KEY = ["layer", "head", "metric", "level_a", "level_b"]

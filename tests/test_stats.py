@@ -1,4 +1,4 @@
-"""Exact permutation-null moments (siftlens.stats) against brute force and full enumeration."""
+"""Exact permutation-null moments (siftlens.core.stats) against brute force and full enumeration."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from siftlens.errors import ConfigError, GeometryError
-from siftlens.stats import (
+from siftlens.core.stats import (
     PATTERN_SIZES,
     PATTERNS,
     linear_moments,
@@ -19,6 +18,7 @@ from siftlens.stats import (
     pattern_sums,
     qap_moments,
 )
+from siftlens.errors import ConfigError, GeometryError
 
 
 def _rgs(idx: tuple[int, ...]) -> tuple[int, ...]:
@@ -212,7 +212,7 @@ def test_normal_two_sided_p() -> None:
 
 
 def test_fast_at_least_sums_and_outer_sums_match_the_references():
-    from siftlens.stats import at_least_sums, at_least_sums_einsum, outer_sums, pair_sums, pattern_sums
+    from siftlens.core.stats import at_least_sums, at_least_sums_einsum, outer_sums, pair_sums, pattern_sums
 
     g = torch.Generator().manual_seed(7)
     X = torch.rand(3, 2, 7, 7, generator=g, dtype=torch.float64)

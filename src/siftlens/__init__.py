@@ -30,7 +30,7 @@ _EXPORTS = {
     "write_report": "report",
     "keypoint_map": "keypoints", "detect": "keypoints", "SiftParams": "keypoints", "KeypointMap": "keypoints",
     "capture": "attention", "Rollout": "attention",
-    "image_metrics": "metrics", "null_indices": "nullmodel", "with_null": "nullmodel",
+    "image_metrics": "core.metrics", "null_indices": "core.nullmodel", "with_null": "core.nullmodel",
     "load_backend": "models", "Backend": "models",
     "ViT": "models.vit", "ViTConfig": "models.vit", "load_vit": "models.vit", "save_vit": "models.vit",
     "ImageSource": "data",

@@ -20,8 +20,8 @@ from .analysis.config import cells
 from .analysis.run import accumulate, read_images
 from .analysis.store import RunStore
 from .analysis.summary import nan_percentiles, summary_table
+from .core.stats import bh_qvalues, normal_two_sided_p
 from .errors import ConfigError
-from .stats import bh_qvalues, normal_two_sided_p
 
 KEY = ["layer", "head", "metric", "level_a", "level_b"]
 # parameters that change what a number means: runs that differ in them are not comparable

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..attention import Rollout, capture, patch_rows, resolve_layers
-from ..metrics import (
+from ..core.metrics import (
     LayerRaw,
     WeightMaps,
     attention_terms,
@@ -24,8 +24,7 @@ from ..metrics import (
     prepare_maps,
     tile_maps,
 )
-from ..models import Backend
-from ..nullmodel import (
+from ..core.nullmodel import (
     MapSums,
     all_shifts,
     exact_moments,
@@ -35,6 +34,7 @@ from ..nullmodel import (
     tile_sums,
     with_null,
 )
+from ..models import Backend
 from .config import LEVEL_METRICS, SCALAR_METRICS, AnalysisConfig, cells
 
 # the cyclic-shift null enumerates its N shifts up to this many patches (a 16 x 16 grid), else samples
@@ -147,8 +147,8 @@ def _exact_values(raws: list[LayerRaw], maps: WeightMaps, ms: MapSums) -> tuple[
 def _sums_eps(raw: LayerRaw) -> float:
     """The rounding unit of the sums behind the exact null variance (row and column sums, ``sum Bt^2`` and
     ``sum Bt * Bt^T``), relative to the deviations of ``Bt`` from 1/N: they are float32 sums of ``Bt - 1/N``
-    added in float64, whatever their dtype (:attr:`~siftlens.reductions.LayerSums.EPS`). What
-    :func:`exact_moments` can resolve, through :func:`~siftlens.stats.qap_rounding_bound`."""
+    added in float64, whatever their dtype (:attr:`~siftlens.core.reductions.LayerSums.EPS`). What
+    :func:`exact_moments` can resolve, through :func:`~siftlens.core.stats.qap_rounding_bound`."""
     return raw.sums.EPS
 
 

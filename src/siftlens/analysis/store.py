@@ -27,9 +27,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..core.stats import z_scores
 from ..errors import ConfigError
 from ..io import atomic_path, read_json, write_json
-from ..stats import z_scores
 from .engine import BatchValues
 
 RUN_FILE = "run.json"
@@ -251,7 +251,7 @@ def long_rows(v: BatchValues, names: list[str], layer_ids: list[int], heads: int
     heads, layer ``num_layers`` rollout. NaN entries (excluded images, empty levels) are dropped.
 
     ``z`` is empty (null) and ``note`` reads "no variation" where the cell's null variance is zero or below
-    float32 resolution (:func:`siftlens.stats.z_scores`); ``note`` is "" elsewhere."""
+    float32 resolution (:func:`siftlens.core.stats.z_scores`); ``note`` is "" elsewhere."""
     obs = v.obs
     keep = ~np.isnan(obs)
     ii, li, hi, ci = np.nonzero(keep)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..nullmodel import image_key
-from ..stats import NO_VARIATION, bh_qvalues, normal_two_sided_p, z_scores
+from ..core.nullmodel import image_key
+from ..core.stats import NO_VARIATION, bh_qvalues, normal_two_sided_p, z_scores
 
 
 def poisson_weights(names: list[str], n_boot: int, seed: int) -> np.ndarray:
@@ -77,7 +77,7 @@ class SummaryAccumulator:
 def dataset_z(mean: np.ndarray, null_mean: np.ndarray, sum_null_var: np.ndarray, n: np.ndarray) -> np.ndarray:
     """z of the mean over n images, (D,) float64: ``(mean - null_mean) / (sqrt(sum_null_var) / n)``, NaN
     where n == 0 or the cell has no variation. "No variation" is judged on the images' root-mean-square null
-    sd, ``sqrt(sum_null_var / n)``, against float32 resolution (:func:`siftlens.stats.no_variation`): the
+    sd, ``sqrt(sum_null_var / n)``, against float32 resolution (:func:`siftlens.core.stats.no_variation`): the
     rounding of independent images averages down like the null sd of their mean, so the mean is resolved
     exactly when a typical image is."""
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -1,4 +1,4 @@
-"""The fused CPU kernel for :func:`siftlens.reductions.layer_sums`: one pass over each query row instead of
+"""The fused CPU kernel for :func:`siftlens.core.reductions.layer_sums`: one pass over each query row instead of
 about twelve eager passes over the whole attention (``kernels/layer_sums.c``; benchmark in docs/performance.md).
 
 The kernel is plain C (no Python or torch headers). On first use it is compiled with the system's C compiler
@@ -26,7 +26,7 @@ accelerator, and with ``SIFTLENS_FUSED=0``.
 The row sums, column sums, ``xx`` and ``xxt`` (the terms behind the null variance) are those of the centred
 matrix ``Y = Bt - c`` (:func:`centre`: ``c`` = 1/N as a float32): near uniform attention these are sums of small
 deviations, rounded relative to the deviations rather than to 1/N. ``xx`` and ``xxt`` are float64: float32
-per-row partial sums, added across rows in float64. :func:`siftlens.reductions.layer_sums` adds the constant
+per-row partial sums, added across rows in float64. :func:`siftlens.core.reductions.layer_sums` adds the constant
 parts back in float64.
 
 :func:`layer_sums` splits a batch's images over ``torch.get_num_threads()`` threads; ctypes releases the GIL
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 _SOURCE = "layer_sums.c"
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno"]
@@ -241,7 +241,7 @@ def _load() -> tuple[dict[int, ctypes.CDLL], str]:
         why = f"no C compiler ({compiler})"
         _warn(f"fused attention kernel unavailable: {why}; siftlens uses the slower eager path")
         return {}, why
-    source = resources.files("siftlens").joinpath("kernels", _SOURCE).read_bytes()
+    source = resources.files("siftlens.core").joinpath("kernels", _SOURCE).read_bytes()
     notes: list[str] = []
     builds: dict[int, ctypes.CDLL] = {}
     failed: list[str] = []
@@ -336,7 +336,7 @@ def check_shapes(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor
 
 def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor,
                pattern: bool) -> dict[str, torch.Tensor] | None:
-    """The one-map reductions of :func:`siftlens.reductions.layer_sums` by the kernel, or None where a query
+    """The one-map reductions of :func:`siftlens.core.reductions.layer_sums` by the kernel, or None where a query
     row sums to 0 (the caller renormalises and runs its own path).
 
     patch_attn: (B, h, N, N) float32 on the CPU, unit column stride; lhs: (B, R, N), R <= :data:`MAX_ROWS`;

@@ -1,4 +1,4 @@
-"""The metrics of METHOD.md section 3 as batched torch functions (null models: :mod:`siftlens.nullmodel`).
+"""The metrics of METHOD.md section 3 as batched torch functions (null models: :mod:`siftlens.core.nullmodel`).
 
 Notation (shapes): ``B`` images, ``h`` heads, ``T`` prefix tokens (CLS, distillation, registers) that come
 first, ``N`` patch tokens, ``S = T + N``, ``K`` weight maps per image (index 0 = the observed map, 1..K-1 =
@@ -22,7 +22,7 @@ metrics and 0.0 for ``cls_rho``; the caller flags and excludes it.
 
 Precision: every O(h N^2) reduction over the attention (the contraction ``Bt @ [w, one-hot(levels)]``,
 row and column sums, distances, entropies, and the sums of squares the exact null needs) runs in float32,
-in the fused CPU kernel of :mod:`siftlens.fused` or on BLAS (on CUDA the matmul follows the global TF32 setting
+in the fused CPU kernel of :mod:`siftlens.core.fused` or on BLAS (on CUDA the matmul follows the global TF32 setting
 of ``torch.backends.cuda.matmul``); the
 cheap O(B h N) and O(B K N) steps (column means, CLS terms, ranks, level means, weight sums, null moments)
 run in float64. Uniform attention therefore gives the neutral values to float32 rounding (about 1e-7).
@@ -36,7 +36,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from .errors import ConfigError, GeometryError
+from ..errors import ConfigError, GeometryError
 from .reductions import LayerSums, layer_sums, renormalise
 from .stats import sums_from_features
 
@@ -336,7 +336,7 @@ class LayerRaw:
 
 def layer_raw(attn: torch.Tensor, num_prefix: int, maps: WeightMaps, has_cls: bool = True,
               pattern: bool = False) -> LayerRaw:
-    """The O(h N^2) work of one layer (:func:`siftlens.reductions.layer_sums`, in chunks of images so that
+    """The O(h N^2) work of one layer (:func:`siftlens.core.reductions.layer_sums`, in chunks of images so that
     Bt is never kept whole). attn: (B, h, S, S); maps: :func:`prepare_maps` of the same images. ``pattern``:
     also the sums the exact quadratic-assignment null moments need."""
     _check_attention(attn, num_prefix, maps, maps.n_levels, has_cls)

@@ -5,9 +5,9 @@ result never depends on batching, sharding or where a run was interrupted:
 
 - ``exact`` (default, ``null="exact"``) for the uniform permutation null: closed forms, no resampling.
   Linear statistics (SAL, CLS lift, Spearman rho, per-level distance and entropy) use the moments of
-  sampling without replacement (:func:`siftlens.stats.linear_moments`); WI and R are quadratic forms
+  sampling without replacement (:func:`siftlens.core.stats.linear_moments`); WI and R are quadratic forms
   ``sum_ij Bt_ij W_pi(i)pi(j)`` and use the exact Mantel / quadratic-assignment moments
-  (:func:`siftlens.stats.qap_moments`); ``dist_rel`` is a ratio of two linear statistics of the same
+  (:func:`siftlens.core.stats.qap_moments`); ``dist_rel`` is a ratio of two linear statistics of the same
   permuted level indicator and uses the delta method on their exact joint moments.
 - ``exact`` for the cyclic-shift null: the N cyclic 2-D shifts of the grid form a group, and all of them
   are enumerated (:func:`all_shifts`), so the moments are exact over the group.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import ConfigError, GeometryError
+from ..errors import ConfigError, GeometryError
 from .metrics import AttentionTerms, WeightMaps, repeat_rows
 from .stats import linear_moments, outer_sums, qap_moments, qap_rounding_bound, resolved_variance
 
@@ -156,7 +156,7 @@ def _ratio_moments(d: torch.Tensor, m: WeightMaps) -> tuple[torch.Tensor, torch.
 
 
 def _qap(sa, sw, n, pa, pw, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`~siftlens.stats.qap_moments` with the variance set to 0 where rounding in the attention's sums
+    """:func:`~siftlens.core.stats.qap_moments` with the variance set to 0 where rounding in the attention's sums
     of squares (machine epsilon ``eps``) could account for all of it."""
     mean, var = qap_moments(sa, sw, n, pa=pa, pw=pw)
     return mean, resolved_variance(var, qap_rounding_bound(sa, sw, n, pa=pa, pw=pw, eps=eps))
@@ -166,7 +166,7 @@ def _qap(sa, sw, n, pa, pw, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
 class MapSums:
     """The weight side of the quadratic null moments, per image (depends on the maps only: computed once
     per batch). WI: ``w w^T``; R: ``e_a e_b^T`` for every level pair. Pattern sums (..., 15) and pair sums
-    (..., 2) of :mod:`siftlens.stats`."""
+    (..., 2) of :mod:`siftlens.core.stats`."""
 
     wi: tuple[torch.Tensor, torch.Tensor]  # (B, 15), (B, 2)
     r: tuple[torch.Tensor, torch.Tensor]  # (B, L, L, 15), (B, L, L, 2)
@@ -181,7 +181,7 @@ def map_sums(m: WeightMaps) -> MapSums:
 
 
 def tile_sums(ms: MapSums, r: int) -> MapSums:
-    """:class:`MapSums` of ``r`` stacked copies of the batch (as :func:`siftlens.metrics.tile_maps`)."""
+    """:class:`MapSums` of ``r`` stacked copies of the batch (as :func:`siftlens.core.metrics.tile_maps`)."""
     return MapSums(*(tuple(repeat_rows(x, r) for x in pair) for pair in (ms.wi, ms.r)))
 
 
@@ -189,15 +189,15 @@ def exact_moments(t: AttentionTerms, m: WeightMaps, ms: MapSums | None = None, s
                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Exact permutation-null mean and variance of every metric of one layer, for the observed maps.
 
-    t: the terms of :func:`siftlens.metrics.attention_terms` (h heads, one map per image); m: the maps
+    t: the terms of :func:`siftlens.core.metrics.attention_terms` (h heads, one map per image); m: the maps
     (K = 1); ms: ``map_sums(m)``, computed once per batch (else here). Returns ``{metric: (mean, var)}``
-    with a head-mean slot appended (h + 1 heads), shapes as :func:`siftlens.metrics.image_metrics` without
+    with a head-mean slot appended (h + 1 heads), shapes as :func:`siftlens.core.metrics.image_metrics` without
     the K axis: scalars (B, h + 1), ``R`` (B, h + 1, L, L), per-level metrics (B, h + 1, L); float64.
     Entries of missing levels are NaN.
 
     ``sums_eps``: the machine epsilon of the dtype the attention's sums of squares (``xx``, ``xxt`` of
-    :class:`siftlens.reductions.LayerSums`) were accumulated in. A WI or R variance within the rounding
-    error those sums allow (:func:`siftlens.stats.resolved_variance`) is returned as 0.0: the null cannot
+    :class:`siftlens.core.reductions.LayerSums`) were accumulated in. A WI or R variance within the rounding
+    error those sums allow (:func:`siftlens.core.stats.resolved_variance`) is returned as 0.0: the null cannot
     be resolved there, and the cell reads "no variation".
     """
     n = m.shape[2]

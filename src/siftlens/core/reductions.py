@@ -1,16 +1,16 @@
 """The O(h N^2) reductions of one layer's attention: the only work of the analysis whose cost grows like the
 attention itself. Everything else (metrics, null moments) is computed from their O(h N) outputs.
 
-Notation as in :mod:`siftlens.metrics`: ``c`` images of a chunk, ``h`` heads, ``N`` patches, ``K`` weight maps
+Notation as in :mod:`siftlens.core.metrics`: ``c`` images of a chunk, ``h`` heads, ``N`` patches, ``K`` weight maps
 per image, ``L`` levels, ``R = K (L + 1)`` contraction rows per image (per map the weight row and the L
 one-hot level rows). ``Bt`` is the row-renormalised patch block of the attention.
 
-With one map per image (the exact null, the default) on an x86-64 CPU, :mod:`siftlens.fused` computes all of
+With one map per image (the exact null, the default) on an x86-64 CPU, :mod:`siftlens.core.fused` computes all of
 it in one pass over each query row (a small C kernel, compiled on first use). Elsewhere (many maps, an
 accelerator, no C compiler), per chunk of images, each pass over ``Bt`` is one large vectorised or BLAS call:
 
 1. ``Bt = P / rowsum(P)``, written once into a contiguous buffer, and the centred ``Y = Bt - c`` (``c`` = 1/N
-   as a float32, :func:`siftlens.fused.centre`) into another.
+   as a float32, :func:`siftlens.core.fused.centre`) into another.
 2. the contraction with the maps' rows ``[w | one-hot]`` by one BLAS matmul, and one more small matmul for
    every ``[w | one-hot] Bt [w | one-hot]^T``. One map (the exact null): the keys side ``Bt [w | one-hot]^T``
    first; many maps (Monte Carlo): the query side first (in a layout that splits into maps without a copy).
@@ -68,7 +68,7 @@ class LayerSums:
     """
 
     #: the unit roundoff the sums behind the null variance carry, relative to the deviations of ``Bt`` from
-    #: 1/N (float32 sums of ``Bt - 1/N``, added in float64): what :func:`siftlens.stats.qap_rounding_bound`
+    #: 1/N (float32 sums of ``Bt - 1/N``, added in float64): what :func:`siftlens.core.stats.qap_rounding_bound`
     #: takes as ``eps``
     EPS: ClassVar[float] = float(torch.finfo(torch.float32).eps)
 
@@ -169,7 +169,7 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
 
 def _fused_layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, n_levels: int,
                       pattern: bool) -> LayerSums:
-    """:func:`layer_sums` of one map per image by the fused CPU kernel (:mod:`siftlens.fused`)."""
+    """:func:`layer_sums` of one map per image by the fused CPU kernel (:mod:`siftlens.core.fused`)."""
     got = fused.layer_sums(patch_attn, lhs, dmat, pattern)
     if got is None:  # a query row without attention to patches: uniform, as renormalise() makes it
         return layer_sums(renormalise(patch_attn), lhs, dmat, n_levels, pattern)
@@ -190,7 +190,7 @@ def _uncentre(out: LayerSums, rows: torch.Tensor, cols: torch.Tensor, xx: torch.
     or None. Everything is built on one total ``sum Y`` (the row sums'): the column sums are shifted by the
     difference of the two float32 totals spread over the N columns (within their rounding), so that the row sums,
     the column sums and the sums of squares add up to one matrix, as the centring of the null variance
-    (:func:`siftlens.stats.centred_at_least_sums`) assumes."""
+    (:func:`siftlens.core.stats.centred_at_least_sums`) assumes."""
     n = rows.shape[-1]
     torch.add(rows, n * c, out=out.rowsum)  # float32 rows into the float64 buffer
     total = out.rowsum.sum(-1) - n * n * c  # (B, h): sum Y, in float64

@@ -5,7 +5,7 @@ Null model: the weight map is re-assigned to the ``N`` patch positions by a unif
 batched over leading dims ``...``, float64, device-agnostic. Exact: the mean and variance of every linear
 statistic (SAL, CLS lift, rho, per-level distance and entropy) and of every quadratic form (WI, R). Not
 exact: ``dist_rel``, a ratio of two linear statistics, whose moments
-(:func:`siftlens.nullmodel.exact_moments`) are the delta-method approximation built from these exact
+(:func:`siftlens.core.nullmodel.exact_moments`) are the delta-method approximation built from these exact
 moments (its null sd is off by up to about 3% at N = 64, 2% at N = 196, and 1-30% below N = 10).
 
 - Linear statistic ``S = sum_j c_j x_pi(j)`` (sampling without replacement), ``c, x: (..., N)``:
@@ -34,7 +34,7 @@ from itertools import product
 import numpy as np
 import torch
 
-from .errors import ConfigError, GeometryError
+from ..errors import ConfigError, GeometryError
 
 Partition = tuple[int, ...]
 
@@ -288,7 +288,7 @@ def qap_rounding_bound(
 
     Arguments as :func:`qap_moments`; ``eps``: the machine epsilon of the float sums that ``A``'s row sums,
     column sums, ``sum A^2`` and ``sum A * A^T`` were built from, as sums of the centred entries ``Y = A - c``
-    (``c`` a constant near the mean entry; :class:`siftlens.reductions.LayerSums`: ``Bt - 1/N`` in float32,
+    (``c`` a constant near the mean entry; :class:`siftlens.core.reductions.LayerSums`: ``Bt - 1/N`` in float32,
     float32 per row, the rest added in float64). A float sum of ``N`` terms is off by at most ``N eps`` times
     the sum of their absolute values, so with ``q = sum Y^2`` (taken about the mean entry, from ``sum A^2`` and
     ``sum A``): ``sum Y^2`` and ``sum Y * Y^T`` are off by up to ``N eps q``; the vector of row (or column)

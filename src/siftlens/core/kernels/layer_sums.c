@@ -1,7 +1,7 @@
-/* The O(h N^2) reductions of one layer's attention (siftlens.reductions.layer_sums, one weight map per image)
+/* The O(h N^2) reductions of one layer's attention (siftlens.core.reductions.layer_sums, one weight map per image)
  * in one pass over each query row, for x86-64 CPUs with AVX2 and FMA (8 lanes) or AVX-512 (16 lanes, -DVW=16).
  *
- * Built by siftlens.fused with the system's C compiler on first use and called through ctypes. The eager
+ * Built by siftlens.core.fused with the system's C compiler on first use and called through ctypes. The eager
  * PyTorch path makes about twelve passes over every (h, N, N) block; here each row of the attention is read
  * from memory once (into a zero-padded buffer in the L1 cache when N is not a multiple of the lanes), and
  * everything the analysis needs from it is accumulated in registers: the row sum, Bt = row / row sum, the
