@@ -101,3 +101,26 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     lrs = [lr_at(i, 100, 10, 1e-3, 0.0) for i in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False)) and lrs[-1] < 1e-6 + 1e-3 * 1e-3
+
+
+def test_finetune_decays_by_the_one_weight_decay_rule(tiny, monkeypatch):
+    """repair --blocks uses training.optim's rule: the trained weight matrices decay, their biases and the norms
+    do not, and nothing frozen is handed to the optimiser."""
+    model, x, drop = tiny
+    made = []
+    real = torch.optim.AdamW
+
+    def spy(groups, **kw):
+        made.append(groups)
+        return real(groups, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    toks = frozen_tokens(model, x, drop, 1)
+    finetune(model, toks, torch.zeros(12, dtype=torch.long), torch.ones(12), TuneSettings(blocks=1, epochs=1),
+             progress=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in made[0]}
+    assert decay[0.01] == {"blocks.2.attn.qkv.weight", "blocks.2.attn.proj.weight", "blocks.2.mlp.0.weight",
+                           "blocks.2.mlp.2.weight", "head.weight"}
+    assert "norm.weight" in decay[0.0] and "blocks.2.norm1.bias" in decay[0.0] and "head.bias" in decay[0.0]
+    assert all(n.startswith(("blocks.2.", "norm.", "head.")) for n in decay[0.0] | decay[0.01])

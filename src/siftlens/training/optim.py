@@ -10,6 +10,7 @@ Schedule, by optimiser step: linear warm-up to ``lr`` over ``warmup`` steps, the
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +26,17 @@ def decays(name: str, p: torch.Tensor) -> bool:
     return p.ndim >= 2 and not any(k in own for k in NO_DECAY_KEYS)
 
 
+def param_groups(named: Iterable[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
+    """Optimiser groups over ``named`` (name, parameter) pairs: the decayed parameters, then the rest (weight
+    decay 0)."""
+    named = list(named)
+    return [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
+
+
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW over two groups: the decayed parameters, then the rest (weight decay 0)."""
-    named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
-              {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    """AdamW over every parameter of ``model`` in the two groups of :func:`param_groups`."""
+    return torch.optim.AdamW(param_groups(model.named_parameters(), weight_decay), lr=lr, betas=betas)
 
 
 def lr_at(step: int, total: int, warmup: int, base: float, floor: float) -> float:

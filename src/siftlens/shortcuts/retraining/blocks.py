@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ...errors import ConfigError
 from ...models.vit import POOLS as VIT_POOLS
 from ...progress import progress_bar
-from ...training.optim import lr_at
+from ...training.optim import lr_at, param_groups
 from ..interventions import keep_groups
 
 POOLS = ("model", *VIT_POOLS)  # repair's --pool: the model's own pooling, or one of the ViT's
@@ -58,13 +58,13 @@ def tuned_logits(model: torch.nn.Module, tokens: torch.Tensor, blocks: int, pool
     return model.head(model.pool(model.norm(tokens), how=pool))
 
 
-def trainable(model: torch.nn.Module, blocks: int) -> list[torch.nn.Parameter]:
-    """Freeze every parameter except those of the last ``blocks`` blocks, the final norm and the head; returns those."""
+def trainable(model: torch.nn.Module, blocks: int) -> list[tuple[str, torch.nn.Parameter]]:
+    """Freeze every parameter except those of the last ``blocks`` blocks, the final norm and the head; returns those,
+    named as in ``model.named_parameters()``."""
     model.requires_grad_(False)
-    parts = [*model.blocks[split_at(model, blocks) :], model.norm, model.head]
-    for p in parts:
-        p.requires_grad_(True)
-    return [q for p in parts for q in p.parameters()]
+    for part in [*model.blocks[split_at(model, blocks) :], model.norm, model.head]:
+        part.requires_grad_(True)
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def minibatches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -82,7 +82,7 @@ class TuneSettings:
     epochs: int = 3
     lr: float = 1e-4
     l2: float = 1e-3  # on the head's weights, as in the head-only fit
-    weight_decay: float = 0.01  # AdamW's, on every trained parameter
+    weight_decay: float = 0.01  # AdamW's, by training.optim's rule: weight matrices only, not norms and biases
     warmup: float = 0.1  # share of the steps with a linear warm-up
     pool: str = "model"
     batch_size: int = 128
@@ -99,11 +99,11 @@ def _step_loss(model, tokens, y, w, s: TuneSettings) -> torch.Tensor:
 
 def finetune(model: torch.nn.Module, tokens: list[torch.Tensor], y: torch.Tensor, w: torch.Tensor, s: TuneSettings,
              progress: bool = True) -> dict:
-    """Train the last ``s.blocks`` blocks, the final norm and the head in place: AdamW, a linear warm-up over the
+    """Train the last ``s.blocks`` blocks, the final norm and the head in place: AdamW with the project's one
+    weight-decay rule (:mod:`siftlens.training.optim`: no decay for biases and norms), a linear warm-up over the
     first ``s.warmup`` of the steps, then cosine decay from ``s.lr`` to 0 over ``s.epochs`` epochs. tokens: n tensors
     (T + k_i, D) from :func:`frozen_tokens`; y (n,) labels; w (n,) weights. Returns the mean loss per epoch."""
-    params = trainable(model, s.blocks)
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    opt = torch.optim.AdamW(param_groups(trainable(model, s.blocks), s.weight_decay), lr=s.lr)
     rng = np.random.default_rng(s.seed)
     lengths = np.array([len(t) for t in tokens])
     w = w.float() * (len(w) / w.float().sum())
