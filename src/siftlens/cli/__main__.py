@@ -1,0 +1,5 @@
+"""``python -m siftlens.cli``: the command line."""
+
+from . import main
+
+main()
