@@ -35,7 +35,6 @@ _EXPORTS = {
     "ViT": "models.vit", "ViTConfig": "models.vit", "load_vit": "models.vit", "save_vit": "models.vit",
     "ImageSource": "data",
     "SiftlensError": "errors",
-    "run_analysis": "jobs", "run_demo": "jobs",
     "TrainConfig": "training", "train": "training",
     "MAE": "models.mae", "MAEConfig": "models.mae", "PretrainConfig": "pretrain",
     "compare": "comparison", "Comparison": "comparison",
