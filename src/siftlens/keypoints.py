@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, GeometryError
+from .options import option
 
 SCHEMES = ("count", "response", "footprint")
 
@@ -280,8 +281,19 @@ def auto_upsample(input_size: tuple[int, int]) -> float:
     return float(max(1.0, 128.0 / min(input_size)))
 
 
-def sift_params(input_size: tuple[int, int], settings) -> SiftParams:
-    """The SIFT settings of a run: ``settings``' ``contrast_threshold`` and ``edge_threshold``, and its
-    ``upsample`` factor or, when that is 0, the automatic one for a model input of ``input_size`` (H, W)."""
-    return SiftParams(upsample=settings.upsample or auto_upsample(tuple(input_size)),
-                      contrast_threshold=settings.contrast_threshold, edge_threshold=settings.edge_threshold)
+@dataclass
+class SiftOptions:
+    """The SIFT options a user sets, shared by every job that detects keypoints (a nested config group)."""
+
+    upsample: float = option(0.0, "SIFT upsampling factor u; 0 = automatic (4 for 32x32 inputs, 1 for 224).")
+    contrast_threshold: float = option(0.04, "SIFT contrast threshold (OpenCV's contrastThreshold): higher finds "
+                                             "fewer, stronger keypoints.")
+    edge_threshold: float = option(10.0, "SIFT edge threshold (OpenCV's edgeThreshold): lower rejects more "
+                                         "edge-like keypoints.")
+
+
+def sift_params(input_size: tuple[int, int], options: SiftOptions) -> SiftParams:
+    """The SIFT settings of a run: ``options``' thresholds, and its ``upsample`` factor or, when that is 0,
+    the automatic one for a model input of ``input_size`` (H, W)."""
+    return SiftParams(upsample=options.upsample or auto_upsample(tuple(input_size)),
+                      contrast_threshold=options.contrast_threshold, edge_threshold=options.edge_threshold)

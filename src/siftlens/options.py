@@ -139,3 +139,15 @@ def _build(cls: type, prefix: tuple[str, ...], values: Mapping[str, object], by_
             v = values[o.name]
             kwargs[f.name] = o.parse(v) if o.parse is not None and isinstance(v, str) else v
     return cls(**kwargs)
+
+
+@dataclass
+class RunOptions:
+    """How a job runs over its images, shared by every job (a nested config group; a job may give it its own
+    defaults with ``group(RunOptions, batch_size=256)``)."""
+
+    device: str = option("cpu", "cpu, cuda, cuda:1, mps ...")
+    batch_size: int = option(32, "Images per batch.")
+    workers: int = option(0, "Data-loading worker processes (decode and SIFT in parallel).")
+    seed: int = option(0, "Seed of every random draw of the job.")
+    limit: int | None = option(None, "Use at most this many images (spread over classes).")
