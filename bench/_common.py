@@ -214,10 +214,10 @@ def image_source(which: str, n: int | None):
 # -- the analysis of one batch, exactly as analysis.analyze runs it ---------------------------------
 def keypoint_items(backend, source, cfg=None) -> list[dict]:
     """Decode, preprocess and detect keypoints for every image of ``source`` (the analysis dataset,
-    :class:`siftlens.analysis.dataset.KeypointDataset`, with the run's SIFT settings)."""
+    :class:`siftlens.loading.KeypointDataset`, with the run's SIFT settings)."""
     from siftlens.analysis.config import AnalysisConfig
-    from siftlens.analysis.dataset import KeypointDataset
     from siftlens.keypoints import sift_params
+    from siftlens.loading import KeypointDataset
 
     cfg = cfg or AnalysisConfig()
     ds = KeypointDataset(source, backend, cfg, sift_params(backend.input_size, cfg))

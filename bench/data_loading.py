@@ -5,15 +5,15 @@ workers; and the share of a real analysis run that the model spends waiting for 
 
 Throughput: a subset of the CIFAR-10 test split, read from the zip and from a folder the same files were
 extracted to (a temporary directory), through exactly the analysis' data path:
-:class:`siftlens.analysis.dataset.KeypointDataset` (decode, the default model's preprocessing, SIFT with
+:class:`siftlens.loading.KeypointDataset` (decode, the default model's preprocessing, SIFT with
 the run's settings from ``sift_params``, u = 4, weight map and levels) in the analysis' own DataLoader
-(``analysis.dataset.make_loader``: batch 32, fresh worker processes per pass, as ``analyze`` does). One
+(``loading.make_loader``: batch 32, fresh worker processes per pass, as ``analyze`` does). One
 pass over the subset per configuration and round, configurations side by side with the order rotated per
 round; the speedups of 1 and 2 workers are per-round ratios against 0 workers on the same source.
 
 Waiting share: a real ``siftlens.analyze`` run (default model, CIFAR-10 test images) with the exact null
 (the default, ``null="exact"``) and with the Monte Carlo reference (``null=100``), with the DataLoader
-class in :mod:`siftlens.analysis.dataset` (the one ``make_loader`` builds) replaced by a subclass that
+class in :mod:`siftlens.loading` (the one ``make_loader`` builds) replaced by a subclass that
 times every ``next()`` on its iterator. ``wait`` = time the analysis loop spent waiting for the next batch
 (with 0 workers this is all of decoding and SIFT); ``loop`` = the whole batch loop (waiting + model +
 metrics + writing each part).
@@ -32,7 +32,7 @@ import _common as C
 
 
 class _Timed:
-    """Wraps siftlens.analysis.dataset.DataLoader so that time spent in next() is counted."""
+    """Wraps siftlens.loading.DataLoader so that time spent in next() is counted."""
 
     wait = 0.0  # seconds in next()
     work = 0.0  # seconds the consumer spent on the batches (model + metrics + parts)
@@ -61,9 +61,9 @@ class _Timed:
 
 def throughput(backend, n: int, rounds: int, tmp: Path) -> dict:
     from siftlens.analysis.config import AnalysisConfig
-    from siftlens.analysis.dataset import KeypointDataset, make_loader, one_cv2_thread_per_worker
     from siftlens.data import ImageSource
     from siftlens.keypoints import sift_params
+    from siftlens.loading import KeypointDataset, make_loader, one_cv2_thread_per_worker
 
     zsrc = C.image_source("cifar", n)
     with zipfile.ZipFile(C.CIFAR_ZIP) as zf:
@@ -98,7 +98,7 @@ def throughput(backend, n: int, rounds: int, tmp: Path) -> dict:
 
 
 def waiting_share(backend, n: int, workers: int, null: int | str) -> dict:
-    import siftlens.analysis.dataset as D
+    import siftlens.loading as D
     from siftlens.analysis import analyze
 
     base = D.DataLoader

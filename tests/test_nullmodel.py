@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from siftlens.analysis import AnalysisConfig
-from siftlens.analysis.dataset import KeypointDataset
 from siftlens.analysis.engine import RunPlan, analyse_batch
 from siftlens.core.nullmodel import all_shifts, image_key, keyed_null_indices, null_indices
 from siftlens.data import ImageSource
 from siftlens.jobs import demo_images_dir
 from siftlens.keypoints import sift_params
+from siftlens.loading import KeypointDataset
 from siftlens.models import load_backend
 
 

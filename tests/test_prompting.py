@@ -397,3 +397,28 @@ def test_hf_dinov2_registers_drop_and_bias_match_a_manual_forward():
                                    atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(be.forward_intervened(x, keep_idx=keep, key_bias=bias),
                                    manual(keep=keep, bias=bias, layers=(0, 1)), atol=1e-5, rtol=1e-5)
+
+
+def test_one_keypoint_dataset_one_skip_rule(tiny_vit, tmp_path):
+    """The analysis and the shortcut commands read images through the one KeypointDataset: same skip rule (an
+    image smaller than one patch is skipped, with its reason), same keypoints; the shortcut commands add
+    descriptors, the analysis its weight maps."""
+    from siftlens.analysis import AnalysisConfig
+    from siftlens.data import ImageSource
+    from siftlens.keypoints import SiftParams
+    from siftlens.loading import KeypointDataset
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "a" / "big.png")
+    Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).save(tmp_path / "a" / "tiny.png")
+    src, be, sift = ImageSource(str(tmp_path)), NativeBackend(tiny_vit), SiftParams(upsample=2.0)
+    shortcut = KeypointDataset(src, be, None, sift, descriptors=True)
+    analysis = KeypointDataset(src, be, AnalysisConfig(), sift)
+    big, tiny = src.names.index("a/big.png"), src.names.index("a/tiny.png")
+    assert "smaller than one 8-pixel patch" in shortcut[tiny]["skip"]
+    assert analysis[tiny]["skip"] == shortcut[tiny]["skip"]
+    s, a = shortcut[big], analysis[big]
+    np.testing.assert_array_equal(s["xy"], a["xy"])
+    assert s["desc"].shape == (len(s["xy"]), 128) and s["desc"].dtype == np.uint8 and "weights" not in s
+    assert a["weights"].shape == (12,) and "desc" not in a

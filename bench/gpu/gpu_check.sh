@@ -35,7 +35,7 @@ sys.path.insert(0, "bench")
 from _common import machine_info  # noqa: E402
 
 from siftlens.analysis import AnalysisConfig
-from siftlens.analysis.dataset import KeypointDataset
+from siftlens.loading import KeypointDataset
 from siftlens.keypoints import sift_params
 from siftlens.analysis.engine import RunPlan, analyse_batch
 from siftlens.data import ImageSource

@@ -16,9 +16,9 @@ import torch
 from ..attention import Rollout, capture, patch_rows
 from ..data import ImageSource
 from ..keypoints import SiftParams
+from ..loading import KeypointDataset
 from ..models import Backend
 from .config import AnalysisConfig
-from .dataset import KeypointDataset
 from .engine import BatchValues
 from .overlays import class_name, folder_label
 

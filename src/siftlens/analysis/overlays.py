@@ -13,9 +13,9 @@ import torch
 from ..attention import capture, patch_rows
 from ..data import ImageSource
 from ..keypoints import SiftParams
+from ..loading import KeypointDataset
 from ..models import Backend
 from .config import AnalysisConfig
-from .dataset import KeypointDataset
 
 
 @torch.inference_mode()

@@ -27,10 +27,10 @@ from ..devices import DistInfo, barrier, init_distributed
 from ..errors import ConfigError
 from ..io import atomic_path, fsync_dir, read_json, write_json
 from ..keypoints import SiftParams, sift_params
+from ..loading import KeypointDataset, make_loader, one_cv2_thread_per_worker
 from ..models import Backend, load_backend
 from ..progress import progress_bar
 from .config import AnalysisConfig, cells, level_names
-from .dataset import KeypointDataset, make_loader, one_cv2_thread_per_worker
 from .engine import RunPlan, analyse_batch
 from .explore import collect_explore, kept_records
 from .overlays import collect_overlays

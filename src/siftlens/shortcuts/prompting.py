@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from .. import __version__
 from ..benchmarks.spurious_cifar import find_sidecar, read_sidecar
@@ -39,10 +38,11 @@ from ..data import ImageSource
 from ..errors import ConfigError
 from ..io import atomic_path, write_json
 from ..keypoints import SCHEMES, Keypoints, SiftParams, sift_params, weight_map
+from ..loading import KeypointDataset, make_loader, one_cv2_thread_per_worker
 from ..models import load_backend
 from ..models.backend import Backend
 from ..progress import progress_bar
-from .discovery.features import KeypointDataset, collate_list, model_labels
+from .discovery.features import model_labels
 from .discovery.vocabulary import Vocabulary, load_vocabulary
 from .flags import EXTENTS, flag_patches, word_sets
 from .groups import group_accuracy, image_groups
@@ -182,13 +182,12 @@ def _classify(inp: _Inputs, cfg: PromptConfig, progress: bool) -> tuple[list[dic
     backend, source, labels = inp.backend, inp.source, inp.labels
     P, grid = backend.patch_size, tuple(backend.grid_size)
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(KeypointDataset(source, backend, inp.sift), batch_size=cfg.batch_size,
-                        num_workers=cfg.workers, collate_fn=collate_list, prefetch_factor=4 if cfg.workers else None)
+    loader = make_loader(KeypointDataset(source, backend, None, inp.sift, descriptors=True), cfg)
     rows = []
     skipped = []
     names = source.names
     cls_names = list(backend.class_names or [str(i) for i in range(int(labels.max()) + 1)])
-    with progress_bar(progress) as pb:
+    with progress_bar(progress) as pb, one_cv2_thread_per_worker(cfg.workers):
         task = pb.add_task(f"prompt {cfg.policy}", total=len(source), info="")
         for items in loader:
             good = [it for it in items if "skip" not in it]

@@ -50,7 +50,7 @@ import importlib
 
 _EXPORTS = {
     "DiscoveryConfig": "config",
-    "Features": "features", "KeypointDataset": "features", "extract_features": "features", "read_boxes": "features",
+    "Features": "features", "extract_features": "features", "read_boxes": "features",
     "Vocabulary": "vocabulary", "assign": "vocabulary", "build_vocabulary": "vocabulary", "kmeans": "vocabulary",
     "load_vocabulary": "vocabulary", "rootsift": "vocabulary",
     "class_word_stats": "scoring", "rank": "scoring",

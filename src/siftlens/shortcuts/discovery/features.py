@@ -10,70 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
 from ...attention import Rollout, capture
 from ...data import ImageSource
-from ...errors import ConfigError, SkipImage
+from ...errors import ConfigError
 from ...io import read_json
-from ...keypoints import SiftParams, detect, patch_index
+from ...keypoints import SiftParams, patch_index
+from ...loading import KeypointDataset, make_loader, one_cv2_thread_per_worker
 from ...models.backend import Backend
 from ...progress import progress_bar
 from .config import DiscoveryConfig
-
-
-class KeypointDataset(Dataset):
-    """Decode, preprocess with the model's own transform, detect SIFT with descriptors.
-
-    Yields dicts with ``pixels (H, W, 3) uint8``, ``xy (K, 2)``, ``size (K,)``, ``response (K,)``,
-    ``desc (K, 128) uint8`` and,
-    with ``boxes``, ``inside (K,) bool`` (keypoint inside the image's object box); a bad image yields its
-    ``skip`` reason instead.
-    """
-
-    def __init__(self, source: ImageSource, backend: Backend, sift: SiftParams, boxes: dict | None = None):
-        self.source = source
-        self.preprocess = backend.preprocess
-        self.sift = sift
-        self.boxes = boxes
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> dict:
-        try:
-            img = self.source.load(i)
-            pixels = self.preprocess(img)
-            kp = detect(pixels, self.sift, descriptors=True)
-        except SkipImage as e:
-            return {"index": i, "skip": e.reason}
-        item = {"index": i, "pixels": pixels, "xy": kp.xy, "size": kp.size, "response": kp.response,
-                "desc": np.clip(np.rint(kp.desc), 0, 255).astype(np.uint8)}
-        if self.boxes is not None:
-            item["inside"] = _inside_object(img, self.boxes.get(self.source.entries[i].name), self.preprocess, kp.xy)
-        return item
-
-
-def collate_list(items: list[dict]) -> list[dict]:
-    return items
-
-
-def _inside_object(img: Image.Image, boxes, preprocess, xy: np.ndarray) -> np.ndarray:
-    """Keypoints (K, 2) inside the object boxes given in original-image pixels (all False without boxes)."""
-    if not boxes:
-        return np.zeros(len(xy), bool)
-    if isinstance(boxes[0], (int, float)):
-        boxes = [boxes]
-    mask = np.zeros((img.height, img.width), np.uint8)
-    for b in boxes:
-        x0, y0, x1, y1 = (int(round(v)) for v in b)
-        mask[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = 255
-    m = preprocess(Image.fromarray(mask).convert("RGB"))[..., 0] > 127
-    h, w = m.shape
-    cx = np.clip(np.rint(xy[:, 0]).astype(int), 0, w - 1)
-    cy = np.clip(np.rint(xy[:, 1]).astype(int), 0, h - 1)
-    return m[cy, cx]
 
 
 def read_boxes(path: str | Path) -> dict:
@@ -146,12 +92,10 @@ def extract_features(
     rows: dict[str, list] = {k: [] for k in ("idx", "pred", "prob", "attn")}
     kp: dict[str, list] = {k: [] for k in ("img", "xy", "size", "patch", "desc", "inside")}
     skipped: list[dict] = []
-    loader = DataLoader(KeypointDataset(source, backend, sift, boxes), batch_size=cfg.batch_size,
-                        num_workers=cfg.workers, collate_fn=collate_list,
-                        prefetch_factor=4 if cfg.workers else None)
+    loader = make_loader(KeypointDataset(source, backend, None, sift, descriptors=True, boxes=boxes), cfg)
     layers = None if cfg.attention == "rollout" else [-1]
     n_done = 0
-    with progress_bar(progress) as pb:
+    with progress_bar(progress) as pb, one_cv2_thread_per_worker(cfg.workers):
         task = pb.add_task("features", total=len(source), info="")
         for items in loader:
             good = [it for it in items if "skip" not in it]

@@ -42,11 +42,12 @@ from ...data import ImageSource
 from ...errors import ConfigError
 from ...io import write_json
 from ...keypoints import sift_params
+from ...loading import KeypointDataset
 from ...models import load_backend
 from ...models.backend import Backend
 from ...models.vit import save_vit
 from ...progress import progress_bar
-from ..discovery.features import KeypointDataset, model_labels
+from ..discovery.features import model_labels
 from ..discovery.vocabulary import Vocabulary, load_vocabulary
 from ..flags import flag_patches, word_sets
 from ..interventions import keep_groups
@@ -121,7 +122,7 @@ def flagged_batches(backend: Backend, source: ImageSource, vocab: Vocabulary, cf
         raise ConfigError("repair retrains a siftlens ViT (native backend) only")
     classes = list(backend.class_names or vocab.classes)
     per_class = word_sets(vocab, cfg.top_words, cfg.score_ratio, classes)
-    ds = KeypointDataset(source, backend, sift_params(backend.input_size, cfg))
+    ds = KeypointDataset(source, backend, None, sift_params(backend.input_size, cfg), descriptors=True)
     with progress_bar(progress) as pb:
         task = pb.add_task("repair features", total=len(source), info="")
         for s in range(0, len(source), cfg.batch_size):
