@@ -141,3 +141,18 @@ def test_geometry_errors_and_persistence(tmp_path, tiny_vit):
     (tmp_path / "bad" / "config.json").write_text("{nope")
     with pytest.raises(ModelLoadError, match="not valid JSON"):
         load_backend(str(tmp_path / "bad"))
+
+
+def test_last_cls_attention_is_the_blocks_own_attention(tiny_vit):
+    """last_cls_attention reads the last block's own attention (its eager path, at its probe), leaves the block
+    fused with no hook behind, and equals what siftlens.attention.capture sees."""
+    x = torch.randn(2, 3, 24, 32)
+    got = tiny_vit.last_cls_attention(x)
+    last = tiny_vit.blocks[-1].attn
+    assert last.fused and not last.probe._forward_hooks
+    seen = []
+    be = NativeBackend(tiny_vit)
+    with capture(be, lambda layer, attn: seen.append(attn), [-1]), torch.no_grad():
+        be.forward(x)
+    torch.testing.assert_close(got, seen[0].mean(1)[:, 0, tiny_vit.num_prefix_tokens :].float())
+    assert got.shape == (2, 12) and bool((got.sum(1) <= 1 + 1e-6).all())

@@ -237,17 +237,25 @@ class ViT(nn.Module):
     @torch.no_grad()
     def last_cls_attention(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's attention from the CLS token to every patch token, mean over heads:
-        x (B, C, H, W) -> (B, N), each row summing to at most 1 (the rest goes to the prefix tokens)."""
+        x (B, C, H, W) -> (B, N), each row summing to at most 1 (the rest goes to the prefix tokens).
+
+        The attention is the block's own (:class:`Attention`'s eager path, read at its ``probe``); the last
+        block's MLP is not run."""
         if self.cls_token is None:
             raise ConfigError("this model has no CLS token, so it has no CLS attention")
         t = self.embed(x)
         for blk in self.blocks[:-1]:
             t = blk(t)
-        attn = self.blocks[-1].attn
-        B, S, _ = t.shape
-        q, k, _ = attn.qkv(self.blocks[-1].norm1(t)).view(B, S, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        a = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, 1, S)
-        return a.mean(dim=1)[:, 0, self.num_prefix_tokens :].float()
+        last = self.blocks[-1]
+        seen: list[torch.Tensor] = []
+        hook = last.attn.probe.register_forward_hook(lambda module, args, attn: seen.append(attn))
+        fused, last.attn.fused = last.attn.fused, False
+        try:
+            last.attn(last.norm1(t))
+        finally:
+            last.attn.fused = fused
+            hook.remove()
+        return seen[0].mean(dim=1)[:, 0, self.num_prefix_tokens :].float()  # attn (B, h, S, S)
 
     def pool(self, tokens: torch.Tensor, key_mask: torch.Tensor | None = None, how: str = "model") -> torch.Tensor:
         """tokens: (B, S, D) -> (B, D). key_mask: (B, S) bool of tokens that count for mean pooling.
