@@ -27,6 +27,7 @@ from .findings import (
     level_names,
     num_layers,
 )
+from .page import CSS, page  # noqa: F401 - CSS: the comparison page imports it from here
 
 MAX_SKIPPED_LISTED = 500
 TOP_CELLS = 15
@@ -137,43 +138,6 @@ GLOSSARY = [
     ("Rollout", "Attention rollout (Abnar and Zuidema, 2020): attention multiplied through all layers, "
      "with the residual connection, giving one map for the whole network."),
 ]
-
-CSS = """
-:root { --fg:#1d232b; --muted:#5b6470; --line:#dde2e8; --accent:#1f5fa8; --bg:#ffffff; --soft:#f5f7fa; }
-* { box-sizing: border-box; }
-body { margin:0; background:var(--bg); color:var(--fg); line-height:1.5;
-       font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-.container { max-width: 1160px; margin: 0 auto; padding: 24px 28px 60px; }
-h1 { font-size: 1.7em; margin: 0.2em 0 0.1em; }
-h2 { font-size: 1.3em; margin: 1.8em 0 0.6em; padding-bottom: 0.2em; border-bottom: 1px solid var(--line); }
-h3 { font-size: 1.05em; margin: 1.2em 0 0.4em; }
-.subtitle { color: var(--muted); margin: 0 0 1em; }
-.findings { background: var(--soft); border-left: 4px solid var(--accent); padding: 12px 18px 12px 36px;
-            margin: 0; }
-.findings li { margin: 0.35em 0; }
-.card { display: grid; grid-template-columns: repeat(auto-fit, minmax(300px, 1fr)); gap: 14px 22px; }
-.card table { width: 100%; }
-table { border-collapse: collapse; font-size: 0.9em; }
-th, td { padding: 3px 8px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
-th { color: var(--muted); font-weight: 600; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.kv th { width: 42%; font-weight: 500; }
-.kv td { word-break: break-word; }
-figure { margin: 1.2em 0 2em; }
-figure img { display: block; max-width: 100%; height: auto; margin: 0 auto; border: 1px solid var(--line); }
-figcaption { color: var(--fg); font-size: 0.93em; margin-top: 0.5em; }
-figcaption strong.title { display: block; font-size: 1.05em; margin-bottom: 0.2em; }
-tr.sig td { background: #fff4e5; }
-.top { width: auto; min-width: 60%; }
-details { background: var(--soft); padding: 8px 14px; border-radius: 4px; }
-details summary { cursor: pointer; font-weight: 600; }
-details ul { margin: 0.5em 0; padding-left: 1.2em; max-height: 400px; overflow: auto; }
-code { font-size: 0.92em; background: #eef1f5; padding: 0 3px; border-radius: 3px; word-break: break-all; }
-dl.glossary dt { font-weight: 700; margin-top: 0.6em; }
-dl.glossary dd { margin: 0.1em 0 0 1.2em; }
-.muted { color: var(--muted); }
-footer { margin-top: 3em; color: var(--muted); font-size: 0.85em; }
-"""
 
 _MODEL_KEYS = [
     ("backend", "Backend"), ("source", "Source"), ("class", "Class"), ("patch_size", "Patch size (px)"),
@@ -374,17 +338,7 @@ def render_html(summary: pd.DataFrame, manifest: Mapping | None, figures: Mappin
     level_note = (f"<p class=\"muted\">Semantic levels, from fewest to most keypoints: {_e(levels)}. "
                   "Layers and heads are numbered from 0.</p>" if levels else "")
     glossary = "".join(f"<dt>{t}</dt><dd>{d}</dd>" for t, d in GLOSSARY)
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>siftlens report — {_e(who)}</title>
-<style>{CSS}</style>
-</head>
-<body>
-<div class="container">
-<h1>Where does {_e(who)} look? Attention and SIFT keypoints</h1>
+    return page(f"siftlens report — {_e(who)}", f"""<h1>Where does {_e(who)} look? Attention and SIFT keypoints</h1>
 <p class="subtitle">{_e(" · ".join(sub))}</p>
 <h2 id="findings">What we found</h2>
 <ul class="findings">{fnd}</ul>
@@ -405,8 +359,4 @@ The glossary at the end explains every metric.</p>
 <h2 id="glossary">How to read these metrics</h2>
 <dl class="glossary">{glossary}</dl>
 <footer>Made by siftlens from the run's summary table and manifest. This page is self-contained:
-it loads nothing from the network.</footer>
-</div>
-</body>
-</html>
-"""
+it loads nothing from the network.</footer>""")

@@ -3,8 +3,9 @@
 class, the ranked candidate words with a gallery of example patches (crops enlarged without smoothing,
 the word's keypoints drawn as circles).
 
-Images are embedded as base64 PNG data URIs and the CSS is inline, so the page opens offline; every piece
-of text from data (image and class names) is escaped.
+Images are embedded as base64 PNG data URIs and the page is :func:`siftlens.report.page.page` (the one
+stylesheet and shell of every siftlens page), so it opens offline; every piece of text from data (image and
+class names) is escaped.
 """
 
 from __future__ import annotations
@@ -17,18 +18,7 @@ import cv2
 import numpy as np
 
 from ...io import write_text
-
-CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
-td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
-th{background:#f4f4f4}td.l,th.l{text-align:left}
-.gal{display:flex;flex-wrap:wrap;gap:6px;margin:.3em 0 1.2em}
-.gal figure{margin:0;text-align:center;font-size:.7em;color:#555}
-.gal img{image-rendering:pixelated;border:1px solid #999}
-.note{color:#555;font-size:.9em}.ok{color:#0a0}.bad{color:#c00}
-"""
+from ...report.page import page
 
 EXPLAIN = (
     "For each class, the candidates that images <em>predicted</em> as that class hold: visual words (source "
@@ -86,8 +76,7 @@ def discovery_html(result, title: str = "siftlens: spurious-correlation candidat
     m = result.manifest
     im = m["images"]
     has_off = "off_object" in result.candidates
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
-             f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>"]
+    parts = [f"<h1>{e(title)}</h1>"]
     acc = im.get("accuracy")
     parts.append(
         f"<p class='note'>Model: {e(str(m['model'].get('source') or m['model'].get('class')))} · images: "
@@ -122,9 +111,9 @@ def discovery_html(result, title: str = "siftlens: spurious-correlation candidat
             parts.append("<p class='note'>No candidate: no image was predicted as this class, or no word was "
                          "seen often enough.</p>")
             continue
-        parts.append("<table><tr>" + "".join(f"<th>{e(k)}</th>" for k in cols) + "</tr>")
+        parts.append("<table><tr>" + "".join(f"<th class='num'>{e(k)}</th>" for k in cols) + "</tr>")
         for r in rows:
-            parts.append("<tr>" + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in cols) + "</tr>")
+            parts.append("<tr>" + "".join(f"<td class='num'>{_fmt(r.get(k))}</td>" for k in cols) + "</tr>")
         parts.append("</table>")
         for r in rows[:5]:
             ex = result.galleries.get((c, r["word"]), [])
@@ -138,8 +127,7 @@ def discovery_html(result, title: str = "siftlens: spurious-correlation candidat
                              f"alt='{e(x['name'])}'><figcaption>{e(x['name'])}<br>attn ×{x['attention']:.2g}"
                              "</figcaption></figure>")
             parts.append("</div>")
-    parts.append("</body></html>")
-    return "".join(parts)
+    return page(e(title), "".join(parts))
 
 
 def write_discovery_report(out_dir: str | Path, result) -> Path:
