@@ -2,8 +2,8 @@
 
     python bench/pretrain_step.py [--quick]
 
-One training step exactly as :func:`siftlens.pretrain.pretrain` runs it (its loop body):
-:func:`siftlens.pretrain.engine.batch_inputs` (augmentation, mask noise and, for the guided policies, the
+One training step exactly as :func:`siftlens.pretrain` runs it (its loop body):
+:func:`siftlens.training.pretraining.batch_inputs` (augmentation, mask noise and, for the guided policies, the
 cached keypoints moved with the crop and flip, counted per patch and turned into mask scores or loss
 weights), the MAE forward and loss, backward, gradient clipping and the AdamW step. The model is the
 default pre-training configuration (32x32, patch 4, width 128, depth 6, 4 heads, MLP 2, decoder 2 x 128,
@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
     from siftlens.keypoints import SiftParams
     from siftlens.models.mae import MAE, MAEConfig
     from siftlens.models.vit import ViTConfig
-    from siftlens.pretrain.engine import PretrainConfig, batch_inputs
-    from siftlens.training.keypoints import KeypointBank
+    from siftlens.options import build
+    from siftlens.training.keypoint_bank import KeypointBank
+    from siftlens.training.pretraining import PretrainConfig, batch_inputs
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -50,13 +51,14 @@ def main(argv: list[str] | None = None) -> dict:
     x_t = torch.from_numpy(x)
 
     def make(policy: str):
-        pc = PretrainConfig(train="-", policy=policy, batch_size=batch, progress=False)
-        enc = ViTConfig(img_size=(32, 32), patch_size=pc.patch_size, num_classes=0, dim=pc.dim, depth=pc.depth,
-                        heads=pc.heads, mlp_ratio=pc.mlp_ratio, pool=pc.feature, mean=mean, std=std)
+        pc = build(PretrainConfig, {"policy": policy, "batch_size": batch})
+        sh, d = pc.shape, pc.decoder
+        enc = ViTConfig(img_size=(32, 32), patch_size=sh.patch_size, num_classes=0, dim=sh.dim, depth=sh.depth,
+                        heads=sh.heads, mlp_ratio=sh.mlp_ratio, pool=pc.evaluation.feature, mean=mean, std=std)
         torch.manual_seed(0)
-        model = MAE(enc, MAEConfig(decoder_dim=pc.decoder_dim, decoder_depth=pc.decoder_depth,
-                                   decoder_heads=pc.decoder_heads, mask_ratio=pc.mask_ratio)).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=pc.weight_decay)
+        model = MAE(enc, MAEConfig(decoder_dim=d.decoder_dim, decoder_depth=d.decoder_depth,
+                                   decoder_heads=d.decoder_heads, mask_ratio=pc.masking.mask_ratio)).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=pc.optim.weight_decay)
         gen = torch.Generator().manual_seed(0)
         use_bank = bank if policy != "random" else None
         state = {"step": 0, "prep_s": 0.0}
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
             for _ in range(steps):
                 s = state["step"] % (len(x) // batch)
                 idx = torch.arange(s * batch, (s + 1) * batch)
-                b = batch_inputs(pc, model, x_t, idx, use_bank, gen, pc.tau)
+                b = batch_inputs(pc, model, x_t, idx, use_bank, gen, pc.masking.tau)
                 state["prep_s"] += b.prep_seconds  # the engine's own timing of keypoints + masking (wall clock)
                 loss = model(b.x, b.scores, b.weights)[0]
                 opt.zero_grad(set_to_none=True)

@@ -8,7 +8,7 @@ without it, the full mode (about 20 minutes). Each benchmark runs in its own pro
 ``bench/results/summary[-quick].json`` with every check and prints the table. ``--strict`` exits with 1 when a
 check fails (the default is 0: on a shared machine a FAIL is information, not an error).
 
-The pre-training benchmark runs only when the pre-training code is present (``siftlens.pretrain``).
+The pre-training benchmark runs only when the pre-training code is present (``siftlens.training.pretraining``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ BENCHMARKS = ("keypoints", "attention_metrics", "memory", "data_loading", "pretr
 def available(name: str) -> bool:
     if name == "pretrain_step":
         src = C.ROOT / "src" / "siftlens"
-        return (src / "pretrain" / "masking.py").exists() and (src / "models" / "mae.py").exists()
+        return (src / "training" / "masking.py").exists() and (src / "models" / "mae.py").exists()
     return True
 
 

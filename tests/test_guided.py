@@ -12,19 +12,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_pretrain import make_folder as make_mae_folder
-from test_pretrain import pcfg, tiny_mae
-from test_train import cfg, make_folder
+from test_pretrain import prun, tiny_mae
+from test_train import make_folder
+from test_train import run as train_run
 
 from siftlens.errors import ConfigError
 from siftlens.keypoints import SiftParams
 from siftlens.models.vit import ViT, ViTConfig, load_vit
-from siftlens.pretrain import pretrain
-from siftlens.pretrain.masking import attention_weights, mask_scores
 from siftlens.training import supervised
 from siftlens.training.augment import augment
 from siftlens.training.guidance import keep_count, keep_indices
 from siftlens.training.images import normalize
-from siftlens.training.keypoints import KeypointBank
+from siftlens.training.keypoint_bank import KeypointBank
+from siftlens.training.masking import attention_weights, mask_scores
 
 
 def old_train_one_epoch(loop, data, bank, tc, epoch, tick):
@@ -49,9 +49,9 @@ def old_train_one_epoch(loop, data, bank, tc, epoch, tick):
 
 def test_keep_rate_one_reproduces_training_without_dropping(tmp_path, monkeypatch):
     make_folder(tmp_path / "data", n=12)
-    new = supervised.train(cfg(tmp_path, "new", epochs=2, keep_rate=1.0, keep_policy="sift"))
+    new = train_run(tmp_path, "new", epochs=2, keep_rate=1.0, keep_policy="sift").record
     monkeypatch.setattr(supervised, "train_one_epoch", old_train_one_epoch)
-    old = supervised.train(cfg(tmp_path, "old", epochs=2))
+    old = train_run(tmp_path, "old", epochs=2).record
     assert [e["train_loss"] for e in new["epochs"]] == [e["train_loss"] for e in old["epochs"]]
     a, b = load_vit(tmp_path / "new" / "model").state_dict(), load_vit(tmp_path / "old" / "model").state_dict()
     for k in a:
@@ -72,7 +72,7 @@ def test_token_dropping_trains_on_exactly_k_tokens(tmp_path, monkeypatch, policy
         return forward(self, x, keep_idx, *a, **kw)
 
     monkeypatch.setattr(ViT, "forward", spy)
-    hist = supervised.train(cfg(tmp_path, policy, epochs=1, keep_rate=0.5, keep_policy=policy, upsample=4.0))
+    hist = train_run(tmp_path, policy, epochs=1, keep_rate=0.5, keep_policy=policy, upsample=4.0).record
     assert len(seen) == 3 and all(k is not None and k.shape == (8, 8) for k in seen)
     for k in seen:  # distinct, sorted patch positions in [0, 16)
         assert (k.diff(dim=1) > 0).all() and k.min() >= 0 and k.max() < 16
@@ -107,9 +107,9 @@ def test_sift_keep_policy_draws_in_proportion_to_weights():
 def test_keep_errors_are_one_line(tmp_path):
     make_folder(tmp_path / "data", n=4)
     with pytest.raises(ConfigError, match="--keep-rate"):
-        supervised.train(cfg(tmp_path, "o", keep_rate=0.0))
+        train_run(tmp_path, "o", keep_rate=0.0)
     with pytest.raises(ConfigError, match="--keep-policy"):
-        supervised.train(cfg(tmp_path, "o", keep_rate=0.5, keep_policy="attention"))
+        train_run(tmp_path, "o", keep_rate=0.5, keep_policy="attention")
     r = subprocess.run([sys.executable, "-m", "siftlens.cli", "train", "--train", str(tmp_path / "data"), "--out",
                         str(tmp_path / "o"), "--keep-rate", "1.5"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
@@ -170,7 +170,7 @@ def test_no_cls_token_means_no_attmask():
 
 def test_pretrain_probes_every_evaluation_epoch_and_counts_tokens(tmp_path):
     make_mae_folder(tmp_path / "data", n=8)
-    hist = pretrain(pcfg(tmp_path, "att", policy="attmask", tau=2.0, epochs=2, keep_rate=0.5, keep_policy="sift"))
+    hist = prun(tmp_path, "att", policy="attmask", tau=2.0, epochs=2, keep_rate=0.5, keep_policy="sift").record
     assert len(hist["epochs"]) == 2
     for e in hist["epochs"]:
         # val is the training folder itself, and 16 distinct images of 32-dim features are linearly separable:

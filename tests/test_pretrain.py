@@ -19,25 +19,13 @@ from siftlens.errors import ConfigError
 from siftlens.keypoints import Keypoints, SiftParams, detect, weight_map
 from siftlens.models.mae import MAE, MAEConfig, load_mae, save_mae
 from siftlens.models.vit import ViTConfig, load_vit
-from siftlens.pretrain import (
-    AugParams,
-    KeypointBank,
-    PretrainConfig,
-    apply_augment,
-    draw_augment,
-    gumbel,
-    kamim_density,
-    kamim_weights,
-    keypoint_loss_weights,
-    knn_accuracy,
-    linear_probe,
-    mask_scores,
-    patch_counts,
-    pretrain,
-    tau_at,
-    transform_keypoints,
-)
-from siftlens.training.augment import augment
+from siftlens.options import build
+from siftlens.training import PretrainConfig, PretrainResult, pretrain
+from siftlens.training.augment import AugParams, apply_augment, augment, draw_augment
+from siftlens.training.guidance import gumbel
+from siftlens.training.keypoint_bank import KeypointBank, patch_counts, transform_keypoints
+from siftlens.training.mae_eval import knn_accuracy, linear_probe
+from siftlens.training.masking import kamim_density, kamim_weights, keypoint_loss_weights, mask_scores, tau_at
 
 
 def tiny_mae(**kw) -> MAE:
@@ -328,24 +316,29 @@ def make_folder(root, n=16, size=16):
             Image.fromarray(img).save(root / cls / f"{i:03d}.png")
 
 
-def pcfg(tmp_path, out, **kw) -> PretrainConfig:
-    base = dict(train=str(tmp_path / "data"), val=str(tmp_path / "data"), out=str(tmp_path / out), img_size=16,
-                patch_size=4, dim=32, depth=2, heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2,
-                epochs=3, batch_size=8, lr=2e-3, warmup_epochs=0.5, pad=2, progress=False, seed=5,
-                keypoint_cache=str(tmp_path / "kp.npz"), upsample=4.0)
+def pcfg(tmp_path, **kw) -> PretrainConfig:
+    """A small PretrainConfig from flat option names (``policy="sift"``, ``dim=32`` ...)."""
+    base = dict(val=str(tmp_path / "data"), img_size=16, patch_size=4, dim=32, depth=2, heads=2, decoder_dim=32,
+                decoder_depth=1, decoder_heads=2, epochs=3, batch_size=8, lr=2e-3, warmup_epochs=0.5, pad=2,
+                seed=5, keypoint_cache=str(tmp_path / "kp.npz"), upsample=4.0)
     base.update(kw)
-    return PretrainConfig(**base)
+    return build(PretrainConfig, base)
+
+
+def prun(tmp_path, out, model=None, **kw) -> PretrainResult:
+    """Pre-train on tmp_path/data into tmp_path/out; returns the result."""
+    return pretrain(model, str(tmp_path / "data"), pcfg(tmp_path, **kw), progress=False, out=tmp_path / out)
 
 
 def test_resume_continues_exactly(tmp_path):
     make_folder(tmp_path / "data")
     kw = dict(policy="sift-curriculum", tau_max=2.0, lam=0.5, norm_pix=True)
-    full = pretrain(pcfg(tmp_path, "full", **kw))
-    part = pretrain(pcfg(tmp_path, "part", stop_after=1, **kw))
+    full = prun(tmp_path, "full", **kw).record
+    part = prun(tmp_path, "part", stop_after=1, **kw).record
     assert len(part["epochs"]) == 1 and not (tmp_path / "part" / "encoder").exists()
     with pytest.raises(ConfigError, match="--resume"):
-        pretrain(pcfg(tmp_path, "part", **kw))
-    resumed = pretrain(pcfg(tmp_path, "part", resume=True, **kw))
+        prun(tmp_path, "part", **kw)
+    resumed = prun(tmp_path, "part", resume=True, **kw).record
     for key in ("train_loss", "val_loss", "knn_acc", "tau", "probe"):
         assert [e[key] for e in resumed["epochs"]] == [e[key] for e in full["epochs"]]
     a = load_mae(tmp_path / "full" / "mae").state_dict()
@@ -364,17 +357,38 @@ def test_resume_continues_exactly(tmp_path):
 @pytest.mark.parametrize("policy", ["random", "kamim"])
 def test_other_policies_train(tmp_path, policy):
     make_folder(tmp_path / "data", n=8)
-    hist = pretrain(pcfg(tmp_path, policy, policy=policy, epochs=1, loss="l1", probe=False))
+    hist = prun(tmp_path, policy, policy=policy, epochs=1, loss="l1", probe=False).record
     assert math.isfinite(hist["epochs"][0]["train_loss"])
     assert (tmp_path / "kp.npz").exists() == (policy == "kamim")  # random masking never needs SIFT
+
+
+def test_pretrain_continues_from_a_saved_mae_or_vit(tmp_path):
+    """pretrain(model, ...) starts from model's weights (at learning rate 0 they stay as saved); a ViT becomes
+    the encoder of a new decoder. Without out, nothing is written; .save(out) writes encoder/ and mae/."""
+    make_folder(tmp_path / "data", n=8)
+    prun(tmp_path, "base", epochs=1, probe=False)
+    saved = load_mae(tmp_path / "base" / "mae")
+    frozen = dict(epochs=1, lr=0.0, min_lr=0.0, probe=False)
+    res = pretrain(tmp_path / "base" / "mae", str(tmp_path / "data"), pcfg(tmp_path, dim=64, heads=4, **frozen),
+                   progress=False)
+    assert res.encoder.cfg.dim == 32 and res.history["train_loss"].notna().all()
+    for k, v in saved.state_dict().items():
+        torch.testing.assert_close(res.model.state_dict()[k].cpu(), v, rtol=0, atol=0)
+    enc = load_vit(tmp_path / "base" / "encoder")
+    from_vit = pretrain(enc, str(tmp_path / "data"), pcfg(tmp_path, **frozen), progress=False)
+    for k, v in enc.state_dict().items():
+        torch.testing.assert_close(from_vit.encoder.state_dict()[k].cpu(), v, rtol=0, atol=0)
+    assert not (tmp_path / "out").exists()
+    from_vit.save(tmp_path / "out")
+    assert (tmp_path / "out" / "encoder").is_dir() and (tmp_path / "out" / "mae").is_dir()
 
 
 def test_config_errors_are_siftlens_errors(tmp_path):
     make_folder(tmp_path / "data", n=4)
     with pytest.raises(ConfigError, match="--policy"):
-        pretrain(pcfg(tmp_path, "o", policy="sift-random"))
+        prun(tmp_path, "o", policy="sift-random")
     with pytest.raises(ConfigError, match="--lam"):
-        pretrain(pcfg(tmp_path, "o", policy="kamim", lam=1.0))
+        prun(tmp_path, "o", policy="kamim", lam=1.0)
     # a keypoint cache is only ever used for the images and SIFT parameters it was made from
     imgs = np.zeros((2, 16, 16, 3), np.uint8)
     imgs[:, 4:9, 5:11] = 250

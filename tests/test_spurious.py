@@ -180,6 +180,7 @@ def noise_image(rng: np.random.Generator, size: int = 32) -> np.ndarray:
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """Noise images whose only class signal is a planted marker (rho = 1), and a tiny ViT trained on them."""
+    from siftlens.options import build
     from siftlens.training import TrainConfig, train
 
     root = tmp_path_factory.mktemp("planted")
@@ -195,9 +196,9 @@ def planted(tmp_path_factory):
             Image.fromarray(img).save(data / c / f"{i:03d}.png")
             recs[f"{c}/{i:03d}.png"] = {"label": c, "marker": c, "box": [x0, y0, x0 + 8, y0 + 8], "aligned": True}
     (data / "markers.json").write_text(json.dumps({"classes": list(PLANTED), "images": recs}))
-    hist = train(TrainConfig(train=str(data), out=str(root / "run"), img_size=32, patch_size=4, dim=32, depth=2,
-                             heads=2, epochs=20, batch_size=16, lr=3e-3, warmup_epochs=0.5, pad=0, progress=False,
-                             seed=0))
+    tc = build(TrainConfig, dict(img_size=32, patch_size=4, dim=32, depth=2, heads=2, epochs=20, batch_size=16,
+                                 lr=3e-3, warmup_epochs=0.5, pad=0, seed=0))
+    hist = train(None, str(data), tc, progress=False, out=root / "run").record
     return data, root / "run" / "model", hist
 
 

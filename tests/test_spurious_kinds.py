@@ -54,14 +54,16 @@ def _write(folder, rng, n, conflicting=False):
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
+    from siftlens.options import build
     from siftlens.training import TrainConfig, train
 
     root = tmp_path_factory.mktemp("colours")
     rng = np.random.default_rng(0)
     tex = _write(root / "train", rng, 40)
     _write(root / "conflicting", rng, 8, conflicting=True)
-    train(TrainConfig(train=str(root / "train"), out=str(root / "run"), img_size=32, patch_size=4, dim=32, depth=2,
-                      heads=2, epochs=16, batch_size=20, lr=3e-3, warmup_epochs=0.5, pad=0, progress=False, seed=0))
+    tc = build(TrainConfig, dict(img_size=32, patch_size=4, dim=32, depth=2, heads=2, epochs=16, batch_size=20,
+                                 lr=3e-3, warmup_epochs=0.5, pad=0, seed=0))
+    train(None, str(root / "train"), tc, progress=False, out=root / "run")
     cfg = DiscoveryConfig(vocab_size=24, regions=16, batch_size=60, causal_top=60, causal_images=8, gallery=2, top=8)
     res = discover(str(root / "run" / "model"), str(root / "train"), cfg, progress=False)
     return root, res, tex

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from PIL import Image
 
 from siftlens.errors import ConfigError
 from siftlens.models.vit import load_vit
-from siftlens.training import TrainConfig, train
+from siftlens.options import build
+from siftlens.training import TrainConfig, TrainResult, train
 from siftlens.training.augment import augment
 
 
@@ -27,23 +30,28 @@ def make_folder(root, n=24, size=16):
             Image.fromarray(img).save(root / cls / f"{i:03d}.png")
 
 
-def cfg(tmp_path, out, **kw):
-    base = dict(train=str(tmp_path / "data"), val=str(tmp_path / "data"), out=str(tmp_path / out), img_size=16,
-                patch_size=4, dim=32, depth=2, heads=2, epochs=3, batch_size=8, lr=3e-3, warmup_epochs=0.5,
-                pad=2, progress=False, seed=3)
+def cfg(tmp_path, **kw) -> TrainConfig:
+    """A small TrainConfig from flat option names (``dim=32``, ``keep_rate=0.5`` ...)."""
+    base = dict(val=str(tmp_path / "data"), img_size=16, patch_size=4, dim=32, depth=2, heads=2, epochs=3,
+                batch_size=8, lr=3e-3, warmup_epochs=0.5, pad=2, seed=3)
     base.update(kw)
-    return TrainConfig(**base)
+    return build(TrainConfig, base)
+
+
+def run(tmp_path, out, model=None, **kw) -> TrainResult:
+    """Train on tmp_path/data into tmp_path/out."""
+    return train(model, str(tmp_path / "data"), cfg(tmp_path, **kw), progress=False, out=tmp_path / out)
 
 
 def test_resume_continues_exactly(tmp_path):
     make_folder(tmp_path / "data")
-    full = train(cfg(tmp_path, "full"))
-    part = train(cfg(tmp_path, "part", stop_after=1))
-    assert len(part["epochs"]) == 1 and not (tmp_path / "part" / "model").exists()
+    full = run(tmp_path, "full")
+    part = run(tmp_path, "part", stop_after=1)
+    assert len(part.history) == 1 and not part.complete and not (tmp_path / "part" / "model").exists()
     with pytest.raises(ConfigError, match="--resume"):
-        train(cfg(tmp_path, "part"))
-    resumed = train(cfg(tmp_path, "part", resume=True))
-    assert [e["train_loss"] for e in resumed["epochs"]] == pytest.approx([e["train_loss"] for e in full["epochs"]])
+        run(tmp_path, "part")
+    resumed = run(tmp_path, "part", resume=True)
+    assert list(resumed.history["train_loss"]) == pytest.approx(list(full.history["train_loss"]))
     a = load_vit(tmp_path / "full" / "model").state_dict()
     b = load_vit(tmp_path / "part" / "model").state_dict()
     for k in a:
@@ -54,9 +62,51 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_training_learns_a_simple_task(tmp_path):
     make_folder(tmp_path / "data", n=48)
-    hist = train(cfg(tmp_path, "run", epochs=10, batch_size=16, pad=0))
-    assert hist["epochs"][-1]["val_acc"] >= 0.7  # chance is 0.5
-    assert hist["epochs"][-1]["train_loss"] < hist["epochs"][0]["train_loss"]
+    hist = run(tmp_path, "run", epochs=10, batch_size=16, pad=0).history
+    assert hist["val_acc"].iloc[-1] >= 0.7  # chance is 0.5
+    assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
+
+
+def test_result_without_out_saves_where_asked(tmp_path):
+    """With no out, nothing is written beside the data; the result holds the model and one row per epoch, and
+    .save(out) writes what `siftlens train` writes."""
+    make_folder(tmp_path / "data", n=8)
+    res = train(None, str(tmp_path / "data"), cfg(tmp_path, epochs=2), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    assert list(res.history["epoch"]) == [1, 2] and res.complete
+    res.save(tmp_path / "saved")
+    again = load_vit(tmp_path / "saved" / "model")
+    for k, v in res.model.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v.cpu(), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="resume"):
+        train(None, str(tmp_path / "data"), cfg(tmp_path, resume=True), progress=False)
+
+
+def test_fine_tuning_starts_from_the_saved_weights(tmp_path):
+    """train(model, ...) starts from model's weights: at learning rate 0 nothing changes (head kept: same classes);
+    with another class set the body is kept and the head is new; the model's own shape wins over the config's."""
+    make_folder(tmp_path / "data", n=8)
+    run(tmp_path, "base", epochs=1)
+    saved = load_vit(tmp_path / "base" / "model")
+    same = train(tmp_path / "base" / "model", str(tmp_path / "data"),
+                 cfg(tmp_path, epochs=1, lr=0.0, min_lr=0.0, dim=64, heads=4), progress=False)
+    assert same.model.cfg.dim == 32 and same.model.cfg.mean == saved.cfg.mean
+    for k, v in saved.state_dict().items():
+        torch.testing.assert_close(same.model.state_dict()[k].cpu(), v, rtol=0, atol=0)
+    # one fine-tuning epoch moves the weights away from the start, and differs from a run from scratch
+    tuned = train(saved, str(tmp_path / "data"), cfg(tmp_path, epochs=1, lr=1e-3), progress=False)
+    scratch = run(tmp_path, "scratch", epochs=1, lr=1e-3)
+    w = "blocks.0.attn.qkv.weight"
+    d_tuned = (tuned.model.state_dict()[w] - saved.state_dict()[w]).abs().max()
+    d_scratch = (scratch.model.state_dict()[w] - saved.state_dict()[w]).abs().max()
+    assert 0 < d_tuned < d_scratch
+    # another class set: a new head of the right size, the body as saved
+    shutil.copytree(tmp_path / "data", tmp_path / "three")
+    shutil.copytree(tmp_path / "data" / "top", tmp_path / "three" / "zzz")
+    other = train(saved, str(tmp_path / "three"), cfg(tmp_path, val=None, epochs=1, lr=0.0, min_lr=0.0),
+                  progress=False)
+    assert other.model.cfg.class_names == ["bottom", "top", "zzz"] and other.model.head.out_features == 3
+    torch.testing.assert_close(other.model.state_dict()[w], saved.state_dict()[w], rtol=0, atol=0)
 
 
 def test_augment_crops_and_flips_consistently():
@@ -109,3 +159,24 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     b = load_vit(tmp_path / "one" / "model").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_every_config_option_is_in_the_help(command):
+    """Each command is generated from its config: every field with cli=True (groups included) is an option
+    of `siftlens <command>`, with the field's help text."""
+    from typer.testing import CliRunner
+
+    from siftlens.cli import app
+    from siftlens.options import flat_options
+    from siftlens.training import PretrainConfig
+
+    cls = {"train": TrainConfig, "pretrain": PretrainConfig}[command]
+    res = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.replace("│", " ").split())
+    options = flat_options(cls)
+    assert len(options) > 30
+    for o in options:
+        assert f"--{o.flag} " in text, o.flag
+        assert " ".join(o.help.split()) in text, o.flag

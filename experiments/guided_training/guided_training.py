@@ -143,7 +143,7 @@ def sift_seconds_per_image(o: argparse.Namespace) -> float:
     keypoint cache every guided run shares when it is missing."""
     from siftlens.data import ImageSource, load_labelled_array
     from siftlens.keypoints import SiftParams, auto_upsample
-    from siftlens.training.keypoints import KeypointBank
+    from siftlens.training.keypoint_bank import KeypointBank
 
     sc = SCALES[o.scale]
     x, _, _ = load_labelled_array(ImageSource(f"{o.data}/cifar10/train", limit=sc["limit"]), (32, 32))
@@ -347,9 +347,10 @@ def step_timing(o: argparse.Namespace, rounds: int, threads: int) -> dict:
     from siftlens.data import ImageSource, load_labelled_array
     from siftlens.keypoints import SiftParams
     from siftlens.models.vit import ViT, ViTConfig
+    from siftlens.options import build
     from siftlens.training.augment import apply_augment, draw_augment
     from siftlens.training.images import normalize
-    from siftlens.training.keypoints import KeypointBank
+    from siftlens.training.keypoint_bank import KeypointBank
     from siftlens.training.supervised import TrainConfig, kept_tokens
 
     torch.set_num_threads(threads)
@@ -361,7 +362,7 @@ def step_timing(o: argparse.Namespace, rounds: int, threads: int) -> dict:
     xt, yt, idx = torch.from_numpy(x), torch.from_numpy(y), torch.arange(len(x))
 
     def step_fn(rate: float, policy: str):
-        tc = TrainConfig(train="", keep_rate=rate, keep_policy=policy, keep_tau=-1.0)
+        tc = build(TrainConfig, {"keep_rate": rate, "keep_policy": policy, "keep_tau": -1.0})
         gen = torch.Generator().manual_seed(0)
 
         def run() -> None:

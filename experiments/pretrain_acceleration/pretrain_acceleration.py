@@ -69,18 +69,18 @@ def run_one(policy: str, seed: int, scale: dict, args, runs: Path) -> dict:
     """Train (or resume, or just read) one run; returns its history."""
     import json
 
-    from siftlens.pretrain import PretrainConfig, pretrain
+    from siftlens import PretrainConfig, pretrain
+    from siftlens.options import build
 
     out = runs / f"{policy}-s{seed}"
     if (out / "history.json").exists():
         hist = json.loads((out / "history.json").read_text())
         if len(hist["epochs"]) >= scale["epochs"]:
             return hist
-    pc = PretrainConfig(train=f"{C.CIFAR_ZIP}/cifar10/train", val=f"{C.CIFAR_ZIP}/cifar10/test", out=str(out),
-                        policy=policy, seed=seed, norm_pix=True, eval_every=1, threads=args.threads,
-                        keypoint_cache=str(runs / "keypoints.npz"), progress=args.progress,
-                        resume=(out / "checkpoint.pt").exists(), **scale, **policy_kwargs(policy, args))
-    return pretrain(pc)
+    pc = build(PretrainConfig, dict(val=f"{C.CIFAR_ZIP}/cifar10/test", policy=policy, seed=seed, norm_pix=True,
+                                    eval_every=1, threads=args.threads, keypoint_cache=str(runs / "keypoints.npz"),
+                                    resume=(out / "checkpoint.pt").exists(), **scale, **policy_kwargs(policy, args)))
+    return pretrain(None, f"{C.CIFAR_ZIP}/cifar10/train", pc, progress=args.progress, out=out).record
 
 
 def epochs_to_reach(recs: list[dict], target: float) -> int | None:
@@ -129,8 +129,9 @@ def step_overhead(scale: dict, policies: list[str], args, runs: Path, rounds: in
     from siftlens.keypoints import SiftParams
     from siftlens.models.mae import MAE, MAEConfig
     from siftlens.models.vit import ViTConfig
-    from siftlens.pretrain import KeypointBank, PretrainConfig
-    from siftlens.pretrain.engine import batch_inputs
+    from siftlens.options import build
+    from siftlens.training.keypoint_bank import KeypointBank
+    from siftlens.training.pretraining import PretrainConfig, batch_inputs
 
     n = min(scale["limit"], 4 * scale["batch_size"])
     x, _, _ = load_labelled_array(ImageSource(f"{C.CIFAR_ZIP}/cifar10/train", limit=n), (32, 32))
@@ -149,13 +150,13 @@ def step_overhead(scale: dict, policies: list[str], args, runs: Path, rounds: in
     prep: dict[str, list[float]] = {p: [] for p in policies}
 
     def step_fn(policy: str):
-        pc = PretrainConfig(train="", policy=policy, **policy_kwargs(policy, args))
+        pc = build(PretrainConfig, dict(policy=policy, **policy_kwargs(policy, args)))
         it = iter(range(10**9))
 
         def run() -> None:
             i = next(it)
             gen = torch.Generator().manual_seed(i)
-            tau = pc.tau if policy == "sift" else pc.tau_max / 2
+            tau = pc.masking.tau if policy == "sift" else pc.masking.tau_max / 2
             b = batch_inputs(pc, model, xt, batches[i % len(batches)], None if policy == "random" else bank, gen,
                              tau)
             prep[policy].append(b.prep_seconds)
@@ -185,7 +186,8 @@ def augmentation_agreement(n: int, seed: int = 0) -> dict:
 
     from siftlens.data import ImageSource, load_labelled_array
     from siftlens.keypoints import SiftParams, detect, weight_map
-    from siftlens.pretrain import KeypointBank, apply_augment, draw_augment, patch_counts, transform_keypoints
+    from siftlens.training.augment import apply_augment, draw_augment
+    from siftlens.training.keypoint_bank import KeypointBank, patch_counts, transform_keypoints
 
     x, _, _ = load_labelled_array(ImageSource(f"{C.CIFAR_ZIP}/cifar10/test", limit=n), (32, 32))
     params = SiftParams(upsample=4.0)

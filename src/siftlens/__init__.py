@@ -10,8 +10,9 @@ Public API (imported lazily, so ``import siftlens`` stays light)::
     load_backend, Backend                           one interface over native, Hugging Face and timm models
     ViT, ViTConfig, load_vit, save_vit              the project's own ViT
     ImageSource                                     folders, zips, globs and file lists of images
-    TrainConfig, train                              supervised training of the project's ViT (siftlens.training)
-    MAE, MAEConfig, PretrainConfig                  masked-autoencoder pre-training (siftlens.pretrain.pretrain runs it)
+    train, TrainConfig, TrainResult                 supervised training (or fine-tuning) of the project's ViT
+    pretrain, PretrainConfig, PretrainResult        masked-autoencoder pre-training (siftlens.training)
+    MAE, MAEConfig                                  the project's masked autoencoder
     SiftlensError                                   base class of every user-facing error
     build_spurious, SpuriousConfig                  the SpuriousCIFAR builder (siftlens.benchmarks)
     discover, DiscoveryConfig, DiscoveryResult      shortcut discovery with SIFT visual words (siftlens.shortcuts)
@@ -35,8 +36,9 @@ _EXPORTS = {
     "ViT": "models.vit", "ViTConfig": "models.vit", "load_vit": "models.vit", "save_vit": "models.vit",
     "ImageSource": "data",
     "SiftlensError": "errors",
-    "TrainConfig": "training", "train": "training",
-    "MAE": "models.mae", "MAEConfig": "models.mae", "PretrainConfig": "pretrain",
+    "TrainConfig": "training", "train": "training", "TrainResult": "training",
+    "PretrainConfig": "training", "pretrain": "training", "PretrainResult": "training",
+    "MAE": "models.mae", "MAEConfig": "models.mae",
     "compare": "comparison", "Comparison": "comparison",
     "SpuriousConfig": "benchmarks.spurious_cifar",
     "discover": "shortcuts", "DiscoveryConfig": "shortcuts", "DiscoveryResult": "shortcuts",

@@ -4,7 +4,7 @@ This is the one package that joins the steps with each other and with their rend
 :mod:`siftlens.report`, discovery with :mod:`siftlens.shortcuts.discovery.report`, the SpuriousCIFAR evaluation
 with discovery, prompting with its output files. Nothing in the library imports it (only :mod:`siftlens.cli`).
 Each job returns its result and the paths it wrote; the ``*_outcome`` functions give the few lines the CLI
-prints about them. The jobs live by family: :mod:`.analysis` and :mod:`.shortcuts`.
+prints about them. The jobs live by family: :mod:`.analysis`, :mod:`.shortcuts` and :mod:`.training`.
 """
 
 from ._options import JobOptions
@@ -28,7 +28,9 @@ from .shortcuts import (
     run_repair,
     spurious_outcome,
 )
+from .training import pretrain_outcome, run_pretrain, run_train, train_outcome
 
 __all__ = ["JobOptions", "analysis_outcome", "compare_outcome", "demo_images_dir", "discovery_outcome", "make_spurious",
            "prompt_outcome", "repair_outcome", "run_analysis", "run_compare", "run_demo", "run_discovery", "run_merge",
-           "run_prompt", "run_repair", "shard_outcome", "spurious_outcome"]
+           "run_prompt", "run_repair", "shard_outcome", "spurious_outcome",
+           "pretrain_outcome", "run_pretrain", "run_train", "train_outcome"]

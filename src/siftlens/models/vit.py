@@ -41,9 +41,9 @@ class ViTConfig:
     patch_size: int = 4
     in_chans: int = 3
     num_classes: int = 10
-    dim: int = 192
+    dim: int = 128
     depth: int = 6
-    heads: int = 3
+    heads: int = 4
     mlp_ratio: float = 2.0
     cls_token: bool = True
     num_registers: int = 0

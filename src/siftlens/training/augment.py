@@ -2,7 +2,7 @@
 
 The draws are separate from their application (:func:`draw_augment`, :func:`apply_augment`), so MAE
 pre-training can move cached SIFT keypoints with exactly the crop and flip its pixels got
-(:func:`siftlens.training.keypoints.transform_keypoints`); supervised training calls :func:`augment`.
+(:func:`siftlens.training.keypoint_bank.transform_keypoints`); supervised training calls :func:`augment`.
 
 Geometry of a crop with padding ``pad`` and offsets ``(dy, dx)``: output pixel ``(r, c)`` is padded
 pixel ``(r + dy, c + dx)``, i.e. original pixel ``(r + dy - pad, c + dx - pad)``. A horizontal flip

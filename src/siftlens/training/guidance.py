@@ -7,7 +7,7 @@ proportional to ``(w_p + eps) ** tau`` at every draw (Gumbel-top-k; Kool et al. 
 the same choice as the plain argsort of ``u`` (g is increasing in u), so the guided and random policies
 differ only by the weights, never by the random numbers.
 
-- MAE masking hides the top ``M`` scores (:mod:`siftlens.pretrain.masking`): tau > 0 hides keypoint-rich
+- MAE masking hides the top ``M`` scores (:mod:`siftlens.training.masking`): tau > 0 hides keypoint-rich
   patches.
 - Token dropping keeps the top ``K = round(r * N)`` scores (:func:`keep_indices`): tau > 0 keeps
   keypoint-rich patches; ``keep_policy='random'`` keeps the top ``K`` of ``u`` (PatchDropout, FLIP).
@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from .augment import AugParams
-from .keypoints import KeypointBank, patch_counts, transform_keypoints
+from .keypoint_bank import KeypointBank, patch_counts, transform_keypoints
 
 KEEP_POLICIES = ("random", "sift")
 

@@ -1,24 +1,26 @@
-"""The option groups of the training jobs (train and pretrain): the ViT's shape, the optimiser, and token
-dropping. Each is a nested config (:func:`siftlens.options.group`), declared once with its help text."""
+"""The option groups of the training jobs (train and pretrain): the ViT's shape, the optimiser, token
+dropping, and pre-training's own MAE decoder, masking and evaluation. Each is a nested config
+(:func:`siftlens.options.group`), declared once with its help text."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..options import option
+from ..models.vit import ViTConfig
+from ..options import flat_options, option
 
 
 @dataclass
 class ModelShape:
     """The shape of the project's ViT; the defaults are the built-in default model's (docs/model_card.md)."""
 
-    img_size: int = option(32, "Input size; images are resized to it once.")
-    patch_size: int = option(4, "Patch size P; must divide img-size.")
-    dim: int = option(128, "Width D.")
-    depth: int = option(6, "Number of blocks.")
-    heads: int = option(4, "Attention heads.")
-    mlp_ratio: float = option(2.0, "MLP hidden width / D.")
-    num_registers: int = option(0, "Register tokens after CLS.", flag="registers")
+    img_size: int = option(ViTConfig.img_size[0], "Input size; images are resized to it once.")
+    patch_size: int = option(ViTConfig.patch_size, "Patch size P; must divide img-size.")
+    dim: int = option(ViTConfig.dim, "Width D.")
+    depth: int = option(ViTConfig.depth, "Number of blocks.")
+    heads: int = option(ViTConfig.heads, "Attention heads.")
+    mlp_ratio: float = option(ViTConfig.mlp_ratio, "MLP hidden width / D.")
+    num_registers: int = option(ViTConfig.num_registers, "Register tokens after CLS.", flag="registers")
 
 
 @dataclass
@@ -29,6 +31,7 @@ class OptimOptions:
     lr: float = option(1e-3, "Peak learning rate (AdamW).")
     weight_decay: float = option(0.05, "AdamW weight decay (never on norms, biases and position embeddings).")
     warmup_epochs: float = option(2.0, "Linear warm-up, in epochs.")
+    min_lr: float = option(1e-5, "Learning rate at the end of the cosine decay.", cli=False)
 
 
 @dataclass
@@ -41,3 +44,56 @@ class KeepOptions:
                                         "w = keypoints in the patch).")
     keep_tau: float = option(1.0, "sift keep policy: tau > 0 keeps keypoint-rich patches.")
     keep_eps: float = option(1.0, "sift keep policy: added to the keypoint count.")
+
+
+@dataclass
+class DecoderOptions:
+    """The MAE decoder (:class:`siftlens.models.mae.MAEConfig`)."""
+
+    decoder_dim: int = option(128, "Decoder width.")
+    decoder_depth: int = option(2, "Decoder blocks.")
+    decoder_heads: int = option(4, "Decoder attention heads.")
+
+
+@dataclass
+class MaskingOptions:
+    """Which patches a pre-training step hides, and how their reconstruction error counts
+    (:mod:`siftlens.training.masking`)."""
+
+    policy: str = option("random", "Masking policy: random | sift | sift-curriculum | kamim | attmask (the "
+                                   "encoder's own CLS attention as the guide).")
+    tau: float = option(1.0, "sift: mask patches with probability ~ (w + eps)^tau (w = keypoints in the patch); "
+                             "tau > 0 hides keypoint-rich patches.")
+    tau_max: float = option(1.0, "sift-curriculum: tau ramps linearly from 0 to this.")
+    eps: float = option(1.0, "Added to the keypoint count before ^tau.")
+    lam: float = option(0.0, "Loss weight of a masked patch: 1 + lam * N * c_p (c_p: its share of the image's "
+                             "keypoints); 0 = plain MAE loss.")
+    kamim_temp: float = option(0.25, "kamim: temperature T of the weights exp(density / T).")
+    mask_ratio: float = option(0.75, "Fraction of patches masked.")
+    norm_pix: bool = option(False, "Targets: each patch's pixels normalised by its own mean and variance.")
+    loss: str = option("mse", "Per-pixel error: mse (MAE) or l1 (SimMIM / KAMIM).")
+
+
+@dataclass
+class EvalOptions:
+    """How pre-training measures its encoder on the held-out images (:mod:`siftlens.training.mae_eval`)."""
+
+    feature: str = option("mean", "Encoder feature for k-NN and probe: mean (patch tokens) or cls.")
+    eval_every: int = option(1, "Evaluate on --val every this many epochs (and at the end).")
+    knn_k: int = option(20, "k-NN: neighbours that vote.")
+    knn_temp: float = option(0.07, "k-NN: temperature of the neighbours' similarity weights.")
+    knn_train_limit: int | None = option(5000, "Training images in the k-NN memory bank and the probe's "
+                                               "training set.")
+    probe: bool = option(True, "Also fit a linear probe on the frozen features at every evaluation.")
+
+
+def flat_values(config) -> dict:
+    """A config's values by option name, its groups flattened (``{"dim": 128, "policy": "sift", ...}``): the
+    form a run's history.json records."""
+    out = {}
+    for o in flat_options(type(config), cli_only=False):
+        value = config
+        for name in o.path:
+            value = getattr(value, name)
+        out[o.name] = value
+    return out

@@ -11,66 +11,90 @@ Token dropping (METHOD.md section 5): with ``keep_rate`` r < 1 every training st
 keypoints moved with the crop and flip). Evaluation always uses all tokens. r = 1 draws no extra random
 numbers, so it reproduces training without dropping exactly.
 
-Outputs in ``out/``: ``checkpoint.pt`` (every epoch), and once all epochs are done ``history.json`` and
-``model/`` (a siftlens ViT).
+``train(None, images, config)`` trains a new ViT of ``config.shape``; ``train(model, images, config)``
+fine-tunes a saved siftlens ViT (:mod:`siftlens.training.start`). Outputs in ``out/`` when it is given:
+``checkpoint.pt`` (every epoch, so ``resume`` continues), and once all epochs are done ``history.json`` and
+``model/`` (a siftlens ViT); :meth:`TrainResult.save` writes the last two anywhere.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..io import write_json
+from ..keypoints import SiftOptions, sift_params
 from ..models.vit import ViT, ViTConfig, save_vit
+from ..options import RunOptions, group, option
 from ..progress import progress_bar
 from .augment import apply_augment, draw_augment
 from .guidance import augmented_counts, check_keep, keep_count, keep_indices
 from .images import Labelled, channel_stats, load_train_val, normalize
-from .keypoints import KeypointBank, cached_keypoints
+from .keypoint_bank import KeypointBank, cached_keypoints
 from .loop import Loop, end_run, epoch_range, start_run
 from .optim import Schedule, adamw
+from .options import KeepOptions, ModelShape, OptimOptions, flat_values
+from .start import StartModel, input_size, load_start, start_vit
 
 
 @dataclass
 class TrainConfig:
-    train: str
-    val: str | None = None
-    out: str = "runs/train"
-    img_size: int = 32
-    patch_size: int = 4
-    dim: int = 128
-    depth: int = 6
-    heads: int = 4
-    mlp_ratio: float = 2.0
-    num_registers: int = 0
-    epochs: int = 25
-    batch_size: int = 256
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    warmup_epochs: float = 2.0
-    label_smoothing: float = 0.1
-    pad: int = 4
-    drop_path: float = 0.0
-    keep_rate: float = 1.0
-    keep_policy: str = "random"
-    keep_tau: float = 1.0
-    keep_eps: float = 1.0
-    upsample: float = 0.0  # SIFT upsampling for the sift keep policy; 0 = automatic
-    keypoint_cache: str | None = None  # default out/keypoints.npz
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-    limit: int | None = None
-    val_limit: int | None = None
-    progress: bool = True
-    resume: bool = False
-    stop_after: int | None = None
+    """Supervised training of the project's ViT; every field is an option of ``siftlens train``."""
+
+    val: str | None = option(None, "Held-out images (same class folders), evaluated every epoch.")
+    shape: ModelShape = group(ModelShape)
+    optim: OptimOptions = group(OptimOptions)
+    run: RunOptions = group(RunOptions, batch_size=256)
+    label_smoothing: float = option(0.1, "Label smoothing.")
+    pad: int = option(4, "Random-crop padding in pixels (0: no crop).")
+    drop_path: float = option(0.0, "Stochastic depth rate.")
+    threads: int | None = option(None, "CPU threads for torch.")
+    val_limit: int | None = option(None, "Use at most this many held-out images.")
+    keep: KeepOptions = group(KeepOptions)
+    sift: SiftOptions = group(SiftOptions)
+    keypoint_cache: str | None = option(None, "Keypoint cache (.npz) shared between runs on the same images; "
+                                              "default out/keypoints.npz.")
+    resume: bool = option(False, "Continue from out/checkpoint.pt.")
+    stop_after: int | None = option(None, "Stop after this many epochs in this invocation; continue later with "
+                                          "--resume.")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained ``model``, ``history`` (one row per epoch: train_loss,
+    train_acc, lr, seconds, train_tokens and, with held-out images, val_acc) and ``record``, the whole
+    history.json (config, model config, epochs, skipped files, wall seconds)."""
+
+    model: ViT
+    config: TrainConfig
+    record: dict = field(repr=False)
+
+    @property
+    def history(self) -> pd.DataFrame:
+        return pd.DataFrame(self.record["epochs"])
+
+    @property
+    def complete(self) -> bool:
+        """Whether every epoch has run (else continue with ``resume``)."""
+        return len(self.record["epochs"]) >= self.config.optim.epochs
+
+    def save(self, out: str | os.PathLike) -> Path:
+        """Write ``out/model/`` (a siftlens ViT) and ``out/history.json``; returns ``out``."""
+        out = Path(out)
+        final = self.record["epochs"][-1] if self.record["epochs"] else {}
+        save_vit(self.model, out / "model", extra={"train": dict(final)})
+        write_json(out / "history.json", self.record)
+        return out
 
 
 @torch.no_grad()
@@ -90,15 +114,15 @@ def kept_tokens(tc: TrainConfig, model: ViT, bank: KeypointBank | None, idx: tor
                 gen: torch.Generator) -> torch.Tensor | None:
     """The patch tokens each image of the batch ``idx`` (B,) trains on: (B, K) long, or None (all; r = 1,
     no random numbers drawn)."""
-    if tc.keep_rate >= 1:
+    if tc.keep.keep_rate >= 1:
         return None
     n = model.grid_size[0] * model.grid_size[1]
-    u = torch.rand(len(idx), n, generator=gen).to(tc.device)
+    u = torch.rand(len(idx), n, generator=gen).to(tc.run.device)
     counts = None
-    if tc.keep_policy == "sift":
+    if tc.keep.keep_policy == "sift":
         counts = augmented_counts(bank, idx, aug, tc.pad, model.cfg.img_size, model.patch_size, model.grid_size,
-                                  tc.device)[2]
-    return keep_indices(u, keep_count(tc.keep_rate, n), counts, tc.keep_tau, tc.keep_eps)
+                                  tc.run.device)[2]
+    return keep_indices(u, keep_count(tc.keep.keep_rate, n), counts, tc.keep.keep_tau, tc.keep.keep_eps)
 
 
 def train_one_epoch(loop: Loop, data: Labelled, bank: KeypointBank | None, tc: TrainConfig, epoch: int,
@@ -127,48 +151,62 @@ def train_one_epoch(loop: Loop, data: Labelled, bank: KeypointBank | None, tc: T
         seen += len(yb)
         correct += int((logits.argmax(-1) == yb).sum())
         loss_sum += float(loss.detach()) * len(yb)
-        tick(f"ep {epoch + 1}/{tc.epochs} loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
+        tick(f"ep {epoch + 1}/{tc.optim.epochs} loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
     return {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen, "lr": loop.lr,
             "seconds": time.time() - t0, "train_tokens": tokens}
 
 
-def train(tc: TrainConfig) -> dict:
-    """Train a ViT; returns the history dict (also written to ``out/history.json``)."""
-    check_keep(tc.keep_rate, tc.keep_policy, tc.keep_eps)
-    run = start_run(tc.device, tc.out, tc.resume, tc.threads, tc.batch_size)
-    tc = replace(tc, device=run.device)
-    size = (tc.img_size, tc.img_size)
+def train(model: StartModel, images: str, config: TrainConfig | None = None, *, progress: bool = True,
+          out: str | os.PathLike | None = None) -> TrainResult:
+    """Train a ViT on ``images`` (an ImageFolder: a folder, a zip, or a folder inside a zip): a new one of
+    ``config.shape`` when ``model`` is None, else fine-tune ``model`` (a siftlens ViT or its folder).
+
+    With ``out``, checkpoints stream there every epoch (``config.resume`` continues from them) and the
+    finished model and history are saved there; without, the run keeps its checkpoints in a temporary folder.
+    """
+    tc = config or TrainConfig()
+    check_keep(tc.keep.keep_rate, tc.keep.keep_policy, tc.keep.keep_eps)
+    if out is None and tc.resume:
+        raise ConfigError("resume needs the output folder of the run to continue (out)")
+    with tempfile.TemporaryDirectory(prefix="siftlens-train-") as tmp:
+        return _train(load_start(model), images, tc, progress, Path(out) if out is not None else None, Path(tmp))
+
+
+def _train(start, images: str, tc: TrainConfig, progress: bool, out: Path | None, tmp: Path) -> TrainResult:
+    run = start_run(tc.run.device, out or tmp, tc.resume, tc.threads, tc.run.batch_size)
+    tc = replace(tc, run=replace(tc.run, device=run.device))
+    size = input_size(start, tc.shape.img_size)
     bank = None
-    with progress_bar(tc.progress and run.is_main) as pb:
-        tr, va = load_train_val(tc.train, tc.val, size, (tc.limit, tc.val_limit), pb)
-        if tc.keep_rate < 1 and tc.keep_policy == "sift":
-            bank = cached_keypoints(tr.x, tc.upsample, tc.keypoint_cache or run.out / "keypoints.npz", run.dist,
-                                    pb)[0]
+    with progress_bar(progress and run.is_main) as pb:
+        tr, va = load_train_val(images, tc.val, size, (tc.run.limit, tc.val_limit), pb)
+        if tc.keep.keep_rate < 1 and tc.keep.keep_policy == "sift":
+            bank = cached_keypoints(tr.x, sift_params(size, tc.sift), tc.keypoint_cache or run.out / "keypoints.npz",
+                                    run.dist, pb, tc.run.workers)[0]
     mean, std = channel_stats(tr.x)
+    s = tc.shape
     cfg = ViTConfig(
-        img_size=size, patch_size=tc.patch_size, num_classes=len(tr.classes), dim=tc.dim, depth=tc.depth,
-        heads=tc.heads, mlp_ratio=tc.mlp_ratio, num_registers=tc.num_registers, drop_path=tc.drop_path,
+        img_size=size, patch_size=s.patch_size, num_classes=len(tr.classes), dim=s.dim, depth=s.depth,
+        heads=s.heads, mlp_ratio=s.mlp_ratio, num_registers=s.num_registers, drop_path=tc.drop_path,
         mean=mean, std=std, class_names=tr.classes,
     )
-    torch.manual_seed(tc.seed)
-    model = ViT(cfg).to(run.device)
-    sched = Schedule.for_data(len(tr.x), tc.batch_size, tc.epochs, tc.warmup_epochs, tc.lr, tc.min_lr)
-    loop = Loop(run, model, adamw(model, tc.lr, tc.weight_decay, betas=(0.9, 0.999)), sched, tc.seed)
-    history = {"config": asdict(tc), "model": asdict(cfg), "epochs": [],
-               "skipped": tr.skipped + (va.skipped if va is not None else [])}
-    history, start = loop.resume(history, tc.resume)
+    model = start_vit(start, cfg, tc.run.seed).to(run.device)
+    cfg, o = model.cfg, tc.optim
+    sched = Schedule.for_data(len(tr.x), tc.run.batch_size, o.epochs, o.warmup_epochs, o.lr, o.min_lr)
+    loop = Loop(run, model, adamw(model, o.lr, o.weight_decay, betas=(0.9, 0.999)), sched, tc.run.seed)
+    history = {"config": {"train": images, "out": None if out is None else str(out), **flat_values(tc)},
+               "model": asdict(cfg), "epochs": [], "skipped": tr.skipped + (va.skipped if va is not None else [])}
+    history, start_epoch = loop.resume(history, tc.resume)
     t_start = time.time() - sum(e["seconds"] for e in history["epochs"])
-    with progress_bar(tc.progress and run.is_main) as pb:
-        tick = loop.ticker(pb, "train", start)
-        for epoch in epoch_range(start, tc.epochs, tc.stop_after):
+    with progress_bar(progress and run.is_main) as pb:
+        tick = loop.ticker(pb, "train", start_epoch)
+        for epoch in epoch_range(start_epoch, o.epochs, tc.stop_after):
             rec = train_one_epoch(loop, tr, bank, tc, epoch, tick)
             if va is not None and run.is_main:
                 rec["val_acc"] = evaluate(model, va.x, va.y, cfg, run.device)
             loop.end_epoch(epoch, rec, history)
     history["wall_seconds"] = time.time() - t_start
-    if run.is_main and len(history["epochs"]) >= tc.epochs:
-        final = history["epochs"][-1] if history["epochs"] else {}
-        save_vit(model.cpu().eval(), run.out / "model", extra={"train": dict(final)})
-        write_json(run.out / "history.json", history)
+    result = TrainResult(model.eval(), tc, history)
+    if run.is_main and out is not None and result.complete:
+        result.save(out)
     end_run(run)
-    return history
+    return result

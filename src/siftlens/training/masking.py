@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..training.guidance import guided_scores
+from .guidance import guided_scores
 
 POLICIES = ("random", "sift", "sift-curriculum", "kamim", "attmask")
 GUIDED = ("sift", "sift-curriculum", "attmask")  # policies that sample masks with (w + eps) ** tau

@@ -32,7 +32,7 @@ import torch
 from ..devices import DistInfo, barrier
 from ..errors import ConfigError
 from ..io import atomic_path
-from ..keypoints import SiftParams, auto_upsample, detect
+from ..keypoints import SiftParams, detect
 from .augment import AugParams
 
 
@@ -148,15 +148,15 @@ def fingerprint(images: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def cached_keypoints(x: np.ndarray, upsample: float, path: str | os.PathLike, dist: DistInfo, pb
-                     ) -> tuple[KeypointBank, float]:
-    """SIFT on every training image (M, H, W, 3) uint8 once, cached at ``path`` (rank 0 detects; other
-    ranks wait and read the cache). ``upsample`` 0 = automatic. Returns the bank and the seconds it took."""
-    params = SiftParams(upsample=upsample or auto_upsample(tuple(x.shape[1:3])))
+def cached_keypoints(x: np.ndarray, params: SiftParams, path: str | os.PathLike, dist: DistInfo, pb,
+                     workers: int = 0) -> tuple[KeypointBank, float]:
+    """SIFT with ``params`` (:func:`siftlens.keypoints.sift_params`) on every training image (M, H, W, 3) uint8
+    once, cached at ``path`` (rank 0 detects, in ``workers`` processes when > 1; other ranks wait and read the
+    cache). Returns the bank and the seconds it took."""
     path = Path(path)
     t0 = time.time()
     if dist.rank == 0 and not path.exists():
         task = pb.add_task("SIFT", total=len(x), info=f"u = {params.upsample:g}")
-        KeypointBank.detect(x, params, progress=lambda n: pb.advance(task, n)).save(path)
+        KeypointBank.detect(x, params, progress=lambda n: pb.advance(task, n), workers=workers).save(path)
     barrier(dist)
     return KeypointBank.load(path, params, x), time.time() - t0

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.vit import ViT
-from ..training.images import normalize
+from .images import normalize
 
 
 @torch.no_grad()
