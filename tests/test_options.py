@@ -30,7 +30,7 @@ class Job:
     rollout: bool = option(False, "Also rollout.")
     limit: int | None = option(None, "At most this many images.")
     hidden: float = option(0.5, "Set from Python only.", cli=False)
-    run: Run = group(Run, batch_size=64)  # this job's own default for a shared group
+    run: Run = group(Run, helps={"device": "Where this job runs."}, batch_size=64)  # this job's own default
 
 
 def test_flat_options_flatten_groups_and_rename_flags():
@@ -38,6 +38,7 @@ def test_flat_options_flatten_groups_and_rename_flags():
     assert list(opts) == ["levels", "layers", "rollout", "limit", "device", "batch-size"]
     assert opts["batch-size"].path == ("run", "batch_size") and opts["batch-size"].default == 64
     assert opts["device"].default == "cpu" and Job().run == Run(batch_size=64)
+    assert opts["device"].help == "Where this job runs." and opts["batch-size"].help == "Images per forward pass."
     assert opts["levels"].path == ("n_levels",) and opts["levels"].help == "Semantic levels."
     assert "hidden" in {o.flag for o in flat_options(Job, cli_only=False)}
 

@@ -30,7 +30,7 @@ from dataclasses import MISSING, dataclass, field
 
 from .errors import ConfigError
 
-_HELP, _FLAG, _CLI, _PARSE, _CLI_TYPE, _GROUP = "help", "flag", "cli", "parse", "cli_type", "group"
+_HELP, _FLAG, _CLI, _PARSE, _CLI_TYPE, _GROUP, _HELPS = "help", "flag", "cli", "parse", "cli_type", "group", "helps"
 
 
 def option(default=MISSING, help: str = "", *, flag: str | None = None, cli: bool = True,
@@ -49,10 +49,12 @@ def option(default=MISSING, help: str = "", *, flag: str | None = None, cli: boo
     return field(default=default, metadata=meta)
 
 
-def group(cls: type, help: str = "", **defaults) -> dataclasses.Field:
+def group(cls: type, help: str = "", *, helps: Mapping[str, str] | None = None, **defaults) -> dataclasses.Field:
     """A nested config of type ``cls`` whose fields are options of the same command; its default is
-    ``cls(**defaults)``, so one job can give a shared group its own defaults (``batch_size=256``)."""
-    return field(default_factory=functools.partial(cls, **defaults), metadata={_GROUP: True, _HELP: help})
+    ``cls(**defaults)``, so one job can give a shared group its own defaults (``batch_size=256``), and
+    ``helps`` its own help text for some of the group's fields (``{"batch_size": "Global batch size ..."}``)."""
+    return field(default_factory=functools.partial(cls, **defaults),
+                 metadata={_GROUP: True, _HELP: help, _HELPS: dict(helps or {})})
 
 
 @dataclass(frozen=True)
@@ -94,12 +96,14 @@ def flat_options(cls: type, *, cli_only: bool = True) -> list[FlatOption]:
 
 
 def _collect(cls: type, prefix: tuple[str, ...], out: list[FlatOption], cli_only: bool,
-             instance: object | None = None) -> None:
-    """Append the options of ``cls`` to ``out``; ``instance`` (a group's default) supplies the defaults."""
+             instance: object | None = None, helps: Mapping[str, str] | None = None) -> None:
+    """Append the options of ``cls`` to ``out``; ``instance`` (a group's default) supplies the defaults and
+    ``helps`` the help texts that the enclosing config gives the group's fields."""
     hints = typing.get_type_hints(cls)
+    helps = helps or {}
     for f in dataclasses.fields(cls):
         if is_group(f):
-            _collect(hints[f.name], prefix + (f.name,), out, cli_only, f.default_factory())
+            _collect(hints[f.name], prefix + (f.name,), out, cli_only, f.default_factory(), f.metadata.get(_HELPS))
             continue
         if cli_only and not f.metadata.get(_CLI, True):
             continue
@@ -108,9 +112,9 @@ def _collect(cls: type, prefix: tuple[str, ...], out: list[FlatOption], cli_only
         else:
             default = f.default if f.default is not MISSING else (
                 f.default_factory() if f.default_factory is not MISSING else MISSING)
+        help_text = helps.get(f.name, f.metadata.get(_HELP, ""))
         out.append(FlatOption(prefix + (f.name,), (f.metadata.get(_FLAG) or f.name).replace("_", "-"),
-                              hints[f.name], default, f.metadata.get(_HELP, ""), f.metadata.get(_PARSE),
-                              f.metadata.get(_CLI_TYPE)))
+                              hints[f.name], default, help_text, f.metadata.get(_PARSE), f.metadata.get(_CLI_TYPE)))
 
 
 def build(cls: type, values: Mapping[str, object]):

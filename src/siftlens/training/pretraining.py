@@ -61,11 +61,13 @@ class PretrainConfig:
     val: str | None = option(None, "Held-out images (same class folders) for the reconstruction loss, k-NN "
                                    "accuracy and the linear probe.")
     masking: MaskingOptions = group(MaskingOptions)
-    shape: ModelShape = group(ModelShape)
+    shape: ModelShape = group(ModelShape, helps={"dim": "Encoder width D.", "depth": "Encoder blocks.",
+                                                 "heads": "Encoder attention heads."})
     decoder: DecoderOptions = group(DecoderOptions)
     evaluation: EvalOptions = group(EvalOptions)
-    optim: OptimOptions = group(OptimOptions, epochs=20)
-    run: RunOptions = group(RunOptions, batch_size=256)
+    optim: OptimOptions = group(OptimOptions, helps={"lr": "Peak learning rate (AdamW, betas 0.9/0.95)."}, epochs=20)
+    run: RunOptions = group(RunOptions, helps={"batch_size": "Global batch size (split over torchrun ranks)."},
+                            batch_size=256)
     pad: int = option(4, "Random-crop padding in pixels (0: no crop).")
     threads: int | None = option(None, "CPU threads for torch.")
     val_limit: int | None = option(None, "Use at most this many held-out images.")

@@ -54,7 +54,8 @@ class TrainConfig:
     val: str | None = option(None, "Held-out images (same class folders), evaluated every epoch.")
     shape: ModelShape = group(ModelShape)
     optim: OptimOptions = group(OptimOptions)
-    run: RunOptions = group(RunOptions, batch_size=256)
+    run: RunOptions = group(RunOptions, helps={"batch_size": "Global batch size (split over torchrun ranks)."},
+                            batch_size=256)
     label_smoothing: float = option(0.1, "Label smoothing.")
     pad: int = option(4, "Random-crop padding in pixels (0: no crop).")
     drop_path: float = option(0.0, "Stochastic depth rate.")
