@@ -220,7 +220,7 @@ def keypoint_items(backend, source, cfg=None) -> list[dict]:
     from siftlens.loading import KeypointDataset
 
     cfg = cfg or AnalysisConfig()
-    ds = KeypointDataset(source, backend, cfg, sift_params(backend.input_size, cfg))
+    ds = KeypointDataset(source, backend, cfg, sift_params(backend.input_size, cfg.sift))
     return [it for it in (ds[i] for i in range(len(ds))) if "skip" not in it]
 
 

@@ -60,7 +60,7 @@ class _Timed:
 
 
 def throughput(backend, n: int, rounds: int, tmp: Path) -> dict:
-    from siftlens.analysis.config import AnalysisConfig
+    from siftlens.analysis.config import AnalysisConfig, configure
     from siftlens.data import ImageSource
     from siftlens.keypoints import sift_params
     from siftlens.loading import KeypointDataset, make_loader, one_cv2_thread_per_worker
@@ -73,14 +73,14 @@ def throughput(backend, n: int, rounds: int, tmp: Path) -> dict:
             target.write_bytes(zf.read(e.path))
     fsrc = ImageSource(str(tmp))
     assert fsrc.names == zsrc.names, "the folder must hold exactly the zip subset"
-    sift = sift_params(backend.input_size, AnalysisConfig())
+    sift = sift_params(backend.input_size, AnalysisConfig().sift)
 
     def make(src, workers):
-        cfg = AnalysisConfig(workers=workers)
+        cfg = configure(None, workers=workers)
 
         def run():
             with one_cv2_thread_per_worker(workers):
-                for _ in make_loader(KeypointDataset(src, backend, cfg, sift), cfg):
+                for _ in make_loader(KeypointDataset(src, backend, cfg, sift), cfg.run):
                     pass
 
         return run

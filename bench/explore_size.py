@@ -27,7 +27,7 @@ def viewer_stats(page: str) -> dict:
     """Bytes of the viewer section, of its embedded attention strings, and the levels the page declares."""
     start = page.index('<h2 id="explore">')
     end = page.index("</script>", page.index('<script>', page.index('id="sl-explore-data"'))) + len("</script>")
-    from siftlens.report.explore import read_payload
+    from siftlens.report.viewer import read_payload
 
     data = read_payload(page)
     return {"viewer_bytes": len(page[start:end].encode()), "images": len(data["images"]),

@@ -12,10 +12,10 @@ import pytest
 import torch
 from _browser import chrome, console_errors, missing_reason
 
-from siftlens.analysis import AnalysisConfig, analyze
+from siftlens.analysis import analyze, configure
 from siftlens.jobs import JobOptions, demo_images_dir, run_analysis, run_compare
 from siftlens.models import load_backend
-from siftlens.report.explore import read_payload, unpack
+from siftlens.report.viewer import read_payload, unpack
 
 pytestmark = pytest.mark.browser
 DEMO = str(demo_images_dir())
@@ -36,7 +36,7 @@ def driver():
 def reports(tmp_path_factory):
     """A real analysis of the built-in model with its report, a random-init copy, and their comparison."""
     root = tmp_path_factory.mktemp("browser")
-    run_analysis("default", DEMO, root / "trained", AnalysisConfig(explore=3, **SETTINGS), JobOptions(progress=False))
+    run_analysis("default", DEMO, root / "trained", configure(None, explore=3, **SETTINGS), JobOptions(progress=False))
     b = load_backend("default")
     torch.manual_seed(0)
     for m in b.model.modules():

@@ -54,7 +54,7 @@ def test_random_init_differs_with_paired_bootstrap(runs):
     # paired on shared images: the CI of a difference is narrower than the two runs' CIs combined
     widths = summ.groupby("layer").apply(lambda g: (g["ci_hi"] - g["ci_lo"]).sum(), include_groups=False)
     assert (sal["ci_hi"] - sal["ci_lo"]).median() < widths.median()
-    text = siftlens.comparison.compare_findings(c)
+    text = siftlens.analysis.comparison.compare_findings(c)
     assert any("SAL" in t and "paired on all 40 shared images" in t for t in text)
 
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from siftlens.analysis import analyze
-from siftlens.analysis.explore import collect_explore
-from siftlens.analysis.run import read_images
+from siftlens.analysis.runner import read_images
+from siftlens.analysis.viewer_records import collect_explore
 from siftlens.attention import capture, patch_rows
 from siftlens.errors import ConfigError
 from siftlens.jobs import demo_images_dir
 from siftlens.keypoints import sift_params
 from siftlens.report import write_report
-from siftlens.report.explore import (
+from siftlens.report.viewer import (
     QUANT_LEVELS,
     bits_for,
     explore_payload,
@@ -72,10 +72,10 @@ def test_run_keeps_the_first_images_attention_without_a_second_pass(run):
     from siftlens.data import ImageSource
     from siftlens.models import load_backend
 
-    c = AnalysisConfig(**{k: v for k, v in cfg.items() if k in AnalysisConfig.__dataclass_fields__})
+    c = AnalysisConfig.from_params(cfg)
     b = load_backend("default")
     again = collect_explore(b, ImageSource(DEMO, limit=6), read_images(run.out), c,
-                            sift_params(b.input_size, c), list(range(6)), have=None)
+                            sift_params(b.input_size, c.sift), list(range(6)), have=None)
     for x, y in zip(ex, again, strict=True):
         np.testing.assert_allclose(x["attention"].astype(np.float32), y["attention"].astype(np.float32), atol=2e-3)
         np.testing.assert_allclose(x["rollout"].astype(np.float32), y["rollout"].astype(np.float32), atol=2e-3)

@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 from test_report import make_manifest, make_overlays, make_summary
 
-from siftlens.analysis.run import AnalysisResult
-from siftlens.comparison import Comparison
+from siftlens.analysis.comparison import Comparison
+from siftlens.analysis.runner import AnalysisResult
 from siftlens.report import ReportDataError, analysis_html, comparison_html, viewer_html
-from siftlens.report.explore import read_payload
 from siftlens.report.notebook import MAX_ROWS, significant_cells
+from siftlens.report.viewer import read_payload
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 IMG = re.compile(r'<img [^>]*src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"')

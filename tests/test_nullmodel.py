@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from siftlens.analysis import AnalysisConfig
+from siftlens.analysis import AnalysisConfig, configure
 from siftlens.analysis.engine import RunPlan, analyse_batch
 from siftlens.core.nullmodel import all_shifts, image_key, keyed_null_indices, null_indices
 from siftlens.data import ImageSource
@@ -20,14 +20,14 @@ from siftlens.models import load_backend
 def real_items():
     backend = load_backend("default")
     cfg = AnalysisConfig()
-    ds = KeypointDataset(ImageSource(str(demo_images_dir())), backend, cfg, sift_params(backend.input_size, cfg),
+    ds = KeypointDataset(ImageSource(str(demo_images_dir())), backend, cfg, sift_params(backend.input_size, cfg.sift),
                          indices=[0, 57, 133])
     items = [ds[j] for j in range(len(ds))]
     return backend, items, [f"img{j}" for j in range(len(items))]
 
 
 def _values(backend, items, names, **cfg):
-    c = AnalysisConfig(rollout=True, **cfg)
+    c = configure(None, rollout=True, **cfg)
     return analyse_batch(RunPlan.build(backend, c), items, names)
 
 

@@ -234,7 +234,7 @@ def test_merge_refuses_a_shard_with_a_damaged_part(shards, tmp_path):
 
 # -- item 10: under torchrun only rank 0 cleans up, before the other ranks start ------------------------------
 def test_a_later_rank_does_not_delete_a_part_in_flight(tmp_path, monkeypatch):
-    import siftlens.analysis.run as run_mod
+    import siftlens.analysis.runner as run_mod
     from siftlens.devices import DistInfo
 
     out = tmp_path / "t"

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, "bench")
 from _common import machine_info  # noqa: E402
 
-from siftlens.analysis import AnalysisConfig
+from siftlens.analysis import AnalysisConfig, configure
 from siftlens.loading import KeypointDataset
 from siftlens.keypoints import sift_params
 from siftlens.analysis.engine import RunPlan, analyse_batch
@@ -67,8 +67,8 @@ def sync():
 def ratio(model_path: str, batch: int = 32) -> dict:
     """Analysis (forward + capture + metrics + exact null) against a plain eager forward, same batch."""
     backend = load_backend(model_path, dev)
-    cfg = AnalysisConfig(device=dev)
-    ds = KeypointDataset(ImageSource(images, limit=batch), backend, cfg, sift_params(backend.input_size, cfg))
+    cfg = configure(None, device=dev)
+    ds = KeypointDataset(ImageSource(images, limit=batch), backend, cfg, sift_params(backend.input_size, cfg.sift))
     items = [it for it in (ds[i] for i in range(len(ds))) if "skip" not in it]
     names = [str(i) for i in range(len(items))]
     plan = RunPlan.build(backend, cfg)

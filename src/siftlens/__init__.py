@@ -3,6 +3,7 @@
 Public API (imported lazily, so ``import siftlens`` stays light)::
 
     analyze, AnalysisConfig, AnalysisResult        dataset-level analysis returning tables
+    merge                                           the shards of one analysis combined into one run
     write_report                                    figures + self-contained report.html from those tables
     keypoint_map, detect, SiftParams, KeypointMap   SIFT on the model's pixels, patch weight maps
     capture, Rollout                                per-layer attention capture, attention rollout
@@ -17,7 +18,7 @@ Public API (imported lazily, so ``import siftlens`` stays light)::
     build_spurious, SpuriousConfig                  the SpuriousCIFAR builder (siftlens.benchmarks)
     discover, DiscoveryConfig, DiscoveryResult      shortcut discovery with SIFT visual words (siftlens.shortcuts)
     prompt, PromptConfig, PromptResult              inference-time token interventions and their evaluation
-    compare, Comparison                             differences between analysis runs, with bootstrap CIs and q
+    compare, CompareConfig, Comparison              differences between analysis runs, with bootstrap CIs and q
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "analyze": "analysis", "AnalysisConfig": "analysis", "AnalysisResult": "analysis",
+    "analyze": "analysis", "AnalysisConfig": "analysis", "AnalysisResult": "analysis", "merge": "analysis",
     "write_report": "report",
     "keypoint_map": "keypoints", "detect": "keypoints", "SiftParams": "keypoints", "KeypointMap": "keypoints",
     "capture": "attention", "Rollout": "attention",
@@ -39,7 +40,7 @@ _EXPORTS = {
     "TrainConfig": "training", "train": "training", "TrainResult": "training",
     "PretrainConfig": "training", "pretrain": "training", "PretrainResult": "training",
     "MAE": "models.mae", "MAEConfig": "models.mae",
-    "compare": "comparison", "Comparison": "comparison",
+    "compare": "analysis", "CompareConfig": "analysis", "Comparison": "analysis",
     "SpuriousConfig": "benchmarks.spurious_cifar",
     "discover": "shortcuts", "DiscoveryConfig": "shortcuts", "DiscoveryResult": "shortcuts",
     "prompt": "shortcuts", "PromptConfig": "shortcuts", "PromptResult": "shortcuts",

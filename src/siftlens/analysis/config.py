@@ -2,50 +2,60 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import copy
+from dataclasses import asdict, dataclass, fields
 
 from ..data import DEFAULT_MAX_PIXELS
 from ..errors import ConfigError
-from ..keypoints import SCHEMES
+from ..keypoints import SCHEMES, SiftOptions
+from ..models.layers import parse_layers
+from ..options import RunOptions, flat_options, group, is_group, option
 
 SCALAR_METRICS = ("sal", "wi", "cls_lift", "cls_rho")
 LEVEL_METRICS = ("dist", "dist_rel", "entropy")  # per query level a
 MATRIX_METRICS = ("R",)  # per level pair (a, b)
 NULL_KINDS = ("permute", "shift")
-# parameters that may differ between a run and its resumption (they do not change any number)
-RUNTIME_FIELDS = ("batch_size", "workers", "device", "overlays", "part_size", "explore")
+# parameters that may differ between a run and its resumption (they do not change any number), as paths
+# through the config's groups
+RUNTIME_FIELDS = (("run", "batch_size"), ("run", "workers"), ("run", "device"), ("overlays",), ("part_size",),
+                  ("explore",))
 MAX_EXPLORE = 64  # images in the report's viewer (each holds every layer's and head's attention)
 
 
 @dataclass
 class AnalysisConfig:
-    """Every parameter of a run; all of it goes into the manifest.
+    """Every parameter of a run; all of it goes into the manifest (``params``, nested as here: the SIFT
+    options under ``sift``, the run options under ``run``).
 
     null: ``"exact"`` (closed-form permutation moments, or all cyclic shifts for ``null_kind="shift"``)
     or an integer M >= 20 of Monte Carlo null maps per image (the reference).
-    upsample: SIFT upsampling factor u, or 0 for automatic (u = 128 / shorter input side, at least 1).
+    sift.upsample: SIFT upsampling factor u, or 0 for automatic (u = 128 / shorter input side, at least 1).
+    run.seed: seeds the Monte Carlo null and the bootstrap; draws are keyed by image, so batch size, workers
+    and shards do not change results.
     """
 
-    scheme: str = "count"
-    n_levels: int = 3
-    thresholds: list[float] | None = None
-    upsample: float = 0.0
-    contrast_threshold: float = 0.04
-    edge_threshold: float = 10.0
-    layers: list[int] | None = None
-    batch_size: int = 32
-    workers: int = 0
-    device: str = "cpu"
-    null: str | int = "exact"
-    null_kind: str = "permute"
-    n_boot: int = 1000
-    seed: int = 0
-    limit: int | None = None
-    rollout: bool = False
-    overlays: int = 4
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    part_size: int = 256  # images per part file of metrics.parquet (a crash loses at most one part)
-    explore: int = 8  # the first this many images go into the report's interactive viewer (0: no viewer)
+    scheme: str = option("count", "Patch weight: count | response | footprint.")
+    n_levels: int = option(3, "Semantic levels L (level 0 = no keypoints).", flag="levels")
+    thresholds: list[float] | None = option(None, "Fixed global weight thresholds of levels 1..L-1 (default: "
+                                                  "per-image quantiles).", cli=False)
+    layers: list[int] | None = option(None, "Comma-separated layer indices (negative from the end); default all.",
+                                      parse=parse_layers)
+    null: str | int = option("exact", "Null model: 'exact' (closed-form permutation moments, or every cyclic "
+                                      "shift) or an integer M >= 20 of Monte Carlo maps per image (the slower "
+                                      "reference).", cli_type=str)
+    null_kind: str = option("permute", "permute (shuffle patch weights) or shift (cyclic 2-D shifts, keeps spatial "
+                                       "structure).")
+    n_boot: int = option(1000, "Bootstrap resamples for 95% confidence intervals.", flag="bootstrap")
+    rollout: bool = option(False, "Also analyse attention rollout (reported as layer = depth).")
+    overlays: int = option(4, "Images drawn with keypoints and attention in the report.")
+    explore: int = option(8, "The first this many images go into the report's interactive attention viewer "
+                             "(0: no viewer).")
+    part_size: int = option(256, "Images per part file of metrics.parquet; an interrupted run loses at most one "
+                                 "part.")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "Skip images with more pixels than this (decompression bombs).",
+                             cli=False)
+    sift: SiftOptions = group(SiftOptions)
+    run: RunOptions = group(RunOptions, batch_size=32)
 
     def __post_init__(self):
         if isinstance(self.null, str) and self.null.strip().isdigit():
@@ -66,10 +76,10 @@ class AnalysisConfig:
                               f"got {self.null!r}")
         if self.null_kind not in NULL_KINDS:
             raise ConfigError(f"--null-kind must be 'permute' or 'shift', not {self.null_kind!r}")
-        if self.batch_size < 1 or self.workers < 0:
+        if self.run.batch_size < 1 or self.run.workers < 0:
             raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
-        if self.upsample < 0:
-            raise ConfigError(f"--upsample must be > 0 (or 0 for automatic), got {self.upsample}")
+        if self.sift.upsample < 0:
+            raise ConfigError(f"--upsample must be > 0 (or 0 for automatic), got {self.sift.upsample}")
         if self.part_size < 1:
             raise ConfigError(f"--part-size must be at least 1 image, got {self.part_size}")
         if not 0 <= self.explore <= MAX_EXPLORE:
@@ -78,8 +88,73 @@ class AnalysisConfig:
             raise ConfigError(f"--bootstrap must be at least 10 resamples, got {self.n_boot}")
 
     def identity(self) -> dict:
-        """The parameters that decide every number of a run (all but the runtime ones)."""
-        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
+        """The parameters that decide every number of a run (all but the runtime ones), nested as the config."""
+        d = asdict(self)
+        for path in RUNTIME_FIELDS:
+            node = d
+            for key in path[:-1]:
+                node = node[key]
+            node.pop(path[-1], None)
+        return d
+
+    @classmethod
+    def from_params(cls, params: dict) -> AnalysisConfig:
+        """The config of a run's recorded ``params`` (run.json or the manifest): nested, or flat as runs written
+        before the groups recorded them; keys that are not options (``upsample_used`` ...) are ignored."""
+        flat = flat_params(params)
+        paths = _option_paths()
+        return configure(None, **{k: v for k, v in flat.items() if k in paths}, _check=False)
+
+
+_GROUP_NAMES = frozenset(f.name for f in fields(AnalysisConfig) if is_group(f))
+
+
+def flat_params(params: dict) -> dict:
+    """A run's recorded parameters by field name with the groups (``sift``, ``run``) flattened:
+    ``{"n_levels": 3, "upsample": 0.0, "seed": 0 ...}``. Reads the nested params of this version and the flat
+    params of runs written before the groups (whose manifest's ``sift`` held the SIFT settings used)."""
+    if not isinstance(params.get("run"), dict):  # flat: written before the groups
+        return dict(params)
+    out = {}
+    for k, v in params.items():
+        if k in _GROUP_NAMES and isinstance(v, dict):
+            out.update(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _option_paths() -> dict[str, tuple]:
+    """Every name an option goes by in Python (its field name and its command-line name) -> its path."""
+    paths: dict[str, tuple] = {}
+    for o in flat_options(AnalysisConfig, cli_only=False):
+        paths[o.path[-1]] = o.path
+        paths[o.name] = o.path
+    return paths
+
+
+def configure(config: AnalysisConfig | None = None, _check: bool = True, **overrides) -> AnalysisConfig:
+    """A copy of ``config`` (default: the defaults) with ``overrides`` set by option name, flat: a field's name
+    or its command-line name (``n_levels=4`` or ``levels=4``, ``batch_size=8``, ``upsample=2``), or a whole group
+    (``sift=SiftOptions(...)``); checked. Text is parsed as on the command line (``layers="0,-1"``)."""
+    cfg = copy.deepcopy(config) if config is not None else AnalysisConfig()
+    paths = _option_paths()
+    parse = {o.path: o.parse for o in flat_options(AnalysisConfig, cli_only=False)}
+    for k, v in overrides.items():
+        if k in _GROUP_NAMES:
+            setattr(cfg, k, copy.deepcopy(v))
+            continue
+        if k not in paths:
+            raise ConfigError(f"unknown analysis option {k!r}")
+        path = paths[k]
+        node = cfg
+        for key in path[:-1]:
+            node = getattr(node, key)
+        setattr(node, path[-1], parse[path](v) if parse[path] is not None and isinstance(v, str) else v)
+    cfg.__post_init__()
+    if _check:
+        cfg.validate()
+    return cfg
 
 
 def cells(n_levels: int) -> list[tuple[str, int, int]]:

@@ -164,7 +164,7 @@ def _null_maps(plan: RunPlan, w: torch.Tensor, lv: torch.Tensor, names: list[str
         idx, ddof = all_shifts(grid).expand(B, N, N), 0
     else:  # Monte Carlo, or shifts sampled where the group is too large to enumerate
         m = cfg.null_samples or SHIFT_SAMPLES
-        idx, ddof = keyed_null_indices([image_key(n) for n in names], N, m, grid, cfg.null_kind, cfg.seed), 1
+        idx, ddof = keyed_null_indices([image_key(n) for n in names], N, m, grid, cfg.null_kind, cfg.run.seed), 1
     idx = idx.to(dev)
     wk, lk = with_null(w, lv, idx)
     return prepare_maps(wk, lk, cfg.n_levels, plan.pos, null_index=idx), ddof

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from ..core.stats import z_scores
 from ..errors import ConfigError
 from ..io import atomic_path, read_json, write_json
+from .config import AnalysisConfig
 from .engine import BatchValues
 
 RUN_FILE = "run.json"
@@ -78,7 +79,7 @@ class RunStore:
             raise ConfigError(f"{self.root} already holds {state}; add --resume to continue it, "
                               "or choose another --out")
         else:
-            _check_same_run(old, run, self.root)
+            _check_same_run(_nested_params(old), run, self.root)
         if clean:
             self.repair()
         self._seq = 1 + max((int(p.stem.split("-")[2]) for p in self.part_files(IMAGES_DIR)
@@ -191,6 +192,14 @@ class RunStore:
             for p in src.part_files(kind):
                 if p.name in committed:
                     _link_or_copy(p, self.root / kind / p.name)
+
+
+def _nested_params(run: dict) -> dict:
+    """``run`` with its params nested as this version records them (a run started before the option groups
+    recorded them flat)."""
+    if "params" not in run or isinstance(run["params"].get("run"), dict):
+        return run
+    return {**run, "params": AnalysisConfig.from_params(run["params"]).identity()}
 
 
 def _check_same_run(old: dict, run: dict, root: Path) -> None:

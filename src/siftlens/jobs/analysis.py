@@ -7,8 +7,10 @@ from importlib.resources import files
 from pathlib import Path
 
 from ..analysis import AnalysisConfig, AnalysisResult, analyze, merge
-from ..analysis.run import output_paths
-from ..comparison import Comparison, compare, compare_findings
+from ..analysis.comparison import CompareConfig, Comparison, compare, compare_findings
+from ..analysis.config import configure
+from ..analysis.runner import output_paths
+from ..analysis.store import parse_shard
 from ..errors import ConfigError
 from ..io import write_text
 from ._options import JobOptions
@@ -26,16 +28,34 @@ def run_analysis(
     config: AnalysisConfig | None = None,
     options: JobOptions | None = None,
     resume: bool = False,
-    shard: tuple[int, int] | None = None,
+    shard: tuple[int, int] | str | None = None,
+    revision: str | None = None,
 ) -> tuple[AnalysisResult | None, dict[str, Path]]:
     """Analyse into ``out`` (tables and manifest as the run goes), then the figures and report.html.
 
-    Returns ``(None, {})`` on torchrun ranks other than 0 and for a single shard (``shard=(i, K)``),
-    whose folder :func:`run_merge` combines with the others."""
+    ``images``: what :class:`~siftlens.data.ImageSource` takes, or a list of such (one item is used as it is);
+    ``shard``: ``(i, K)`` or ``"i/K"``. Returns ``(None, {})`` on torchrun ranks other than 0 and for a single
+    shard, whose folder :func:`run_merge` combines with the others."""
     opt = options or JobOptions()
-    res = analyze(model, images, config or AnalysisConfig(), out=out, resume=resume, shard=shard,
-                  progress=opt.progress, weights=opt.weights)
+    if isinstance(images, list | tuple) and len(images) == 1:
+        images = images[0]
+    part = parse_shard(shard) if isinstance(shard, str) else shard
+    res = analyze(model, images, config or AnalysisConfig(), weights=opt.weights, revision=revision,
+                  progress=opt.progress, out=out, resume=resume, shard=part)
     return res, (_finish_report(res, opt.report) if res is not None else {})
+
+
+def image_source(images, limit: int | None, **columns):
+    """``images`` as an ImageSource when a column or key option is given (``image_column``, ``label_column``,
+    ``label_key``, ``id_column``: docs/data.md), else as given."""
+    columns = {k: v for k, v in columns.items() if v is not None}
+    if isinstance(images, list | tuple) and len(images) == 1:
+        images = images[0]
+    if not columns:
+        return images
+    from ..data import ImageSource
+
+    return ImageSource(images, limit=limit, **columns)
 
 
 def run_merge(out: str | Path, shard_dirs: list[str | Path], report: bool = True,
@@ -62,7 +82,7 @@ def run_demo(out: str | Path = "runs/demo", progress: bool = True, **overrides):
     rebuilt on every call; only a folder that is absent, empty, or marked by an earlier demo
     (:data:`DEMO_MARKER`) is used, so a user's own folder is never deleted."""
     out = _fresh_demo_folder(Path(out))
-    cfg = AnalysisConfig(**overrides)
+    cfg = configure(None, **overrides)
     return run_analysis("default", str(demo_images_dir()), out, cfg, JobOptions(progress=progress))
 
 
@@ -94,26 +114,22 @@ def analysis_outcome(res: AnalysisResult, paths: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def shard_outcome(shard: tuple[int, int], out: str | Path) -> str:
+def shard_outcome(shard: tuple[int, int] | str, out: str | Path) -> str:
+    shard = parse_shard(shard) if isinstance(shard, str) else shard
     return f"shard {shard[0]}/{shard[1]} written to {out}; combine all shards with 'siftlens merge'"
 
 
-def run_compare(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None,
-                force: bool = False) -> tuple[Comparison, dict[str, Path]]:
-    """Compare finished analyses and write differences.csv, summaries.csv, runs.csv, findings.txt,
-    compare_curves.png and the self-contained compare.html into ``out``."""
-    from ..io import atomic_path, write_text
-    from ..report.compare import compare_curves, render_compare_html
+def run_compare(run_dirs: list[str | Path], out: str | Path, config: CompareConfig | None = None, *,
+                labels: list[str] | None = None, progress: bool = False,
+                **overrides) -> tuple[Comparison, dict[str, Path]]:
+    """Compare finished analyses and write differences.csv, summaries.csv, runs.csv, findings.txt
+    (:meth:`Comparison.save`), compare_curves.png and the self-contained compare.html into ``out``."""
+    from ..report.comparison_page import compare_curves, render_compare_html
     from ..report.saving import save_figure
 
-    c = compare(run_dirs, labels=labels, force=force)
+    c = compare(run_dirs, config, labels=labels, progress=progress, **overrides)
     out = Path(out)
-    paths = {}
-    for name, df in (("differences", c.differences), ("summaries", c.summaries), ("runs", c.runs)):
-        with atomic_path(out / f"{name}.csv") as tmp:
-            df.to_csv(tmp, index=False, float_format="%.6g")
-        paths[name] = out / f"{name}.csv"
-    paths["findings"] = write_text(out / "findings.txt", "\n".join(compare_findings(c)) + "\n")
+    paths = c.save(out)
     depth = int(c.runs["depth"].min())
     paths["figure"] = save_figure(compare_curves(c.summaries, c.labels, depth), out / "compare_curves.png")
     page = render_compare_html(c.differences, c.runs, paths["figure"], compare_findings(c), c.setting_differences)

@@ -13,13 +13,13 @@ from pathlib import Path
 import pandas as pd
 
 from ..io import write_text
-from .explore import render_explore, viewer_budget
 from .figures import DPI, distance_entropy, head_heatmap, layer_curves, level_matrices
 from .findings import ReportDataError, findings
 from .html import render_html
 from .notebook import analysis_html, comparison_html, viewer_html
 from .overlay import overlay_figure
 from .saving import save_figure, save_figures
+from .viewer import render_explore, viewer_budget
 
 __all__ = [
     "ReportDataError",

@@ -315,7 +315,7 @@ def render_html(summary: pd.DataFrame, manifest: Mapping | None, figures: Mappin
     """The whole report as one HTML string; ``figures`` maps name -> PNG path or PNG bytes.
 
     ``alpha``, ``min_effect`` and ``min_rho`` only describe, in the text, the rule the findings used.
-    ``explore``: the viewer's section (:func:`~siftlens.report.explore.render_explore`), placed after the figures.
+    ``explore``: the viewer's section (:func:`~siftlens.report.viewer.render_explore`), placed after the figures.
     """
     s = check_summary(summary)
     manifest = manifest or {}

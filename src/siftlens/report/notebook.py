@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .compare import compare_curves
-from .explore import MIN_VIEWER_BUDGET, render_explore
+from .comparison_page import compare_curves
 from .figures import METRIC_LABELS, layer_curves
 from .findings import DEFAULT_ALPHA, ReportDataError, bare, check_summary, fmt_q, fmt_z, level_names, num_layers
 from .html import CSS, data_uri
+from .viewer import MIN_VIEWER_BUDGET, render_explore
 
 #: rows of the significant-cells table shown in a notebook (the strongest by |z|)
 MAX_ROWS = 20

@@ -29,13 +29,14 @@ from ..io import atomic_path, fsync_dir, read_json, write_json
 from ..keypoints import SiftParams, sift_params
 from ..loading import KeypointDataset, make_loader, one_cv2_thread_per_worker
 from ..models import Backend, load_backend
+from ..models.hub import with_revision
 from ..progress import progress_bar
-from .config import AnalysisConfig, cells, level_names
+from .config import AnalysisConfig, cells, configure, level_names
 from .engine import RunPlan, analyse_batch
-from .explore import collect_explore, kept_records
-from .overlays import collect_overlays
+from .overlay_records import collect_overlays
 from .store import IMAGES_DIR, LONG_COLUMNS, MANIFEST, METRICS_DIR, RUN_FILE, RunStore, long_rows
 from .summary import SummaryAccumulator, summary_table
+from .viewer_records import collect_explore, kept_records
 
 
 @dataclass
@@ -49,7 +50,7 @@ class AnalysisResult:
     null_sd, z), read from ``out/metrics.parquet`` when first asked for;
     overlays: a few images with pixels, keypoints, weights and CLS attention maps for figures;
     explore: the first ``explore`` images with every analysed layer's attention rows, for the report's
-    viewer (see :mod:`~siftlens.analysis.explore`).
+    viewer (see :mod:`~siftlens.analysis.viewer_records`).
     """
 
     out: Path
@@ -95,17 +96,6 @@ def read_long(out: str | Path) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
 
 
-def _configure(config: AnalysisConfig | None, overrides: dict) -> AnalysisConfig:
-    cfg = AnalysisConfig(**asdict(config)) if config else AnalysisConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise ConfigError(f"unknown analysis option {k!r}")
-        setattr(cfg, k, v)
-    cfg.__post_init__()
-    cfg.validate()
-    return cfg
-
-
 def _run_identity(model: str, weights: str | None, backend: Backend, source: ImageSource, cfg: AnalysisConfig,
                   plan: RunPlan) -> dict:
     return {"params": cfg.identity(), "model": {"spec": model, "weights": weights, **backend.describe()},
@@ -120,29 +110,36 @@ def analyze(
     model: str | Backend,
     images: str | Path | list | ImageSource,
     config: AnalysisConfig | None = None,
+    *,
+    weights: str | None = None,
+    revision: str | None = None,
+    progress: bool = True,
     out: str | Path | None = None,
     resume: bool = False,
     shard: tuple[int, int] | None = None,
-    progress: bool = True,
-    weights: str | None = None,
     **overrides,
 ) -> AnalysisResult | None:
-    """Analyse ``model`` over ``images`` into the folder ``out`` (a temporary one if None).
+    """Analyse ``model`` over ``images`` into the folder ``out`` (a temporary one if None), streaming: each
+    part of the per-image values is on disk before the next is computed.
 
-    ``model``: a Backend or anything :func:`~siftlens.models.load_backend` accepts.
+    ``model``: a Backend or anything :func:`~siftlens.models.load_backend` accepts (``weights``: a weights file
+    for ``timm:<name>``; ``revision``: the hub revision of a hub id or of timm's weights, as ``ORG/NAME@REV``).
+    ``config``: an :class:`AnalysisConfig`; ``overrides`` set its options by name, flat (the groups' fields too), e.g.
+    ``analyze("default", "imgs/", null=200, batch_size=8, upsample=2)``.
     ``resume``: continue the interrupted run in ``out``. ``shard=(i, K)``: analyse only images
     ``i, i + K, ...`` and stop before the summary (combine shards with :func:`merge`); returns None then.
     Under torchrun, ranks split the images and rank 0 returns the result (other ranks return None).
-    ``overrides``: AnalysisConfig fields, e.g. ``analyze("default", "imgs/", null=200)``.
     """
-    cfg = _configure(config, overrides)
-    dist, cfg.device = init_distributed(cfg.device)
+    cfg = configure(config, **overrides)
+    if revision is not None:
+        model = with_revision(str(model), revision)
+    dist, cfg.run.device = init_distributed(cfg.run.device)
     tmp = tempfile.TemporaryDirectory(prefix="siftlens-") if out is None else None
     out = Path(tmp.name if tmp else out)
-    backend = model if isinstance(model, Backend) else load_backend(model, cfg.device, weights=weights)
-    source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.limit)
+    backend = model if isinstance(model, Backend) else load_backend(model, cfg.run.device, weights=weights)
+    source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.run.limit)
     plan = RunPlan.build(backend, cfg)
-    sift = sift_params(backend.input_size, cfg)
+    sift = sift_params(backend.input_size, cfg.sift)
     part = shard or (dist.rank, dist.world)
     store = RunStore(out, part)
     run = _run_identity(str(model) if isinstance(model, (str, os.PathLike)) else backend.source,
@@ -170,9 +167,9 @@ def _analyse_parts(plan: RunPlan, source: ImageSource, store: RunStore, sift: Si
     done = store.done_indices()
     todo = [j for j in range(i, len(source), k) if j not in done]
     names, labels, classes = source.names, source.labels, plan.backend.class_names
-    loader = make_loader(KeypointDataset(source, plan.backend, plan.cfg, sift, indices=todo), plan.cfg)
+    loader = make_loader(KeypointDataset(source, plan.backend, plan.cfg, sift, indices=todo), plan.cfg.run)
     longs, rows, kept, t0 = [], [], {}, time.perf_counter()
-    with progress_bar(progress) as pb, one_cv2_thread_per_worker(plan.cfg.workers):
+    with progress_bar(progress) as pb, one_cv2_thread_per_worker(plan.cfg.run.workers):
         task = pb.add_task("analyse", total=len(todo), info=f"{len(done)} done before" if done else "")
         for items in loader:
             good = [it for it in items if "skip" not in it]
@@ -265,12 +262,12 @@ def _finish(out: Path, run: dict, cfg: AnalysisConfig, dist: DistInfo, backend: 
             source: ImageSource | None = None, kept: dict[int, dict] | None = None, _tmp=None) -> AnalysisResult:
     """Summary, images table, manifest, overlays and the viewer's images (when the model is at hand) of the
     parts in ``out``; ``kept``: viewer records the run already captured, by source index."""
-    sift = sift_params(run["model"]["input_size"], cfg)
+    sift = sift_params(run["model"]["input_size"], cfg.sift)
     layers = [x for x in run["layer_ids"] if x < run["model"]["layers"]]
     images = read_images(out)
     if not (images["status"] != "skipped").any():
         raise ConfigError(f"no image of {run['images']['source']} could be analysed (all {len(images)} were skipped)")
-    summary = summarize(out, run, cfg.n_boot, cfg.seed)
+    summary = summarize(out, run, cfg.n_boot, cfg.run.seed)
     with atomic_path(out / "summary.csv") as tmp:
         summary.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out / "images.csv") as tmp:
@@ -298,7 +295,7 @@ def _manifest(run: dict, cfg: AnalysisConfig, sift: SiftParams, images: pd.DataF
                    "no_keypoints": int(counts.get("no_keypoints", 0)), "skipped": int(counts.get("skipped", 0)),
                    "skipped_reasons": [{"name": n, "reason": r}
                                        for n, r in zip(skipped["name"], skipped["reason"], strict=True)]},
-        "params": {**asdict(cfg), "upsample_used": sift.upsample, "layers_analysed": layers, "sift": asdict(sift),
+        "params": {**asdict(cfg), "upsample_used": sift.upsample, "layers_analysed": layers, "sift_used": asdict(sift),
                    "preprocessing": "model's own resize/crop; SIFT before normalisation",
                    "null_method": _null_method(cfg), "bootstrap": "online Poisson(1), keyed by image"},
         "level_names": level_names(cfg.n_levels),
@@ -347,10 +344,10 @@ def _merge_into(folder: Path, run: dict, dirs: list[Path]) -> AnalysisResult:
     store = RunStore(folder)
     for d in dirs:
         store.adopt(d)
-    cfg = AnalysisConfig(**{**run["params"]})
+    cfg = AnalysisConfig.from_params(run["params"])
     try:
         backend = load_backend(run["model"]["spec"], "cpu", weights=run["model"].get("weights"))
-        source = ImageSource(run["images"]["source"], limit=cfg.limit, **run["images"].get("options", {}))
+        source = ImageSource(run["images"]["source"], limit=cfg.run.limit, **run["images"].get("options", {}))
     except Exception:  # noqa: BLE001 - overlays are optional; the tables never need the model
         backend = source = None
     return _finish(folder, run, cfg, DistInfo(), backend, source)

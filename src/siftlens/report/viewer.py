@@ -1,6 +1,6 @@
 """The report's interactive viewer: attention rows quantised and compressed into the page, and its HTML.
 
-Each viewer image (a record of :func:`siftlens.analysis.explore.collect_explore`, or any dict with the same
+Each viewer image (a record of :func:`siftlens.analysis.viewer_records.collect_explore`, or any dict with the same
 keys) carries ``attention`` (layers, h, 1 + N, N): for every analysed layer and head, the CLS token's row
 (row 0) and each patch's row (row 1 + i) over the N patch keys. The page holds, per image, one base64
 string of zlib-compressed bytes:

@@ -6,27 +6,46 @@ share get the same weights in both: the bootstrap of a difference is *paired* on
 *unpaired* (independent weights) on the rest, with no special case. Memory stays bounded as in the
 analysis itself. Runs made with different settings (scheme, levels, upsampling, null...) are refused
 unless ``force=True``.
+
+``compare(runs, config=None, *, labels=None, progress=True) -> Comparison``, the shape of every job;
+:meth:`Comparison.save` writes the tables and the findings (the figure and the HTML page are rendering:
+:mod:`siftlens.report`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .analysis.config import cells
-from .analysis.run import accumulate, read_images
-from .analysis.store import RunStore
-from .analysis.summary import nan_percentiles, summary_table
-from .core.stats import bh_qvalues, normal_two_sided_p
-from .errors import ConfigError
+from ..core.stats import bh_qvalues, normal_two_sided_p
+from ..errors import ConfigError
+from ..io import atomic_path, write_text
+from ..options import option
+from ..progress import progress_bar
+from .config import cells, flat_params
+from .runner import accumulate, read_images
+from .store import RunStore
+from .summary import nan_percentiles, summary_table
 
 KEY = ["layer", "head", "metric", "level_a", "level_b"]
 # parameters that change what a number means: runs that differ in them are not comparable
 SETTINGS = ("scheme", "n_levels", "thresholds", "upsample", "contrast_threshold", "edge_threshold", "null",
             "null_kind", "max_pixels")
+
+
+@dataclass
+class CompareConfig:
+    """The options of a comparison."""
+
+    force: bool = option(False, "Compare runs made with different settings (scheme, levels, u, null ...); the "
+                                "differences are printed.")
+    n_boot: int | None = option(None, "Bootstrap resamples of the differences (default: the first run's).",
+                                cli=False)
+    seed: int | None = option(None, "Seed of the bootstrap of the differences (default: the first run's).",
+                              cli=False)
 
 
 @dataclass
@@ -43,17 +62,34 @@ class Comparison:
 
     def _repr_html_(self) -> str:
         """Jupyter's view: every run's per-layer curves and the cells that differ (:mod:`siftlens.report.notebook`)."""
-        from .report.notebook import comparison_html  # matplotlib only when a notebook asks
+        from ..report.notebook import comparison_html  # matplotlib only when a notebook asks
 
         depth = int(self.runs["depth"].min()) if "depth" in self.runs else None
         return comparison_html(self.differences, self.summaries, self.labels, depth)
 
+    def findings(self) -> list[str]:
+        """The comparison in words (:func:`compare_findings`)."""
+        return compare_findings(self)
+
+    def save(self, out: str | Path) -> dict[str, Path]:
+        """Write differences.csv, summaries.csv, runs.csv and findings.txt into ``out``; returns their paths."""
+        out = Path(out)
+        paths = {}
+        for name, df in (("differences", self.differences), ("summaries", self.summaries), ("runs", self.runs)):
+            with atomic_path(out / f"{name}.csv") as tmp:
+                df.to_csv(tmp, index=False, float_format="%.6g")
+            paths[name] = out / f"{name}.csv"
+        paths["findings"] = write_text(out / "findings.txt", "\n".join(self.findings()) + "\n")
+        return paths
+
 
 def setting_differences(runs: list[dict]) -> dict[str, list]:
-    """{parameter: [value per run]} for every comparability setting that is not the same in all runs."""
+    """{parameter: [value per run]} for every comparability setting that is not the same in all runs; the
+    params are read nested (the SIFT options under ``sift``) or flat (runs written before the groups)."""
+    params = [flat_params(r["params"]) for r in runs]
     out = {}
     for k in SETTINGS:
-        vals = [r["params"].get(k) for r in runs]
+        vals = [p.get(k) for p in params]
         if any(v != vals[0] for v in vals[1:]):
             out[k] = vals
     return out
@@ -115,10 +151,14 @@ def _with_q(df: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def compare(run_dirs: list[str | Path], labels: list[str] | None = None, force: bool = False,
-            n_boot: int | None = None, seed: int | None = None) -> Comparison:
-    """Compare finished analysis folders; differences are against the first. ``n_boot``/``seed``: the
-    bootstrap of the differences (default: the first run's)."""
+def compare(run_dirs: list[str | Path], config: CompareConfig | None = None, *, labels: list[str] | None = None,
+            progress: bool = True, **overrides) -> Comparison:
+    """Compare finished analysis folders; differences are against the first. ``config``: a
+    :class:`CompareConfig`; ``overrides`` set its fields by name (``force=True``, ``n_boot=2000``)."""
+    unknown = set(overrides) - {f.name for f in fields(CompareConfig)}
+    if unknown:
+        raise ConfigError(f"unknown compare option(s): {', '.join(sorted(unknown))}")
+    cfg = replace(config or CompareConfig(), **overrides)
     if len(run_dirs) < 2:
         raise ConfigError("compare needs at least two analysis folders")
     labels = list(labels) if labels else [Path(d).name for d in run_dirs]
@@ -126,22 +166,26 @@ def compare(run_dirs: list[str | Path], labels: list[str] | None = None, force: 
         raise ConfigError(f"give one distinct --label per run ({len(run_dirs)} runs, labels {labels})")
     runs = _load_runs(run_dirs)
     differ = setting_differences(runs)
-    if differ and not force:
+    if differ and not cfg.force:
         what = "; ".join(f"{k}: {' vs '.join(map(str, v))}" for k, v in differ.items())
         raise ConfigError(f"the runs were made with different settings ({what}); pass --force to compare anyway")
-    n_boot = n_boot or runs[0]["params"]["n_boot"]
-    seed = runs[0]["params"]["seed"] if seed is None else seed
+    first = flat_params(runs[0]["params"])
+    n_boot = cfg.n_boot or first["n_boot"]
+    seed = first["seed"] if cfg.seed is None else cfg.seed
     cellsets, summaries, infos = [], [], []
     names0 = set(read_images(run_dirs[0])["name"])
-    for d, run, label in zip(run_dirs, runs, labels, strict=True):
-        acc = accumulate(d, run, n_boot, seed)
-        stats = acc.statistics()
-        cellsets.append(_cell_frame(run, stats, acc.boot_means()))
-        summaries.append(summary_table(stats, run["layer_ids"], run["heads"], _cells(run)).assign(run=label))
-        names = set(read_images(d)["name"])
-        infos.append({"run": label, "folder": str(d), "model": run["model"].get("spec"),
-                      "depth": run["model"]["layers"], "images": run["images"]["source"], "analysed": len(names),
-                      "shared_with_first": len(names & names0)})
+    with progress_bar(progress) as pb:
+        task = pb.add_task("compare", total=len(runs), info="")
+        for d, run, label in zip(run_dirs, runs, labels, strict=True):
+            acc = accumulate(d, run, n_boot, seed)
+            stats = acc.statistics()
+            cellsets.append(_cell_frame(run, stats, acc.boot_means()))
+            summaries.append(summary_table(stats, run["layer_ids"], run["heads"], _cells(run)).assign(run=label))
+            names = set(read_images(d)["name"])
+            infos.append({"run": label, "folder": str(d), "model": run["model"].get("spec"),
+                          "depth": run["model"]["layers"], "images": run["images"]["source"],
+                          "analysed": len(names), "shared_with_first": len(names & names0)})
+            pb.update(task, advance=1)
     diffs = [_difference(cellsets[0], cs).assign(run=label)
              for cs, label in zip(cellsets[1:], labels[1:], strict=True)]
     differences = _with_q(pd.concat(diffs, ignore_index=True)) if diffs else pd.DataFrame()

@@ -20,7 +20,7 @@ from ..loading import KeypointDataset
 from ..models import Backend
 from .config import AnalysisConfig
 from .engine import BatchValues
-from .overlays import class_name, folder_label
+from .overlay_records import class_name, folder_label
 
 
 def explore_record(item: dict, source: ImageSource, backend: Backend, pred: int | None, attention: np.ndarray,
@@ -53,8 +53,8 @@ def collect_explore(backend: Backend, source: ImageSource, images: pd.DataFrame,
     done = images[images["status"] != "skipped"]
     picks = sorted(int(i) for i in done["index"] if int(i) < cfg.explore)
     missing = [i for i in picks if i not in have]
-    for start in range(0, len(missing), cfg.batch_size):
-        have.update(_capture_now(backend, source, cfg, sift, layers, missing[start:start + cfg.batch_size]))
+    for start in range(0, len(missing), cfg.run.batch_size):
+        have.update(_capture_now(backend, source, cfg, sift, layers, missing[start:start + cfg.run.batch_size]))
     return [have[i] for i in picks if i in have]
 
 
