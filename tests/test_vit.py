@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _hub import offline_hub
 
 from siftlens.attention import Rollout, capture
 from siftlens.errors import AttentionBackendError, GeometryError, ModelLoadError
@@ -122,7 +123,7 @@ def test_rollout_matches_a_hand_computed_three_layer_example():
     torch.testing.assert_close(r.result, expected, atol=1e-6, rtol=0)
 
 
-def test_geometry_errors_and_persistence(tmp_path, tiny_vit):
+def test_geometry_errors_and_persistence(tmp_path, tiny_vit, monkeypatch):
     with pytest.raises(GeometryError):
         ViTConfig(img_size=(30, 32), patch_size=8)
     with pytest.raises(GeometryError):
@@ -135,7 +136,8 @@ def test_geometry_errors_and_persistence(tmp_path, tiny_vit):
     assert isinstance(be, NativeBackend) and be.input_size == (24, 32)
     with pytest.raises(ModelLoadError, match="not found"):
         load_backend(str(tmp_path / "nothing-here"))
-    with pytest.raises(ModelLoadError, match="offline"):
+    offline_hub(tmp_path / "hf", monkeypatch)  # an empty cache, offline: nothing reaches the network
+    with pytest.raises(ModelLoadError, match="not in the local cache"):
         load_backend("google/vit-base-patch16-224")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{nope")
