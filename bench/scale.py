@@ -3,13 +3,17 @@
     python bench/scale.py                      # built-in model and HF ViT-S/16 at 224, 2,000 / 5,000 / 20,000 images
     python bench/scale.py --models default --sizes 2000,20000
     python bench/scale.py --quick              # 200 / 500 images, built-in model only (a smoke run)
+    python bench/scale.py --fsync-rounds 5 --sizes 2000   # what durable writes cost: with / without fsync
 
 Every analysis runs as its own ``siftlens analyze`` process (``--null exact``, no report) on CIFAR-10 training
 images from ../shared/data (upsampled to 224 by the ViT-S/16's own preprocessing); its peak resident memory
 is the child's ``ru_maxrss``. The memory target: peak RSS at the largest size within 15% of the smallest.
 Checks on the built-in model at the smallest size: a run killed with SIGKILL mid-way and resumed gives the
 summary of an uninterrupted run; ``torchrun --nproc_per_node 2`` (gloo) gives the summary of one process.
-Results: bench/results/scale[-quick].json. Timings are only meaningful on a quiet machine (the load average
+Results: bench/results/scale[-quick].json. ``--fsync-rounds K`` instead runs the first model and size K times
+with fsync (the library as it is) and K times without (bench/_nofsync on PYTHONPATH), alternating, and writes
+the median per-round throughput ratio to bench/results/scale-fsync.json (target: at most 3% slower).
+Timings are only meaningful on a quiet machine (the load average
 is recorded with them).
 """
 
@@ -103,6 +107,24 @@ def two_ranks(model: str, n: int, whole: Path, work: Path) -> dict:
     return {"wall_s": r["wall_s"], "max_rel_diff": max_diff(summary(whole), summary(out))}
 
 
+def fsync_cost(model: str, n: int, rounds: int, work: Path) -> dict:
+    """``rounds`` alternating pairs of the same analysis with and without fsync; per-round throughput ratios."""
+    no_fsync = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parent / "_nofsync"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    pairs = []
+    for k in range(rounds):
+        walls = {}
+        for side in (("fsync", "no_fsync") if k % 2 == 0 else ("no_fsync", "fsync")):
+            out = work / f"fsync-{k}-{side}"
+            env = no_fsync if side == "no_fsync" else None
+            walls[side] = run_measured(analyse_cmd(model, n, out), env=env)["wall_s"]
+            shutil.rmtree(out, ignore_errors=True)
+        pairs.append({**walls, "load_average": list(os.getloadavg())})
+        print(pairs[-1], flush=True)
+    slowdown = float(np.median([p["fsync"] / p["no_fsync"] for p in pairs]))
+    return {"model": model, "images": n, "rounds": pairs, "median_wall_ratio_fsync_over_no_fsync": round(slowdown, 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="200 / 500 images, built-in model only")
@@ -111,12 +133,26 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the run folders (in a temporary directory)")
     ap.add_argument("--checks-only", action="store_true",
                     help="rerun only the kill-and-resume and 2-rank checks; keep the runs of the last result file")
+    ap.add_argument("--fsync-rounds", type=int, default=0, metavar="K",
+                    help="only measure what fsync costs: K alternating pairs of the first model and size")
     a = ap.parse_args()
     if not CIFAR_ZIP.is_file():
         sys.exit(f"CIFAR-10 not found at {CIFAR_ZIP}")
     models = (a.models or ("default" if a.quick else "default,vit-s")).split(",")
     sizes = [int(s) for s in (a.sizes or ("200,500" if a.quick else "2000,5000,20000")).split(",")]
     work = Path(tempfile.mkdtemp(prefix="siftlens-scale-"))
+    if a.fsync_rounds:
+        try:
+            res = fsync_cost(model_spec(models[0]), sizes[0], a.fsync_rounds, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        ratio = res["median_wall_ratio_fsync_over_no_fsync"]
+        checks = [check("throughput with fsync / without: wall-time ratio", ratio, 1.03)]
+        print(format_table(checks))
+        path = write_result("scale-fsync", {**res, "checks": checks,
+                                            "command": " ".join(["python", "bench/scale.py", *sys.argv[1:]])}, False)
+        print(f"results: {path}")
+        return
     runs, checks, extra = [], [], {}
     if a.checks_only:
         from _common import RESULTS
