@@ -30,8 +30,6 @@ class AnalysisConfig:
     null: ``"exact"`` (closed-form permutation moments, or all cyclic shifts for ``null_kind="shift"``)
     or an integer M >= 20 of Monte Carlo null maps per image (the reference).
     sift.upsample: SIFT upsampling factor u, or 0 for automatic (u = 128 / shorter input side, at least 1).
-    run.seed: seeds the Monte Carlo null and the bootstrap; draws are keyed by image, so batch size, workers
-    and shards do not change results.
     """
 
     scheme: str = option("count", "Patch weight: count | response | footprint.")
@@ -55,7 +53,12 @@ class AnalysisConfig:
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "Skip images with more pixels than this (decompression bombs).",
                              cli=False)
     sift: SiftOptions = group(SiftOptions)
-    run: RunOptions = group(RunOptions, batch_size=32)
+    run: RunOptions = group(RunOptions, batch_size=32, helps={
+        "batch_size": "Images per forward pass.",
+        "workers": "Data-loading worker processes (decode + SIFT in parallel).",
+        "seed": "Seed of the Monte Carlo null and the bootstrap (draws are keyed by image, so batch size, workers and "
+                "shards do not change results).",
+        "limit": "Analyse at most this many images (spread over classes)."})
 
     def __post_init__(self):
         if isinstance(self.null, str) and self.null.strip().isdigit():

@@ -22,8 +22,7 @@ ANALYZE_DOC = """Measure how attention treats keypoint-rich versus keypoint-poor
     Per-image values are written to OUT/metrics.parquet as the run goes, so memory does not grow with the
     number of images, and an interrupted run continues with --resume. Under torchrun
     (torchrun --nproc_per_node K -m siftlens.cli analyze ...) the ranks split the images and rank 0 writes the
-    summary and report. --seed seeds the Monte Carlo null and the bootstrap; draws are keyed by image, so batch
-    size, workers and shards do not change results."""
+    summary and report."""
 
 ANALYZE_BEFORE = [
     param("model", str, "Built-in name (default), a local siftlens or Hugging Face model folder, a Hugging Face hub "
