@@ -1,5 +1,5 @@
 /* siftlens attention viewer: plain JavaScript and canvas, no network. Reads the JSON in #sl-explore-data
-   (written by siftlens.report.explore) and builds the viewer inside #sl-explore. Per image, "attn" is
+   (written by siftlens.report.viewer) and builds the viewer inside #sl-explore. Per image, "attn" is
    base64 of a zlib stream: M * (1 + N) uint16 row exponents (row max = 2^(-e / exp_scale)), then
    M * (1 + N) * N levels q of meta.bits bits each, 8 / bits per byte, the first in the lowest bits
    (value = q / levels * row max); M = layers * heads (+ 1 for rollout);
