@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from siftlens.report.explore import read_payload
+from siftlens.report.viewer import read_payload
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _browser import chrome, console_errors, missing_reason  # noqa: E402

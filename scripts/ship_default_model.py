@@ -36,7 +36,7 @@ def main() -> None:
     for name in ("config.json", "model.safetensors"):
         shutil.copy2(a.run / "model" / name, ASSET / name)
 
-    from siftlens.pipeline import run_demo
+    from siftlens.jobs import run_demo
     from siftlens.report import findings
 
     t0 = time.time()
@@ -98,7 +98,8 @@ outputs; no number in it is typed by hand.
 
 ## Training
 
-Data: the 50,000 CIFAR-10 training images of `../shared/data/cifar10-jpg.zip` (JPEG re-encodings of the
+Data: the 50,000 CIFAR-10 training images of `cifar10-jpg.zip` (docs/data.md says how to make it; JPEG
+re-encodings of the
 original dataset); held-out evaluation on all 10,000 test images after every epoch.
 
 ```

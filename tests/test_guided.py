@@ -1,4 +1,4 @@
-"""Guided training (METHOD.md section 5): token dropping in supervised training and in the MAE encoder,
+"""Guided training (docs/method.md, "Guided training"): token dropping in supervised training and in the MAE encoder,
 the attention-guided (AttMask-style) masking baseline, and the linear probe at every evaluation epoch."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Does SIFT guidance make training pay at equal compute? Two studies (METHOD.md section 5, issue 13).
+"""Does SIFT guidance make training pay at equal compute? Two studies (docs/method.md, "Guided training").
 
     python experiments/guided_training/guided_training.py --scale gpu --device cuda --jobs 12  # the GPU run
     python experiments/guided_training/guided_training.py --scale quick  # CPU pipeline check

@@ -1,8 +1,8 @@
 """The dataset-level summary, built in one streaming pass over the parts of a run.
 
 Per (layer, head, metric cell) over images: the mean with a 95% bootstrap CI, the null mean and sd of
-that mean (METHOD.md section 3: the mean of the per-image null means, and the square root of the sum of
-per-image null variances over n), z, a two-sided normal p, and Benjamini-Hochberg q.
+that mean (docs/method.md, "Null model and dataset statistics": the mean of the per-image null means, and
+the square root of the sum of per-image null variances over n), z, a two-sided normal p, and Benjamini-Hochberg q.
 
 Bounded memory: no step holds every image's values. The CI is an *online Poisson bootstrap*: each
 image carries ``n_boot`` Poisson(1) weights drawn from a generator keyed by the run seed and the image's

@@ -1,4 +1,4 @@
-"""The metrics of METHOD.md section 3 as batched torch functions (null models: :mod:`siftlens.core.nullmodel`).
+"""The metrics of docs/method.md ("Metrics") as batched torch functions (null models: :mod:`siftlens.core.nullmodel`).
 
 Notation (shapes): ``B`` images, ``h`` heads, ``T`` prefix tokens (CLS, distillation, registers) that come
 first, ``N`` patch tokens, ``S = T + N``, ``K`` weight maps per image (index 0 = the observed map, 1..K-1 =
@@ -278,7 +278,7 @@ def image_metrics(
     has_cls: bool = True,
     maps: WeightMaps | None = None,
 ) -> dict[str, torch.Tensor]:
-    """All per-image metrics of METHOD.md section 3 for one layer, batched over images, heads and maps.
+    """All per-image metrics of docs/method.md ("Metrics") for one layer, batched over images, heads and maps.
 
     Args:
         attn: (B, h, S, S) post-softmax attention, ``S = num_prefix + N``, prefix tokens first.

@@ -1,4 +1,5 @@
-"""The null model of METHOD.md section 3, "attention ignores where the keypoints are", per image.
+"""The null model, "attention ignores where the keypoints are", per image (docs/method.md, "Null model and
+dataset statistics").
 
 Three ways to get each image's null mean and variance of every metric, all keyed by image so that a
 result never depends on batching, sharding or where a run was interrupted:

@@ -1,4 +1,5 @@
-"""Exact permutation-null moments for linear and quadratic (Mantel) statistics (METHOD.md section 3).
+"""Exact permutation-null moments for linear and quadratic (Mantel) statistics (docs/method.md, "Null model
+and dataset statistics").
 
 Null model: the weight map is re-assigned to the ``N`` patch positions by a uniform random permutation
 ``pi``. The moments below are exact (closed forms, no sampling, checked against all N! permutations),
@@ -266,7 +267,7 @@ def qap_moments(
 
     The variance is ``E[Q'^2]`` of the centred matrices (:func:`centred_at_least_sums`), never
     ``E[Q^2] - E[Q]^2``: for near-uniform attention the latter subtracts two numbers of size ``E[Q]^2``
-    to get one many orders of magnitude smaller (METHOD.md section 4, "Precision").
+    to get one many orders of magnitude smaller (docs/method.md, "Precision near uniform attention").
     """
     if n < 1:
         raise ConfigError(f"qap_moments needs n >= 1; got {n}")

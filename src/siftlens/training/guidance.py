@@ -1,4 +1,4 @@
-"""Keypoint guidance shared by every training loop (METHOD.md section 5): one sampler for guided masks and
+"""Keypoint guidance shared by every training loop (docs/method.md, "Guided training"): one sampler for guided masks and
 guided token dropping, and the augmented batch's keypoint counts it samples from.
 
 The sampler: ``score_p = tau * log(w_p + eps) + g_p`` with ``g = -log(-log u)`` Gumbel noise from uniform

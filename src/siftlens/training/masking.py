@@ -1,4 +1,4 @@
-"""Masking policies and loss weights for masked-image-modelling pre-training (METHOD.md section 5).
+"""Masking policies and loss weights for masked-image-modelling pre-training (docs/method.md, "Guided training").
 
 Every policy turns one batch of uniform noise ``u: (B, N)`` in [0, 1) into a per-patch *score*; the MAE
 masks the ``M`` patches with the highest scores (:meth:`siftlens.models.mae.MAE.masking`).

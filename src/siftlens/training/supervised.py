@@ -4,7 +4,7 @@ Images are decoded once into memory at the model's input size, augmented in batc
 device (random crop with padding, horizontal flip), and fed to AdamW with linear warm-up, cosine decay
 and label smoothing. Resumable and ``torchrun``-ready through :mod:`siftlens.training.loop`.
 
-Token dropping (METHOD.md section 5): with ``keep_rate`` r < 1 every training step runs on
+Token dropping (docs/method.md, "Guided training"): with ``keep_rate`` r < 1 every training step runs on
 ``K = round(r * N)`` patch tokens per image (plus the prefix tokens), with their own position embeddings;
 ``keep_policy`` ``random`` keeps them uniformly (PatchDropout), ``sift`` with probability proportional to
 ``(w_p + eps) ** tau`` where ``w_p`` is the patch's SIFT keypoint count in the augmented image (cached
