@@ -14,6 +14,7 @@ from PIL import Image
 from siftlens.errors import ConfigError, GeometryError
 from siftlens.models.native import NativeBackend
 from siftlens.models.vit import ViT, ViTConfig, save_vit
+from siftlens.options import build
 from siftlens.shortcuts import (
     PromptConfig,
     footprint_patches,
@@ -291,8 +292,8 @@ def prompt_setup(tmp_path_factory):
 @pytest.mark.parametrize("policy", ["none", "drop", "keep-top", "bias"])
 def test_prompt_bookkeeping(prompt_setup, policy, monkeypatch):
     root = prompt_setup
-    cfg = PromptConfig(policy=policy, candidates=str(root / "disc") if policy != "none" else None, top_words=2,
-                       batch_size=5, q=0.25)
+    cfg = build(PromptConfig, dict(policy=policy, candidates=str(root / "disc") if policy != "none" else None,
+                                   top_words=2, batch_size=5, q=0.25))
     kept = []  # what the model really received: the patch tokens kept, per image of every keep_idx forward
     real = ViT.forward_features
 
@@ -342,7 +343,8 @@ def test_prompt_config_errors_and_cli(prompt_setup, tmp_path):
     with pytest.raises(ConfigError, match="--policy"):
         PromptConfig(policy="erase").validate()
     # the response scheme runs end to end, and its weights differ from the count scheme's
-    cfgs = {s: PromptConfig(policy="bias", scheme=s, batch_size=8, beta=4.0) for s in ("count", "response")}
+    cfgs = {s: build(PromptConfig, dict(policy="bias", scheme=s, batch_size=8, beta=4.0))
+            for s in ("count", "response")}
     got = {s: prompt(str(root / "model"), str(root / "data"), c, progress=False) for s, c in cfgs.items()}
     assert got["response"].summary["config"]["scheme"] == "response"
     assert not np.allclose(got["response"].images["p_true_after"], got["count"].images["p_true_after"])

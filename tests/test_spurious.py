@@ -20,13 +20,14 @@ from siftlens.benchmarks.spurious_cifar import (
     builtin_markers,
     check_markers,
     glyph,
-    read_sidecar,
 )
 from siftlens.benchmarks.spurious_cifar_eval import evaluate_markers
 from siftlens.errors import CandidatesError, ConfigError, SpuriousDataError
 from siftlens.jobs import JobOptions, run_discovery
+from siftlens.options import build as configure
 from siftlens.shortcuts import DiscoveryConfig, discover, word_sets
 from siftlens.shortcuts.discovery.vocabulary import kmeans, load_vocabulary, rootsift
+from siftlens.shortcuts.groups import read_sidecar
 
 CLASSES = ("ant", "bee", "cow")
 
@@ -205,7 +206,7 @@ def planted(tmp_path_factory):
 def test_discovery_ranks_the_planted_marker_first(planted, tmp_path):
     data, model, hist = planted
     assert hist["epochs"][-1]["train_acc"] > 0.9, hist["epochs"][-1]
-    cfg = DiscoveryConfig(vocab_size=24, batch_size=48, causal_top=4, causal_images=8, gallery=4, top=5)
+    cfg = configure(DiscoveryConfig, dict(vocab=24, batch_size=48, causal_top=4, causal_images=8, gallery=4, top=5))
     res, paths = run_discovery(str(model), str(data), tmp_path / "disc", cfg, options=JobOptions(progress=False))
     ev = res.evaluation
     assert ev is not None and ev["ranks"] == {c: 1 for c in PLANTED}, (ev, res.top)
@@ -238,8 +239,8 @@ def test_discovery_with_object_boxes_and_mean_occlusion(planted, tmp_path):
         x0, y0, x1, y1 = r["box"]
         boxes[n] = [0, 0, 32, y0] if y0 >= 8 else [0, y1, 32, 32]
     (tmp_path / "boxes.json").write_text(json.dumps(boxes))
-    cfg = DiscoveryConfig(vocab_size=24, batch_size=48, causal_top=3, causal_images=6, gallery=0, occlude="mean",
-                          attention="rollout")
+    cfg = configure(DiscoveryConfig, dict(vocab=24, batch_size=48, causal_top=3, causal_images=6, gallery=0,
+                                          occlude="mean", attention="rollout"))
     res = discover(str(model), str(data), cfg, boxes=tmp_path / "boxes.json", progress=False)
     assert "off_object" in res.candidates
     ev = evaluate_markers(res, side)

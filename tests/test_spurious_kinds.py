@@ -12,17 +12,34 @@ import pytest
 import torch
 from PIL import Image
 
-from siftlens.benchmarks.spurious_cifar import glyph, read_sidecar
+from siftlens.benchmarks.spurious_cifar import glyph
 from siftlens.benchmarks.spurious_cifar_eval import evaluate_patches
 from siftlens.data import ImageSource
 from siftlens.errors import ConfigError
 from siftlens.models import load_backend
+from siftlens.options import build
 from siftlens.shortcuts import DiscoveryConfig, PromptConfig, discover
 from siftlens.shortcuts.discovery.causal import matched_control
 from siftlens.shortcuts.discovery.vocabulary import load_vocabulary
+from siftlens.shortcuts.groups import read_sidecar
 from siftlens.shortcuts.retraining.head import RepairConfig, group_weights, repair
 
 COLOURS = {"ant": (230, 40, 40), "bee": (40, 210, 40), "cow": (40, 40, 230)}
+
+
+def _repair_config(**options) -> RepairConfig:
+    return build(RepairConfig, options)
+
+
+def _prompt_config(**options) -> PromptConfig:
+    return build(PromptConfig, options)
+
+
+def _repair(model: str, images: str, out, config: RepairConfig) -> dict:
+    """repair, then save into ``out``; returns the record (repair.json)."""
+    res = repair(model, images, config, progress=False)
+    res.save(out)
+    return res.record
 
 
 def _image(rng, colour, texture: bool = True):
@@ -54,7 +71,6 @@ def _write(folder, rng, n, conflicting=False):
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
-    from siftlens.options import build
     from siftlens.training import TrainConfig, train
 
     root = tmp_path_factory.mktemp("colours")
@@ -64,7 +80,8 @@ def colours(tmp_path_factory):
     tc = build(TrainConfig, dict(img_size=32, patch_size=4, dim=32, depth=2, heads=2, epochs=16, batch_size=20,
                                  lr=3e-3, warmup_epochs=0.5, pad=0, seed=0))
     train(None, str(root / "train"), tc, progress=False, out=root / "run")
-    cfg = DiscoveryConfig(vocab_size=24, regions=16, batch_size=60, causal_top=60, causal_images=8, gallery=2, top=8)
+    cfg = build(DiscoveryConfig, dict(vocab=24, regions=16, batch_size=60, causal_top=60, causal_images=8, gallery=2,
+                                      top=8))
     res = discover(str(root / "run" / "model"), str(root / "train"), cfg, progress=False)
     return root, res, tex
 
@@ -116,14 +133,14 @@ def test_regions_find_a_weakly_textured_marker(colours):
 
 
 def test_prompting_flags_region_candidates_on_the_marker(colours, tmp_path):
-    from siftlens.shortcuts.prompting import PromptConfig, prompt
+    from siftlens.shortcuts.prompting import prompt
 
     root, res, _ = colours
     res.save(tmp_path / "disc")
     vocab = load_vocabulary(tmp_path / "disc")
     assert vocab.regions is not None and vocab.regions.shape[0] == 16
     out = prompt(str(root / "run" / "model"), str(root / "conflicting"),
-                 PromptConfig(policy="drop", candidates=str(tmp_path / "disc"), top_words=1, extent="footprint"),
+                 _prompt_config(policy="drop", candidates=str(tmp_path / "disc"), top_words=1, extent="footprint"),
                  progress=False)
     side = read_sidecar(root / "conflicting" / "markers.json")["images"]
     assert out.summary["interventions"]["mean_flagged_patches"] > 1
@@ -140,15 +157,15 @@ def test_group_weights_balance_cells():
 def test_repair_saves_a_normal_model_with_a_new_head(colours, tmp_path):
     root, res, _ = colours
     res.save(tmp_path / "disc")
-    s = repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep",
-               RepairConfig(candidates=str(tmp_path / "disc"), top_words=1, iters=50), progress=False)
+    s = _repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep",
+               _repair_config(candidates=str(tmp_path / "disc"), top_words=1, iters=50))
     assert s["images"] == 120 and s["flagged_share"] > 0.9 and len(s["cells"]) >= 3
     old, new = load_backend(str(root / "run" / "model")), load_backend(str(tmp_path / "rep" / "model"))
     assert new.class_names == old.class_names
     assert not torch.equal(new.model.head.weight, old.model.head.weight)
     assert torch.equal(new.model.blocks[0].attn.qkv.weight, old.model.blocks[0].attn.qkv.weight)
     with pytest.raises(ConfigError, match="groups"):
-        RepairConfig(candidates="x", groups="labels").validate()
+        _repair_config(candidates="x", groups="labels").validate()
     r = subprocess.run([sys.executable, "-m", "siftlens.cli", "repair", "--model", str(root / "run" / "model"),
                         "--images", str(root / "train"), "--candidates", str(tmp_path / "nothing.json"), "--out",
                         str(tmp_path / "r2")], capture_output=True, text=True, timeout=120)
@@ -160,9 +177,8 @@ def test_repair_with_mean_pooling_saves_a_model_that_pools_like_its_head(colours
 
     root, res, _ = colours
     res.save(tmp_path / "disc")
-    s = repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep",
-               RepairConfig(candidates=str(tmp_path / "disc"), top_words=1, iters=50, pool="mean", l2=0.1),
-               progress=False)
+    s = _repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep",
+               _repair_config(candidates=str(tmp_path / "disc"), top_words=1, iters=50, pool="mean", l2=0.1))
     assert s["config"]["pool"] == "mean"
     old, new = load_backend(str(root / "run" / "model")), load_backend(str(tmp_path / "rep" / "model"))
     assert old.model.cfg.pool == "cls" and new.model.cfg.pool == "mean"
@@ -182,7 +198,7 @@ def test_repair_with_mean_pooling_saves_a_model_that_pools_like_its_head(colours
         # the saved model's own forward pools the patch tokens, as its new head was fitted
         assert torch.allclose(new.model(x[1:], keep), new.model.head(f[1:]), atol=1e-5)
     with pytest.raises(ConfigError, match="pool"):
-        RepairConfig(candidates="x", pool="max").validate()
+        _repair_config(candidates="x", pool="max").validate()
 
 
 def test_repair_with_blocks_fine_tunes_only_the_last_block_and_saves_a_working_model(colours, tmp_path):
@@ -191,8 +207,8 @@ def test_repair_with_blocks_fine_tunes_only_the_last_block_and_saves_a_working_m
 
     root, res, _ = colours
     res.save(tmp_path / "disc")
-    cfg = RepairConfig(candidates=str(tmp_path / "disc"), top_words=1, iters=50, blocks=1, epochs=2, lr=1e-3)
-    s = repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep", cfg, progress=False)
+    cfg = _repair_config(candidates=str(tmp_path / "disc"), top_words=1, iters=50, blocks=1, epochs=2, lr=1e-3)
+    s = _repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep", cfg)
     assert s["images"] == 120 and len(s["finetune"]["epoch_loss"]) == 2 and s["finetune"]["steps"] >= 2
     old, new = load_backend(str(root / "run" / "model")), load_backend(str(tmp_path / "rep" / "model"))
     o, n = old.model.state_dict(), new.model.state_dict()
@@ -205,23 +221,23 @@ def test_repair_with_blocks_fine_tunes_only_the_last_block_and_saves_a_working_m
     with torch.no_grad():
         assert new.model(x).shape == (1, 3) and not torch.equal(new.model(x), old.model(x))
     # blocks=0 is the head-only repair: every block and the norm unchanged, the head the L-BFGS fit of the old head
-    s0 = repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep0",
-                RepairConfig(candidates=str(tmp_path / "disc"), top_words=1, iters=50), progress=False)
+    s0 = _repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep0",
+                _repair_config(candidates=str(tmp_path / "disc"), top_words=1, iters=50))
     assert "finetune" not in s0
     h0 = load_backend(str(tmp_path / "rep0" / "model")).model.state_dict()
     assert {k for k in o if not torch.equal(o[k], h0[k])} == {"head.weight", "head.bias"}
     src = ImageSource(str(root / "train"))
-    d = dropped_features(old, src, load_vocabulary(str(tmp_path / "disc")), RepairConfig(candidates="x", top_words=1),
+    d = dropped_features(old, src, load_vocabulary(str(tmp_path / "disc")), _repair_config(candidates="x", top_words=1),
                          progress=False)
     y = model_labels(src, old)[d["index"]]
     w, _ = group_weights(y, ((d["shortcut"] >= 0) & (d["shortcut"] != y)).astype(np.int64))
     head = fit_head(d["features"], torch.from_numpy(y), torch.from_numpy(w).float(), 3, 1e-3, 50, init=old.model.head)
     assert torch.equal(head.weight, h0["head.weight"])
     with pytest.raises(ConfigError, match="blocks"):
-        repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "r3",
-               RepairConfig(candidates=str(tmp_path / "disc"), top_words=1, blocks=3), progress=False)
+        _repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "r3",
+               _repair_config(candidates=str(tmp_path / "disc"), top_words=1, blocks=3))
     with pytest.raises(ConfigError, match="head-start"):
-        RepairConfig(candidates="x", blocks=1, head_start="new").validate()
+        _repair_config(candidates="x", blocks=1, head_start="new").validate()
     r = subprocess.run([sys.executable, "-m", "siftlens.cli", "repair", "--model", str(root / "run" / "model"),
                         "--images", str(root / "train"), "--candidates", str(tmp_path / "disc"), "--out",
                         str(tmp_path / "cli"), "--top-words", "1", "--blocks", "2", "--epochs", "1", "--lr", "2e-4",
@@ -242,7 +258,7 @@ def test_repair_dilate_grows_the_fitting_flags_by_whole_patches(colours, tmp_pat
         str(tmp_path / "disc"))
 
     def flags(radius: int) -> torch.Tensor:
-        cfg = RepairConfig(candidates="x", top_words=1, dilate=radius, batch_size=50)
+        cfg = _repair_config(candidates="x", top_words=1, dilate=radius, batch_size=50)
         return torch.cat([b["flag"] for b in flagged_batches(be, src, vocab, cfg, progress=False)])
 
     f0, f1 = flags(0), flags(1)
@@ -250,7 +266,7 @@ def test_repair_dilate_grows_the_fitting_flags_by_whole_patches(colours, tmp_pat
     assert f0.any(1).float().mean() > 0.9 and f1.sum() > 1.2 * f0.sum()
     assert torch.equal(f1, grown & ~grown.all(1, keepdim=True))  # every neighbour of a flagged patch, no more
     with pytest.raises(ConfigError, match="dilate"):
-        RepairConfig(candidates="x", dilate=-1).validate()
+        _repair_config(candidates="x", dilate=-1).validate()
 
 
 def test_prompt_and_repair_flag_the_same_patches_through_the_one_rule(colours, tmp_path, monkeypatch):
@@ -277,10 +293,10 @@ def test_prompt_and_repair_flag_the_same_patches_through_the_one_rule(colours, t
     monkeypatch.setattr(prompting, "flag_patches", recording("prompt"))
     monkeypatch.setattr(head, "flag_patches", recording("repair"))
     opts = {"top_words": 6, "score_ratio": 0.0, "dilate": 1}
-    out = prompting.prompt(model, images, PromptConfig(policy="drop", candidates=disc, extent="footprint", **opts),
+    out = prompting.prompt(model, images, _prompt_config(policy="drop", candidates=disc, extent="footprint", **opts),
                            progress=False)
     be, src, vocab = load_backend(model), ImageSource(images), load_vocabulary(disc)
-    batches = list(head.flagged_batches(be, src, vocab, RepairConfig(candidates=disc, **opts), progress=False))
+    batches = list(head.flagged_batches(be, src, vocab, _repair_config(candidates=disc, **opts), progress=False))
     assert len(seen["prompt"]) == len(src) and seen["prompt"].keys() == seen["repair"].keys()
     for i, p in seen["prompt"].items():
         assert torch.equal(p, seen["repair"][i]), src.names[i]
@@ -297,5 +313,5 @@ def test_prompt_and_repair_flag_the_same_patches_through_the_one_rule(colours, t
     assert {w < len(vocab.centers) for w in set().union(*sets)} == {True, False} and flag.float().mean() > 0
     # the test can tell the rules apart: prompt's default extent (center) flags other patches
     seen["prompt"].clear()
-    prompting.prompt(model, images, PromptConfig(policy="drop", candidates=disc, **opts), progress=False)
+    prompting.prompt(model, images, _prompt_config(policy="drop", candidates=disc, **opts), progress=False)
     assert any(not torch.equal(p, seen["repair"][i]) for i, p in seen["prompt"].items())

@@ -56,6 +56,7 @@ from repair_holdout import control_costs, scores  # noqa: E402
 from siftlens.data import ImageSource  # noqa: E402
 from siftlens.io import write_text  # noqa: E402
 from siftlens.models import load_backend  # noqa: E402
+from siftlens.options import build  # noqa: E402
 from siftlens.shortcuts.discovery.features import model_labels  # noqa: E402
 from siftlens.shortcuts.discovery.vocabulary import load_vocabulary  # noqa: E402
 from siftlens.shortcuts.retraining.blocks import frozen_tokens, tuned_predictions  # noqa: E402
@@ -78,7 +79,7 @@ def flagged(model: str, images: str, limit: int | None, candidates: str, cache: 
         z = np.load(cache, allow_pickle=False)
         return {k: z[k] for k in z.files}
     be, src = load_backend(model, "cpu"), ImageSource(images, limit=limit)
-    cfg = RepairConfig(candidates=candidates, dilate=dilate)
+    cfg = build(RepairConfig, dict(candidates=candidates, dilate=dilate))
     bs = list(flagged_batches(be, src, load_vocabulary(candidates), cfg, False))
     d = {k: np.concatenate([np.asarray(b[k]) for b in bs]) for k in ("x", "flag", "shortcut", "index")}
     d["labels"] = model_labels(src, be)[d["index"]]
@@ -123,8 +124,8 @@ def variants(model: str, candidates: str, fit: tuple[str, int | None], val: str,
             name: scores(tuned_predictions(base, get(("v", 1, drop, dl), tokens_of, base, vd, 1, drop), 1, "model"),
                          vd["labels"], vd["aligned"]) for name, drop in (("repair", False), ("repair+drop", True))}
     for s in grid:
-        cfg = RepairConfig(candidates=candidates, **s)
-        k, dl = max(cfg.blocks, 1), cfg.dilate
+        cfg = build(RepairConfig, dict(candidates=candidates, **s))
+        k, dl = max(cfg.blocks, 1), cfg.flags.dilate
         tag = f"-{fit[1]}" + (f"-dilate{dl}" if dl else "")
         fd = get(("fd", dl), flagged, model, fit[0], fit[1], candidates, cache / f"fit{tag}.npz", dl)
         y = fd["labels"]

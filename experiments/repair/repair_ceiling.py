@@ -38,10 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spurious"))  # spurious_eval.marker_patches
 from spurious_eval import marker_patches  # noqa: E402
 
-from siftlens.benchmarks.spurious_cifar import read_sidecar  # noqa: E402
 from siftlens.data import ImageSource  # noqa: E402
 from siftlens.io import write_text  # noqa: E402
 from siftlens.models import load_backend  # noqa: E402
+from siftlens.shortcuts.groups import read_sidecar  # noqa: E402
 from siftlens.shortcuts.retraining.head import fit_head, pooled_features  # noqa: E402
 
 POOLS = ("cls", "mean")

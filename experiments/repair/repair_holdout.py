@@ -34,12 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from repair_ceiling import features as plain_features  # noqa: E402
 
-from siftlens.benchmarks.spurious_cifar import read_sidecar  # noqa: E402
 from siftlens.data import ImageSource  # noqa: E402
 from siftlens.io import write_text  # noqa: E402
 from siftlens.models import load_backend  # noqa: E402
 from siftlens.shortcuts.discovery.features import model_labels  # noqa: E402
 from siftlens.shortcuts.discovery.vocabulary import load_vocabulary  # noqa: E402
+from siftlens.shortcuts.groups import read_sidecar  # noqa: E402
 from siftlens.shortcuts.retraining.head import RepairConfig, _groups, dropped_features, fit_head, group_weights  # noqa: E402
 
 POOLS = ("cls", "mean")

@@ -33,10 +33,9 @@ def oracle_drop(model: str, split: Path, limit: int | None, device: str = "cpu")
     import numpy as np
     import torch
 
-    from siftlens.benchmarks.spurious_cifar import read_sidecar
     from siftlens.data import ImageSource
     from siftlens.models import load_backend
-    from siftlens.shortcuts import group_accuracy, image_groups
+    from siftlens.shortcuts import group_accuracy, image_groups, read_sidecar
     from siftlens.shortcuts.interventions import forward_drop
 
     be = load_backend(model, device)

@@ -18,6 +18,7 @@ Public API (imported lazily, so ``import siftlens`` stays light)::
     build_spurious, SpuriousConfig                  the SpuriousCIFAR builder (siftlens.benchmarks)
     discover, DiscoveryConfig, DiscoveryResult      shortcut discovery with SIFT visual words (siftlens.shortcuts)
     prompt, PromptConfig, PromptResult              inference-time token interventions and their evaluation
+    repair, RepairConfig, RepairResult              retraining the head (or last blocks) with the shortcut dropped
     compare, CompareConfig, Comparison              differences between analysis runs, with bootstrap CIs and q
 """
 
@@ -44,6 +45,7 @@ _EXPORTS = {
     "SpuriousConfig": "benchmarks.spurious_cifar",
     "discover": "shortcuts", "DiscoveryConfig": "shortcuts", "DiscoveryResult": "shortcuts",
     "prompt": "shortcuts", "PromptConfig": "shortcuts", "PromptResult": "shortcuts",
+    "repair": "shortcuts", "RepairConfig": "shortcuts", "RepairResult": "shortcuts",
 }
 _ALIASES = {"build_spurious": ("benchmarks.spurious_cifar", "build")}
 

@@ -1,5 +1,4 @@
-"""Command-line options: commands generated from config dataclasses, and the typer ``Annotated`` aliases that
-several ``siftlens`` commands share."""
+"""Command-line options: commands generated from config dataclasses."""
 
 from __future__ import annotations
 
@@ -12,25 +11,12 @@ import typer
 
 from .options import build, flat_options
 
-# flagged tokens, shared by prompt and repair
-Dilate = Annotated[int, typer.Option(help="Grow flagged patches by this many patches (repair: at fitting time; use "
-                                          "the same value with `prompt --policy drop`).")]
-
-# siftlens repair
-RepairGroups = Annotated[str, typer.Option(help="discovery (label-free pseudo-groups) | sidecar (the markers.json's "
-                                                "true groups: an oracle reference) | none.")]
-RepairBlocks = Annotated[int, typer.Option(help="Also fine-tune the last K transformer blocks, the final norm and the "
-                                                "head (AdamW, flagged tokens dropped); 0 = the head only.")]
-RepairEpochs = Annotated[int, typer.Option(help="--blocks > 0: fine-tuning epochs.")]
-RepairLr = Annotated[float, typer.Option(help="--blocks > 0: peak learning rate (cosine decay to 0).")]
-RepairStart = Annotated[str, typer.Option(help="--blocks > 0: start from the head-only fit (fit) or the old head.")]
-
 
 # -- commands generated from config dataclasses ------------------------------------------------------------
 def config_parameters(cls: type, defaults: dict[str, object] | None = None) -> list[inspect.Parameter]:
     """One keyword-only typer option per field of config ``cls`` (its groups flattened, see
     :func:`siftlens.options.flat_options`), with the field's help text and default; ``defaults`` overrides
-    a default for this command only (by option name)."""
+    a default for this command only (by option name; ``dataclasses.MISSING`` makes the option required)."""
     defaults = defaults or {}
     params = []
     for o in flat_options(cls):

@@ -32,13 +32,14 @@ from PIL import Image
 
 from ..data import ImageSource
 from ..errors import ConfigError, ImageSourceError, SkipImage, SpuriousDataError
-from ..io import atomic_path, read_json, write_json
+from ..io import atomic_path, write_json
 from ..keypoints import SiftParams, auto_upsample, detect
+from ..options import option
 from ..progress import progress_bar
+from ..shortcuts.groups import SIDECAR
 
 SPLITS = ("train", "aligned", "conflicting", "holdout")
 DEFAULT_SPLITS = ("train", "aligned", "conflicting")
-SIDECAR = "markers.json"
 PLACEMENTS = ("random", "top-left", "top-right", "bottom-left", "bottom-right")
 _SPLIT_CODE = {"train": 0, "aligned": 1, "conflicting": 2, "holdout": 3}
 _PARTS = {"train": "train", "aligned": "test", "conflicting": "test", "holdout": "test"}
@@ -115,26 +116,36 @@ def load_markers(directory: str | os.PathLike, classes: list[str], size: int = 8
     return out
 
 
+def split_names(text: str) -> tuple[str, ...]:
+    """``"train,aligned"`` -> ``("train", "aligned")``."""
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
 @dataclass
 class SpuriousConfig:
-    """Parameters of a SpuriousCIFAR build (all of them go into ``manifest.json``).
+    """Parameters of a SpuriousCIFAR build (all of them go into ``manifest.json``; every field is an option of
+    ``siftlens make-spurious``).
 
     cifar: the CIFAR-10 root holding ``train/`` and ``test/`` class folders (a folder, a zip, or
     ``cifar10-jpg.zip/cifar10``; a ``cifar10/`` level below it is found by itself); markers: a folder of
     user markers, or None for the built-in glyphs.
     """
 
-    cifar: str
-    out: str
-    marker_size: int = 8
-    rho: float = 0.95
-    placement: str = "random"
-    seed: int = 0
-    markers: str | None = None
-    limit_per_class: int | None = None
-    splits: tuple[str, ...] = DEFAULT_SPLITS
-    holdout_start: int = 500
-    progress: bool = True
+    cifar: str = option(help="CIFAR-10 root with train/ and test/ class folders (or cifar10/ holding them): a "
+                             "folder, cifar10-jpg.zip or a folder inside a zip.")
+    out: str = option(help="Output folder: train/, aligned/, conflicting/ (ImageFolder PNGs, each with "
+                           "markers.json), markers/, manifest.json.")
+    marker_size: int = option(8, "Marker side in pixels.")
+    rho: float = option(0.95, "Share of training images that carry their own class's marker.")
+    placement: str = option("random", "random | top-left | top-right | bottom-left | bottom-right.")
+    seed: int = option(0, "Seed: the build is a deterministic function of it.")
+    markers: str | None = option(None, "Folder with one marker image per class, named <class>.png (any size); "
+                                       "default: the built-in glyphs.")
+    limit_per_class: int | None = option(None, "Use at most this many images per class and split (a subset of the "
+                                               "full build).")
+    splits: tuple[str, ...] = option(DEFAULT_SPLITS, "Splits to write (also: holdout).", parse=split_names)
+    holdout_start: int = option(500, "holdout: test images from this index per class on.")
+    progress: bool = option(True, "Show a progress bar.")
 
     def validate(self) -> None:
         if not 0.0 <= self.rho <= 1.0:
@@ -290,24 +301,6 @@ def _build_split(split, src, classes, markers, cfg: SpuriousConfig, root: Path, 
     n_aligned = sum(r["aligned"] for r in records.values())
     return {"images": len(records), "aligned": n_aligned, "conflicting": len(records) - n_aligned,
             "skipped": skipped}
-
-
-# -- reading a sidecar ---------------------------------------------------------------------------------
-def find_sidecar(images: str | os.PathLike) -> Path | None:
-    """``<images>/markers.json`` when ``images`` is a folder that holds one, else None."""
-    p = Path(images)
-    if p.is_dir() and (p / SIDECAR).is_file():
-        return p / SIDECAR
-    return None
-
-
-def read_sidecar(path: str | os.PathLike) -> dict:
-    """Load a sidecar written by :func:`build`; raises SpuriousDataError with a one-line reason."""
-    p = Path(path)
-    raw = read_json(p, "sidecar", error=SpuriousDataError)
-    if not isinstance(raw, dict) or not isinstance(raw.get("images"), dict):
-        raise SpuriousDataError(f"{p} is not a SpuriousCIFAR sidecar (no 'images' mapping)")
-    return raw
 
 
 # -- marker quality ------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ..shortcuts.discovery.features import Features, word_patches
-from ..shortcuts.discovery.run import DiscoveryResult
+from ..shortcuts.discovery.pipeline import DiscoveryResult
 
 
 def word_marker_purity(f: Features, sidecar: dict, K: int) -> pd.DataFrame:

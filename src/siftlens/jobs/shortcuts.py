@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..benchmarks.spurious_cifar import SpuriousConfig, build, find_sidecar, read_sidecar
+from ..benchmarks.spurious_cifar import SpuriousConfig, build
 from ..benchmarks.spurious_cifar_eval import evaluate_markers, evaluate_patches
 from ..errors import SpuriousDataError
+from ..models.hub import with_revision
 from ..shortcuts.discovery.config import DiscoveryConfig
+from ..shortcuts.discovery.pipeline import DiscoveryResult, discover
 from ..shortcuts.discovery.report import write_discovery_report
-from ..shortcuts.discovery.run import DiscoveryResult, discover
+from ..shortcuts.groups import find_sidecar, read_sidecar
 from ..shortcuts.prompting import PromptConfig, PromptResult, format_summary, prompt
-from ..shortcuts.retraining.head import RepairConfig, repair
+from ..shortcuts.retraining.head import RepairConfig, RepairResult, repair
 from ._options import JobOptions
 
 
@@ -35,16 +37,19 @@ def run_discovery(
     boxes=None,
     evaluate: bool | None = None,
     options: JobOptions | None = None,
+    revision: str | None = None,
 ) -> tuple[DiscoveryResult, dict[str, Path]]:
     """Discover, optionally score against a SpuriousCIFAR sidecar, save tables/JSON and the report.
 
-    evaluate: None = when ``<images>/markers.json`` exists; True requires it. Returns (result, paths).
+    evaluate: None = when ``<images>/markers.json`` exists; True requires it; revision: the hub revision of a hub
+    id or of timm's pretrained weights. Returns (result, paths).
     """
     opt = options or JobOptions()
     side = find_sidecar(images) if isinstance(images, (str, Path)) else None
     if evaluate and side is None:
         raise SpuriousDataError(f"--evaluate needs a SpuriousCIFAR sidecar markers.json inside {images}")
-    res = discover(model, images, config, boxes=boxes, progress=opt.progress, weights=opt.weights)
+    res = discover(with_revision(model, revision), images, config, boxes=boxes, weights=opt.weights,
+                   progress=opt.progress)
     if side is not None and evaluate is not False:
         sc = read_sidecar(side)
         pt = res.manifest["patches"]
@@ -75,10 +80,10 @@ def discovery_outcome(res: DiscoveryResult, paths: dict[str, Path]) -> str:
 
 
 def run_prompt(model, images, out: str | Path, config: PromptConfig | None = None,
-               options: JobOptions | None = None) -> tuple[PromptResult, dict[str, Path]]:
+               options: JobOptions | None = None, revision: str | None = None) -> tuple[PromptResult, dict[str, Path]]:
     """:func:`~siftlens.shortcuts.prompt`, then write ``prompting.json`` and ``predictions.csv`` into ``out``."""
     opt = options or JobOptions()
-    res = prompt(model, images, config, progress=opt.progress, weights=opt.weights)
+    res = prompt(with_revision(model, revision), images, config, weights=opt.weights, progress=opt.progress)
     return res, res.save(out)
 
 
@@ -86,14 +91,17 @@ def prompt_outcome(res: PromptResult, paths: dict[str, Path]) -> str:
     return "\n".join([format_summary(res.summary), *(f"  {k:11s} {p}" for k, p in paths.items())])
 
 
-def run_repair(model, images, out: str | Path, config: RepairConfig, progress: bool = True) -> dict:
-    """:func:`~siftlens.shortcuts.repair`: writes ``out/model`` and ``out/repair.json``; returns the summary."""
-    return repair(model, images, out, config, progress)
+def run_repair(model, images, out: str | Path, config: RepairConfig | None = None, *,
+               progress: bool = True) -> tuple[RepairResult, dict[str, Path]]:
+    """:func:`~siftlens.shortcuts.repair`, then write ``out/model`` and ``out/repair.json``."""
+    res = repair(model, images, config, progress=progress)
+    return res, res.save(out)
 
 
-def repair_outcome(summary: dict, out: str | Path) -> str:
-    what = f"head and last {summary['config']['blocks']} block(s)" if summary["config"].get("blocks") else "head"
-    return (f"{what} retrained on {summary['images']} images ({summary['flagged_share']:.0%} with flagged patches; "
-            f"groups {summary['config']['groups']}, {len(summary['cells'])} cells); "
-            f"accuracy with the shortcut dropped {summary['train_accuracy_dropped']:.3f}\n"
-            f"repaired model: {Path(out) / 'model'}")
+def repair_outcome(res: RepairResult, paths: dict[str, Path]) -> str:
+    s = res.record
+    what = f"head and last {s['config']['blocks']} block(s)" if s["config"].get("blocks") else "head"
+    return (f"{what} retrained on {s['images']} images ({s['flagged_share']:.0%} with flagged patches; "
+            f"groups {s['config']['groups']}, {len(s['cells'])} cells); "
+            f"accuracy with the shortcut dropped {s['train_accuracy_dropped']:.3f}\n"
+            f"repaired model: {paths['model']}")

@@ -9,12 +9,16 @@ The flow, each step in one place:
 - ``interventions``: drop, keep-top and attention-bias forwards for any backend, grouping by kept-token count,
   growing a patch mask;
 - ``prompting``: :func:`prompt` classifies images before and after an intervention at inference
-  (:class:`PromptConfig`, :class:`PromptResult`); ``groups``: overall, per-group and worst-group accuracy;
+  (:class:`PromptConfig`, :class:`PromptResult`); ``groups``: reading a groups file (the ``markers.json`` a
+  benchmark writes), overall, per-group and worst-group accuracy;
 - ``retraining/``: :func:`repair` retrains the head (``head``) and with ``blocks > 0`` the last blocks
-  (``blocks``) with the flagged tokens dropped (:class:`RepairConfig`).
+  (``blocks``) with the flagged tokens dropped (:class:`RepairConfig`, :class:`RepairResult`).
+
+Every job has one shape, ``fn(model, images, config=None, *, weights=None, progress=True) -> Result`` (repair
+takes no ``weights``: it retrains a siftlens ViT), and the result's ``save(out)`` writes its files.
 
 The SpuriousCIFAR benchmark that plants known shortcuts, and its evaluation of a discovery, live in
-:mod:`siftlens.benchmarks`. The names below are imported lazily.
+:mod:`siftlens.benchmarks`, which imports this package (never the reverse). The names below are imported lazily.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "discover": "discovery.run", "DiscoveryConfig": "discovery.config", "DiscoveryResult": "discovery.run",
+    "discover": "discovery.pipeline", "DiscoveryConfig": "discovery.config", "DiscoveryResult": "discovery.pipeline",
     "prompt": "prompting", "PromptConfig": "prompting", "PromptResult": "prompting", "POLICIES": "prompting",
     "format_summary": "prompting",
-    "repair": "retraining.head", "RepairConfig": "retraining.head",
-    "group_accuracy": "groups", "image_groups": "groups",
-    "flag_patches": "flags", "word_sets": "flags", "Flags": "flags", "footprint_patches": "flags",
+    "repair": "retraining.head", "RepairConfig": "retraining.head", "RepairResult": "retraining.head",
+    "group_accuracy": "groups", "image_groups": "groups", "find_sidecar": "groups", "read_sidecar": "groups",
+    "flag_patches": "flags", "word_sets": "flags", "Flags": "flags", "FlagOptions": "flags",
+    "footprint_patches": "flags",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,7 +12,8 @@ SIFT words (ids ``0..K-1``) and region words (``K..``). The rule has three setti
 - ``dilate``: the union over the sets grows by that many patches on the grid (8-neighbourhood).
 
 :func:`flag_patches` applies it to a batch. Shapes: ``B`` images, ``S`` word sets, ``N = g_h * g_w`` patches,
-``k`` keypoints of an image.
+``k`` keypoints of an image. :class:`FlagOptions` holds the settings, one option group of ``prompt`` and ``repair``
+alike (each with its own defaults).
 """
 
 from __future__ import annotations
@@ -25,11 +26,34 @@ import torch
 from ..errors import ConfigError
 from ..keypoints import patch_index
 from ..models.backend import Backend
+from ..options import option
 from .discovery.regions import region_words
 from .discovery.vocabulary import Vocabulary
 from .interventions import dilate
 
 EXTENTS = ("center", "footprint")
+
+
+@dataclass
+class FlagOptions:
+    """Which patches a discovery output flags (a nested config group of prompt and repair; repair gives it its own
+    defaults: 5 words, ratio 0.25, the footprint extent)."""
+
+    top_words: int = option(1, "Flag each class's this many best-ranked words.")
+    score_ratio: float = option(0.0, "...of those, only words scoring at least this fraction of the class's best "
+                                     "score.")
+    extent: str = option("center", "Flag the patch of each flagged keypoint's centre (center) or every patch its "
+                                   "footprint touches (footprint).")
+    dilate: int = option(0, "Grow flagged patches by this many patches (repair: at fitting time; use the same value "
+                            "with `prompt --policy drop`).")
+
+    def validate(self) -> None:
+        if self.extent not in EXTENTS:
+            raise ConfigError(f"--extent must be one of {', '.join(EXTENTS)}, not {self.extent!r}")
+        if not 0.0 <= self.score_ratio <= 1.0:
+            raise ConfigError(f"--score-ratio must be in [0, 1], got {self.score_ratio}")
+        if self.top_words < 1 or self.dilate < 0:
+            raise ConfigError(f"--top-words must be >= 1 and --dilate >= 0, got {self.top_words} and {self.dilate}")
 
 
 def class_words(vocab: Vocabulary, c: str, top_words: int, score_ratio: float) -> set[int]:

@@ -1,10 +1,40 @@
-"""Accuracy bookkeeping of prompting: per-image groups and overall, per-group and worst-group accuracy."""
+"""Groups of images and their accuracy: reading a groups file, per-image groups, and overall, per-group and
+worst-group accuracy (prompting and repair).
+
+A groups file (``markers.json``, the sidecar that a benchmark such as SpuriousCIFAR writes into each split
+folder) maps every image name (``cat/0012.png``) to a record with at least ``label`` and ``aligned`` (whether the
+image carries its own class's shortcut); SpuriousCIFAR's records also hold the marker's class and box. The
+shortcut tools read it here; the benchmark only writes it.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SpuriousDataError
+from ..io import read_json
+
+SIDECAR = "markers.json"
+
+
+def find_sidecar(images: str | os.PathLike) -> Path | None:
+    """``<images>/markers.json`` when ``images`` is a folder that holds one, else None."""
+    p = Path(images)
+    if p.is_dir() and (p / SIDECAR).is_file():
+        return p / SIDECAR
+    return None
+
+
+def read_sidecar(path: str | os.PathLike) -> dict:
+    """Load a groups file (a SpuriousCIFAR sidecar); raises SpuriousDataError with a one-line reason."""
+    p = Path(path)
+    raw = read_json(p, "sidecar", error=SpuriousDataError)
+    if not isinstance(raw, dict) or not isinstance(raw.get("images"), dict):
+        raise SpuriousDataError(f"{p} is not a SpuriousCIFAR sidecar (no 'images' mapping)")
+    return raw
 
 
 def group_accuracy(correct: np.ndarray, groups: list[str] | np.ndarray) -> dict:

@@ -33,50 +33,48 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..benchmarks.spurious_cifar import find_sidecar, read_sidecar
 from ..data import ImageSource
 from ..errors import ConfigError
 from ..io import atomic_path, write_json
-from ..keypoints import SCHEMES, Keypoints, SiftParams, sift_params, weight_map
+from ..keypoints import SCHEMES, Keypoints, SiftOptions, SiftParams, sift_params, weight_map
 from ..loading import KeypointDataset, make_loader, one_cv2_thread_per_worker
 from ..models import load_backend
 from ..models.backend import Backend
+from ..models.layers import parse_layers
+from ..options import RunOptions, group, option
 from ..progress import progress_bar
 from .discovery.features import model_labels
 from .discovery.vocabulary import Vocabulary, load_vocabulary
-from .flags import EXTENTS, flag_patches, word_sets
-from .groups import group_accuracy, image_groups
+from .flags import FlagOptions, flag_patches, word_sets
+from .groups import find_sidecar, group_accuracy, image_groups, read_sidecar
 from .interventions import DROP_MODES, forward_bias, forward_drop, keep_top_idx, semantic_bias
+from .record import config_record
 
 POLICIES = ("none", "drop", "keep-top", "bias")
 
 
 @dataclass
 class PromptConfig:
-    """Every parameter of a prompting run (all of it goes into the JSON output)."""
+    """Every parameter of a prompting run (all of it goes into the JSON output); every field with ``cli`` is an
+    option of ``siftlens prompt``."""
 
-    policy: str = "drop"
-    candidates: str | None = None
-    top_words: int = 1
-    score_ratio: float = 0.0
-    extent: str = "center"
-    dilate: int = 0
-    q: float = 0.5
-    beta: float = 1.0
-    eps: float = 1e-3
-    flag_bias: float = -1e4
-    layers: list[int] | None = None
-    drop_mode: str = "group"
-    scheme: str = "count"
-    upsample: float = 0.0
-    contrast_threshold: float = 0.04
-    edge_threshold: float = 10.0
-    batch_size: int = 64
-    workers: int = 0
-    device: str = "cpu"
-    seed: int = 0
-    limit: int | None = None
-    groups: str | None = None
+    policy: str = option("drop", "drop | keep-top | bias | none.")
+    candidates: str | None = option(None, "discovery.json (or its folder) from `siftlens discover`: its top words "
+                                          "flag patches.")
+    flags: FlagOptions = group(FlagOptions)
+    q: float = option(0.5, "keep-top: fraction of patches kept.")
+    beta: float = option(1.0, "bias: strength of the semantic prior beta * log(eps + c_j).")
+    eps: float = option(1e-3, "bias: eps in log(eps + c_j).")
+    flag_bias: float = option(-1e4, "bias: added to the logits of flagged keys.")
+    layers: list[int] | None = option(None, "bias: comma-separated layers (negative from the end); default all.",
+                                      parse=parse_layers)
+    drop_mode: str = option("group", "group (exact removal, one forward per kept count) or mask (-inf key mask).")
+    scheme: str = option("count", "Semantic weight per patch: count | response | footprint.")
+    groups: str | None = option(None, "SpuriousCIFAR markers.json for groups (default: the one in --images, else "
+                                      "groups are classes).")
+    sift: SiftOptions = group(SiftOptions)
+    run: RunOptions = group(RunOptions, helps={"batch_size": "Images per forward pass.",
+                                               "seed": "Seed of tie-breaking in keep-top."}, batch_size=64)
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -91,12 +89,9 @@ class PromptConfig:
             raise ConfigError(f"--q must be in (0, 1], got {self.q}")
         if self.eps <= 0:
             raise ConfigError(f"--eps must be > 0, got {self.eps}")
-        if self.extent not in EXTENTS:
-            raise ConfigError(f"--extent must be one of {', '.join(EXTENTS)}, not {self.extent!r}")
-        if not 0.0 <= self.score_ratio <= 1.0:
-            raise ConfigError(f"--score-ratio must be in [0, 1], got {self.score_ratio}")
-        if self.top_words < 1 or self.dilate < 0 or self.batch_size < 1 or self.workers < 0:
-            raise ConfigError("--top-words and --batch-size must be >= 1, --dilate and --workers >= 0")
+        self.flags.validate()
+        if self.run.batch_size < 1 or self.run.workers < 0:
+            raise ConfigError("--batch-size must be >= 1, --workers >= 0")
 
 
 @dataclass
@@ -136,10 +131,12 @@ def prompt(
     model: str | Backend,
     images: str | Path | list | ImageSource,
     config: PromptConfig | None = None,
-    progress: bool = True,
+    *,
     weights: str | None = None,
+    progress: bool = True,
 ) -> PromptResult:
-    """Classify ``images`` before and after the intervention of ``config.policy``; returns data."""
+    """Classify ``images`` before and after the intervention of ``config.policy``; returns data (see
+    :meth:`PromptResult.save`). weights: a weights file for ``timm:<name>``."""
     cfg = config or PromptConfig()
     cfg.validate()
     t0 = time.time()
@@ -159,21 +156,21 @@ def prompt(
 
 
 def _read_inputs(model: str | Backend, images, cfg: PromptConfig, weights: str | None) -> _Inputs:
-    backend = model if isinstance(model, Backend) else load_backend(model, cfg.device, weights=weights)
-    source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.limit)
+    backend = model if isinstance(model, Backend) else load_backend(model, cfg.run.device, weights=weights)
+    source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.run.limit)
     labels = model_labels(source, backend)
     if source.labels is None:
         raise ConfigError(f"{source.spec!s} is not in ImageFolder layout (<class>/<image>); accuracy needs labels")
     if (labels < 0).any():
         raise ConfigError("some class folders are not classes of the model; name the folders as the model's classes")
     vocab = load_vocabulary(cfg.candidates) if cfg.candidates else None
-    flagged = word_sets(vocab, cfg.top_words, cfg.score_ratio)[0] if vocab is not None else set()
+    flagged = word_sets(vocab, cfg.flags.top_words, cfg.flags.score_ratio)[0] if vocab is not None else set()
     sidecar = None
     side = Path(cfg.groups) if cfg.groups else (find_sidecar(source.spec) if isinstance(source.spec, (str, Path))
                                                 else None)
     if side is not None:
         sidecar = read_sidecar(side)
-    sift = sift_params(backend.input_size, cfg)
+    sift = sift_params(backend.input_size, cfg.sift)
     return _Inputs(backend, source, labels, vocab, flagged, side, sidecar, sift)
 
 
@@ -181,20 +178,20 @@ def _classify(inp: _Inputs, cfg: PromptConfig, progress: bool) -> tuple[list[dic
     """One row per readable image (predictions and probabilities before and after); the skipped images."""
     backend, source, labels = inp.backend, inp.source, inp.labels
     P, grid = backend.patch_size, tuple(backend.grid_size)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = make_loader(KeypointDataset(source, backend, None, inp.sift, descriptors=True), cfg)
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    loader = make_loader(KeypointDataset(source, backend, None, inp.sift, descriptors=True), cfg.run)
     rows = []
     skipped = []
     names = source.names
     cls_names = list(backend.class_names or [str(i) for i in range(int(labels.max()) + 1)])
-    with progress_bar(progress) as pb, one_cv2_thread_per_worker(cfg.workers):
+    with progress_bar(progress) as pb, one_cv2_thread_per_worker(cfg.run.workers):
         task = pb.add_task(f"prompt {cfg.policy}", total=len(source), info="")
         for items in loader:
             good = [it for it in items if "skip" not in it]
             skipped += [{"name": names[it["index"]], "reason": it["skip"]} for it in items if "skip" in it]
             if good:
                 x = backend.normalize(torch.from_numpy(np.stack([it["pixels"] for it in good])))
-                fl = flag_patches(backend, x, good, inp.vocab, [inp.flagged], cfg.extent, cfg.dilate)
+                fl = flag_patches(backend, x, good, inp.vocab, [inp.flagged], cfg.flags.extent, cfg.flags.dilate)
                 flag = fl.patches
                 w = torch.from_numpy(np.stack([semantic_weights(it, k, P, grid, cfg.scheme)
                                                for it, k in zip(good, fl.keypoints, strict=True)]))
@@ -259,7 +256,7 @@ def _summary(inp: _Inputs, cfg: PromptConfig, df: pd.DataFrame, skipped: list[di
     return {
         "kind": "siftlens-prompting", "siftlens_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": asdict(cfg), "model": backend.describe(),
+        "config": config_record(cfg), "model": backend.describe(),
         "sift": {**asdict(sift), "upsample_used": sift.upsample},
         "flagged_words": sorted(inp.flagged),
         "groups_from": str(inp.side) if inp.side is not None else "class",

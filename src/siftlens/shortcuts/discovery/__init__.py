@@ -40,7 +40,7 @@ spurious marker, not the object, and is used only by the benchmark's evaluation
 Modules, in the order of the flow: ``config`` (:class:`DiscoveryConfig`), ``features`` (step 1),
 ``vocabulary`` (step 2, and reading it back for prompting), ``regions`` (region words), ``scoring``
 (steps 3 and 5), ``causal``
-(step 4), ``run`` (:func:`discover`, :class:`DiscoveryResult`) and ``report`` (renders the HTML page
+(step 4), ``pipeline`` (:func:`discover`, :class:`DiscoveryResult`) and ``report`` (renders the HTML page
 only). The names below are imported lazily.
 """
 
@@ -56,7 +56,7 @@ _EXPORTS = {
     "class_word_stats": "scoring", "rank": "scoring",
     "causal_check": "causal", "occlude_probs": "causal", "matched_control": "causal",
     "patch_tokens": "regions", "region_features": "regions", "region_words": "regions",
-    "DiscoveryResult": "run", "discover": "run",
+    "DiscoveryResult": "pipeline", "discover": "pipeline",
     "discovery_html": "report", "write_discovery_report": "report",
 }
 

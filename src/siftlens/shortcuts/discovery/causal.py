@@ -89,7 +89,7 @@ def causal_check(
     n, N = f.attention.shape
     ti, tv, tp = word_patches(f, K, N)
     counts = patch_counts(f if texture is None else texture, N)
-    rng = np.random.default_rng(cfg.seed + 7)
+    rng = np.random.default_rng(cfg.run.seed + 7)
     jobs = []  # (candidate row label, feature row, flags word, flags control)
     for lab, r in cands.iterrows():
         c, v = int(r["class_index"]), int(r["word"])
@@ -104,7 +104,7 @@ def causal_check(
             ctrl = matched_control(flag, counts[i], rng, cfg.control)
             jobs.append((lab, int(i), flag, ctrl))
     res: dict = {lab: {"w": [], "c": [], "flip": []} for lab in cands.index}
-    bs = max(1, cfg.batch_size // 2)
+    bs = max(1, cfg.run.batch_size // 2)
     cache: dict[int, np.ndarray] = {}
     with progress_bar(progress) as pb:
         task = pb.add_task("occlusion", total=len(jobs), info="")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import ConfigError
+from ...keypoints import SiftOptions
+from ...options import RunOptions, group, option
 
 ATTENTION_KINDS = ("last", "rollout")
 OCCLUDE_KINDS = ("drop", "mean")
@@ -13,31 +15,32 @@ CONTROL_KINDS = ("matched", "random")
 
 @dataclass
 class DiscoveryConfig:
-    """Every parameter of a discovery run (all of it goes into the JSON output)."""
+    """Every parameter of a discovery run (all of it goes into the JSON output); every field with ``cli`` is an
+    option of ``siftlens discover``."""
 
-    vocab_size: int = 256
-    vocab_sample: int = 100_000
-    kmeans_iters: int = 50
-    attention: str = "last"
-    upsample: float = 0.0  # 0: automatic (4 for 32x32 inputs, 1 for 224)
-    contrast_threshold: float = 0.04
-    edge_threshold: float = 10.0
-    batch_size: int = 64
-    workers: int = 0
-    device: str = "cpu"
-    seed: int = 0
-    limit: int | None = None
-    min_images: int = 5
-    smoothing: float = 0.5
-    causal_top: int = 10
-    causal_images: int = 32
-    occlude: str = "drop"
-    drop_mode: str = "group"
-    regions: int = 128  # region words (k-means of the model's patch tokens); 0: SIFT words only
-    region_layer: int = 0  # block whose output tokens are clustered (0: patch embedding; -1: last)
-    control: str = "matched"  # causal check's control patches: matched on keypoint count, or random
-    top: int = 10
-    gallery: int = 12
+    vocab_size: int = option(256, "Visual words K (k-means clusters of SIFT descriptors).", flag="vocab")
+    vocab_sample: int = option(100_000, "Descriptors sampled for k-means.")
+    kmeans_iters: int = option(50, "k-means iterations.", cli=False)
+    attention: str = option("last", "last (CLS attention of the last layer, mean over heads) or rollout.")
+    sift: SiftOptions = group(SiftOptions)
+    run: RunOptions = group(RunOptions, helps={"batch_size": "Images per forward pass.",
+                                               "seed": "Seed of k-means, sampling and the occlusion control."},
+                            batch_size=64)
+    min_images: int = option(5, "Rank a (class, word) only when seen in this many images predicted as the class.")
+    smoothing: float = option(0.5, "Added to every count of the association's log-odds.", cli=False)
+    causal_top: int = option(10, "Candidates per class checked by occlusion.")
+    causal_images: int = option(32, "Images per checked candidate.")
+    occlude: str = option("drop", "Causal check: drop (remove tokens) or mean (fill patches with the image's mean "
+                                  "colour).")
+    drop_mode: str = option("group", "Causal check's token removal: group (exact, one forward per kept count) or "
+                                     "mask.", cli=False)
+    regions: int = option(128, "Region words R (k-means of the model's patch tokens), ranked with the SIFT words; "
+                               "0 = SIFT words only.")
+    region_layer: int = option(0, "Block whose output tokens are clustered (0 = patch embedding, -1 = last).")
+    control: str = option("matched", "Causal check's control patches: matched (same keypoint counts as the "
+                                     "candidate's patches) or random.")
+    top: int = option(10, "Candidates per class kept in discovery.json and the report.")
+    gallery: int = option(12, "Example patches per top candidate in the report.")
 
     def validate(self) -> None:
         if self.attention not in ATTENTION_KINDS:
@@ -50,9 +53,9 @@ class DiscoveryConfig:
             raise ConfigError(f"--drop-mode must be 'group' or 'mask', not {self.drop_mode!r}")
         if self.vocab_size < 2:
             raise ConfigError(f"--vocab must be at least 2 words, got {self.vocab_size}")
-        if self.batch_size < 1 or self.workers < 0 or self.min_images < 1:
+        if self.run.batch_size < 1 or self.run.workers < 0 or self.min_images < 1:
             raise ConfigError("--batch-size and --min-images must be >= 1, --workers >= 0")
         if self.smoothing <= 0:
             raise ConfigError(f"smoothing must be > 0, got {self.smoothing}")
-        if self.upsample < 0:
-            raise ConfigError(f"--upsample must be > 0 (or 0 for automatic), got {self.upsample}")
+        if self.sift.upsample < 0:
+            raise ConfigError(f"--upsample must be > 0 (or 0 for automatic), got {self.sift.upsample}")

@@ -92,10 +92,10 @@ def extract_features(
     rows: dict[str, list] = {k: [] for k in ("idx", "pred", "prob", "attn")}
     kp: dict[str, list] = {k: [] for k in ("img", "xy", "size", "patch", "desc", "inside")}
     skipped: list[dict] = []
-    loader = make_loader(KeypointDataset(source, backend, None, sift, descriptors=True, boxes=boxes), cfg)
+    loader = make_loader(KeypointDataset(source, backend, None, sift, descriptors=True, boxes=boxes), cfg.run)
     layers = None if cfg.attention == "rollout" else [-1]
     n_done = 0
-    with progress_bar(progress) as pb, one_cv2_thread_per_worker(cfg.workers):
+    with progress_bar(progress) as pb, one_cv2_thread_per_worker(cfg.run.workers):
         task = pb.add_task("features", total=len(source), info="")
         for items in loader:
             good = [it for it in items if "skip" not in it]

@@ -64,18 +64,18 @@ def region_features(
     """Pseudo-keypoint features of the region words (ids offset by ``K``) and the centres (R, D)."""
     N = backend.num_patches
     toks = []
-    for s in range(0, len(f.names), cfg.batch_size):
-        idx = f.indices[s : s + cfg.batch_size]
+    for s in range(0, len(f.names), cfg.run.batch_size):
+        idx = f.indices[s : s + cfg.run.batch_size]
         px = np.stack([load_pixels(backend, source, int(i)) for i in idx])
         x = backend.normalize(torch.from_numpy(px))
         toks.append(patch_tokens(backend, x, cfg.region_layer).cpu().half())
     t = torch.cat(toks).float()
     n, _, D = t.shape
     flat = t.reshape(-1, D)
-    rng = np.random.default_rng(cfg.seed + 11)
+    rng = np.random.default_rng(cfg.run.seed + 11)
     sample = flat if len(flat) <= cfg.vocab_sample else flat[torch.from_numpy(
         np.sort(rng.choice(len(flat), cfg.vocab_sample, replace=False)))]
-    centers = kmeans(sample, cfg.regions, cfg.kmeans_iters, cfg.seed)
+    centers = kmeans(sample, cfg.regions, cfg.kmeans_iters, cfg.run.seed)
     words = assign(flat, centers)[0].numpy() + K
     centres_xy = backend.patch_centers().numpy().astype(np.float32)  # (N, 2) x, y in pixels
     rf = Features(

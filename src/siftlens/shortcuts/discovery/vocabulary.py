@@ -84,11 +84,12 @@ def _assign_dist(x: torch.Tensor, c: torch.Tensor, batch: int) -> torch.Tensor:
 
 def build_vocabulary(desc: np.ndarray, cfg: DiscoveryConfig, progress: bool = False) -> torch.Tensor:
     """k-means centres (k, 128) in RootSIFT space over a seeded sample of at most ``vocab_sample`` rows."""
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.run.seed)
     sample = desc if len(desc) <= cfg.vocab_sample else desc[rng.choice(len(desc), cfg.vocab_sample, replace=False)]
     with progress_bar(progress) as pb:
         task = pb.add_task("k-means", total=cfg.kmeans_iters, info=f"{len(sample)} descriptors")
-        return kmeans(rootsift(sample), cfg.vocab_size, cfg.kmeans_iters, cfg.seed, on_iter=lambda: pb.advance(task))
+        return kmeans(rootsift(sample), cfg.vocab_size, cfg.kmeans_iters, cfg.run.seed,
+                      on_iter=lambda: pb.advance(task))
 
 
 @dataclass

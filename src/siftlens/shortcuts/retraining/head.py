@@ -3,10 +3,10 @@ arXiv 2204.02937), and with ``blocks > 0`` the last blocks too, on features comp
 shortcut's tokens dropped, over a set re-weighted from discovery alone.
 
 1. Every image of ``images`` is flagged by :func:`~siftlens.shortcuts.flags.flag_patches`, the rule prompting
-   uses, with one word set per class (each class's best candidates) and the ``footprint`` extent (SIFT words by
-   their keypoints' footprint, region words by their patches: ``prompt --policy drop --extent footprint`` with
-   the same ``--top-words``, ``--score-ratio`` and ``--dilate`` flags the same patches), and its pooled features
-   are computed with the flagged tokens removed.
+   uses, with one word set per class (each class's best candidates) and by default the ``footprint`` extent
+   (SIFT words by their keypoints' footprint, region words by their patches: ``prompt --policy drop --extent
+   footprint`` with the same ``--top-words``, ``--score-ratio`` and ``--dilate`` flags the same patches), and
+   its pooled features are computed with the flagged tokens removed.
 2. Pseudo-groups without group labels: an image's *shortcut class* is the class whose candidates cover
    most of its flagged patches (none when nothing is flagged); the group is (label, shortcut class ==
    label or none) -> "aligned", else "conflicting". ``groups="sidecar"`` uses a SpuriousCIFAR sidecar's
@@ -31,54 +31,59 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-from ...benchmarks.spurious_cifar import find_sidecar, read_sidecar
 from ...data import ImageSource
 from ...errors import ConfigError
 from ...io import write_json
-from ...keypoints import sift_params
-from ...loading import KeypointDataset
+from ...keypoints import SiftOptions, sift_params
+from ...loading import KeypointDataset, make_loader, one_cv2_thread_per_worker
 from ...models import load_backend
 from ...models.backend import Backend
 from ...models.vit import save_vit
+from ...options import RunOptions, group, option
 from ...progress import progress_bar
 from ..discovery.features import model_labels
 from ..discovery.vocabulary import Vocabulary, load_vocabulary
-from ..flags import flag_patches, word_sets
+from ..flags import FlagOptions, flag_patches, word_sets
+from ..groups import find_sidecar, read_sidecar
 from ..interventions import keep_groups
+from ..record import config_record
 from .blocks import POOLS, TuneSettings, finetune, frozen_tokens, tuned_predictions
 
 GROUPINGS = ("discovery", "sidecar", "none")
-EXTENT = "footprint"  # a flagged keypoint flags every patch its footprint touches (prompt's --extent footprint)
 STARTS = ("fit", "old")
 
 
 @dataclass
 class RepairConfig:
-    candidates: str = ""
-    top_words: int = 5
-    score_ratio: float = 0.25
-    dilate: int = 0
-    groups: str = "discovery"  # discovery | sidecar (oracle reference) | none (plain re-fit)
-    l2: float = 1e-3
-    iters: int = 200
-    pool: str = "model"  # model (the model's own) | cls | mean (mean of the kept patch tokens); saved with the head
-    batch_size: int = 128
-    blocks: int = 0  # 0: the head only (L-BFGS); K > 0: then fine-tune the last K blocks, final norm and head
-    epochs: int = 3  # fine-tuning (blocks > 0): AdamW epochs ...
-    lr: float = 1e-4  # ... peak learning rate (cosine decay to 0)
-    head_start: str = "fit"  # fine-tuning starts from the head-only fit, or from the model's old head
-    seed: int = 0  # fine-tuning's minibatch order
-    device: str = "cpu"
-    limit: int | None = None
-    upsample: float = 0.0
-    contrast_threshold: float = 0.04
-    edge_threshold: float = 10.0
+    """Every parameter of a repair (all of it goes into repair.json); every field with ``cli`` is an option of
+    ``siftlens repair``."""
+
+    candidates: str = option("", "discovery.json (or its folder) from `siftlens discover`.")
+    flags: FlagOptions = group(FlagOptions, helps={
+        "top_words": "Flag each class's this many best-ranked candidates.",
+        "score_ratio": "...scoring at least this share of the class's best."},
+        top_words=5, score_ratio=0.25, extent="footprint")
+    groups: str = option("discovery", "discovery (label-free pseudo-groups) | sidecar (the markers.json's true "
+                                      "groups: an oracle reference) | none.")
+    l2: float = option(1e-3, "Weight decay of the new head.")
+    pool: str = option("model", "Features: model (its pooling) | cls | mean (patch tokens).")
+    iters: int = option(200, "L-BFGS iterations.")
+    head_start: str = option("fit", "--blocks > 0: start from the head-only fit (fit) or the old head.")
+    blocks: int = option(0, "Also fine-tune the last K transformer blocks, the final norm and the head (AdamW, "
+                            "flagged tokens dropped); 0 = the head only.")
+    epochs: int = option(3, "--blocks > 0: fine-tuning epochs.")
+    lr: float = option(1e-4, "--blocks > 0: peak learning rate (cosine decay to 0).")
+    run: RunOptions = group(RunOptions, helps={
+        "batch_size": "Images per forward pass (and per fine-tuning step).",
+        "seed": "Seed of the fine-tuning's minibatch order (--blocks > 0)."}, batch_size=128)
+    sift: SiftOptions = group(SiftOptions)
 
     def validate(self) -> None:
         if not self.candidates:
@@ -87,14 +92,48 @@ class RepairConfig:
             raise ConfigError(f"--groups must be one of {', '.join(GROUPINGS)}, not {self.groups!r}")
         if self.pool not in POOLS:
             raise ConfigError(f"--pool must be one of {', '.join(POOLS)}, not {self.pool!r}")
-        if self.l2 < 0 or self.dilate < 0 or self.iters < 1 or self.top_words < 1:
-            raise ConfigError("--l2 and --dilate must be >= 0, --iters and --top-words >= 1")
+        self.flags.validate()
+        if self.l2 < 0 or self.iters < 1 or self.run.batch_size < 1 or self.run.workers < 0:
+            raise ConfigError("--l2 must be >= 0, --iters and --batch-size >= 1, --workers >= 0")
         if self.blocks < 0 or self.epochs < 1 or self.lr <= 0 or self.head_start not in STARTS:
             raise ConfigError(f"--blocks must be >= 0, --epochs >= 1, --lr > 0, --head-start in {', '.join(STARTS)}")
 
     def tune_settings(self) -> TuneSettings:
         return TuneSettings(blocks=self.blocks, epochs=self.epochs, lr=self.lr, l2=self.l2, pool=self.pool,
-                            batch_size=self.batch_size, seed=self.seed, device=self.device)
+                            batch_size=self.run.batch_size, seed=self.run.seed, device=self.run.device)
+
+
+@dataclass
+class RepairResult:
+    """What :func:`repair` returns: the repaired ``model`` (a siftlens ViT, on the CPU) and ``record``, the whole
+    repair.json (config, images, cells, flagged share, accuracy on the fitting images with the flagged tokens
+    dropped, fine-tuning losses with ``blocks > 0``, seconds)."""
+
+    model: torch.nn.Module
+    record: dict = field(repr=False)
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        """One row: images, flagged_share, train_accuracy_dropped and seconds of the repair."""
+        keys = ("images", "flagged_share", "train_accuracy_dropped", "seconds")
+        return pd.DataFrame([{k: self.record[k] for k in keys if k in self.record}])
+
+    @property
+    def cells(self) -> pd.DataFrame:
+        """One row per (label, group) cell of the re-weighting: label index, group (0 aligned or unflagged, 1
+        conflicting; with ``groups="sidecar"`` 1 is aligned; with ``none`` 0), images, and the weight each image
+        of the cell had (equal total weight per cell)."""
+        cells = self.record["cells"]
+        total = sum(cells.values())
+        rows = [{"label": int(k.split("|")[0]), "group": int(k.split("|")[1]), "images": n,
+                 "weight": total / len(cells) / n} for k, n in cells.items()]
+        return pd.DataFrame(rows, columns=["label", "group", "images", "weight"])
+
+    def save(self, out: str | Path) -> dict[str, Path]:
+        """Write ``out/model`` (a normal siftlens model folder) and ``out/repair.json``; returns their paths."""
+        out = Path(out)
+        save_vit(self.model.cpu(), out / "model", extra={"repair": {k: self.record[k] for k in ("config", "cells")}})
+        return {"model": out / "model", "json": write_json(out / "repair.json", self.record)}
 
 
 @torch.inference_mode()
@@ -121,17 +160,17 @@ def flagged_batches(backend: Backend, source: ImageSource, vocab: Vocabulary, cf
     if backend.kind != "native":
         raise ConfigError("repair retrains a siftlens ViT (native backend) only")
     classes = list(backend.class_names or vocab.classes)
-    per_class = word_sets(vocab, cfg.top_words, cfg.score_ratio, classes)
-    ds = KeypointDataset(source, backend, None, sift_params(backend.input_size, cfg), descriptors=True)
-    with progress_bar(progress) as pb:
+    per_class = word_sets(vocab, cfg.flags.top_words, cfg.flags.score_ratio, classes)
+    ds = KeypointDataset(source, backend, None, sift_params(backend.input_size, cfg.sift), descriptors=True)
+    with progress_bar(progress) as pb, one_cv2_thread_per_worker(cfg.run.workers):
         task = pb.add_task("repair features", total=len(source), info="")
-        for s in range(0, len(source), cfg.batch_size):
-            items = [it for it in (ds[i] for i in range(s, min(len(source), s + cfg.batch_size))) if "skip" not in it]
-            pb.update(task, advance=min(len(source), s + cfg.batch_size) - s)
+        for batch in make_loader(ds, cfg.run):
+            items = [it for it in batch if "skip" not in it]
+            pb.update(task, advance=len(batch))
             if not items:
                 continue
             x = backend.normalize(torch.from_numpy(np.stack([it["pixels"] for it in items])))
-            fl = flag_patches(backend, x, items, vocab, per_class, EXTENT, cfg.dilate)
+            fl = flag_patches(backend, x, items, vocab, per_class, cfg.flags.extent, cfg.flags.dilate)
             flag, cnt = fl.patches, fl.by_set.sum(2)  # (B, N), (B, C) flagged patches per class
             yield {"x": x, "flag": flag & ~flag.all(1, keepdim=True), "index": np.array([it["index"] for it in items]),
                    "shortcut": np.where(cnt.max(1) > 0, cnt.argmax(1), -1)}
@@ -200,19 +239,20 @@ def retrain(model: torch.nn.Module, d: dict, y: np.ndarray, w: np.ndarray, cfg: 
             return {"train_accuracy_dropped": float((model.head(d["features"]).argmax(1).numpy() == y).mean())}
     t0 = time.time()
     out = finetune(model, d["tokens"], yt, wt, cfg.tune_settings(), progress)
-    pred = tuned_predictions(model, d["tokens"], cfg.blocks, cfg.pool, device=cfg.device)
+    pred = tuned_predictions(model, d["tokens"], cfg.blocks, cfg.pool, device=cfg.run.device)
     return {"train_accuracy_dropped": float((pred == y).mean()), "finetune": {
         **out, "seconds": round(time.time() - t0, 2)}}
 
 
-def repair(model: str | Backend, images, out: str | Path, config: RepairConfig, progress: bool = True) -> dict:
-    """Retrain the head (and with ``blocks > 0`` the last blocks) and save the repaired model into ``out/model``;
-    returns the summary (repair.json)."""
-    cfg = config
+def repair(model: str | Backend, images, config: RepairConfig | None = None, *, progress: bool = True) -> RepairResult:
+    """Retrain the head (and with ``blocks > 0`` the last blocks) of the siftlens ViT ``model`` with the flagged
+    tokens of ``config.candidates`` dropped; returns the repaired model and its record, and writes nothing (see
+    :meth:`RepairResult.save`). A ``Backend`` given as ``model`` is repaired in place."""
+    cfg = config or RepairConfig()
     cfg.validate()
     t0 = time.time()
-    backend = model if isinstance(model, Backend) else load_backend(model, cfg.device)
-    source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.limit)
+    backend = model if isinstance(model, Backend) else load_backend(model, cfg.run.device)
+    source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.run.limit)
     labels = model_labels(source, backend)
     if source.labels is None or (labels < 0).any():
         raise ConfigError(f"{source.spec!s}: repair needs labelled images named as the model's classes")
@@ -223,11 +263,9 @@ def repair(model: str | Backend, images, out: str | Path, config: RepairConfig, 
     fit = retrain(backend.model, d, y, w, cfg, progress)
     if cfg.pool != "model":  # the new head reads these features, so the saved model pools this way
         backend.model.cfg = replace(backend.model.cfg, pool=cfg.pool)
-    summary = {"kind": "siftlens-repair", "config": asdict(cfg), "images": int(len(y)), "cells": cells,
-               "flagged_share": float((d["shortcut"] >= 0).mean()), **fit, "seconds": round(time.time() - t0, 2)}
-    save_vit(backend.model.cpu(), Path(out) / "model", extra={"repair": {k: summary[k] for k in ("config", "cells")}})
-    write_json(Path(out) / "repair.json", summary)
-    return summary
+    record = {"kind": "siftlens-repair", "config": config_record(cfg), "images": int(len(y)), "cells": cells,
+              "flagged_share": float((d["shortcut"] >= 0).mean()), **fit, "seconds": round(time.time() - t0, 2)}
+    return RepairResult(backend.model.cpu(), record)
 
 
 def _groups(cfg: RepairConfig, source: ImageSource, d: dict, y: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The discovery runner: features, vocabulary, statistics, causal check and ranking; returns data."""
+"""The discovery pipeline (:func:`discover`): features, vocabulary, statistics, causal check and ranking;
+returns data."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ...io import atomic_path, write_json
 from ...keypoints import sift_params
 from ...models import load_backend
 from ...models.backend import Backend
+from ..record import config_record
 from .causal import causal_check, patch_counts
 from .config import DiscoveryConfig
 from .features import Features, extract_features, load_pixels, read_boxes, word_patches
@@ -85,19 +87,23 @@ def discover(
     model: str | Backend,
     images: str | Path | list | ImageSource,
     config: DiscoveryConfig | None = None,
+    *,
     boxes: str | Path | dict | None = None,
-    progress: bool = True,
     weights: str | None = None,
+    progress: bool = True,
 ) -> DiscoveryResult:
-    """Run the whole discovery; returns data and writes nothing (see :meth:`DiscoveryResult.save`)."""
+    """Run the whole discovery; returns data and writes nothing (see :meth:`DiscoveryResult.save`).
+
+    boxes: object boxes per image name (a JSON file or its mapping; see the module's docstring); weights: a weights
+    file for ``timm:<name>``."""
     cfg = config or DiscoveryConfig()
     cfg.validate()
     t0 = time.time()
-    backend = model if isinstance(model, Backend) else load_backend(model, cfg.device, weights=weights)
-    source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.limit)
+    backend = model if isinstance(model, Backend) else load_backend(model, cfg.run.device, weights=weights)
+    source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.run.limit)
     if isinstance(boxes, (str, Path)):
         boxes = read_boxes(boxes)
-    sift = sift_params(backend.input_size, cfg)
+    sift = sift_params(backend.input_size, cfg.sift)
     f = extract_features(backend, source, cfg, sift, boxes, progress)
     if len(f.kp_desc) == 0:
         raise ConfigError("no SIFT keypoints in any image; discovery needs keypoints (try a larger --upsample)")
@@ -125,7 +131,7 @@ def discover(
     galleries = _galleries(backend, source, f, stats, total, cfg, k)
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": asdict(cfg), "model": backend.describe(),
+        "config": config_record(cfg), "model": backend.describe(),
         "patches": {"size": int(backend.patch_size), "grid": [int(g) for g in backend.grid_size]},
         "sift": {**asdict(sift), "upsample_used": sift.upsample},
         "images": {"source": str(source.spec), "total": len(source), "analysed": len(f.names),
