@@ -1,4 +1,4 @@
-"""The shortcut commands: make-spurious, discover, prompt, repair.
+"""The shortcut commands: make-spurious, discover, prompt, repair, and the anchors anchor-jtt, anchor-afr, anchor-dfr.
 
 Their options are generated from the fields of :class:`~siftlens.benchmarks.spurious_cifar.SpuriousConfig`,
 :class:`~siftlens.shortcuts.DiscoveryConfig`, :class:`~siftlens.shortcuts.PromptConfig` and
@@ -15,6 +15,7 @@ import typer
 from .. import jobs
 from ..benchmarks.spurious_cifar import DEFAULT_SPLITS, SpuriousConfig
 from ..cli_options import config_command, param
+from ..shortcuts.anchors import AFRConfig, DFRConfig, JTTConfig, anchor
 from ..shortcuts.discovery.config import DiscoveryConfig
 from ..shortcuts.prompting import PromptConfig
 from ..shortcuts.retraining.head import RepairConfig
@@ -92,3 +93,29 @@ config_command(
     after=[PROGRESS],
     defaults={"candidates": MISSING},  # required on the command line
 )
+
+
+def _anchor(method: str):
+    def run(cfg, *, model: str | None, images: str, out: Path, progress: bool) -> None:
+        res = anchor(method, model, images, cfg, progress=progress)
+        paths = res.save(out)
+        typer.echo(f"{method}: {res.summary.to_dict('records')[0]} -> {paths['model']}")
+    return run
+
+
+ERM_MODEL = param("model", str, "The ERM model (a siftlens model folder); not changed.")
+ANCHORS = {  # method: (config, doc, model parameter, images help)
+    "jtt": (JTTConfig, "JTT (arXiv 2107.09044), label-free: train again with the errors of a short ERM run "
+                       "upweighted.",
+            param("model", str | None, "Where both trainings start: a siftlens model folder (fine-tuned); none: a new "
+                                       "ViT.", None), "Labelled training images in ImageFolder layout."),
+    "afr": (AFRConfig, "AFR (arXiv 2306.11074), label-free: refit the ERM model's head with weights "
+                       "exp(-gamma p(y|x)).", ERM_MODEL, "Held-out labelled training images in ImageFolder layout."),
+    "dfr": (DFRConfig, "DFR (arXiv 2204.02937) with the TRUE groups of markers.json: an upper reference, not "
+                       "label-free.", ERM_MODEL, "Held-out labelled images in ImageFolder layout with a markers.json."),
+}
+for _method, (_cls, _doc, _model, _images) in ANCHORS.items():
+    config_command(app, _cls, _anchor(_method), name=f"anchor-{_method}", doc=_doc,
+                   before=[_model, param("images", str, _images),
+                           param("out", Path, "Output folder: model/ (a siftlens model), anchor.json, weights.csv.")],
+                   after=[PROGRESS])

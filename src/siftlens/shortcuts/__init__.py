@@ -33,6 +33,8 @@ _EXPORTS = {
     "group_accuracy": "groups", "image_groups": "groups", "find_sidecar": "groups", "read_sidecar": "groups",
     "flag_patches": "flags", "word_sets": "flags", "Flags": "flags", "FlagOptions": "flags",
     "footprint_patches": "flags",
+    "jtt": "anchors", "afr": "anchors", "dfr": "anchors", "JTTConfig": "anchors", "AFRConfig": "anchors",
+    "DFRConfig": "anchors", "AnchorResult": "anchors",
 }
 
 __all__ = sorted(_EXPORTS)
