@@ -122,6 +122,45 @@ def per_core(which: str, n: int, rounds: int) -> dict:
     }
 
 
+def sift_rate(backend, images, n: int = 32, rounds: int = 3) -> dict:
+    """Images/s of one core for the analysis' per-image loader work on ``backend``'s own preprocessing (a ViT-B/16
+    at 224: resize to 224 x 224): ``item`` = decode + preprocess + SIFT + weight map (KeypointDataset's item, what a
+    DataLoader worker does), ``sift`` = keypoint_map on the preprocessed pixels alone. One process, OpenCV on one
+    thread, CPU time of this process (best of ``rounds`` passes over the ``n`` images): what --workers multiply.
+    Used by bench/gpu.py beside the forward's images/s."""
+    import cv2
+
+    from siftlens.analysis.config import AnalysisConfig
+    from siftlens.data import ImageSource
+    from siftlens.keypoints import keypoint_map, sift_params
+    from siftlens.loading import KeypointDataset
+
+    cfg = AnalysisConfig()
+    params = sift_params(backend.input_size, cfg.sift)
+    ds = KeypointDataset(ImageSource(images, limit=n), backend, cfg, params)
+    prev = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        pixels = [it["pixels"] for it in (ds[i] for i in range(len(ds))) if "skip" not in it]  # also a warm-up
+        grid = tuple(backend.grid_size)
+
+        def best(fn) -> float:
+            out = []
+            for _ in range(rounds):
+                c0 = time.process_time()
+                fn()
+                out.append(time.process_time() - c0)
+            return min(out)
+
+        t_item = best(lambda: [ds[i] for i in range(len(ds))])
+        t_sift = best(lambda: [keypoint_map(p, backend.patch_size, grid, params=params) for p in pixels])
+    finally:
+        cv2.setNumThreads(prev)
+    return {"images": len(ds), "input_size": list(backend.input_size), "upsample": params.upsample,
+            "images_per_s": len(ds) / t_item, "sift_only_images_per_s": len(pixels) / t_sift,
+            "ms_per_image": 1e3 * t_item / len(ds), "clock": "CPU time of one process, cv2.setNumThreads(1)"}
+
+
 def scaling(which: str, n: int, rounds: int) -> dict:
     global _IMAGES, _ARGS
     pixels, _, patch, grid, params = prepare(which, n)

@@ -22,6 +22,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
     --device "$DEV" --batch-size 32 --workers 4 --no-report --no-progress
 "$PY" -m siftlens.cli analyze --model "$MODEL" --images "$IMAGES" --limit "$N" --out "$WORK/cpu" \
     --device cpu --batch-size 16 --no-report --no-progress
+# issue 26 item 4: the same images with the forward in bf16 (PRECISION_CHECK=0 skips it); compared below
+if [ "${PRECISION_CHECK:-1}" = 1 ]; then
+  "$PY" -m siftlens.cli analyze --model "$MODEL" --images "$IMAGES" --limit "$N" --out "$WORK/bf16" \
+      --device "$DEV" --batch-size 32 --workers 4 --precision bf16 --no-report --no-progress
+fi
 
 "$PY" - "$WORK" "$MODEL" "$IMAGES" "$N" "$DEV" <<'PY'
 import json, os, sys, time
@@ -88,7 +93,18 @@ def ratio(model_path: str, batch: int = 32) -> dict:
             "analysis_over_forward": ta / tf}
 
 
-res = {"benchmark": "gpu_check", "machine": machine_info(),
+def precision_check() -> dict | None:
+    """bf16 against fp32 on the same device: the share of cells whose bf16 mean lies in fp32's 95% bootstrap CI."""
+    if not (work / "bf16" / "summary.csv").exists():
+        return None
+    c = pd.read_csv(work / "bf16" / "summary.csv")
+    m = a.merge(c, on=key, suffixes=("", "_bf16")).dropna(subset=["mean", "mean_bf16"])
+    inside = (m["mean_bf16"] >= m["ci_lo"] - 1e-6) & (m["mean_bf16"] <= m["ci_hi"] + 1e-6)
+    return {"cells": len(m), "inside_fp32_ci": int(inside.sum()), "share_inside": float(inside.mean()),
+            "max_abs_diff_mean": float((m["mean_bf16"] - m["mean"]).abs().max())}
+
+
+res = {"benchmark": "gpu_check", "machine": machine_info(), "bf16_vs_fp32": precision_check(),
        "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else None,
        "images": n, "cuda_vs_cpu_same_cells": same_cells, "cuda_vs_cpu_max_abs_diff": diff, **ratio(model),
        "ratio_by_model": {m: ratio(m) for m in os.environ.get("RATIO_MODELS", model).split(",")}}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -97,3 +98,33 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.active and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# -- precision of the forward ------------------------------------------------------------------------------------
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(device: str | torch.device, precision: str) -> None:
+    """A one-line ConfigError unless ``--precision`` can run on ``device``: fp32 everywhere; bf16 and fp16 by
+    autocast on CUDA; bf16 on the CPU (its autocast); not fp16 on the CPU (where torch's half-precision
+    matrix products are either missing or many times slower than float32)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    dev = torch.device(device) if isinstance(device, str) else device
+    if precision == "fp32":
+        return
+    if dev.type == "cpu" and precision == "fp16":
+        raise ConfigError("--precision fp16 is not supported on the CPU; use bf16 (CPU autocast) or fp32")
+    if not torch.amp.is_autocast_available(dev.type):
+        raise ConfigError(f"--precision {precision} needs autocast, which torch does not offer on {dev.type}; "
+                          "use fp32")
+
+
+def autocast(device: str | torch.device, precision: str):
+    """The context the forward runs in: nothing for fp32 (the model's own dtype), else torch's autocast to bf16 /
+    fp16 on ``device`` (checked by :func:`check_precision`)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    dev = torch.device(device) if isinstance(device, str) else device
+    return torch.autocast(device_type=dev.type, dtype=dtype)

@@ -6,6 +6,7 @@ import copy
 from dataclasses import asdict, dataclass, fields
 
 from ..data import DEFAULT_MAX_PIXELS
+from ..devices import PRECISIONS
 from ..errors import ConfigError
 from ..keypoints import SCHEMES, SiftOptions
 from ..models.layers import parse_layers
@@ -50,12 +51,15 @@ class AnalysisConfig:
                              "(0: no viewer).")
     part_size: int = option(256, "Images per part file of metrics.parquet; an interrupted run loses at most one "
                                  "part.")
+    precision: str = option("fp32", "Precision of the forward: fp32, bf16 or fp16 (autocast; bf16 also on the CPU, "
+                                    "fp16 only on a GPU); the attention is reduced in float32 (docs/performance.md).")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "Skip images with more pixels than this (decompression bombs).",
                              cli=False)
     sift: SiftOptions = group(SiftOptions)
-    run: RunOptions = group(RunOptions, batch_size=32, helps={
+    run: RunOptions = group(RunOptions, batch_size=32, workers=None, helps={
         "batch_size": "Images per forward pass.",
-        "workers": "Data-loading worker processes (decode + SIFT in parallel).",
+        "workers": "Data-loading worker processes (decode + SIFT in parallel); default: the free cores when the "
+                   "device is a GPU, else 0 (SIFT in the main process).",
         "seed": "Seed of the Monte Carlo null and the bootstrap (draws are keyed by image, so batch size, workers and "
                 "shards do not change results).",
         "limit": "Analyse at most this many images (spread over classes)."})
@@ -79,7 +83,9 @@ class AnalysisConfig:
                               f"got {self.null!r}")
         if self.null_kind not in NULL_KINDS:
             raise ConfigError(f"--null-kind must be 'permute' or 'shift', not {self.null_kind!r}")
-        if self.run.batch_size < 1 or self.run.workers < 0:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.run.batch_size < 1 or (self.run.workers is not None and self.run.workers < 0):
             raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
         if self.sift.upsample < 0:
             raise ConfigError(f"--upsample must be > 0 (or 0 for automatic), got {self.sift.upsample}")
@@ -93,6 +99,8 @@ class AnalysisConfig:
     def identity(self) -> dict:
         """The parameters that decide every number of a run (all but the runtime ones), nested as the config."""
         d = asdict(self)
+        if d["precision"] == "fp32":  # recorded only when it is not the default, so runs from before it resume
+            del d["precision"]
         for path in RUNTIME_FIELDS:
             node = d
             for key in path[:-1]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..attention import Rollout, capture, patch_rows, resolve_layers
+from ..core import compiled
 from ..core.metrics import (
     LayerRaw,
     WeightMaps,
@@ -34,6 +35,7 @@ from ..core.nullmodel import (
     tile_sums,
     with_null,
 )
+from ..devices import autocast
 from ..models import Backend
 from .config import LEVEL_METRICS, SCALAR_METRICS, AnalysisConfig, cells
 
@@ -158,8 +160,9 @@ def _null_maps(plan: RunPlan, w: torch.Tensor, lv: torch.Tensor, names: list[str
     cfg, dev = plan.cfg, plan.backend.device
     B, N = w.shape
     grid = tuple(plan.backend.grid_size)
-    if cfg.null_samples is None and cfg.null_kind == "permute":
-        return prepare_maps(w[:, None], lv[:, None], cfg.n_levels, plan.pos), None
+    if cfg.null_samples is None and cfg.null_kind == "permute":  # checked on the host, then moved: no sync
+        return prepare_maps(w[:, None], lv[:, None], cfg.n_levels, plan.pos, device=dev), None
+    w, lv = w.to(dev), lv.to(dev)
     if cfg.null_samples is None and N <= SHIFT_ENUMERATE_MAX:  # every cyclic shift: exact over the group
         idx, ddof = all_shifts(grid).expand(B, N, N), 0
     else:  # Monte Carlo, or shifts sampled where the group is too large to enumerate
@@ -171,18 +174,22 @@ def _null_maps(plan: RunPlan, w: torch.Tensor, lv: torch.Tensor, names: list[str
 
 
 @torch.inference_mode()
-def analyse_batch(plan: RunPlan, items: list[dict], names: list[str], keep: Sequence[int] = ()) -> BatchValues:
+def analyse_batch(plan: RunPlan, items: list[dict], names: list[str], keep: Sequence[int] = (),
+                  pixels: torch.Tensor | None = None) -> BatchValues:
     """Values of the good ``items`` of one batch (see :class:`BatchValues`); ``names`` are theirs.
 
     ``keep``: batch positions whose attention rows (:func:`~siftlens.attention.patch_rows`, every analysed
-    layer, and rollout when computed) are kept, as float16, for the report's viewer (``kept``)."""
+    layer, and rollout when computed) are kept, as float16, for the report's viewer (``kept``).
+    ``pixels``: the items' pixels (B, H, W, 3) already staged on the device (:mod:`.prefetch`), else stacked here.
+    The forward runs under ``cfg.precision``; the attention is reduced in float32 (:mod:`siftlens.core.compiled`)."""
     backend, cfg = plan.backend, plan.cfg
     dev, H = backend.device, backend.num_heads
-    pixels = torch.from_numpy(np.stack([it["pixels"] for it in items]))
-    w = torch.from_numpy(np.stack([it["weights"] for it in items])).to(dev)  # (B, N)
-    lv = torch.from_numpy(np.stack([it["levels"] for it in items])).to(dev)  # (B, N)
+    if pixels is None:
+        pixels = torch.from_numpy(np.stack([it["pixels"] for it in items]))
+    w = torch.from_numpy(np.stack([it["weights"] for it in items]))  # (B, N), on the host until _null_maps
+    lv = torch.from_numpy(np.stack([it["levels"] for it in items]))  # (B, N)
     B = w.shape[0]
-    valid = (w.sum(1) > 0).cpu().numpy()
+    valid = (w.sum(1) > 0).numpy()
     maps, ddof = _null_maps(plan, w, lv, names)
     ms = map_sums(maps) if ddof is None else None
     rows, h1, C = plan.shape
@@ -197,8 +204,10 @@ def analyse_batch(plan: RunPlan, items: list[dict], names: list[str], keep: Sequ
 
     finite = NonFiniteLayers(B, dev)
 
+    keep_dtype = compiled.wanted(dev)  # the compiled reductions read bf16 / fp16 attention as it is
     def on_attention(layer: int, attn: torch.Tensor) -> None:
-        attn = attn.float()
+        if not keep_dtype:
+            attn = attn.float()
         finite.check(layer, attn)
         if layer in slot:
             if ddof is None:
@@ -213,13 +222,15 @@ def analyse_batch(plan: RunPlan, items: list[dict], names: list[str], keep: Sequ
 
     # rollout multiplies every layer, whatever subset is analysed
     captured = list(range(backend.num_layers)) if rollout is not None else plan.layers
-    with capture(backend, on_attention, captured) as cap:
+    with capture(backend, on_attention, captured) as cap, autocast(dev, cfg.precision):
         logits = backend.forward(backend.normalize(pixels))
     cap.check()
     if exact:
         rows_of = [i for i, _ in exact]
+        # the analysed layers fill rows 0..r-1 in order: a slice (an index list is one more copy to the device)
+        at = slice(0, len(rows_of)) if rows_of == list(range(len(rows_of))) else rows_of
         for k, v in enumerate(_exact_values([t for _, t in exact], maps, ms)):
-            out[k, :, rows_of] = v.transpose(0, 1)
+            out[k, :, at] = v.transpose(0, 1)
     if rollout is not None:  # head-averaged: only the head-mean slot is filled
         attn = rollout.result.unsqueeze(1)
         if ddof is None:

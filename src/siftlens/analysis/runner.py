@@ -23,7 +23,7 @@ import torch
 
 from .. import __version__
 from ..data import ImageSource
-from ..devices import DistInfo, barrier, init_distributed
+from ..devices import DistInfo, barrier, check_precision, init_distributed
 from ..errors import ConfigError
 from ..io import atomic_path, fsync_dir, read_json, write_json
 from ..keypoints import SiftParams, sift_params
@@ -34,6 +34,7 @@ from ..progress import progress_bar
 from .config import AnalysisConfig, cells, configure, level_names
 from .engine import RunPlan, analyse_batch
 from .overlay_records import collect_overlays
+from .prefetch import Prefetcher, default_workers, pace_note
 from .store import IMAGES_DIR, LONG_COLUMNS, MANIFEST, METRICS_DIR, RUN_FILE, RunStore, long_rows
 from .summary import SummaryAccumulator, summary_table
 from .viewer_records import collect_explore, kept_records
@@ -134,6 +135,9 @@ def analyze(
     if revision is not None:
         model = with_revision(str(model), revision)
     dist, cfg.run.device = init_distributed(cfg.run.device)
+    check_precision(cfg.run.device, cfg.precision)
+    if cfg.run.workers is None:  # the free cores on a GPU (SIFT off the forward's path), 0 on the CPU
+        cfg.run.workers = default_workers(cfg.run.device, int(os.environ.get("LOCAL_WORLD_SIZE", dist.world)))
     tmp = tempfile.TemporaryDirectory(prefix="siftlens-") if out is None else None
     out = Path(tmp.name if tmp else out)
     backend = model if isinstance(model, Backend) else load_backend(model, cfg.run.device, weights=weights)
@@ -168,17 +172,22 @@ def _analyse_parts(plan: RunPlan, source: ImageSource, store: RunStore, sift: Si
     todo = [j for j in range(i, len(source), k) if j not in done]
     names, labels, classes = source.names, source.labels, plan.backend.class_names
     loader = make_loader(KeypointDataset(source, plan.backend, plan.cfg, sift, indices=todo), plan.cfg.run)
+    batches = Prefetcher(loader, plan.backend.device)  # on CUDA: pixels pinned and copied ahead
     longs, rows, kept, t0 = [], [], {}, time.perf_counter()
+    busy, n_batches = 0.0, 0
     with progress_bar(progress) as pb, one_cv2_thread_per_worker(plan.cfg.run.workers):
-        task = pb.add_task("analyse", total=len(todo), info=f"{len(done)} done before" if done else "")
-        for items in loader:
+        before = f"{len(done)} done before" if done else ""
+        task = pb.add_task("analyse", total=len(todo), info=before)
+        for batch in batches:
+            t_busy = time.perf_counter()
+            items = batch.items
             good = [it for it in items if "skip" not in it]
             rows += [_image_row(it["index"], names, labels, classes, "skipped", reason=it["skip"])
                      for it in items if "skip" in it]
             if good:
                 bnames = [names[it["index"]] for it in good]
                 keep = [j for j, it in enumerate(good) if it["index"] < plan.cfg.explore]
-                v = analyse_batch(plan, good, bnames, keep)
+                v = analyse_batch(plan, good, bnames, keep, pixels=batch.pixels)
                 kept.update(kept_records(v, good, source, plan.backend, plan.layers))
                 longs.append(long_rows(v, bnames, plan.layer_ids, plan.backend.num_heads, plan.cells))
                 rows += [_image_row(it["index"], names, labels, classes, "skipped", reason=v.errors[j])
@@ -188,7 +197,9 @@ def _analyse_parts(plan: RunPlan, source: ImageSource, store: RunStore, sift: Si
             if len(rows) >= plan.cfg.part_size:
                 _flush(store, longs, rows, time.perf_counter() - t0)
                 longs, rows, t0 = [], [], time.perf_counter()
-            pb.update(task, advance=len(items))
+            busy, n_batches = busy + time.perf_counter() - t_busy, n_batches + 1
+            note = pace_note(batches.wait_s, busy, n_batches, plan.cfg.run.workers)
+            pb.update(task, advance=len(items), info="; ".join(x for x in (before, note) if x))
     if rows:
         _flush(store, longs, rows, time.perf_counter() - t0)
     return kept

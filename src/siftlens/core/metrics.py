@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, GeometryError
+from . import compiled
 from .reductions import LayerSums, layer_sums, renormalise
 from .stats import sums_from_features
 
@@ -62,6 +63,8 @@ def average_ranks(x: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
     if tol < 0:
         raise ConfigError(f"tie tolerance must be >= 0, got {tol}")
     x = x.contiguous()
+    if x.device.type != "cpu":
+        return _device_ranks(x, tol)
     if tol == 0 and x.is_floating_point() and bool(x.isnan().any()):  # NaN breaks runs: count directly
         srt = x.sort(-1).values
         less = torch.searchsorted(srt, x, side="left")
@@ -77,6 +80,20 @@ def average_ranks(x: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
     return torch.empty(ranks.shape, dtype=torch.float64, device=x.device).scatter_(-1, order, ranks)
 
 
+def _device_ranks(x: torch.Tensor, tol: float) -> torch.Tensor:
+    """:func:`average_ranks` on an accelerator, with the same values and no host sync (no branch on a tensor's
+    value): with ``tol = 0`` by counting (``less + leq + 1) / 2`` for every row, the CPU path's value whether or not
+    a row has ties or NaNs; with ``tol > 0`` every row through :func:`_tied_ranks` (a row without ties gets its
+    sorted position, as on the CPU path)."""
+    srt, order = x.sort(-1)
+    if tol == 0:
+        less = torch.searchsorted(srt, x, side="left")
+        leq = torch.searchsorted(srt, x, side="right")
+        return (less + leq + 1).double() / 2.0
+    ranks = _tied_ranks(_run_starts(srt, tol, sync=False))
+    return torch.empty(ranks.shape, dtype=torch.float64, device=x.device).scatter_(-1, order, ranks)
+
+
 def _tied_ranks(starts: torch.Tensor) -> torch.Tensor:
     """(m, N) float64 average ranks in sorted order, from where each run of ties starts (m, N) bool."""
     n = starts.shape[-1]
@@ -88,16 +105,16 @@ def _tied_ranks(starts: torch.Tensor) -> torch.Tensor:
     return (first + last + 2).double() / 2.0
 
 
-def _run_starts(srt: torch.Tensor, tol: float) -> torch.Tensor:
+def _run_starts(srt: torch.Tensor, tol: float, sync: bool = True) -> torch.Tensor:
     """(..., N) bool: where a run of tied values starts in ``srt`` (sorted along the last axis), for
-    :func:`average_ranks`."""
+    :func:`average_ranks`; ``sync=False``: no branch on whether there are NaNs (same result)."""
     a, b = srt[..., :-1], srt[..., 1:]  # neighbours in sorted order: a <= b, NaNs last
     if tol == 0:
         tied = b == a
     else:  # max(|a|, |b|) = max(b, -a) for a <= b; False where either side is NaN
         tied = (b - a) <= tol * torch.maximum(b, -a)
         nan = b.isnan()
-        if bool(nan.any()):
+        if not sync or bool(nan.any()):
             tied |= nan & a.isnan()
     starts = torch.ones(srt.shape, dtype=torch.bool, device=srt.device)
     starts[..., 1:] = ~tied
@@ -341,7 +358,10 @@ def layer_raw(attn: torch.Tensor, num_prefix: int, maps: WeightMaps, has_cls: bo
     also the sums the exact quadratic-assignment null moments need."""
     _check_attention(attn, num_prefix, maps, maps.n_levels, has_cls)
     t = num_prefix
-    sums = layer_sums(attn[:, :, t:, t:].float(), maps.lhs, maps.dmat32, maps.n_levels, pattern)
+    block = attn[:, :, t:, t:]
+    # the compiled path (accelerators) reads bf16 / fp16 attention as it is and reduces it in float32
+    sums = layer_sums(block if compiled.wanted(block.device) else block.float(), maps.lhs, maps.dmat32,
+                      maps.n_levels, pattern)
     # a copy: a view would keep the layer's whole attention alive until the batch ends
     return LayerRaw(sums, attn[:, :, 0, t:].to(torch.float32, copy=True) if has_cls else None)
 

@@ -45,7 +45,7 @@ from typing import ClassVar
 
 import torch
 
-from . import fused
+from . import compiled, fused
 
 # images per chunk: about this many elements of (h, N, N) at a time (1 MB of float32), so that the
 # chunk's Bt, its log and its transpose stay in a core's L2 cache between passes
@@ -114,8 +114,13 @@ def layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.Tensor, 
     if rows % l1:
         raise ValueError(f"layer_sums: {rows} contraction rows are not whole maps of {l1} rows ({n_levels} levels)")
     k_maps = rows // l1
+    if k_maps == 1 and compiled.wanted(patch_attn.device):  # an accelerator (or SIFTLENS_COMPILE=1)
+        got = compiled.layer_sums(patch_attn, lhs, dmat, fused.centre(n), pattern)
+        if got is not None:
+            return _sums_of_kernel(got, lhs, n_levels, pattern)
     if k_maps == 1 and rows <= fused.MAX_ROWS and fused.available(patch_attn.device):
         return _fused_layer_sums(patch_attn, lhs, dmat, n_levels, pattern)
+    patch_attn = patch_attn.float()  # bf16 / fp16 attention of the compiled path's callers (float32: itself)
     f32 = {"dtype": torch.float32, "device": patch_attn.device}
     f64 = {"dtype": torch.float64, "device": patch_attn.device}
     lhs = lhs.to(**f32)
@@ -173,10 +178,18 @@ def _fused_layer_sums(patch_attn: torch.Tensor, lhs: torch.Tensor, dmat: torch.T
     got = fused.layer_sums(patch_attn, lhs, dmat, pattern)
     if got is None:  # a query row without attention to patches: uniform, as renormalise() makes it
         return layer_sums(renormalise(patch_attn), lhs, dmat, n_levels, pattern)
+    return _sums_of_kernel(got, lhs, n_levels, pattern)
+
+
+def _sums_of_kernel(got: dict[str, torch.Tensor], lhs: torch.Tensor, n_levels: int, pattern: bool) -> LayerSums:
+    """The :class:`LayerSums` of the fused kernel's or the compiled path's outputs (the sums of the centred ``Y``,
+    :func:`siftlens.core.fused.layer_sums`), on their device."""
     bsz, nh, n = got["colsum"].shape
     f32, f64 = torch.float32, torch.float64
-    out = LayerSums(torch.empty(bsz, nh, n, dtype=f64), torch.empty(bsz, nh, n, dtype=f64), got["diag"],
-                    got["dist"], got["ent"], torch.empty(bsz, n_levels + 1, nh, n_levels + 1, dtype=f32))
+    dev = got["colsum"].device
+    out = LayerSums(torch.empty(bsz, nh, n, dtype=f64, device=dev), torch.empty(bsz, nh, n, dtype=f64, device=dev),
+                    got["diag"], got["dist"], got["ent"],
+                    torch.empty(bsz, n_levels + 1, nh, n_levels + 1, dtype=f32, device=dev))
     _contract_one_map(got["qk"], lhs, n_levels + 1, out)
     _uncentre(out, got["rowsum"], got["colsum"], got["xx"] if pattern else None, got["xxt"] if pattern else None,
               fused.centre(n))
@@ -262,7 +275,14 @@ def renormalise(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     """
     s = x.sum(-1, keepdim=True)
     ok = s > 0
-    if bool(ok.all()):  # the common case: one division, no temporaries of x's size
+    # the common case: one division, no temporaries of x's size (on an accelerator always the where below, the
+    # same values without a host sync)
+    if x.device.type == "cpu" and bool(ok.all()):
         return torch.div(x, s, out=out)
+    return _renormalise_rows(x, s, ok, out)
+
+
+def _renormalise_rows(x: torch.Tensor, s: torch.Tensor, ok: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """:func:`renormalise` without a branch: ``x / s`` where the row sum ``s`` is positive (``ok``), else 1/N."""
     return torch.where(ok, x / torch.where(ok, s, torch.ones_like(s)), torch.full_like(x, 1.0 / x.shape[-1]),
                        out=out)
