@@ -97,3 +97,17 @@ def flat_values(config) -> dict:
             value = getattr(value, name)
         out[o.name] = value
     return out
+
+
+@dataclass
+class SessionOptions:
+    """How one training run is carried out, apart from what it learns: threads, how many held-out images,
+    where the keypoints are cached, and stopping and resuming (train and pretrain alike)."""
+
+    threads: int | None = option(None, "CPU threads for torch.")
+    val_limit: int | None = option(None, "Use at most this many held-out images.")
+    keypoint_cache: str | None = option(None, "Keypoint cache (.npz) shared between runs on the same images; "
+                                              "default out/keypoints.npz.")
+    resume: bool = option(False, "Continue from out/checkpoint.pt (exactly: the same batches, masks and weights).")
+    stop_after: int | None = option(None, "Stop after this many epochs in this invocation; continue later with "
+                                          "--resume.")

@@ -50,7 +50,16 @@ from .masking import (
     tau_at,
 )
 from .optim import Schedule, adamw
-from .options import DecoderOptions, EvalOptions, KeepOptions, MaskingOptions, ModelShape, OptimOptions, flat_values
+from .options import (
+    DecoderOptions,
+    EvalOptions,
+    KeepOptions,
+    MaskingOptions,
+    ModelShape,
+    OptimOptions,
+    SessionOptions,
+    flat_values,
+)
 from .start import StartModel, input_size, load_start, start_mae
 
 
@@ -69,15 +78,9 @@ class PretrainConfig:
     run: RunOptions = group(RunOptions, helps={"batch_size": "Global batch size (split over torchrun ranks)."},
                             batch_size=256)
     pad: int = option(4, "Random-crop padding in pixels (0: no crop).")
-    threads: int | None = option(None, "CPU threads for torch.")
-    val_limit: int | None = option(None, "Use at most this many held-out images.")
     keep: KeepOptions = group(KeepOptions)
     sift: SiftOptions = group(SiftOptions)
-    keypoint_cache: str | None = option(None, "Keypoint cache (.npz) shared between runs on the same images; "
-                                              "default out/keypoints.npz.")
-    resume: bool = option(False, "Continue from out/checkpoint.pt (exactly).")
-    stop_after: int | None = option(None, "Stop after this many epochs in this invocation; continue later with "
-                                          "--resume.")
+    session: SessionOptions = group(SessionOptions)
 
 
 @dataclass
@@ -273,7 +276,7 @@ def pretrain(model: StartModel, images: str, config: PretrainConfig | None = Non
     policy ``config.masking.policy``: a new one when ``model`` is None, else continue from ``model`` (a
     siftlens MAE, or a ViT as the encoder of a new decoder, or their folders).
 
-    With ``out``, checkpoints and history.json stream there every epoch (``config.resume`` continues from
+    With ``out``, checkpoints and history.json stream there every epoch (``config.session.resume`` continues from
     them) and the finished encoder and MAE are saved there; without, checkpoints go to a temporary folder.
     """
     pc = config or PretrainConfig()
@@ -281,7 +284,7 @@ def pretrain(model: StartModel, images: str, config: PretrainConfig | None = Non
     check_keep(pc.keep.keep_rate, pc.keep.keep_policy, pc.keep.keep_eps)
     if pc.evaluation.feature not in ("mean", "cls"):
         raise ConfigError(f"--feature must be 'mean' or 'cls', not {pc.evaluation.feature!r}")
-    if out is None and pc.resume:
+    if out is None and pc.session.resume:
         raise ConfigError("resume needs the output folder of the run to continue (out)")
     with tempfile.TemporaryDirectory(prefix="siftlens-pretrain-") as tmp:
         return _pretrain(load_start(model), images, pc, progress, Path(out) if out is not None else None,
@@ -290,12 +293,12 @@ def pretrain(model: StartModel, images: str, config: PretrainConfig | None = Non
 
 def _pretrain(start, images: str, pc: PretrainConfig, progress: bool, out: Path | None, tmp: Path
               ) -> PretrainResult:
-    run = start_run(pc.run.device, out or tmp, pc.resume, pc.threads, pc.run.batch_size)
+    run = start_run(pc.run.device, out or tmp, pc.session.resume, pc.session.threads, pc.run.batch_size)
     pc = replace(pc, run=replace(pc.run, device=run.device))
     size = input_size(start, pc.shape.img_size)
     with progress_bar(progress and run.is_main) as pb:
-        tr, va = load_train_val(images, pc.val, size, (pc.run.limit, pc.val_limit), pb)
-        cache = pc.keypoint_cache or run.out / "keypoints.npz"
+        tr, va = load_train_val(images, pc.val, size, (pc.run.limit, pc.session.val_limit), pb)
+        cache = pc.session.keypoint_cache or run.out / "keypoints.npz"
         bank, sift_seconds = (cached_keypoints(tr.x, sift_params(size, pc.sift), cache, run.dist, pb, pc.run.workers)
                               if needs_bank(pc) else (None, 0.0))
     model = build_mae(pc, tr, start)
@@ -306,12 +309,12 @@ def _pretrain(start, images: str, pc: PretrainConfig, progress: bool, out: Path 
                "encoder": asdict(model.encoder.cfg), "mae": asdict(model.cfg), "epochs": [],
                "skipped": tr.skipped + (va.skipped if va is not None else []), "sift_seconds": sift_seconds,
                "world_size": run.dist.world}
-    history, start_epoch = loop.resume(history, pc.resume)
+    history, start_epoch = loop.resume(history, pc.session.resume)
     data = eval_data(pc, tr, va) if va is not None else None
     x_u8 = torch.from_numpy(tr.x)
     with progress_bar(progress and run.is_main) as pb:
         tick = loop.ticker(pb, "pretrain", start_epoch)
-        for epoch in epoch_range(start_epoch, o.epochs, pc.stop_after):
+        for epoch in epoch_range(start_epoch, o.epochs, pc.session.stop_after):
             rec = train_one_epoch(loop, x_u8, bank, pc, epoch, tick)
             last = epoch + 1 == o.epochs
             if run.is_main and data is not None and ((epoch + 1) % pc.evaluation.eval_every == 0 or last):

@@ -43,7 +43,7 @@ from .images import Labelled, channel_stats, load_train_val, normalize
 from .keypoint_bank import KeypointBank, cached_keypoints
 from .loop import Loop, end_run, epoch_range, start_run
 from .optim import Schedule, adamw
-from .options import KeepOptions, ModelShape, OptimOptions, flat_values
+from .options import KeepOptions, ModelShape, OptimOptions, SessionOptions, flat_values
 from .start import StartModel, input_size, load_start, start_vit
 
 
@@ -59,15 +59,9 @@ class TrainConfig:
     label_smoothing: float = option(0.1, "Label smoothing.")
     pad: int = option(4, "Random-crop padding in pixels (0: no crop).")
     drop_path: float = option(0.0, "Stochastic depth rate.")
-    threads: int | None = option(None, "CPU threads for torch.")
-    val_limit: int | None = option(None, "Use at most this many held-out images.")
     keep: KeepOptions = group(KeepOptions)
     sift: SiftOptions = group(SiftOptions)
-    keypoint_cache: str | None = option(None, "Keypoint cache (.npz) shared between runs on the same images; "
-                                              "default out/keypoints.npz.")
-    resume: bool = option(False, "Continue from out/checkpoint.pt.")
-    stop_after: int | None = option(None, "Stop after this many epochs in this invocation; continue later with "
-                                          "--resume.")
+    session: SessionOptions = group(SessionOptions)
 
 
 @dataclass
@@ -162,27 +156,27 @@ def train(model: StartModel, images: str, config: TrainConfig | None = None, *, 
     """Train a ViT on ``images`` (an ImageFolder: a folder, a zip, or a folder inside a zip): a new one of
     ``config.shape`` when ``model`` is None, else fine-tune ``model`` (a siftlens ViT or its folder).
 
-    With ``out``, checkpoints stream there every epoch (``config.resume`` continues from them) and the
+    With ``out``, checkpoints stream there every epoch (``config.session.resume`` continues from them) and the
     finished model and history are saved there; without, the run keeps its checkpoints in a temporary folder.
     """
     tc = config or TrainConfig()
     check_keep(tc.keep.keep_rate, tc.keep.keep_policy, tc.keep.keep_eps)
-    if out is None and tc.resume:
+    if out is None and tc.session.resume:
         raise ConfigError("resume needs the output folder of the run to continue (out)")
     with tempfile.TemporaryDirectory(prefix="siftlens-train-") as tmp:
         return _train(load_start(model), images, tc, progress, Path(out) if out is not None else None, Path(tmp))
 
 
 def _train(start, images: str, tc: TrainConfig, progress: bool, out: Path | None, tmp: Path) -> TrainResult:
-    run = start_run(tc.run.device, out or tmp, tc.resume, tc.threads, tc.run.batch_size)
+    run = start_run(tc.run.device, out or tmp, tc.session.resume, tc.session.threads, tc.run.batch_size)
     tc = replace(tc, run=replace(tc.run, device=run.device))
     size = input_size(start, tc.shape.img_size)
     bank = None
     with progress_bar(progress and run.is_main) as pb:
-        tr, va = load_train_val(images, tc.val, size, (tc.run.limit, tc.val_limit), pb)
+        tr, va = load_train_val(images, tc.val, size, (tc.run.limit, tc.session.val_limit), pb)
         if tc.keep.keep_rate < 1 and tc.keep.keep_policy == "sift":
-            bank = cached_keypoints(tr.x, sift_params(size, tc.sift), tc.keypoint_cache or run.out / "keypoints.npz",
-                                    run.dist, pb, tc.run.workers)[0]
+            cache = tc.session.keypoint_cache or run.out / "keypoints.npz"
+            bank = cached_keypoints(tr.x, sift_params(size, tc.sift), cache, run.dist, pb, tc.run.workers)[0]
     mean, std = channel_stats(tr.x)
     s = tc.shape
     cfg = ViTConfig(
@@ -196,11 +190,11 @@ def _train(start, images: str, tc: TrainConfig, progress: bool, out: Path | None
     loop = Loop(run, model, adamw(model, o.lr, o.weight_decay, betas=(0.9, 0.999)), sched, tc.run.seed)
     history = {"config": {"train": images, "out": None if out is None else str(out), **flat_values(tc)},
                "model": asdict(cfg), "epochs": [], "skipped": tr.skipped + (va.skipped if va is not None else [])}
-    history, start_epoch = loop.resume(history, tc.resume)
+    history, start_epoch = loop.resume(history, tc.session.resume)
     t_start = time.time() - sum(e["seconds"] for e in history["epochs"])
     with progress_bar(progress and run.is_main) as pb:
         tick = loop.ticker(pb, "train", start_epoch)
-        for epoch in epoch_range(start_epoch, o.epochs, tc.stop_after):
+        for epoch in epoch_range(start_epoch, o.epochs, tc.session.stop_after):
             rec = train_one_epoch(loop, tr, bank, tc, epoch, tick)
             if va is not None and run.is_main:
                 rec["val_acc"] = evaluate(model, va.x, va.y, cfg, run.device)
