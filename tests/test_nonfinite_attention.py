@@ -77,3 +77,23 @@ def test_an_image_with_nan_attention_is_skipped_counted_and_listed(tmp_path):
     merged = keep.merge(long, on=cols, suffixes=("", "_p"))
     assert len(merged) == len(keep) == len(long)
     np.testing.assert_allclose(merged["value"], merged["value_p"], rtol=1e-5, atol=1e-6)
+
+
+def test_every_kind_of_non_finite_entry_is_found_in_its_first_layer():
+    """One NaN, one +inf, or a +inf and a -inf together anywhere in an image's attention mark that image at the
+    first layer where they occur; finite images stay clean."""
+    from siftlens.analysis.engine import NonFiniteLayers
+
+    torch.manual_seed(0)
+    found = NonFiniteLayers(4, "cpu")
+    for layer in range(3):
+        attn = torch.softmax(torch.randn(4, 2, 5, 5), -1)
+        if layer == 1:
+            attn[0, 1, 3, 2] = float("nan")
+            attn[1, 0, 4, 4] = float("inf")
+        if layer == 2:
+            attn[0, 0, 0, 0] = float("inf")  # image 0 already marked at layer 1
+            attn[2, 1, 0, 1], attn[2, 0, 2, 3] = float("inf"), float("-inf")
+        found.check(layer, attn)
+    assert found.errors() == {0: "non-finite attention in layer 1", 1: "non-finite attention in layer 1",
+                              2: "non-finite attention in layer 2"}
