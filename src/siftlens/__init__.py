@@ -20,6 +20,9 @@ Public API (imported lazily, so ``import siftlens`` stays light)::
     prompt, PromptConfig, PromptResult              inference-time token interventions and their evaluation
     repair, RepairConfig, RepairResult              retraining the head (or last blocks) with the shortcut dropped
     compare, CompareConfig, Comparison              differences between analysis runs, with bootstrap CIs and q
+    reference                                       the whole method in plain float64, one image at a time (a module)
+
+Every job has one shape: ``fn(model, images, config=None, *, weights=None, progress=True) -> Result``.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ _EXPORTS = {
 }
 _ALIASES = {"build_spurious": ("benchmarks.spurious_cifar", "build")}
 
-__all__ = sorted([*_EXPORTS, *_ALIASES]) + ["__version__"]
+__all__ = sorted([*_EXPORTS, *_ALIASES, "reference"]) + ["__version__"]
 
 
 def __getattr__(name: str):
@@ -58,4 +61,6 @@ def __getattr__(name: str):
     if name in _ALIASES:
         mod, attr = _ALIASES[name]
         return getattr(importlib.import_module(f".{mod}", __name__), attr)
+    if name == "reference":  # the method in one readable file, a module of its own
+        return importlib.import_module(".reference", __name__)
     raise AttributeError(f"module 'siftlens' has no attribute {name!r}")
