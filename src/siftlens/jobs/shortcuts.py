@@ -62,11 +62,22 @@ def run_discovery(
 
 
 def discovery_outcome(res: DiscoveryResult, paths: dict[str, Path]) -> str:
-    """What the CLI prints after discovery: each class's best word, the evaluation, the files written."""
+    """What the CLI prints after discovery: per class "no shortcut found" or its flagged words with effect, 95% CI and
+    q (and its best-ranked word), the evaluation, the files written."""
     lines = []
+    d = res.decision
+    if d:
+        lines.append(f"flagged: q < {d['alpha']:g} (BH over {d['tested']} tested candidates) and effect >= "
+                     f"{d['min_effect']:g}")
     for c, rows in res.top.items():
         best = rows[0] if rows else None
-        lines.append(f"  {c:12s} " + (f"word {best['word']:4d} score {best['score']:.3g}" if best else "no candidate"))
+        head = f"  {c:12s} " + (f"best word {best['word']:4d} score {best['score']:.3g}" if best else "no candidate")
+        if d:
+            fl = res.flagged(c)
+            head += " | " + ("; ".join(f"flagged {r['word']}: effect {r['effect']:.3f} [{r['effect_lo']:.3f}, "
+                                       f"{r['effect_hi']:.3f}] q {r['q']:.2g}" for r in fl[:3])
+                             + (f" (+{len(fl) - 3} more)" if len(fl) > 3 else "") if fl else res.verdict(c))
+        lines.append(head)
     if res.evaluation:
         ev = res.evaluation
         lines.append(f"own marker ranked first for {ev['rank1']:.0%} of classes (word-purity rule); ranks: "

@@ -19,6 +19,7 @@ from ...models.backend import Backend
 from ...progress import progress_bar
 from ..interventions import forward_drop
 from .config import DiscoveryConfig
+from .decision import paired_effect
 from .features import Features, load_pixels, word_patches
 
 
@@ -85,7 +86,9 @@ def causal_check(
     """``f``: the features whose words are the candidates (SIFT words, or patch regions); ``texture``: the
     features whose keypoints count for the matched control (default ``f``). Adds ``causal``, ``drop_fall``,
     ``control_fall``, ``halved_rate`` (share of the images whose p(class)
-    fell below half its value) and ``causal_images`` to ``cands`` rows."""
+    fell below half its value), ``causal_images`` and, from the per-image paired differences, ``effect``,
+    ``effect_lo``, ``effect_hi`` and ``p`` (:func:`~siftlens.shortcuts.discovery.decision.paired_effect`) to
+    ``cands`` rows."""
     n, N = f.attention.shape
     ti, tv, tp = word_patches(f, K, N)
     counts = patch_counts(f if texture is None else texture, N)
@@ -128,11 +131,13 @@ def causal_check(
                 cache.clear()
             pb.update(task, advance=len(chunk))
     out = cands.copy()
-    for lab in cands.index:
+    for k, lab in enumerate(cands.index):
         w, c = np.asarray(res[lab]["w"]), np.asarray(res[lab]["c"])
         out.loc[lab, "causal_images"] = len(w)
         out.loc[lab, "drop_fall"] = w.mean() if len(w) else np.nan
         out.loc[lab, "control_fall"] = c.mean() if len(c) else np.nan
         out.loc[lab, "causal"] = (w - c).mean() if len(w) else np.nan
         out.loc[lab, "halved_rate"] = np.mean(res[lab]["flip"]) if len(w) else np.nan
+        for col, v in paired_effect(w - c, seed=cfg.run.seed + 1000 + 2 * k, alpha=0.05).items():
+            out.loc[lab, col] = v
     return out

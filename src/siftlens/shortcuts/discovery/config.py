@@ -39,6 +39,10 @@ class DiscoveryConfig:
     region_layer: int = option(0, "Block whose output tokens are clustered (0 = patch embedding, -1 = last).")
     control: str = option("matched", "Causal check's control patches: matched (same keypoint counts as the "
                                      "candidate's patches) or random.")
+    alpha: float = option(0.05, "Flag a checked candidate only when its Benjamini-Hochberg q (over every candidate "
+                                "tested in the run) is below this...")
+    min_effect: float = option(0.05, "...and its effect (mean paired fall of p(class), word occluded minus matched "
+                                     "control occluded) is at least this.")
     top: int = option(10, "Candidates per class kept in discovery.json and the report.")
     gallery: int = option(12, "Example patches per top candidate in the report.")
 
@@ -57,5 +61,9 @@ class DiscoveryConfig:
             raise ConfigError("--batch-size and --min-images must be >= 1, --workers >= 0")
         if self.smoothing <= 0:
             raise ConfigError(f"smoothing must be > 0, got {self.smoothing}")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"--alpha must be in (0, 1), got {self.alpha}")
+        if not 0 <= self.min_effect <= 1:
+            raise ConfigError(f"--min-effect must be in [0, 1] (a fall in probability), got {self.min_effect}")
         if self.sift.upsample < 0:
             raise ConfigError(f"--upsample must be > 0 (or 0 for automatic), got {self.sift.upsample}")

@@ -22,9 +22,10 @@ from ...models.backend import Backend
 from ..record import config_record
 from .causal import causal_check, patch_counts
 from .config import DiscoveryConfig
+from .decision import NO_SHORTCUT, TEST, decide, verdicts
 from .features import Features, extract_features, load_pixels, read_boxes, word_patches
 from .regions import merge_features, region_features
-from .scoring import candidate_stats, causal_candidates, rank
+from .scoring import candidate_stats, causal_candidates, rank, row_dict
 from .vocabulary import assign, build_vocabulary, rootsift
 
 
@@ -43,6 +44,16 @@ class DiscoveryResult:
     manifest: dict
     evaluation: dict | None = None
     regions: np.ndarray | None = None  # (R, D) centres of the region words (ids K..K+R-1), or None
+    decision: dict | None = None  # the flagging rule, and per class its verdict and flagged words (rank order)
+
+    def verdict(self, c: str) -> str:
+        """'shortcut found' or 'no shortcut found' for class ``c``."""
+        return ((self.decision or {}).get("classes", {}).get(c) or {}).get("verdict", NO_SHORTCUT)
+
+    def flagged(self, c: str) -> list[dict]:
+        """Class ``c``'s flagged candidates as dicts (rank order), with effect, CI, p and q."""
+        rows = self.candidates[(self.candidates["class"] == c) & self.candidates["flagged"].astype(bool)]
+        return [row_dict(r) for _, r in rows.sort_values(["rank", "word"], na_position="last").iterrows()]
 
     def to_json(self) -> dict:
         return {
@@ -52,6 +63,9 @@ class DiscoveryResult:
             "score": "share * max(assoc, 0) * (max(causal, 0) + 0.01)" + (
                 " * off_object" if "off_object" in self.candidates else ""),
             "top": self.top,
+            "decision": None if self.decision is None else {
+                **{k: v for k, v in self.decision.items() if k != "classes"},
+                "classes": {c: {**d, "candidates": self.flagged(c)} for c, d in self.decision["classes"].items()}},
             "vocabulary": {"transform": "rootsift", "k": int(len(self.vocabulary)),
                            "centers": np.round(self.vocabulary, 6).tolist()},
             "regions": None if self.regions is None else {
@@ -127,7 +141,11 @@ def discover(
     if cfg.causal_top > 0 and len(checked):
         upd = causal_check(backend, source, f, checked, total, cfg, progress, texture=sift_f)
         stats.loc[upd.index, upd.columns] = upd
+    decide(stats, cfg.alpha, cfg.min_effect)
     stats, top = rank(stats, class_names, cfg.top)
+    decision = {"test": TEST, "alpha": cfg.alpha, "min_effect": cfg.min_effect,
+                "tested": int(stats["p"].notna().sum()), "flagged": int(stats["flagged"].sum()),
+                "classes": verdicts(stats, class_names)}
     galleries = _galleries(backend, source, f, stats, total, cfg, k)
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -143,7 +161,7 @@ def discover(
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
     }
     return DiscoveryResult(stats, top, centers.numpy(), f, class_names, galleries, manifest,
-                           regions=None if region_centers is None else region_centers.numpy())
+                           regions=None if region_centers is None else region_centers.numpy(), decision=decision)
 
 
 def texture_per_patch(f: Features, sift_f: Features, K: int, n_classes: int) -> np.ndarray:

@@ -38,6 +38,37 @@ EXPLAIN = (
     "<strong>kp/patch</strong>: mean SIFT keypoints per patch of the candidate."
 )
 
+DECIDE = (
+    "<strong>A flag is a tested claim.</strong> For every checked candidate, <strong>effect</strong> is the mean "
+    "over its images of the paired difference (fall of p(class) with the word's patches occluded minus the fall "
+    "with the matched control patches occluded), with a 95% bootstrap interval over images; <strong>p</strong> "
+    "is a one-sided sign-flip test of effect &gt; 0 and <strong>q</strong> its Benjamini-Hochberg correction over "
+    "all {tested} candidates tested. A candidate is <strong>flagged</strong> when q &lt; {alpha:g} and effect "
+    "&ge; {min_effect:g}; a class with no flagged candidate reads <em>no shortcut found</em>. prompt and repair "
+    "use flagged candidates only."
+)
+
+
+def verdict_html(result) -> str:
+    """The decision block: the rule and, per class, 'no shortcut found' or its flagged candidates with effect,
+    interval and q."""
+    e = html.escape
+    d = result.decision
+    if not d:
+        return ""
+    parts = ["<h2>Decision</h2><p>" + DECIDE.format(**d) + "</p><table><tr><th class='l'>class</th>"
+             "<th class='l'>verdict</th><th class='l'>flagged (word: effect [95% CI], q)</th></tr>"]
+    for c in result.class_names:
+        fl = result.flagged(c)
+        found = bool(fl)
+        txt = "; ".join(f"{e(r.get('source', 'sift'))} {r['word']} (rank {_fmt(r.get('rank'))}): "
+                        f"{_fmt(r['effect'])} [{_fmt(r['effect_lo'])}, {_fmt(r['effect_hi'])}], q {_fmt(r['q'])}"
+                        for r in fl)
+        parts.append(f"<tr><td class='l'>{e(c)}</td><td class='l {'bad' if found else 'ok'}'>"
+                     f"{e(result.verdict(c))}</td><td class='l'>{txt or '–'}</td></tr>")
+    parts.append("</table>")
+    return "".join(parts)
+
 
 def _png(img: np.ndarray) -> str:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
@@ -63,6 +94,8 @@ def render_crop(crop: np.ndarray, keypoints: list, scale: int | None = None) -> 
 def _fmt(v, nd=3) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "–"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "–"
     if isinstance(v, (int, np.integer)):
         return str(int(v))
     if isinstance(v, str):
@@ -87,6 +120,7 @@ def discovery_html(result, title: str = "siftlens: spurious-correlation candidat
         + "</p>")
     parts.append("<p>" + EXPLAIN.format(boxes=" × off_object (share of the word's keypoints outside the "
                                                "object boxes)" if has_off else "") + "</p>")
+    parts.append(verdict_html(result))
     ev = result.evaluation
     if ev:
         parts.append("<h2>Evaluation against the benchmark's marker boxes</h2><p class='note'>Used only to "
@@ -102,11 +136,13 @@ def discovery_html(result, title: str = "siftlens: spurious-correlation candidat
                          f"<td>{_fmt(ev['words'].get(c))}</td><td class='{'ok' if r2 == 1 else 'bad'}'>{_fmt(r2)}"
                          "</td></tr>")
         parts.append("</table>")
-    cols = ["rank", "word", "source", "score", "share", "lift", "assoc", "causal", "support", "kp_per_patch"] + (
-        ["off_object"] if has_off else [])
+    cols = ["rank", "word", "source", "score", "share", "lift", "assoc", "causal", "effect_lo", "effect_hi", "q",
+            "flagged", "support", "kp_per_patch"] + (["off_object"] if has_off else [])
     for c in result.class_names:
         rows = result.top.get(c, [])
         parts.append(f"<h2>{e(c)}</h2>")
+        if result.decision:
+            parts.append(f"<p class='note'>{e(result.verdict(c))}</p>")
         if not rows:
             parts.append("<p class='note'>No candidate: no image was predicted as this class, or no word was "
                          "seen often enough.</p>")

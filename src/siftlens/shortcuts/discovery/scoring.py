@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .decision import COLUMNS
 from .features import Features, word_patches
 
 CAUSAL_FLOOR = 0.01
@@ -71,7 +72,8 @@ def final_score(df: pd.DataFrame) -> pd.Series:
 
 def row_dict(r: pd.Series) -> dict:
     keys = ("word", "source", "rank", "score", "share", "lift", "assoc", "causal", "drop_fall", "control_fall",
-            "support", "kp_per_patch", "present_in_class", "present_elsewhere", "off_object")
+            "effect", "effect_lo", "effect_hi", "p", "q", "flagged", "causal_images", "support", "kp_per_patch",
+            "present_in_class", "present_elsewhere", "off_object")
     out = {}
     for k in keys:
         if k in r:
@@ -79,17 +81,25 @@ def row_dict(r: pd.Series) -> dict:
             if k == "source":
                 out[k] = str(v)
                 continue
+            if k == "flagged":
+                out[k] = bool(v)
+                continue
+            if k == "causal_images":
+                out[k] = None if pd.isna(v) else int(v)
+                continue
             out[k] = None if pd.isna(v) else (int(v) if k in ("word", "rank", "support") else float(v))
     return out
 
 
 def candidate_stats(f: Features, K: int, n_classes: int, smoothing: float, min_images: int) -> pd.DataFrame:
-    """:func:`class_word_stats` with ``eligible``, ``pre_score`` and empty causal columns."""
+    """:func:`class_word_stats` with ``eligible``, ``pre_score``, empty causal and effect columns and
+    ``flagged`` False."""
     stats = class_word_stats(f, K, n_classes, smoothing)
     stats["eligible"] = stats["support"] >= min_images
     stats["pre_score"] = pre_score(stats)
-    for col in ("causal", "drop_fall", "control_fall", "halved_rate", "causal_images"):
+    for col in ("causal", "drop_fall", "control_fall", "halved_rate", "causal_images", *COLUMNS[:-1]):
         stats[col] = np.nan
+    stats["flagged"] = False
     return stats
 
 
