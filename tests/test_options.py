@@ -1,4 +1,4 @@
-"""Options declared once (siftlens.options) and the typer commands generated from them (siftlens.cli_options)."""
+"""Options declared once (siftlens.options) and the typer commands generated from them (siftlens.cli.generate)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from siftlens.cli_options import config_command, param
+from siftlens.cli.generate import config_command, param
 from siftlens.errors import ConfigError
 from siftlens.options import build, flat_options, group, option
 

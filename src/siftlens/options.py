@@ -3,7 +3,7 @@
 Every job's parameters are a dataclass. A field made with :func:`option` carries the help text a user
 reads in ``siftlens <command> --help``; a field made with :func:`group` holds a nested config (a shared
 group such as the SIFT parameters or the run options). The command line is generated from these fields
-(:mod:`siftlens.cli_options`), so an option is written in one place only::
+(:mod:`siftlens.cli.generate`), so an option is written in one place only::
 
     @dataclass
     class RunOptions:

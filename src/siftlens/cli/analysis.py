@@ -1,7 +1,7 @@
 """The analysis commands: analyze, merge, compare, demo.
 
 analyze's and compare's options are generated from the fields of :class:`~siftlens.analysis.AnalysisConfig` and
-:class:`~siftlens.analysis.comparison.CompareConfig` (:func:`~siftlens.cli_options.config_command`); the job
+:class:`~siftlens.analysis.comparison.CompareConfig` (:func:`~siftlens.cli.generate.config_command`); the job
 arguments that are not config fields (the model, the images, the output folder ...) are declared here."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import typer
 
 from ..analysis.comparison import CompareConfig
 from ..analysis.config import AnalysisConfig
-from ..cli_options import config_command, param
 from ._app import app
+from .generate import config_command, param
 
 ANALYZE_DOC = """Measure how attention treats keypoint-rich versus keypoint-poor patches, per layer and head.
 

@@ -2,7 +2,7 @@
 
 Their options are generated from the fields of :class:`~siftlens.benchmarks.spurious_cifar.SpuriousConfig`,
 :class:`~siftlens.shortcuts.DiscoveryConfig`, :class:`~siftlens.shortcuts.PromptConfig` and
-:class:`~siftlens.shortcuts.RepairConfig` (:func:`~siftlens.cli_options.config_command`); the job arguments that
+:class:`~siftlens.shortcuts.RepairConfig` (:func:`~siftlens.cli.generate.config_command`); the job arguments that
 are not config fields (the model, the images, the output folder ...) are declared here."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import typer
 
 from .. import jobs
 from ..benchmarks.spurious_cifar import DEFAULT_SPLITS, SpuriousConfig
-from ..cli_options import config_command, param
 from ..shortcuts.anchors import AFRConfig, DFRConfig, JTTConfig, anchor
 from ..shortcuts.discovery.config import DiscoveryConfig
 from ..shortcuts.prompting import PromptConfig
 from ..shortcuts.retraining.head import RepairConfig
 from ._app import app
+from .generate import config_command, param
 
 MODEL_HELP = ("A local siftlens or Hugging Face classifier folder, a hub id ORG/NAME, a built-in name, or "
               "timm:<name> (pretrained or --weights).")

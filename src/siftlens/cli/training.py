@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 
 from .. import jobs
-from ..cli_options import config_command, param
 from ..training import PretrainConfig, TrainConfig
 from ._app import app
+from .generate import config_command, param
 
 PROGRESS = param("progress", bool, "Show a progress bar.", True)
 

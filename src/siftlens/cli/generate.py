@@ -1,4 +1,5 @@
-"""Command-line options: commands generated from config dataclasses."""
+"""The command line generated from config dataclasses: one typer option per config field (its help and default
+from the field, :mod:`siftlens.options`), plus the job arguments that are not config fields."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .options import build, flat_options
+from ..options import build, flat_options
 
 
 # -- commands generated from config dataclasses ------------------------------------------------------------
