@@ -292,8 +292,10 @@ def prompt_setup(tmp_path_factory):
 @pytest.mark.parametrize("policy", ["none", "drop", "keep-top", "bias"])
 def test_prompt_bookkeeping(prompt_setup, policy, monkeypatch):
     root = prompt_setup
+    # the random model relies on nothing, so its discovery flags nothing: the bookkeeping is tested with the ranked
+    # candidates (--no-flagged-only), which always flag some patches
     cfg = build(PromptConfig, dict(policy=policy, candidates=str(root / "disc") if policy != "none" else None,
-                                   top_words=2, batch_size=5, q=0.25))
+                                   top_words=2, batch_size=5, q=0.25, flagged_only=False))
     kept = []  # what the model really received: the patch tokens kept, per image of every keep_idx forward
     real = ViT.forward_features
 

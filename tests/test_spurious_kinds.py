@@ -1,5 +1,7 @@
 """Discovery beyond SIFT-crisp shortcuts: the texture-matched causal control, region candidates, the patch rule
-of the evaluation, prompting with regions and the label-free repair (one tiny ViT trained on planted data)."""
+of the evaluation, prompting with regions and the label-free repair (one tiny ViT trained on planted data), and
+discovery that can say "no shortcut found" (a control model trained with the same markers placed independently of
+the class)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -80,10 +83,56 @@ def colours(tmp_path_factory):
     tc = build(TrainConfig, dict(img_size=32, patch_size=4, dim=32, depth=2, heads=2, epochs=16, batch_size=20,
                                  lr=3e-3, warmup_epochs=0.5, pad=0, seed=0))
     train(None, str(root / "train"), tc, progress=False, out=root / "run")
-    cfg = build(DiscoveryConfig, dict(vocab=24, regions=16, batch_size=60, causal_top=60, causal_images=8, gallery=2,
-                                      top=8))
-    res = discover(str(root / "run" / "model"), str(root / "train"), cfg, progress=False)
+    res = discover(str(root / "run" / "model"), str(root / "train"), _discovery_config(causal_top=60), progress=False)
     return root, res, tex
+
+
+def _discovery_config(**options) -> DiscoveryConfig:
+    # 16 images per checked candidate: the sign-flip test's smallest p is 2^-n, and 8 images (0.004) cannot survive
+    # Benjamini-Hochberg over the ~100 candidates the planted fixture tests
+    return build(DiscoveryConfig, dict(vocab=24, regions=16, batch_size=60, causal_images=16, gallery=2, top=8,
+                                       **options))
+
+
+LEVELS = {"ant": 70, "bee": 128, "cow": 186}
+
+
+def _write_control(folder, rng, n):
+    """The control's data: the class is the image's grey level (a diffuse core feature, in every patch); each class
+    carries each colour marker in a third of its images (rho = 1/3: the marker is independent of the class)."""
+    names, recs = list(COLOURS), {}
+    for c in names:
+        (folder / c).mkdir(parents=True)
+        for i in range(n):
+            m = names[i % 3]
+            base = LEVELS[c] + rng.integers(-12, 13)
+            img = np.clip(base + rng.integers(-10, 11, (32, 32, 3)), 0, 255).astype(np.uint8)
+            mx, my = int(rng.integers(0, 25)), int(rng.integers(0, 25))
+            img[my : my + 8, mx : mx + 8] = COLOURS[m]
+            Image.fromarray(img).save(folder / c / f"{i:03d}.png")
+            recs[f"{c}/{i:03d}.png"] = {"label": c, "marker": m, "box": [mx, my, mx + 8, my + 8], "aligned": m == c}
+    (folder / "markers.json").write_text(json.dumps({"classes": names, "images": recs}))
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory):
+    """A tiny ViT that relies on no marker (randomly initialised, seeded) on images whose markers are placed
+    independently of the class. Discovery runs with the planted fixture's power (16 images per checked candidate).
+
+    (Tiny models *trained* on such images, with the class in the grey level or in faint stripes, never got a marker
+    flagged either, but they do get their core feature flagged: the region word of the class's background, which
+    covers most patches, so occluding it is a real fall of p(class). That is a true finding, not a shortcut, and
+    it would make `prompt --policy drop` remove core patches, so it is not the "no shortcut" case tested here.)"""
+    from siftlens.models.vit import ViT, ViTConfig, save_vit
+
+    root = tmp_path_factory.mktemp("control")
+    _write_control(root / "train", np.random.default_rng(1), 40)
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(img_size=(32, 32), patch_size=4, dim=32, depth=2, heads=2, num_classes=3,
+                          class_names=list(COLOURS)))
+    save_vit(model.eval(), root / "model")
+    res = discover(str(root / "model"), str(root / "train"), _discovery_config(causal_top=10), progress=False)
+    return root, res
 
 
 def test_matched_control_takes_patches_with_the_same_keypoint_counts():
@@ -159,7 +208,9 @@ def test_repair_saves_a_normal_model_with_a_new_head(colours, tmp_path):
     res.save(tmp_path / "disc")
     s = _repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep",
                _repair_config(candidates=str(tmp_path / "disc"), top_words=1, iters=50))
-    assert s["images"] == 120 and s["flagged_share"] > 0.9 and len(s["cells"]) >= 3
+    # two of the three markers are flagged (the model learnt the third class as "neither marker": no shortcut found),
+    # so at least their two classes' images carry flags
+    assert s["images"] == 120 and s["flagged_share"] > 0.6 and len(s["cells"]) >= 3
     old, new = load_backend(str(root / "run" / "model")), load_backend(str(tmp_path / "rep" / "model"))
     assert new.class_names == old.class_names
     assert not torch.equal(new.model.head.weight, old.model.head.weight)
@@ -263,7 +314,7 @@ def test_repair_dilate_grows_the_fitting_flags_by_whole_patches(colours, tmp_pat
 
     f0, f1 = flags(0), flags(1)
     grown = dilate(f0, tuple(be.grid_size), 1)
-    assert f0.any(1).float().mean() > 0.9 and f1.sum() > 1.2 * f0.sum()
+    assert f0.any(1).float().mean() > 0.6 and f1.sum() > 1.2 * f0.sum()  # two flagged markers of three
     assert torch.equal(f1, grown & ~grown.all(1, keepdim=True))  # every neighbour of a flagged patch, no more
     with pytest.raises(ConfigError, match="dilate"):
         _repair_config(candidates="x", dilate=-1).validate()
@@ -292,7 +343,9 @@ def test_prompt_and_repair_flag_the_same_patches_through_the_one_rule(colours, t
 
     monkeypatch.setattr(prompting, "flag_patches", recording("prompt"))
     monkeypatch.setattr(head, "flag_patches", recording("repair"))
-    opts = {"top_words": 6, "score_ratio": 0.0, "dilate": 1}
+    # every ranked word (--no-flagged-only), so that both kinds of word are flagged; the flagged-only sets go
+    # through the same rule (test_the_planted_markers_are_flagged... and test_control_says_no_shortcut...)
+    opts = {"top_words": 6, "score_ratio": 0.0, "dilate": 1, "flagged_only": False}
     out = prompting.prompt(model, images, _prompt_config(policy="drop", candidates=disc, extent="footprint", **opts),
                            progress=False)
     be, src, vocab = load_backend(model), ImageSource(images), load_vocabulary(disc)
@@ -308,10 +361,77 @@ def test_prompt_and_repair_flag_the_same_patches_through_the_one_rule(colours, t
         r = seen["repair"][int(i)]
         assert torch.equal(f, r & ~r.all())
     # SIFT and region words were flagged, and the per-class sets are the global set split by class
-    sets = flags.word_sets(vocab, 6, 0.0, vocab.classes)
-    assert flags.word_sets(vocab, 6, 0.0)[0] == set().union(*sets)
+    sets = flags.word_sets(vocab, 6, 0.0, vocab.classes, flagged_only=False)
+    assert flags.word_sets(vocab, 6, 0.0, flagged_only=False)[0] == set().union(*sets)
     assert {w < len(vocab.centers) for w in set().union(*sets)} == {True, False} and flag.float().mean() > 0
     # the test can tell the rules apart: prompt's default extent (center) flags other patches
     seen["prompt"].clear()
     prompting.prompt(model, images, _prompt_config(policy="drop", candidates=disc, **opts), progress=False)
     assert any(not torch.equal(p, seen["repair"][i]) for i, p in seen["prompt"].items())
+
+
+# -- deciding: a flag is a tested claim ---------------------------------------------------------------------------
+def test_the_planted_markers_are_flagged_and_the_unused_ones_are_not(colours, tmp_path):
+    from siftlens.jobs.shortcuts import discovery_outcome
+
+    root, res, tex = colours
+    ev = evaluate_patches(res, read_sidecar(root / "train" / "markers.json"), 4, (8, 8))
+    used = {c for c, r in res.top.items() if r and (r[0]["causal"] or 0) > 0.1}  # see the test above
+    assert len(used) >= 2, res.top
+    d = res.decision
+    assert d["tested"] == int(res.candidates["p"].notna().sum()) > 60 and (d["alpha"], d["min_effect"]) == (0.05, 0.05)
+    for c in res.class_names:
+        fl = res.flagged(c)
+        if c in used:  # the marker: rank 1 on the marker, flagged with q < 0.05 and its CI above the minimum
+            assert res.verdict(c) == "shortcut found" and fl[0]["rank"] == 1 and ev["on_marker"][c][0] >= 0.5, fl
+            assert fl[0]["q"] < 0.05 and fl[0]["effect_lo"] > 0.05 and fl[0]["causal_images"] == 16, fl
+        else:  # the class the model learnt as "neither marker" depends on nothing
+            assert res.verdict(c) == "no shortcut found" and not fl
+    cand = res.candidates
+    flagged = cand[cand["flagged"]]
+    assert ((flagged["q"] < 0.05) & (flagged["effect"] >= 0.05)).all()
+    assert not flagged["word"].isin(_texture_words(res, tex)).any()  # the checker in every class is never flagged
+    # q is BH over every tested candidate of the run, across classes
+    from siftlens.core.stats import bh_qvalues
+
+    tested = cand[cand["p"].notna()]
+    np.testing.assert_allclose(tested["q"], bh_qvalues(tested["p"].to_numpy()))
+    paths = res.save(tmp_path / "disc")
+    saved = json.loads(paths["json"].read_text())["decision"]["classes"]
+    assert {c: v["verdict"] for c, v in saved.items()} == {c: res.verdict(c) for c in res.class_names}
+    assert all(set(r) >= {"effect", "effect_lo", "effect_hi", "p", "q", "flagged"} for v in saved.values()
+               for r in v["candidates"])
+    csv = pd.read_csv(paths["candidates"])
+    assert {"effect", "effect_lo", "effect_hi", "p", "q", "flagged"} <= set(csv.columns)
+    text = discovery_outcome(res, paths)
+    assert all(f"q {r['q']:.2g}" in text for c in used for r in res.flagged(c)[:1]), text
+
+
+def test_control_says_no_shortcut_and_drop_costs_it_nothing(control, tmp_path):
+    from siftlens.jobs.shortcuts import discovery_outcome
+    from siftlens.shortcuts.discovery.report import discovery_html
+    from siftlens.shortcuts.prompting import prompt
+
+    root, res = control
+    none = [c for c in res.class_names if res.verdict(c) == "no shortcut found"]
+    tested = res.candidates[res.candidates["p"].notna()]
+    assert len(tested) >= 10 and (tested["causal_images"] >= 8).any()  # the test had images to work with
+    assert len(none) >= 2, res.decision
+    paths = res.save(tmp_path / "disc")
+    saved = json.loads(paths["json"].read_text())["decision"]["classes"]
+    assert [c for c, v in saved.items() if v["verdict"] == "no shortcut found"] == none
+    text = discovery_outcome(res, paths)
+    assert text.count("no shortcut found") == len(none), text
+    assert discovery_html(res).count("no shortcut found") >= len(none)
+    assert len(none) == 3, res.decision
+    # no flagged candidate: prompt --policy drop removes nothing and costs nothing
+    model, disc = str(root / "model"), str(tmp_path / "disc")
+    out = prompt(model, str(root / "train"), _prompt_config(policy="drop", candidates=disc, top_words=5,
+                                                           extent="footprint", dilate=1), progress=False)
+    assert out.summary["flagged_words"] == [] and (out.images["removed_patches"] == 0).all()
+    assert out.after["overall"] == out.before["overall"]
+    # the rule before flagging (every ranked candidate) would have dropped patches of every image
+    old = prompt(model, str(root / "train"), _prompt_config(policy="drop", candidates=disc, top_words=5,
+                                                           extent="footprint", dilate=1, flagged_only=False),
+                 progress=False)
+    assert (old.images["removed_patches"] > 0).mean() > 0.5

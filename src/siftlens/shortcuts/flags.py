@@ -3,9 +3,12 @@
 A discovery output (:class:`~siftlens.shortcuts.discovery.vocabulary.Vocabulary`) ranks candidate words per class,
 SIFT words (ids ``0..K-1``) and region words (``K..``). The rule has three settings:
 
-- the word sets (:func:`word_sets`): a class's ``top_words`` best-ranked words whose score is at least
-  ``score_ratio`` times the class's best; either one global set, the union over the discovery's classes
-  (``prompt``), or one set per class (``repair``, which also asks which class's shortcut an image holds);
+- the word sets (:func:`word_sets`): a class's ``top_words`` best-ranked *flagged* words (discovery's tested
+  claims: q < alpha and effect >= min_effect, see :mod:`siftlens.shortcuts.discovery.decision`) whose score is at
+  least ``score_ratio`` times the class's best flagged word's; a class with no flagged word ("no shortcut found")
+  contributes nothing. ``flagged_only=False`` takes every ranked candidate instead (the rule before flagging,
+  kept to reproduce older runs). Either one global set, the union over the discovery's classes (``prompt``), or
+  one set per class (``repair``, which also asks which class's shortcut an image holds);
 - ``extent``: a flagged SIFT word flags the patch of each of its keypoints' centres (``center``, prompt's
   default) or every patch the keypoint's square of side = size touches (``footprint``, repair's rule); a
   flagged region word flags its own patch;
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import CandidatesError, ConfigError
 from ..keypoints import patch_index
 from ..models.backend import Backend
 from ..options import option
@@ -39,7 +42,10 @@ class FlagOptions:
     """Which patches a discovery output flags (a nested config group of prompt and repair; repair gives it its own
     defaults: 5 words, ratio 0.25, the footprint extent)."""
 
-    top_words: int = option(1, "Flag each class's this many best-ranked words.")
+    flagged_only: bool = option(True, "Use only the candidates discovery flagged (q < --alpha and effect >= "
+                                      "--min-effect); a class with none contributes no flags. --no-flagged-only: "
+                                      "every ranked candidate (the rule before flagging, to reproduce older runs).")
+    top_words: int = option(1, "Flag each class's this many best-ranked (flagged) words.")
     score_ratio: float = option(0.0, "...of those, only words scoring at least this fraction of the class's best "
                                      "score.")
     extent: str = option("center", "Flag the patch of each flagged keypoint's centre (center) or every patch its "
@@ -56,22 +62,30 @@ class FlagOptions:
             raise ConfigError(f"--top-words must be >= 1 and --dilate >= 0, got {self.top_words} and {self.dilate}")
 
 
-def class_words(vocab: Vocabulary, c: str, top_words: int, score_ratio: float) -> set[int]:
-    """Class ``c``'s ``top_words`` best-ranked words scoring at least ``score_ratio`` times its best (empty for a
-    class the discovery does not rank)."""
-    ws = vocab.ranked.get(c, [])
-    sc = vocab.scores.get(c) or [1.0] * len(ws)
+def class_words(vocab: Vocabulary, c: str, top_words: int, score_ratio: float, flagged_only: bool = True
+                ) -> set[int]:
+    """Class ``c``'s ``top_words`` best-ranked flagged words (every ranked word when not ``flagged_only``) scoring
+    at least ``score_ratio`` times the best of them (empty for a class without flagged words, or one the discovery
+    does not rank)."""
+    if flagged_only:
+        if vocab.flagged is None:
+            raise CandidatesError("this discovery output predates flagging (no 'decision' in discovery.json): run "
+                                  "`siftlens discover` again, or pass --no-flagged-only to use its ranked words")
+        ws, sc = vocab.flagged.get(c, []), vocab.flagged_scores.get(c, [])
+    else:
+        ws, sc = vocab.ranked.get(c, []), vocab.scores.get(c, [])
+    sc = sc or [1.0] * len(ws)
     best = max(sc[:1] or [0.0])
     return {w for w, s in zip(ws[:top_words], sc[:top_words], strict=False) if s >= score_ratio * best}
 
 
 def word_sets(vocab: Vocabulary, top_words: int = 1, score_ratio: float = 0.0,
-              classes: list[str] | None = None) -> list[set[int]]:
+              classes: list[str] | None = None, flagged_only: bool = True) -> list[set[int]]:
     """The flagged word ids: ``[one set]``, the union over the discovery's classes, when ``classes`` is None;
     else one set per class of ``classes`` (in that order)."""
     if classes is None:
-        return [set().union(*(class_words(vocab, c, top_words, score_ratio) for c in vocab.ranked))]
-    return [class_words(vocab, c, top_words, score_ratio) for c in classes]
+        return [set().union(*(class_words(vocab, c, top_words, score_ratio, flagged_only) for c in vocab.ranked))]
+    return [class_words(vocab, c, top_words, score_ratio, flagged_only) for c in classes]
 
 
 def footprint_patches(xy: np.ndarray, size: np.ndarray, P: int, grid: tuple[int, int]) -> np.ndarray:

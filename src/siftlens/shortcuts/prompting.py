@@ -4,7 +4,8 @@ classify every image before and after the intervention of a policy and return da
 Policies (METHOD.md section 4):
 
 - ``drop``: remove the patch tokens *flagged* by a discovery output, i.e. the patches holding a keypoint
-  whose visual word is among each class's ``top_words`` best candidates (union over classes), optionally
+  whose visual word is among each class's ``top_words`` best *flagged* candidates (union over classes; a class
+  with no flagged candidate adds nothing, so on a model without a shortcut nothing is dropped), optionally
   grown by ``dilate`` patches; kept tokens keep their position embeddings;
 - ``keep-top``: keep only the ``ceil(q * N)`` patches with the largest semantic weight (keypoints per
   patch, ``scheme``); with a discovery output, keypoints of flagged words do not count;
@@ -164,7 +165,8 @@ def _read_inputs(model: str | Backend, images, cfg: PromptConfig, weights: str |
     if (labels < 0).any():
         raise ConfigError("some class folders are not classes of the model; name the folders as the model's classes")
     vocab = load_vocabulary(cfg.candidates) if cfg.candidates else None
-    flagged = word_sets(vocab, cfg.flags.top_words, cfg.flags.score_ratio)[0] if vocab is not None else set()
+    flagged = (word_sets(vocab, cfg.flags.top_words, cfg.flags.score_ratio, flagged_only=cfg.flags.flagged_only)[0]
+               if vocab is not None else set())
     sidecar = None
     side = Path(cfg.groups) if cfg.groups else (find_sidecar(source.spec) if isinstance(source.spec, (str, Path))
                                                 else None)

@@ -94,7 +94,8 @@ def build_vocabulary(desc: np.ndarray, cfg: DiscoveryConfig, progress: bool = Fa
 
 @dataclass
 class Vocabulary:
-    """Discovered words: RootSIFT centres and, per class, the ranked candidate words."""
+    """Discovered words: RootSIFT centres and, per class, the ranked candidate words and the flagged ones (rank
+    order; ``flagged`` None: the discovery output predates flagging)."""
 
     centers: torch.Tensor
     classes: list[str]
@@ -102,6 +103,8 @@ class Vocabulary:
     scores: dict[str, list[float]] = field(default_factory=dict)
     regions: torch.Tensor | None = None  # (R, D) region-word centres (ids len(centers)..), or None
     region_layer: int = -1
+    flagged: dict[str, list[int]] | None = None
+    flagged_scores: dict[str, list[float]] = field(default_factory=dict)
 
     def flagged_regions(self, flagged) -> list[int]:
         """The region words among ``flagged`` ids, as indices into :attr:`regions`."""
@@ -127,15 +130,20 @@ def load_vocabulary(path: str | Path) -> Vocabulary:
         ranked = {c: [int(r["word"]) for r in rows] for c, rows in raw["top"].items()}
         scores = {c: [float(r.get("score") or 0.0) for r in rows] for c, rows in raw["top"].items()}
         classes = list(raw["classes"])
-    except (KeyError, TypeError, ValueError) as e:
+        dec = raw.get("decision")
+        fl = None if dec is None else {c: d.get("candidates", []) for c, d in dec["classes"].items()}
+        flagged = None if fl is None else {c: [int(r["word"]) for r in rows] for c, rows in fl.items()}
+        fscores = {} if fl is None else {c: [float(r.get("score") or 0.0) for r in rows] for c, rows in fl.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CandidatesError(f"{p} lacks the vocabulary or ranked candidates ({e})") from e
+    flags = {"flagged": flagged, "flagged_scores": fscores}
     if centers.ndim != 2 or centers.shape[1] != 128:
         raise CandidatesError(f"{p}: vocabulary centres must be (k, 128), got {tuple(centers.shape)}")
     reg = raw.get("regions")
     if reg:
         try:
             return Vocabulary(centers, classes, ranked, scores, torch.tensor(reg["centers"], dtype=torch.float32),
-                              int(reg["layer"]))
+                              int(reg["layer"]), **flags)
         except (KeyError, TypeError, ValueError) as e:
             raise CandidatesError(f"{p} has malformed region centres ({e})") from e
-    return Vocabulary(centers, classes, ranked, scores)
+    return Vocabulary(centers, classes, ranked, scores, **flags)

@@ -67,7 +67,7 @@ class RepairConfig:
 
     candidates: str = option("", "discovery.json (or its folder) from `siftlens discover`.")
     flags: FlagOptions = group(FlagOptions, helps={
-        "top_words": "Flag each class's this many best-ranked candidates.",
+        "top_words": "Flag each class's this many best-ranked (flagged) candidates.",
         "score_ratio": "...scoring at least this share of the class's best."},
         top_words=5, score_ratio=0.25, extent="footprint")
     groups: str = option("discovery", "discovery (label-free pseudo-groups) | sidecar (the markers.json's true "
@@ -160,7 +160,7 @@ def flagged_batches(backend: Backend, source: ImageSource, vocab: Vocabulary, cf
     if backend.kind != "native":
         raise ConfigError("repair retrains a siftlens ViT (native backend) only")
     classes = list(backend.class_names or vocab.classes)
-    per_class = word_sets(vocab, cfg.flags.top_words, cfg.flags.score_ratio, classes)
+    per_class = word_sets(vocab, cfg.flags.top_words, cfg.flags.score_ratio, classes, cfg.flags.flagged_only)
     ds = KeypointDataset(source, backend, None, sift_params(backend.input_size, cfg.sift), descriptors=True)
     with progress_bar(progress) as pb, one_cv2_thread_per_worker(cfg.run.workers):
         task = pb.add_task("repair features", total=len(source), info="")
