@@ -97,7 +97,7 @@ def test_jtt_upweights_exactly_the_errors_of_the_short_erm_run(planted, tmp_path
     tc = replace(planted["tc"], optim=replace(planted["tc"].optim, epochs=2))
     res = jtt(None, planted["train"], JTTConfig(lambda_up=2, erm_epochs=1, train=tc), progress=False)
     # the identification run is the first epoch of the same seeded schedule from the same start
-    short = train(None, planted["train"], replace(tc, stop_after=1), progress=False)
+    short = train(None, planted["train"], replace(tc, session=replace(tc.session, stop_after=1)), progress=False)
     short.save(tmp_path / "short")
     pred, y = predictions(str(tmp_path / "short" / "model"), planted["train"])
     t = res.table.set_index("name").loc[ImageSource(planted["train"]).names]

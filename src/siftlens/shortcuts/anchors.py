@@ -69,7 +69,7 @@ class JTTConfig:
     def validate(self) -> None:
         if self.lambda_up < 1 or self.erm_epochs < 1:
             raise ConfigError("--lambda-up and --erm-epochs must be >= 1")
-        if self.train.resume or self.train.stop_after is not None:
+        if self.train.session.resume or self.train.session.stop_after is not None:
             raise ConfigError("jtt runs its trainings to the end: --resume and --stop-after do not apply")
 
 
@@ -220,7 +220,7 @@ def jtt(model, images, config: JTTConfig | None = None, *, progress: bool = True
         ident = load_vit(cfg.identifier)
         ident_record = {"identifier": str(cfg.identifier)}
     else:
-        short = replace(tc, stop_after=min(cfg.erm_epochs, tc.optim.epochs))
+        short = replace(tc, session=replace(tc.session, stop_after=min(cfg.erm_epochs, tc.optim.epochs)))
         first = train(model, source.spec, short, progress=progress)
         ident = first.model
         ident_record = {"identifier": f"first {len(first.record['epochs'])} epoch(s)",
