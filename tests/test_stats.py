@@ -221,3 +221,32 @@ def test_fast_at_least_sums_and_outer_sums_match_the_references():
     s, p = outer_sums(x, y)
     torch.testing.assert_close(s, pattern_sums(x[:, :, None] * y[:, None, :]), rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(p, pair_sums(x[:, :, None] * y[:, None, :]), rtol=1e-12, atol=1e-12)
+
+
+def test_resolved_moments_equal_the_moments_and_bound_computed_apart():
+    """qap_resolved_moments shares the centred sums between the variance and its rounding bound: the same numbers
+    as qap_moments with resolved_variance(qap_rounding_bound), resolved and unresolved cells alike."""
+    from siftlens.core.stats import (
+        pair_sums,
+        pattern_sums,
+        qap_moments,
+        qap_resolved_moments,
+        qap_rounding_bound,
+        resolved_variance,
+    )
+
+    g = torch.Generator().manual_seed(3)
+    n = 9
+    scale = torch.tensor([1.0, 1e-3, 1e-6, 0.0], dtype=torch.float64)[:, None, None]
+    logits = torch.randn(4, n, n, generator=g, dtype=torch.float64) * scale
+    a = torch.softmax(logits, -1)  # from far from uniform to exactly uniform
+    w = torch.rand(4, n, generator=g, dtype=torch.float64)
+    wm = w[:, :, None] * w[:, None, :]
+    sa, sw, pa, pw = pattern_sums(a), pattern_sums(wm), pair_sums(a), pair_sums(wm)
+    eps = float(torch.finfo(torch.float32).eps)
+    mean, var = qap_moments(sa, sw, n, pa=pa, pw=pw)
+    apart = resolved_variance(var, qap_rounding_bound(sa, sw, n, pa=pa, pw=pw, eps=eps))
+    got_mean, got_var = qap_resolved_moments(sa, sw, n, pa=pa, pw=pw, eps=eps)
+    torch.testing.assert_close(got_mean, mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got_var, apart, rtol=1e-12, atol=0)
+    assert (apart > 0).any() and (apart == 0).any()  # both kinds of cell were compared

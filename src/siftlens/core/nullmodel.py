@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ConfigError, GeometryError
 from .metrics import AttentionTerms, WeightMaps, repeat_rows
-from .stats import linear_moments, outer_sums, qap_moments, qap_rounding_bound, resolved_variance
+from .stats import linear_moments, outer_sums, qap_resolved_moments
 
 NULL_KINDS = ("permute", "shift")
 _F32_EPS = float(torch.finfo(torch.float32).eps)
@@ -159,8 +159,7 @@ def _ratio_moments(d: torch.Tensor, m: WeightMaps) -> tuple[torch.Tensor, torch.
 def _qap(sa, sw, n, pa, pw, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~siftlens.core.stats.qap_moments` with the variance set to 0 where rounding in the attention's sums
     of squares (machine epsilon ``eps``) could account for all of it."""
-    mean, var = qap_moments(sa, sw, n, pa=pa, pw=pw)
-    return mean, resolved_variance(var, qap_rounding_bound(sa, sw, n, pa=pa, pw=pw, eps=eps))
+    return qap_resolved_moments(sa, sw, n, pa=pa, pw=pw, eps=eps)
 
 
 @dataclass

@@ -305,9 +305,15 @@ def qap_rounding_bound(
     sa, sw, pa, pw = _f64(sa), _f64(sw), _f64(pa), _f64(pw)
     _check_pattern_shapes(sa, sw, pa, pw)
     coef = torch.tensor(_inverse_falling_factorials(n, PATTERN_SIZES), dtype=torch.float64, device=sa.device)
-    grad = (_centred_pattern_sums(sw, pw, n) * coef) @ _MOEBIUS.to(sa.device)  # d var / d T_A', (..., 15)
     t = sa @ _ZETA.to(sa.device).T
-    tc = centred_at_least_sums(t, pa, n)
+    return _rounding_bound(t, centred_at_least_sums(t, pa, n), _centred_pattern_sums(sw, pw, n) * coef, pa, n, eps)
+
+
+def _rounding_bound(t: torch.Tensor, tc: torch.Tensor, wc: torch.Tensor, pa: torch.Tensor, n: int,
+                    eps: float) -> torch.Tensor:
+    """:func:`qap_rounding_bound` from its pieces: ``t`` and ``tc`` the at-least sums of ``A`` and of its centred
+    matrix, ``wc`` the centred pattern sums of ``W`` times the ``1 / (N)_m`` coefficients."""
+    grad = wc @ _MOEBIUS.to(wc.device)  # d var / d T_A', (..., 15)
 
     def feature(name: str) -> torch.Tensor:
         return tc[..., _FEATURES.index(name)]
@@ -319,11 +325,32 @@ def qap_rounding_bound(
     norm = {name: feature(name).clamp_min(0.0).sqrt() for name in ("rr", "cc", "dd")}
     err = {"XX": gamma * q, "XXt": gamma * q, "rr": 2 * norm["rr"] * g + g * g, "cc": 2 * norm["cc"] * g + g * g,
            "rc": (norm["rr"] + norm["cc"]) * g + g * g, "dr": norm["dd"] * g, "dc": norm["dd"] * g}
-    bound = torch.zeros(torch.broadcast_shapes(sa.shape[:-1], sw.shape[:-1]), dtype=torch.float64, device=sa.device)
+    bound = torch.zeros(torch.broadcast_shapes(tc.shape[:-1], wc.shape[:-1]), dtype=torch.float64, device=tc.device)
     for p, name in enumerate(_FEATURES):
         if name in err:
             bound = bound + grad[..., p].abs() * err[name]
     return bound
+
+
+def qap_resolved_moments(
+    sa: torch.Tensor, sw: torch.Tensor, n: int, *, pa: torch.Tensor, pw: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`qap_moments` with the variance set to 0 where :func:`qap_rounding_bound` could account for all of
+    it (:func:`resolved_variance`): the same numbers, with the centred sums of ``A`` and ``W`` computed once for
+    both. Arguments as :func:`qap_rounding_bound`."""
+    if n < 1:
+        raise ConfigError(f"qap_moments needs n >= 1; got {n}")
+    sa, sw, pa, pw = _f64(sa), _f64(sw), _f64(pa), _f64(pw)
+    _check_pattern_shapes(sa, sw, pa, pw)
+    pair_coef = torch.tensor(_inverse_falling_factorials(n, np.array([1, 2])), dtype=torch.float64, device=pa.device)
+    mean = torch.einsum("...p,...p->...", pa * pair_coef, pw)
+    coef = torch.tensor(_inverse_falling_factorials(n, PATTERN_SIZES), dtype=torch.float64, device=sa.device)
+    t = sa @ _ZETA.to(sa.device).T
+    tc = centred_at_least_sums(t, pa, n)
+    wc = _centred_pattern_sums(sw, pw, n) * coef
+    var = torch.einsum("...p,...p->...", wc, tc @ _MOEBIUS.to(sa.device).T).clamp_min(0.0)
+    var = resolved_variance(var, _rounding_bound(t, tc, wc, pa, n, eps))
+    return mean.expand_as(var).contiguous(), var
 
 
 #: A variance counts as resolved when it exceeds its rounding bound this many times (its sd is then off by
