@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from ..devices import DistInfo, init_distributed, shutdown
@@ -130,3 +131,21 @@ class Loop:
         task = pb.add_task(name, total=self.sched.total, completed=start_epoch * self.sched.steps_per_epoch,
                            info="")
         return lambda info: pb.update(task, advance=1, info=info)
+
+
+class EpochHistory:
+    """What the results of :func:`~siftlens.training.train` and :func:`~siftlens.training.pretrain` share:
+    ``history`` and ``complete`` read from their ``record`` (the whole history.json) and ``config.optim``."""
+
+    record: dict
+    config: object
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per epoch."""
+        return pd.DataFrame(self.record["epochs"])
+
+    @property
+    def complete(self) -> bool:
+        """Whether every epoch has run (else continue with ``resume``)."""
+        return len(self.record["epochs"]) >= self.config.optim.epochs

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from ..errors import ConfigError
@@ -37,7 +36,7 @@ from .curves import plot_curves
 from .guidance import augmented_counts, check_keep, guided_scores, keep_count
 from .images import Labelled, channel_stats, load_train_val, normalize
 from .keypoint_bank import KeypointBank, cached_keypoints
-from .loop import Loop, Run, end_run, epoch_range, start_run
+from .loop import EpochHistory, Loop, Run, end_run, epoch_range, start_run
 from .mae_eval import extract_features, knn_accuracy, linear_probe
 from .masking import (
     attention_weights,
@@ -84,7 +83,7 @@ class PretrainConfig:
 
 
 @dataclass
-class PretrainResult:
+class PretrainResult(EpochHistory):
     """What :func:`pretrain` returns: the pre-trained ``model`` (an MAE; ``encoder`` is its ViT), ``history``
     (one row per epoch: train_loss, lr, tau, seconds, token counts and, on evaluation epochs, val_loss,
     knn_acc and probe) and ``record``, the whole history.json."""
@@ -96,15 +95,6 @@ class PretrainResult:
     @property
     def encoder(self) -> ViT:
         return self.model.encoder
-
-    @property
-    def history(self) -> pd.DataFrame:
-        return pd.DataFrame(self.record["epochs"])
-
-    @property
-    def complete(self) -> bool:
-        """Whether every epoch has run (else continue with ``resume``)."""
-        return len(self.record["epochs"]) >= self.config.optim.epochs
 
     def save(self, out: str | os.PathLike) -> Path:
         """Write ``out/history.json``, ``out/curves.png``, ``out/encoder/`` (a siftlens ViT) and ``out/mae/``

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -41,7 +40,7 @@ from .augment import apply_augment, draw_augment
 from .guidance import augmented_counts, check_keep, keep_count, keep_indices
 from .images import Labelled, channel_stats, load_train_val, normalize
 from .keypoint_bank import KeypointBank, cached_keypoints
-from .loop import Loop, end_run, epoch_range, start_run
+from .loop import EpochHistory, Loop, end_run, epoch_range, start_run
 from .optim import Schedule, adamw
 from .options import KeepOptions, ModelShape, OptimOptions, SessionOptions, flat_values
 from .start import StartModel, input_size, load_start, start_vit
@@ -65,7 +64,7 @@ class TrainConfig:
 
 
 @dataclass
-class TrainResult:
+class TrainResult(EpochHistory):
     """What :func:`train` returns: the trained ``model``, ``history`` (one row per epoch: train_loss,
     train_acc, lr, seconds, train_tokens and, with held-out images, val_acc) and ``record``, the whole
     history.json (config, model config, epochs, skipped files, wall seconds)."""
@@ -73,15 +72,6 @@ class TrainResult:
     model: ViT
     config: TrainConfig
     record: dict = field(repr=False)
-
-    @property
-    def history(self) -> pd.DataFrame:
-        return pd.DataFrame(self.record["epochs"])
-
-    @property
-    def complete(self) -> bool:
-        """Whether every epoch has run (else continue with ``resume``)."""
-        return len(self.record["epochs"]) >= self.config.optim.epochs
 
     def save(self, out: str | os.PathLike) -> Path:
         """Write ``out/model/`` (a siftlens ViT) and ``out/history.json``; returns ``out``."""
