@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_run_integrity import Interrupted, interrupt_at
 from torch.utils.data import DataLoader, Dataset
 
 from siftlens.data import ImageSource
@@ -281,23 +282,6 @@ def demo_tars(tmp_path_factory) -> str:
             members[f"{s}{k:05d}.cls"] = str(c).encode()
         make_tar(root / f"demo-{s:04d}.tar", members)
     return str(root / "demo-{0000..0001}.tar")
-
-
-class Interrupted(BaseException):
-    """Stands in for a kill: raised instead of the k-th rename into the run folder."""
-
-
-def interrupt_at(monkeypatch, out: Path, k: int) -> None:
-    real, count = os.replace, [0]
-
-    def replace(src, dst, *a, **kw):
-        if Path(dst).resolve().is_relative_to(out.resolve()):
-            count[0] += 1
-            if count[0] == k:
-                raise Interrupted(f"write {k}")
-        return real(src, dst, *a, **kw)
-
-    monkeypatch.setattr(os, "replace", replace)
 
 
 def test_tar_source_shards_merge_and_resume_equal_one_run(demo_tars, tmp_path, monkeypatch):
