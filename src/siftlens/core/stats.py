@@ -269,6 +269,13 @@ def qap_moments(
     ``E[Q^2] - E[Q]^2``: for near-uniform attention the latter subtracts two numbers of size ``E[Q]^2``
     to get one many orders of magnitude smaller (docs/method.md, "Precision near uniform attention").
     """
+    mean, var, _ = _qap_parts(sa, sw, n, pa, pw)
+    return mean, var
+
+
+def _qap_parts(sa, sw, n: int, pa, pw) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """:func:`qap_moments`'s ``(mean, var)`` and the pieces :func:`_rounding_bound` takes from it: the at-least
+    sums of ``A`` and of its centred matrix, and the centred pattern sums of ``W`` times ``1 / (N)_m``."""
     if n < 1:
         raise ConfigError(f"qap_moments needs n >= 1; got {n}")
     sa, sw, pa, pw = _f64(sa), _f64(sw), _f64(pa), _f64(pw)
@@ -277,9 +284,11 @@ def qap_moments(
     # contractions over the pattern axis with broadcasting: one batched matmul each, no (broadcast, 15) product
     mean = torch.einsum("...p,...p->...", pa * pair_coef, pw)
     coef = torch.tensor(_inverse_falling_factorials(n, PATTERN_SIZES), dtype=torch.float64, device=sa.device)
-    var = torch.einsum("...p,...p->...", _centred_pattern_sums(sa, pa, n) * coef, _centred_pattern_sums(sw, pw, n))
-    var = var.clamp_min(0.0)
-    return mean.expand_as(var).contiguous(), var
+    t = sa @ _ZETA.to(sa.device).T
+    tc = centred_at_least_sums(t, pa, n)
+    wc = _centred_pattern_sums(sw, pw, n) * coef
+    var = torch.einsum("...p,...p->...", wc, tc @ _MOEBIUS.to(sa.device).T).clamp_min(0.0)
+    return mean.expand_as(var).contiguous(), var, (t, tc, wc, pa)
 
 
 def qap_rounding_bound(
@@ -338,19 +347,8 @@ def qap_resolved_moments(
     """:func:`qap_moments` with the variance set to 0 where :func:`qap_rounding_bound` could account for all of
     it (:func:`resolved_variance`): the same numbers, with the centred sums of ``A`` and ``W`` computed once for
     both. Arguments as :func:`qap_rounding_bound`."""
-    if n < 1:
-        raise ConfigError(f"qap_moments needs n >= 1; got {n}")
-    sa, sw, pa, pw = _f64(sa), _f64(sw), _f64(pa), _f64(pw)
-    _check_pattern_shapes(sa, sw, pa, pw)
-    pair_coef = torch.tensor(_inverse_falling_factorials(n, np.array([1, 2])), dtype=torch.float64, device=pa.device)
-    mean = torch.einsum("...p,...p->...", pa * pair_coef, pw)
-    coef = torch.tensor(_inverse_falling_factorials(n, PATTERN_SIZES), dtype=torch.float64, device=sa.device)
-    t = sa @ _ZETA.to(sa.device).T
-    tc = centred_at_least_sums(t, pa, n)
-    wc = _centred_pattern_sums(sw, pw, n) * coef
-    var = torch.einsum("...p,...p->...", wc, tc @ _MOEBIUS.to(sa.device).T).clamp_min(0.0)
-    var = resolved_variance(var, _rounding_bound(t, tc, wc, pa, n, eps))
-    return mean.expand_as(var).contiguous(), var
+    mean, var, (t, tc, wc, pa) = _qap_parts(sa, sw, n, pa, pw)
+    return mean, resolved_variance(var, _rounding_bound(t, tc, wc, pa, n, eps))
 
 
 #: A variance counts as resolved when it exceeds its rounding bound this many times (its sd is then off by
