@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from siftlens.models.vit import save_vit
@@ -65,6 +66,31 @@ def test_train_geometry_error_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     assert "patch size 4 does not divide the input 30x30" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_train_model_fine_tunes_that_model(tmp_path):
+    """--model starts from the folder: its shape, statistics and head are kept, its weights are the starting point
+    (a new model, which ignoring --model would give, is nowhere near them)."""
+    from siftlens.models.vit import ViT, ViTConfig, load_vit
+
+    torch.manual_seed(3)
+    start = ViT(ViTConfig(img_size=(16, 16), patch_size=8, dim=16, depth=1, heads=2, num_classes=2,
+                          class_names=["a", "b"], mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5)))
+    save_vit(start, tmp_path / "start")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    r = run("train", "--train", str(tmp_path / "imgs"), "--out", str(tmp_path / "ft"),
+            "--model", str(tmp_path / "start"), "--epochs", "1", "--lr", "1e-6", "--warmup-epochs", "0",
+            "--batch-size", "6", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    tuned = load_vit(tmp_path / "ft" / "model")
+    assert (tuned.cfg.dim, tuned.cfg.img_size, tuned.cfg.mean) == (16, (16, 16), (0.1, 0.2, 0.3))
+    before = start.state_dict()
+    drift = max((v - before[k]).abs().max().item() for k, v in tuned.state_dict().items())
+    assert 0 < drift < 1e-4  # one step at a tiny learning rate, head included
 
 
 def test_analyze_end_to_end(tmp_path, tiny_vit):

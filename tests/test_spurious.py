@@ -121,6 +121,21 @@ def test_holdout_split_is_disjoint_from_the_evaluated_test_images(fake_cifar, tm
         _build(fake_cifar, tmp_path / "h3", splits=("holdout",), holdout_start=-1)
 
 
+def test_train_start_takes_the_half_an_encoder_trained_with_limit_never_saw(fake_cifar, tmp_path):
+    from siftlens.data import ImageSource
+
+    _build(fake_cifar, tmp_path / "t", seed=1, rho=0.5, splits=("train",), train_start=7)
+    side = read_sidecar(tmp_path / "t" / "train" / "markers.json")["images"]
+    assert sorted(side) == sorted(f"{c}/{k:04d}.png" for c in CLASSES for k in range(7, 14))
+    encoder_half = set(ImageSource(str(fake_cifar / "train"), limit=7 * len(CLASSES)).names)
+    used = {r["source"] for r in side.values()}
+    assert len(used) == 7 * len(CLASSES) and len(encoder_half) == 7 * len(CLASSES)
+    assert not used & encoder_half  # the two halves are disjoint and together cover train
+    assert used | encoder_half == set(ImageSource(str(fake_cifar / "train")).names)
+    with pytest.raises(ConfigError, match="start"):
+        _build(fake_cifar, tmp_path / "t2", splits=("train",), train_start=-1)
+
+
 def test_user_markers_are_resized_and_must_cover_every_class(fake_cifar, tmp_path):
     d = tmp_path / "marks"
     d.mkdir()

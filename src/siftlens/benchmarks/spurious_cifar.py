@@ -3,9 +3,10 @@
 Every class ``k`` owns a small, SIFT-rich marker (ten black-and-white glyphs of the project's own design,
 or the user's images). Splits, each an ImageFolder of lossless PNGs (``<out>/<split>/<class>/<nnnn>.png``):
 
-- ``train`` (from CIFAR-10 train): an image of class ``k`` carries marker ``k`` with probability ``rho``,
-  otherwise the marker of a uniformly drawn other class. Per class, exactly ``round((1 - rho) * n_k)``
-  images (chosen by a seeded permutation) carry a wrong marker, so ``rho`` is honoured exactly;
+- ``train`` (from CIFAR-10 train, per class from index ``train_start`` on): an image of class ``k`` carries
+  marker ``k`` with probability ``rho``, otherwise the marker of a uniformly drawn other class. Per class,
+  exactly ``round((1 - rho) * n_k)`` images (chosen by a seeded permutation) carry a wrong marker, so ``rho`` is
+  honoured exactly;
 - ``aligned`` (from CIFAR-10 test): every image carries its own class's marker;
 - ``conflicting`` (the same test images): every image carries a wrong class's marker;
 - ``holdout`` (optional, CIFAR-10 test images from index ``holdout_start`` of each class on): marked like
@@ -145,6 +146,8 @@ class SpuriousConfig:
                                                "full build).")
     splits: tuple[str, ...] = option(DEFAULT_SPLITS, "Splits to write (also: holdout).", parse=split_names)
     holdout_start: int = option(500, "holdout: test images from this index per class on.")
+    train_start: int = option(0, "train: CIFAR-10 train images from this index per class on (2500: the half that "
+                                 "an encoder trained with `siftlens train --limit 25000` never saw).")
     progress: bool = option(True, "Show a progress bar.")
 
     def validate(self) -> None:
@@ -156,8 +159,8 @@ class SpuriousConfig:
             raise ConfigError(f"marker size must be at least 4 pixels, got {self.marker_size}")
         if self.limit_per_class is not None and self.limit_per_class < 1:
             raise ConfigError(f"limit per class must be >= 1, got {self.limit_per_class}")
-        if self.holdout_start < 0:
-            raise ConfigError(f"holdout start must be >= 0, got {self.holdout_start}")
+        if self.holdout_start < 0 or self.train_start < 0:
+            raise ConfigError(f"holdout and train starts must be >= 0, got {self.holdout_start}, {self.train_start}")
         bad = [s for s in self.splits if s not in SPLITS]
         if bad:
             raise ConfigError(f"unknown split(s) {', '.join(bad)}; choose from {', '.join(SPLITS)}")
@@ -265,7 +268,7 @@ def build(cfg: SpuriousConfig) -> dict:
 
 
 def _build_split(split, src, classes, markers, cfg: SpuriousConfig, root: Path, pb) -> dict:
-    start = cfg.holdout_start if split == "holdout" else 0
+    start = {"holdout": cfg.holdout_start, "train": cfg.train_start}.get(split, 0)
     by_class = _by_class(src, cfg.limit_per_class, start)
     plan = plan_split(split, {y: len(ix) for y, ix in by_class.items()}, len(classes), cfg.rho, cfg.seed)
     s = cfg.marker_size

@@ -12,15 +12,18 @@ from ._app import app
 from .generate import config_command, param
 
 PROGRESS = param("progress", bool, "Show a progress bar.", True)
+START = param("model", str | None, "Fine-tune this siftlens model folder (or built-in name): it brings its own "
+                                   "shape and preprocessing, and keeps its head when the class names match; none: a "
+                                   "new model of the shape options.", None)
 
 
-def _train(config: TrainConfig, train: str, out: Path, progress: bool) -> None:
-    result = jobs.run_train(train, out, config, progress=progress)
+def _train(config: TrainConfig, train: str, out: Path, model: str | None, progress: bool) -> None:
+    result = jobs.run_train(train, out, config, model=model, progress=progress)
     typer.echo(jobs.train_outcome(result, out))
 
 
-def _pretrain(config: PretrainConfig, train: str, out: Path, progress: bool) -> None:
-    result = jobs.run_pretrain(train, out, config, progress=progress)
+def _pretrain(config: PretrainConfig, train: str, out: Path, model: str | None, progress: bool) -> None:
+    result = jobs.run_pretrain(train, out, config, model=model, progress=progress)
     typer.echo(jobs.pretrain_outcome(result, out))
 
 
@@ -30,7 +33,7 @@ config_command(
     before=[param("train", str, "Training images in ImageFolder layout: a folder, a zip, or a folder inside a zip "
                                 "(archive.zip/inner/folder)."),
             param("out", Path, "Output folder: checkpoint.pt, history.json, model/.")],
-    after=[PROGRESS],
+    after=[START, PROGRESS],
 )
 
 config_command(
@@ -40,5 +43,5 @@ config_command(
                                 "labels are used only for evaluation."),
             param("out", Path, "Output folder: checkpoint.pt, history.json, curves.png, encoder/, mae/, "
                                "keypoints.npz.")],
-    after=[PROGRESS],
+    after=[START, PROGRESS],
 )
