@@ -179,6 +179,10 @@ def test_regions_find_a_weakly_textured_marker(colours):
     assert len(used) >= 2, res.top
     assert all(ev["ranks"][c] == 1 for c in used), (ev, res.top)
     assert all(res.top[c][0]["source"] == "region" or ev["on_marker"][c][0] >= 0.5 for c in used)
+    first = ev["flagged_first_on_marker"]
+    assert all((first[c] is None) == (not res.flagged(c)) for c in res.top), (first, res.decision)
+    assert all(first[c] for c in used if res.flagged(c)), (first, ev)
+    assert any(first[c] for c in used), first
 
 
 def test_prompting_flags_region_candidates_on_the_marker(colours, tmp_path):

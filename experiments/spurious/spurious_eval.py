@@ -130,6 +130,7 @@ def main() -> None:
     a = ap.parse_args()
     res = oracle_drop(a.model, Path(a.split), a.limit, a.device)
     tmp = Path(a.out + ".part")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(res, indent=2))
     os.replace(tmp, a.out)
 

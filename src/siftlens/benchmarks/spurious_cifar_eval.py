@@ -95,7 +95,9 @@ def evaluate_patches(result: DiscoveryResult, sidecar: dict, P: int, grid: tuple
     predicted c, lie on a class-c marker; the class's marker rank is the best rank of a credited candidate.
 
     Also ``precision_at``: per k, the share of the top-k candidates (pooled over classes) whose patches lie
-    on *some* marker at least half of the time; ``on_marker``: per class, that share for each of its top 5.
+    on *some* marker at least half of the time; ``on_marker``: per class, that share for each of its top 5;
+    ``flagged_first_on_marker``: per class, whether its first flagged candidate (in rank order) is credited (None
+    when discovery flagged nothing for it, or made no decision).
     """
     f = result.features
     N = grid[0] * grid[1]
@@ -110,7 +112,7 @@ def evaluate_patches(result: DiscoveryResult, sidecar: dict, P: int, grid: tuple
     tot = np.bincount(key, minlength=K * C)
     own = np.bincount(key, weights=(hit & (mk[ti] == pred)).astype(float), minlength=K * C) / np.maximum(tot, 1)
     anym = np.bincount(key, weights=hit.astype(float), minlength=K * C) / np.maximum(tot, 1)
-    ranks, own_share = {}, {}
+    ranks, own_share, flagged_first = {}, {}, {}
     pooled: dict[int, list[bool]] = {k: [] for k in ks}
     for ci, c in enumerate(classes):
         rows = result.candidates[(result.candidates["class"] == c) & result.candidates["rank"].notna()]
@@ -120,9 +122,11 @@ def evaluate_patches(result: DiscoveryResult, sidecar: dict, P: int, grid: tuple
         good = np.flatnonzero(o >= 0.5)
         ranks[c] = int(rows["rank"].iloc[good[0]]) if len(good) else None
         own_share[c] = [round(float(v), 4) for v in o[:5]]
+        fl = rows["flagged"].astype(bool).to_numpy() if "flagged" in rows else np.zeros(len(rows), bool)
+        flagged_first[c] = bool(o[np.flatnonzero(fl)[0]] >= 0.5) if fl.any() else None
         for k in ks:
             pooled[k] += (a[:k] >= 0.5).tolist()
     return {"rule": "patches", "ranks": ranks, "rank1": float(np.mean([r == 1 for r in ranks.values()])),
             "rank1_count": int(sum(r == 1 for r in ranks.values())), "on_marker": own_share,
             "precision_at": {str(k): float(np.mean(v)) if v else 0.0 for k, v in pooled.items()},
-            "missing": [c for c, r in ranks.items() if r is None]}
+            "missing": [c for c, r in ranks.items() if r is None], "flagged_first_on_marker": flagged_first}
