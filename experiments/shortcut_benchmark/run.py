@@ -42,7 +42,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "experiments" / "spurious"))
 from spurious import KINDS, Runner, flags, imagenet_markers  # noqa: E402
-from tables import method_row, results_block  # noqa: E402
+from tables import choose, method_row, results_block, targets  # noqa: E402
 
 DATA = Path(os.environ.get("SIFTLENS_DATA", ROOT.parent / "shared" / "data"))
 FULL = dict(train_start=2500, train_per_class=2500, eval_per_class=500, holdout_start=500,
@@ -184,6 +184,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=2, help="kinds run in parallel")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--validation", default=None,
+                    help="the validation results: siftlens's best label-free method is chosen on them (README rule) "
+                         "and marked, with the targets met, in this run's results")
     ap.add_argument("--jtt-control", action="store_true", help="also run JTT on the control (its control cost)")
     return ap.parse_args()
 
@@ -193,7 +196,9 @@ def main() -> None:
     cfg = SCALES[a.scale]
     tag = f"{'' if a.scale == 'full' else a.scale + '-'}seed{a.seed}"
     a.work = str(Path(a.work or ROOT / "runs" / f"shortcut-bench-{tag}").resolve())
-    out = Path(a.out or HERE / "results" / f"benchmark-{tag}.json").resolve()
+    # the final table where issue 25 item 6 reads it; the validation and quick runs beside this script
+    final = ROOT / "experiments" / "spurious" / "results.json"
+    out = Path(a.out or (final if a.scale == "full" else HERE / "results" / f"benchmark-{tag}.json")).resolve()
     a.cifar_root = f"{a.cifar}/cifar10" if a.cifar.endswith(".zip") else a.cifar
     a.encoder_acc = encoder_accuracy(a.encoder)
     kinds = a.kinds.split(",") + (["user"] if a.markers_dir and "user" not in a.kinds.split(",") else [])
@@ -214,11 +219,15 @@ def main() -> None:
         for kind in kinds:
             Kind(kind, a, cfg, env).build()
         return
+    chosen = choose(json.loads(Path(a.validation).read_text())) if a.validation else None
+    results["chosen"] = chosen and {**chosen, "from": str(a.validation)}
     t0 = time.time()
 
     def one(kind: str) -> None:
         try:
             block = Kind(kind, a, cfg, env).run()
+            if chosen:
+                block["targets"] = targets(block, chosen["method"])
         except (Exception, SystemExit) as e:  # noqa: BLE001 - one failed kind must not lose the others
             block = {"error": (str(e).splitlines() or [type(e).__name__])[0]}
         with LOCK:

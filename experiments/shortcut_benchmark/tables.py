@@ -87,3 +87,53 @@ def method_row(block: dict) -> str:
     parts = [f"{k} {v['aligned']:.3f}/{v['conflicting']:.3f}/{v['worst_group']:.3f}" for k, v in m.items()]
     return (f"rank1 {d['shortcut_rank1']}/10, control flagged {d['control_flagged']}/10; "
             "aligned/conflicting/worst: " + "; ".join(parts))
+
+
+SIFTLENS = ("prompt_drop", "prompt_drop_dilate1", "repair")
+
+
+def _cheap(method: dict) -> bool:
+    """The method was run on the control and cost it at most 1 point."""
+    return method["control_cost"] is not None and method["control_cost"] <= 1
+
+
+def choose(validation: dict) -> dict:
+    """siftlens's best label-free method on the validation results (the rule of the README, fixed before they ran):
+    the highest mean worst-group conflicting accuracy over the kinds among the methods whose control cost is <= 1
+    point on every kind; if none qualifies, the smallest mean control cost."""
+    kinds = [k for k in validation["kinds"].values() if "methods" in k]
+    if not kinds:
+        raise ValueError("the validation results hold no finished kind")
+
+    def mean(method: str, key: str) -> float:
+        vals = [k["methods"][method][key] for k in kinds]
+        return sum(vals) / len(vals)
+
+    ok = [m for m in SIFTLENS if all(_cheap(k["methods"][m]) for k in kinds)]
+    if ok:
+        best = max(ok, key=lambda m: mean(m, "worst_group"))
+        why = "highest mean worst-group conflicting accuracy among those costing the control <= 1 point"
+    else:
+        best = min(SIFTLENS, key=lambda m: mean(m, "control_cost"))
+        why = "no method cost the control <= 1 point on every kind: the smallest mean control cost"
+    return {"method": best, "rule": why, "kinds": len(kinds),
+            "candidates": {m: {"worst_group": round(mean(m, "worst_group"), 4),
+                               "control_cost": round(mean(m, "control_cost"), 2)} for m in SIFTLENS}}
+
+
+def targets(block: dict, chosen: str) -> dict:
+    """Issue 25's targets for one kind, each True or False."""
+    m, d = block["methods"], block["discovery"]
+    erm, best, oracle = m["erm"], m[chosen], m["oracle_drop"]
+    anchors = [m[a]["worst_group"] for a in ("jtt", "afr") if a in m]
+    return {
+        "encoder_clean_acc >= 0.70": (block["encoder_clean_acc"] or 0) >= 0.70,
+        "shortcut learned (aligned - conflicting >= 0.30)": erm["aligned"] - erm["conflicting"] >= 0.30,
+        "marker flagged and first for >= 9/10 classes": d["shortcut_rank1"] >= 9,
+        "control: <= 1/10 classes flagged": d["control_flagged"] <= 1,
+        "control: prompt drop costs <= 1 point": _cheap(m["prompt_drop"]),
+        f"{chosen} beats JTT and AFR on the worst group": bool(anchors) and best["worst_group"] > max(anchors),
+        f"{chosen} reaches >= 80% of the oracle's conflicting accuracy":
+            best["conflicting"] >= 0.8 * oracle["conflicting"],
+        f"{chosen} costs the control <= 1 point": _cheap(best),
+    }
