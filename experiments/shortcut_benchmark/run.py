@@ -49,10 +49,11 @@ FULL = dict(train_start=2500, train_per_class=2500, eval_per_class=500, holdout_
             finetune=dict(epochs=2, lr=5e-4, warmup_epochs=0.2, batch_size=256),
             discover=dict(limit=5000, vocab=256, causal_top=10, causal_images=32),
             eval_limit=2000, holdout_limit=5000, jtt=dict(lambda_up=20))
-# the validation builds (seed 0), smaller so that they fit one session on two CPU cores: 1,000 fine-tuning images per
-# class instead of 2,500, 1,000 images per evaluation split instead of 2,000
-VALIDATION = {**FULL, "train_per_class": 1000, "eval_limit": 1000, "holdout_limit": 3000,
-              "discover": {**FULL["discover"], "limit": 3000}}
+# the validation builds (seed 0), smaller so that they and the final run fit one session on two CPU cores: 500
+# fine-tuning images per class instead of 2,500, 1,000 images per evaluation split instead of 2,000, discovery and
+# the holdout fits on 2,000 images
+VALIDATION = {**FULL, "train_per_class": 500, "eval_limit": 1000, "holdout_limit": 2000,
+              "discover": {**FULL["discover"], "limit": 2000}}
 QUICK = dict(train_start=20, train_per_class=20, eval_per_class=10, holdout_start=10,
              finetune=dict(epochs=1, lr=5e-4, warmup_epochs=0.2, batch_size=50),
              discover=dict(limit=200, vocab=64, causal_top=3, causal_images=8),
@@ -187,6 +188,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--validation", default=None,
                     help="the validation results: siftlens's best label-free method is chosen on them (README rule) "
                          "and marked, with the targets met, in this run's results")
+    ap.add_argument("--annotate", action="store_true",
+                    help="run nothing: mark the method chosen on --validation, and the targets met, in --out")
     ap.add_argument("--jtt-control", action="store_true", help="also run JTT on the control (its control cost)")
     return ap.parse_args()
 
@@ -199,6 +202,8 @@ def main() -> None:
     # the final table where issue 25 item 6 reads it; the validation and quick runs beside this script
     final = ROOT / "experiments" / "spurious" / "results.json"
     out = Path(a.out or (final if a.scale == "full" else HERE / "results" / f"benchmark-{tag}.json")).resolve()
+    if a.annotate:
+        return annotate(out, Path(a.validation))
     a.cifar_root = f"{a.cifar}/cifar10" if a.cifar.endswith(".zip") else a.cifar
     a.encoder_acc = encoder_accuracy(a.encoder)
     kinds = a.kinds.split(",") + (["user"] if a.markers_dir and "user" not in a.kinds.split(",") else [])
@@ -239,6 +244,20 @@ def main() -> None:
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
         list(pool.map(one, kinds))
     print(f"results: {out}")
+
+
+def annotate(out: Path, validation: Path) -> None:
+    """Mark, in the finished results ``out``, the method chosen on the validation results and the targets met."""
+    if not validation.exists() or not out.exists():
+        raise SystemExit(f"--annotate needs --validation and --out results: {validation}, {out}")
+    results = json.loads(out.read_text())
+    chosen = choose(json.loads(validation.read_text()))
+    results["chosen"] = {**chosen, "from": str(validation)}
+    for block in results["kinds"].values():
+        if "methods" in block:
+            block["targets"] = targets(block, chosen["method"])
+    write(out, results)
+    print(f"chosen on {validation}: {chosen['method']} ({chosen['rule']}); targets written to {out}")
 
 
 def write(out: Path, results: dict) -> None:
