@@ -134,13 +134,13 @@ class Kind:
                            "--out", rep, "--limit", self.cfg["holdout_limit"], *dev, *REPAIR], rep / "repair.json")
         res["repair"] = {s: self.prompt(rep / "model", s, f"{name}-repair", POLICIES["drop-dilate1"], cand, d)
                          for s in splits}
-        for method in ("afr", "dfr"):
+        for method in [m for m in ("afr", "dfr") if m not in self.a.without]:
             o = self.work / f"{method}-{name}"
             self.sh(method, [f"anchor-{method}", "--model", erm, "--images", d[f"{name}/holdout"], "--out", o,
                              "--limit", self.cfg["holdout_limit"], "--seed", self.a.seed, *dev],
                     o / "anchor.json")
             res[method] = {s: self.score(o / "model", s, f"{method}-{name}", d) for s in splits}
-        if name == "shortcut" or self.a.jtt_control:
+        if "jtt" not in self.a.without and (name == "shortcut" or self.a.jtt_control):
             jtt = self.finetune(name, d[f"{name}/train"], ("--identifier", erm, *flags(self.cfg["jtt"])),
                                 anchor=f"jtt-{name}")
             res["jtt"] = {s: self.score(jtt, s, f"jtt-{name}", d) for s in splits}
@@ -190,6 +190,8 @@ def parse() -> argparse.Namespace:
                          "and marked, with the targets met, in this run's results")
     ap.add_argument("--annotate", action="store_true",
                     help="run nothing: mark the method chosen on --validation, and the targets met, in --out")
+    ap.add_argument("--without", default="", type=lambda t: {x for x in t.split(",") if x},
+                    help="anchors not to run, comma-separated of jtt, afr, dfr (a later run without it adds them)")
     ap.add_argument("--jtt-control", action="store_true", help="also run JTT on the control (its control cost)")
     return ap.parse_args()
 
