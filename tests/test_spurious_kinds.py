@@ -24,6 +24,7 @@ from siftlens.options import build
 from siftlens.shortcuts import DiscoveryConfig, PromptConfig, discover
 from siftlens.shortcuts.discovery.causal import matched_control
 from siftlens.shortcuts.discovery.vocabulary import load_vocabulary
+from siftlens.shortcuts.dropping import network_backend
 from siftlens.shortcuts.groups import read_sidecar
 from siftlens.shortcuts.retraining.head import RepairConfig, group_weights, repair
 
@@ -235,7 +236,8 @@ def test_repair_with_mean_pooling_saves_a_model_that_pools_like_its_head(colours
     s = _repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep",
                _repair_config(candidates=str(tmp_path / "disc"), top_words=1, iters=50, pool="mean", l2=0.1))
     assert s["config"]["pool"] == "mean"
-    old, new = load_backend(str(root / "run" / "model")), load_backend(str(tmp_path / "rep" / "model"))
+    # the repaired network (the folder's drop is tested in test_repair_artefact.py)
+    old, new = load_backend(str(root / "run" / "model")), network_backend(load_backend(str(tmp_path / "rep" / "model")))
     assert old.model.cfg.pool == "cls" and new.model.cfg.pool == "mean"
     x = torch.randn(5, 3, 32, 32)
     drop = torch.zeros(5, 64, dtype=torch.bool)
@@ -265,7 +267,7 @@ def test_repair_with_blocks_fine_tunes_only_the_last_block_and_saves_a_working_m
     cfg = _repair_config(candidates=str(tmp_path / "disc"), top_words=1, iters=50, blocks=1, epochs=2, lr=1e-3)
     s = _repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep", cfg)
     assert s["images"] == 120 and len(s["finetune"]["epoch_loss"]) == 2 and s["finetune"]["steps"] >= 2
-    old, new = load_backend(str(root / "run" / "model")), load_backend(str(tmp_path / "rep" / "model"))
+    old, new = load_backend(str(root / "run" / "model")), network_backend(load_backend(str(tmp_path / "rep" / "model")))
     o, n = old.model.state_dict(), new.model.state_dict()
     changed = {k for k in o if not torch.equal(o[k], n[k])}
     assert {"head.weight", "norm.weight", "blocks.1.mlp.0.weight", "blocks.1.attn.qkv.weight"} <= changed
@@ -279,7 +281,7 @@ def test_repair_with_blocks_fine_tunes_only_the_last_block_and_saves_a_working_m
     s0 = _repair(str(root / "run" / "model"), str(root / "train"), tmp_path / "rep0",
                 _repair_config(candidates=str(tmp_path / "disc"), top_words=1, iters=50))
     assert "finetune" not in s0
-    h0 = load_backend(str(tmp_path / "rep0" / "model")).model.state_dict()
+    h0 = network_backend(load_backend(str(tmp_path / "rep0" / "model"))).model.state_dict()
     assert {k for k in o if not torch.equal(o[k], h0[k])} == {"head.weight", "head.bias"}
     src = ImageSource(str(root / "train"))
     d = dropped_features(old, src, load_vocabulary(str(tmp_path / "disc")), _repair_config(candidates="x", top_words=1),

@@ -124,6 +124,11 @@ def detect(img: np.ndarray, params: SiftParams = SiftParams(), descriptors: bool
     return Keypoints(xy, size, resp, ang, desc)
 
 
+def descriptor_bytes(desc: np.ndarray) -> np.ndarray:
+    """(K, 128) float SIFT descriptors -> uint8, rounded and clipped: how every job stores and compares them."""
+    return np.clip(np.rint(desc), 0, 255).astype(np.uint8)
+
+
 def patch_index(xy: np.ndarray, patch: int, grid: tuple[int, int]) -> np.ndarray:
     """(K, 2) pixel (x, y) -> (K,) flat patch index in row-major order; centres clipped to the grid."""
     gh, gw = grid

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import DEFAULT_MAX_PIXELS, ImageSource
 from .errors import SkipImage
-from .keypoints import SiftParams, detect, keypoint_map
+from .keypoints import SiftParams, descriptor_bytes, detect, keypoint_map
 from .models import Backend
 
 
@@ -81,7 +81,7 @@ class KeypointDataset(Dataset):
         if m is not None:
             item.update(weights=km.weights.astype(np.float32), levels=km.levels)
         if self.descriptors:
-            item["desc"] = np.clip(np.rint(kp.desc), 0, 255).astype(np.uint8)
+            item["desc"] = descriptor_bytes(kp.desc)
         if self.boxes is not None:
             item["inside"] = inside_object(img, self.boxes.get(self.source.entries[i].name), self.preprocess, kp.xy)
         return item

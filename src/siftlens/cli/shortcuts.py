@@ -89,7 +89,8 @@ config_command(
     doc="Retrain the classification head (with --blocks also the last blocks) with the shortcut's tokens dropped.",
     before=[param("model", str, "A siftlens model folder (its head, or more, is retrained)."),
             param("images", str, "Labelled training images in ImageFolder layout."),
-            param("out", Path, "Output folder: model/ (a normal siftlens model) and repair.json.")],
+            param("out", Path, "Output folder: model/ (the repaired model, which carries the drop it was fitted "
+                               "for: use it as it is) and repair.json.")],
     after=[PROGRESS],
     defaults={"candidates": MISSING},  # required on the command line
 )

@@ -11,7 +11,7 @@ from ..models.hub import with_revision
 from ..shortcuts.discovery.config import DiscoveryConfig
 from ..shortcuts.discovery.pipeline import DiscoveryResult, discover
 from ..shortcuts.discovery.report import write_discovery_report
-from ..shortcuts.groups import find_sidecar, read_sidecar
+from ..shortcuts.groups import find_sidecar, format_alignment, read_sidecar
 from ..shortcuts.prompting import PromptConfig, PromptResult, format_summary, prompt
 from ..shortcuts.retraining.head import RepairConfig, RepairResult, repair
 from ._options import JobOptions
@@ -110,9 +110,13 @@ def run_repair(model, images, out: str | Path, config: RepairConfig | None = Non
 
 
 def repair_outcome(res: RepairResult, paths: dict[str, Path]) -> str:
+    """What the CLI prints after repair: what was retrained, the accuracy on the fitting images with the shortcut
+    dropped (aligned beside conflicting when they hold a markers.json) and the model folder, which carries its drop."""
     s = res.record
     what = f"head and last {s['config']['blocks']} block(s)" if s["config"].get("blocks") else "head"
+    al = format_alignment(s.get("alignment_dropped"))
     return (f"{what} retrained on {s['images']} images ({s['flagged_share']:.0%} with flagged patches; "
             f"groups {s['config']['groups']}, {len(s['cells'])} cells); "
-            f"accuracy with the shortcut dropped {s['train_accuracy_dropped']:.3f}\n"
-            f"repaired model: {paths['model']}")
+            f"accuracy with the shortcut dropped {s['train_accuracy_dropped']:.3f}" + (f" ({al})" if al else "") + "\n"
+            f"repaired model: {paths['model']} (it drops the shortcut's tokens itself: load_backend and every "
+            f"command use it as it is)")

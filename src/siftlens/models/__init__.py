@@ -12,6 +12,12 @@ Layout (imports point up this list, never down):
 
 ``Backend`` is re-exported here. The backends are imported inside :func:`load_backend`, so transformers
 and timm are imported only when such a model is asked for.
+
+A model folder may hold a *sidecar* that changes how its model runs, written by a later step of the flow:
+:data:`SIDECARS` maps its file name to the module that handles it, and :func:`load_backend` imports that module
+(by name, only when a folder holds the file) and returns ``module.wrap(backend, folder)``. models/ thus imports
+nothing above it. One sidecar today: ``shortcut_drop.json``, the inference-time drop of a repaired model
+(:mod:`siftlens.shortcuts.artefact`), so a repaired folder is one model for every command.
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ from .backend import Backend
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BUILTIN", "Backend", "builtin_dir", "load_backend"]
+__all__ = ["BUILTIN", "SIDECARS", "Backend", "builtin_dir", "load_backend"]
 
 BUILTIN = {"default": "default"}
+
+# sidecar file of a model folder -> module (a later step of the flow) whose wrap(backend, folder) applies it
+SIDECARS = {"shortcut_drop.json": "siftlens.shortcuts.artefact"}
 
 
 def builtin_dir(name: str) -> Path:
@@ -46,7 +55,9 @@ def load_backend(
 ) -> Backend:
     """Resolve a model into a :class:`Backend`. ``spec`` is one of:
 
-    - a built-in name (``default``) or a local model folder (siftlens, or Hugging Face ``save_pretrained``);
+    - a built-in name (``default``) or a local model folder (siftlens, or Hugging Face ``save_pretrained``); a
+      folder with a sidecar of :data:`SIDECARS` (a repaired model's ``shortcut_drop.json``) gives its model with
+      that sidecar applied (for a repaired model: its forward drops the flagged tokens);
     - a Hugging Face hub id ``org/name`` (or ``org/name@revision``; or pass ``revision``), loaded by
       transformers' ``from_pretrained`` from the cache in ``HF_HOME``, downloaded when online and not cached;
     - ``timm:<name>``: with ``weights`` (a local .safetensors/.pth) loaded from that file, without it timm's
@@ -147,10 +158,20 @@ def _load_folder(spec: str, device: torch.device, revision: str | None = None) -
     raw = read_json(cfg_file, "model config", error=ModelLoadError)
     if raw.get("siftlens_model") == "vit":
         _no_revision(spec, revision)
-        return _native(p, device, source=str(p))
+        return _with_sidecars(_native(p, device, source=str(p)), p)
     from .hf import HFBackend
 
-    return HFBackend.load(str(p), device=device, revision=revision)
+    return _with_sidecars(HFBackend.load(str(p), device=device, revision=revision), p)
+
+
+def _with_sidecars(backend: Backend, folder: Path) -> Backend:
+    """``backend`` with every sidecar of :data:`SIDECARS` that ``folder`` holds applied, by its module's ``wrap``."""
+    import importlib
+
+    for name, module in SIDECARS.items():
+        if (folder / name).is_file():
+            backend = importlib.import_module(module).wrap(backend, folder)
+    return backend
 
 
 def _native(folder: Path, device: torch.device, source: str) -> Backend:

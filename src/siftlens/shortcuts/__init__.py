@@ -12,7 +12,9 @@ The flow, each step in one place:
   (:class:`PromptConfig`, :class:`PromptResult`); ``groups``: reading a groups file (the ``markers.json`` a
   benchmark writes), overall, per-group and worst-group accuracy;
 - ``retraining/``: :func:`repair` retrains the head (``head``) and with ``blocks > 0`` the last blocks
-  (``blocks``) with the flagged tokens dropped (:class:`RepairConfig`, :class:`RepairResult`).
+  (``blocks``) with the flagged tokens dropped (:class:`RepairConfig`, :class:`RepairResult`);
+- ``artefact``, ``dropping``: the repaired model is one artefact: its folder holds the drop it was fitted for
+  (``artefact``: the files), and ``load_backend`` of the folder runs the network with that drop (``dropping``).
 
 Every job has one shape, ``fn(model, images, config=None, *, weights=None, progress=True) -> Result`` (repair
 takes no ``weights``: it retrains a siftlens ViT), and the result's ``save(out)`` writes its files.

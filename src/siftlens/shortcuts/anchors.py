@@ -45,6 +45,7 @@ from ..options import RunOptions, group, option
 from ..training import TrainConfig, train
 from ..training.images import normalize
 from ..training.options import flat_values
+from .dropping import DroppedBackend
 from .groups import find_sidecar, read_sidecar
 from .retraining.head import fit_head, group_weights, pooled_features
 
@@ -147,6 +148,9 @@ def _vit(model, device: str) -> ViT:
     if isinstance(model, ViT):
         return model.eval().to(device)
     backend = model if isinstance(model, Backend) else load_backend(model, device)
+    if isinstance(backend, DroppedBackend):
+        raise ConfigError(f"{backend.source or 'this model'} is a repaired model that drops a shortcut's tokens; the "
+                          "anchors start from the model before repair (an ERM model)")
     if backend.kind != "native":
         raise ConfigError("the anchors retrain a siftlens ViT (native backend) only")
     return backend.model.eval().to(device)

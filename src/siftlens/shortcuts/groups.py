@@ -66,3 +66,22 @@ def image_groups(names: list[str], labels: list[str], sidecar: dict | None) -> l
         r = recs.get(n)
         out.append(y if r is None else f"{r['label']}|{'aligned' if r['aligned'] else 'conflicting'}")
     return out
+
+
+def by_alignment(acc: dict) -> dict | None:
+    """Aligned and conflicting accuracy over every class, from a :func:`group_accuracy` dict whose groups are
+    ``<class>|aligned`` / ``<class>|conflicting``: ``{"aligned": {"n", "accuracy"} or None, "conflicting": ...}``
+    (None for a kind without images); None when its groups are classes (no groups file)."""
+    out = {}
+    for kind in ("aligned", "conflicting"):
+        gs = [g for name, g in acc["groups"].items() if name.endswith(f"|{kind}")]
+        n = sum(g["n"] for g in gs)
+        out[kind] = {"n": n, "accuracy": sum(g["accuracy"] * g["n"] for g in gs) / n} if n else None
+    return out if any(out.values()) else None
+
+
+def format_alignment(al: dict | None) -> str:
+    """``aligned 0.950 (n 855), conflicting 0.400 (n 45)`` from :func:`by_alignment` ('' for None)."""
+    if al is None:
+        return ""
+    return ", ".join(f"{k} {v['accuracy']:.3f} (n {v['n']})" if v else f"{k} - (n 0)" for k, v in al.items())

@@ -44,24 +44,30 @@ def keep_groups(drop: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def forward_drop(backend: Backend, x: torch.Tensor, drop: torch.Tensor, mode: str = "group") -> torch.Tensor:
+def forward_drop(backend: Backend, x: torch.Tensor, drop: torch.Tensor, mode: str = "group",
+                 key_bias: torch.Tensor | None = None, layers: Sequence[int] | None = None) -> torch.Tensor:
     """Logits (B, C) with the patches where ``drop: (B, N) bool`` is True removed from each image.
 
     An image whose every patch is flagged keeps them all (see :func:`keep_groups`); callers can detect that case
-    from ``drop.all(1)``.
+    from ``drop.all(1)``. ``key_bias`` (B, N) and ``layers``: an attention bias applied as well, as
+    :meth:`~siftlens.models.backend.Backend.forward_intervened` applies it (``mode="group"`` only).
     """
     if mode not in DROP_MODES:
         raise ConfigError(f"drop mode must be one of {', '.join(DROP_MODES)}, not {mode!r}")
     drop = drop.to(torch.bool).cpu()
     drop = drop & ~drop.all(1, keepdim=True)
     if not drop.any():
-        return _ensure_logits(backend.forward_intervened(x))
+        return _ensure_logits(backend.forward_intervened(x, key_bias=key_bias, layers=layers))
     if mode == "mask":
+        if key_bias is not None:
+            raise ConfigError("a drop in mask mode takes no other attention bias; use mode 'group'")
         bias = torch.zeros(drop.shape, dtype=torch.float32).masked_fill(drop, float("-inf")).to(x.device)
         return _ensure_logits(backend.forward_intervened(x, key_bias=bias))
     out: torch.Tensor | None = None
     for rows, keep in keep_groups(drop):
-        logits = _ensure_logits(backend.forward_intervened(x[rows.to(x.device)], keep_idx=keep.to(x.device)))
+        kb = None if key_bias is None else key_bias[rows.to(key_bias.device)]
+        logits = _ensure_logits(backend.forward_intervened(x[rows.to(x.device)], keep_idx=keep.to(x.device),
+                                                           key_bias=kb, layers=layers))
         if out is None:
             out = logits.new_empty((x.shape[0], logits.shape[1]))
         out[rows.to(out.device)] = logits

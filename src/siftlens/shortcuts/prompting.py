@@ -18,6 +18,10 @@ Every image is classified before and after; :func:`group_accuracy` gives overall
 accuracy. Groups come from a SpuriousCIFAR sidecar (``<class>|aligned`` or ``<class>|conflicting``) when
 the image folder holds one (or ``groups`` names it), else the true class.
 
+On a repaired model folder (one that carries its drop, :mod:`siftlens.shortcuts.artefact`) the policy applies on
+top of the folder's own drop: ``before`` is the model as used, with its drop; a patch removed by both is removed
+once, so ``drop`` with the folder's own flag options changes nothing.
+
 Which patches are flagged is :func:`siftlens.shortcuts.flags.flag_patches` (global word set, ``extent`` center
 by default); group accuracy is :mod:`siftlens.shortcuts.groups`; the token interventions are
 :mod:`siftlens.shortcuts.interventions`, shared with discovery's causal check and repair.
@@ -47,7 +51,7 @@ from ..progress import progress_bar
 from .discovery.features import model_labels
 from .discovery.vocabulary import Vocabulary, load_vocabulary
 from .flags import FlagOptions, flag_patches, word_sets
-from .groups import find_sidecar, group_accuracy, image_groups, read_sidecar
+from .groups import by_alignment, find_sidecar, format_alignment, group_accuracy, image_groups, read_sidecar
 from .interventions import DROP_MODES, forward_bias, forward_drop, keep_top_idx, semantic_bias
 from .record import config_record
 
@@ -286,4 +290,7 @@ def format_summary(s: dict) -> str:
     if b["worst_group"] and a["worst_group"]:
         lines.append(f"  worst group  before {b['worst_group']['accuracy']:.4f} ({b['worst_group']['name']})  "
                      f"after {a['worst_group']['accuracy']:.4f} ({a['worst_group']['name']})")
+    if by_alignment(b) is not None:
+        lines.append(f"  before       {format_alignment(by_alignment(b))}")
+        lines.append(f"  after        {format_alignment(by_alignment(a))}")
     return "\n".join(lines)

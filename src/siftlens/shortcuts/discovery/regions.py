@@ -43,7 +43,7 @@ def patch_tokens(backend: Backend, x: torch.Tensor, layer: int = -1) -> torch.Te
         got: dict[str, torch.Tensor] = {}
         h = model.blocks[li].register_forward_hook(lambda m, a, out: got.__setitem__("t", out))
         try:
-            model(x)
+            model.forward_features(x)  # the network's blocks on every patch (no head: a model's call may do more)
         finally:
             h.remove()
         t = got["t"][:, T:]

@@ -117,11 +117,15 @@ class Vocabulary:
         return assign(rootsift(desc), self.centers)[0].numpy()
 
 
+def discovery_path(path: str | Path) -> Path:
+    """``discovery.json`` given itself or the folder holding it."""
+    p = Path(path)
+    return p / "discovery.json" if p.is_dir() else p
+
+
 def load_vocabulary(path: str | Path) -> Vocabulary:
     """Read ``discovery.json`` (or the folder holding it); raises CandidatesError with a one-line reason."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "discovery.json"
+    p = discovery_path(path)
     raw = read_json(p, "discovery output of `siftlens discover`", error=CandidatesError)
     if not isinstance(raw, dict) or raw.get("kind") != "siftlens-discovery":
         raise CandidatesError(f"{p} is not a discovery output of `siftlens discover`")

@@ -23,8 +23,16 @@ training images, as DFR does.
    ``head_start``), the last K transformer blocks, the final norm and the head are fine-tuned together on the same
    images with the same tokens dropped and the same weights (:mod:`siftlens.shortcuts.retraining.blocks`).
 5. ``dilate = R`` grows the flags of step 1 by R patches, so that the tokens left hold none of a marker that the
-   candidates cover only in part; the repaired model is then used with ``prompt --policy drop --dilate R``. With
-   every block retrained this is what meets the glyph benchmark's targets (docs/spurious.md).
+   candidates cover only in part. With every block retrained this is what meets the glyph benchmark's targets
+   (docs/spurious.md).
+6. The repaired model is one artefact: :meth:`RepairResult.save` writes, into the model folder, the drop the network
+   was fitted for (:mod:`siftlens.shortcuts.artefact`: the discovery output, the flag and SIFT options), and
+   ``load_backend`` of that folder applies it in the model's forward, as ``prompt --policy drop`` with the same
+   ``--top-words``, ``--score-ratio``, ``--extent`` and ``--dilate`` would. A repaired folder given as ``model`` is
+   repaired from its network (its old drop is replaced by this repair's).
+
+``record`` reports the accuracy on the fitting images with the flagged tokens dropped, overall, per group and, when
+the images hold a groups file (a SpuriousCIFAR ``markers.json``), aligned beside conflicting.
 """
 
 from __future__ import annotations
@@ -48,10 +56,12 @@ from ...models.backend import Backend
 from ...models.vit import save_vit
 from ...options import RunOptions, group, option
 from ...progress import progress_bar
+from ..artefact import save_drop
 from ..discovery.features import model_labels
 from ..discovery.vocabulary import Vocabulary, load_vocabulary
+from ..dropping import network_backend
 from ..flags import FlagOptions, flag_patches, word_sets
-from ..groups import find_sidecar, read_sidecar
+from ..groups import by_alignment, find_sidecar, group_accuracy, image_groups, read_sidecar
 from ..interventions import keep_groups
 from ..record import config_record
 from .blocks import POOLS, TuneSettings, finetune, frozen_tokens, tuned_predictions
@@ -105,18 +115,25 @@ class RepairConfig:
 
 @dataclass
 class RepairResult:
-    """What :func:`repair` returns: the repaired ``model`` (a siftlens ViT, on the CPU) and ``record``, the whole
-    repair.json (config, images, cells, flagged share, accuracy on the fitting images with the flagged tokens
-    dropped, fine-tuning losses with ``blocks > 0``, seconds)."""
+    """What :func:`repair` returns: the repaired ``model`` (a siftlens ViT, on the CPU, the network without its drop),
+    ``record``, the whole repair.json (config, images, cells, flagged share, accuracy on the fitting images with the
+    flagged tokens dropped, overall, per group and aligned beside conflicting, fine-tuning losses with
+    ``blocks > 0``, seconds), and ``config``, whose candidates, flag and SIFT options :meth:`save` stores as the
+    model's drop."""
 
     model: torch.nn.Module
     record: dict = field(repr=False)
+    config: RepairConfig | None = field(default=None, repr=False)
 
     @property
     def summary(self) -> pd.DataFrame:
-        """One row: images, flagged_share, train_accuracy_dropped and seconds of the repair."""
+        """One row: images, flagged_share, train_accuracy_dropped, aligned_ and conflicting_accuracy_dropped (with a
+        groups file) and seconds of the repair."""
         keys = ("images", "flagged_share", "train_accuracy_dropped", "seconds")
-        return pd.DataFrame([{k: self.record[k] for k in keys if k in self.record}])
+        row = {k: self.record[k] for k in keys if k in self.record}
+        for kind, v in (self.record.get("alignment_dropped") or {}).items():
+            row[f"{kind}_accuracy_dropped"] = v["accuracy"] if v else None
+        return pd.DataFrame([row])
 
     @property
     def cells(self) -> pd.DataFrame:
@@ -130,8 +147,11 @@ class RepairResult:
         return pd.DataFrame(rows, columns=["label", "group", "images", "weight"])
 
     def save(self, out: str | Path) -> dict[str, Path]:
-        """Write ``out/model`` (a normal siftlens model folder) and ``out/repair.json``; returns their paths."""
+        """Write ``out/model`` (a siftlens model folder with, from ``config``, its drop: ``shortcut_drop.json`` and
+        ``shortcut_discovery.json``, written first) and ``out/repair.json``; returns their paths."""
         out = Path(out)
+        if self.config is not None:
+            save_drop(out / "model", self.config.candidates, self.config.flags, self.config.sift)
         save_vit(self.model.cpu(), out / "model", extra={"repair": {k: self.record[k] for k in ("config", "cells")}})
         return {"model": out / "model", "json": write_json(out / "repair.json", self.record)}
 
@@ -226,22 +246,24 @@ def fit_head(feats: torch.Tensor, y: torch.Tensor, w: torch.Tensor, n_classes: i
 
 
 def retrain(model: torch.nn.Module, d: dict, y: np.ndarray, w: np.ndarray, cfg: RepairConfig,
-            progress: bool = True) -> dict:
+            progress: bool = True) -> tuple[dict, np.ndarray]:
     """Refit ``model`` in place on the dropped features ``d`` (of :func:`dropped_features`), labels ``y`` (n,) and
     weights ``w`` (n,): the head alone, then with ``cfg.blocks > 0`` the last blocks, norm and head. Returns the
-    accuracy on the fitting images (flagged tokens dropped) and the fine-tuning's losses."""
+    accuracy on the fitting images (flagged tokens dropped) with the fine-tuning's losses, and the predictions (n,)
+    on those images."""
     yt, wt = torch.from_numpy(y), torch.from_numpy(w).float()
     if cfg.blocks == 0 or cfg.head_start == "fit":
         head = fit_head(d["features"], yt, wt, model.head.out_features, cfg.l2, cfg.iters, init=model.head)
         model.head.load_state_dict(head.state_dict())
     if cfg.blocks == 0:
         with torch.no_grad():
-            return {"train_accuracy_dropped": float((model.head(d["features"]).argmax(1).numpy() == y).mean())}
+            pred = model.head(d["features"]).argmax(1).numpy()
+        return {"train_accuracy_dropped": float((pred == y).mean())}, pred
     t0 = time.time()
     out = finetune(model, d["tokens"], yt, wt, cfg.tune_settings(), progress)
     pred = tuned_predictions(model, d["tokens"], cfg.blocks, cfg.pool, device=cfg.run.device)
     return {"train_accuracy_dropped": float((pred == y).mean()), "finetune": {
-        **out, "seconds": round(time.time() - t0, 2)}}
+        **out, "seconds": round(time.time() - t0, 2)}}, pred
 
 
 def repair(model: str | Backend, images, config: RepairConfig | None = None, *, progress: bool = True) -> RepairResult:
@@ -251,7 +273,7 @@ def repair(model: str | Backend, images, config: RepairConfig | None = None, *, 
     cfg = config or RepairConfig()
     cfg.validate()
     t0 = time.time()
-    backend = model if isinstance(model, Backend) else load_backend(model, cfg.run.device)
+    backend = network_backend(model if isinstance(model, Backend) else load_backend(model, cfg.run.device))
     source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.run.limit)
     labels = model_labels(source, backend)
     if source.labels is None or (labels < 0).any():
@@ -260,12 +282,27 @@ def repair(model: str | Backend, images, config: RepairConfig | None = None, *, 
     d = dropped_features(backend, source, vocab, cfg, progress)
     y = labels[d["index"]]
     w, cells = group_weights(y, _groups(cfg, source, d, y))
-    fit = retrain(backend.model, d, y, w, cfg, progress)
+    fit, pred = retrain(backend.model, d, y, w, cfg, progress)
     if cfg.pool != "model":  # the new head reads these features, so the saved model pools this way
         backend.model.cfg = replace(backend.model.cfg, pool=cfg.pool)
     record = {"kind": "siftlens-repair", "config": config_record(cfg), "images": int(len(y)), "cells": cells,
-              "flagged_share": float((d["shortcut"] >= 0).mean()), **fit, "seconds": round(time.time() - t0, 2)}
-    return RepairResult(backend.model.cpu(), record)
+              "flagged_share": float((d["shortcut"] >= 0).mean()), **fit,
+              **_accuracy_record(backend, source, d["index"], pred == y, y), "seconds": round(time.time() - t0, 2)}
+    return RepairResult(backend.model.cpu(), record, cfg)
+
+
+def _accuracy_record(backend: Backend, source: ImageSource, index: np.ndarray, correct: np.ndarray,
+                     y: np.ndarray) -> dict:
+    """Accuracy on the fitting images with the flagged tokens dropped, per group: the groups of the images'
+    markers.json (``<class>|aligned`` / ``<class>|conflicting``, and aligned beside conflicting over every class), else
+    the classes."""
+    side = find_sidecar(source.spec) if isinstance(source.spec, (str, Path)) else None
+    names = [source.names[i] for i in index]
+    classes = list(backend.class_names or [str(c) for c in range(int(y.max()) + 1)])
+    groups = image_groups(names, [classes[c] for c in y], read_sidecar(side) if side is not None else None)
+    acc = group_accuracy(correct, groups)
+    return {"groups_from": str(side) if side is not None else "class", "accuracy_dropped": acc,
+            "alignment_dropped": by_alignment(acc)}
 
 
 def _groups(cfg: RepairConfig, source: ImageSource, d: dict, y: np.ndarray) -> np.ndarray:
