@@ -132,8 +132,8 @@ class Kind:
         rep = self.work / f"repair-{name}"
         self.sh("repair", ["repair", "--model", erm, "--images", d[f"{name}/holdout"], "--candidates", cand,
                            "--out", rep, "--limit", self.cfg["holdout_limit"], *dev, *REPAIR], rep / "repair.json")
-        res["repair"] = {s: self.prompt(rep / "model", s, f"{name}-repair", POLICIES["drop-dilate1"], cand, d)
-                         for s in splits}
+        # the repaired folder is one artefact: it applies its drop itself (docs/spurious.md, section 2b)
+        res["repair"] = {s: self.score(rep / "model", s, f"repair-{name}", d) for s in splits}
         for method in [m for m in ("afr", "dfr") if m not in self.a.without]:
             o = self.work / f"{method}-{name}"
             self.sh(method, [f"anchor-{method}", "--model", erm, "--images", d[f"{name}/holdout"], "--out", o,

@@ -24,7 +24,7 @@ METHODS = {
     "oracle_drop": ("erm", "after", False),
     "prompt_drop": ("drop", "after", True),
     "prompt_drop_dilate1": ("drop-dilate1", "after", True),
-    "repair": ("repair", "after", True),
+    "repair": ("repair", "before", True),  # the repaired folder as it is: it carries its drop
 }
 
 
