@@ -137,3 +137,45 @@ def targets(block: dict, chosen: str) -> dict:
             best["conflicting"] >= 0.8 * oracle["conflicting"],
         f"{chosen} costs the control <= 1 point": _cheap(best),
     }
+
+
+LABELS = {"erm": "ERM", "jtt": "JTT", "afr": "AFR", "dfr_groups": "DFR, true groups (reference)",
+          "prompt_drop": "siftlens prompt: drop", "prompt_drop_dilate1": "siftlens prompt: drop, grown 1 patch",
+          "repair": "siftlens repair (+ its drop)", "oracle_drop": "oracle drop (reference)"}
+
+
+def markdown(results: dict) -> str:
+    """The write-up's tables: one per kind (aligned, conflicting, worst group, control cost), discovery beneath."""
+    chosen = (results.get("chosen") or {}).get("method")
+    out = []
+    for kind, block in results["kinds"].items():
+        if "methods" not in block:
+            out.append(f"**{kind}**: not finished ({block.get('error', 'no methods')}).\n")
+            continue
+        d, m = block["discovery"], block["methods"]
+        n = next(iter(m.values()))["images"]
+        enc = block["encoder_clean_acc"]
+        out.append(f"**{kind}** (encoder clean accuracy {'unknown' if enc is None else format(enc, '.3f')}; {n} "
+                   "images per split)\n")
+        out.append("| method | label-free | aligned | conflicting | worst group | control cost (points) |")
+        out.append("| --- | --- | --- | --- | --- | --- |")
+        for name in LABELS:
+            if name in m:
+                v = m[name]
+                cost = "not run" if v["control_cost"] is None else f"{v['control_cost']:+.2f}"
+                mark = " (chosen on validation)" if name == chosen else ""
+                out.append(f"| {LABELS[name]}{mark} | {'yes' if v['label_free'] else 'no'} | {v['aligned']:.3f} | "
+                           f"{v['conflicting']:.3f} | {v['worst_group']:.3f} | {cost} |")
+        out.append(f"\nDiscovery: marker flagged and first for {d['shortcut_rank1']}/10 classes of the shortcut model "
+                   f"({d['shortcut_flagged']}/10 with any flag); control: {d['control_flagged']}/10 classes flagged.")
+        if "targets" in block:
+            missed = [t for t, ok in block["targets"].items() if not ok]
+            out.append("Targets missed: " + ("; ".join(missed) if missed else "none") + ".")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(markdown(json.loads(Path(sys.argv[1]).read_text())))
