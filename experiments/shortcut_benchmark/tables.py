@@ -132,7 +132,9 @@ def targets(block: dict, chosen: str) -> dict:
         "marker flagged and first for >= 9/10 classes": d["shortcut_rank1"] >= 9,
         "control: <= 1/10 classes flagged": d["control_flagged"] <= 1,
         "control: prompt drop costs <= 1 point": _cheap(m["prompt_drop"]),
-        f"{chosen} beats JTT and AFR on the worst group": bool(anchors) and best["worst_group"] > max(anchors),
+        # None: not evaluated (an anchor did not run)
+        f"{chosen} beats JTT and AFR on the worst group": best["worst_group"] > max(anchors) if len(anchors) == 2
+        else None,
         f"{chosen} reaches >= 80% of the oracle's conflicting accuracy":
             best["conflicting"] >= 0.8 * oracle["conflicting"],
         f"{chosen} costs the control <= 1 point": _cheap(best),
@@ -169,8 +171,10 @@ def markdown(results: dict) -> str:
         out.append(f"\nDiscovery: marker flagged and first for {d['shortcut_rank1']}/10 classes of the shortcut model "
                    f"({d['shortcut_flagged']}/10 with any flag); control: {d['control_flagged']}/10 classes flagged.")
         if "targets" in block:
-            missed = [t for t, ok in block["targets"].items() if not ok]
-            out.append("Targets missed: " + ("; ".join(missed) if missed else "none") + ".")
+            missed = [t for t, ok in block["targets"].items() if ok is False]
+            unknown = [t for t, ok in block["targets"].items() if ok is None]
+            out.append("Targets missed: " + ("; ".join(missed) if missed else "none") + "."
+                       + (f" Not evaluated: {'; '.join(unknown)}." if unknown else ""))
         out.append("")
     return "\n".join(out)
 
