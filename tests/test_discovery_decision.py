@@ -56,6 +56,22 @@ def test_bh_across_candidates_and_the_flagging_rule():
     assert stats["flagged"].tolist() == [True, False, False, False, False, False]
 
 
+def test_insert_and_both_decide_on_their_own_columns():
+    stats = pd.DataFrame({
+        "class": ["a", "a", "b"], "word": [1, 2, 3], "rank": [1, 2, 1],
+        "effect": [0.30, 0.30, 0.01], "p": [0.001, 0.001, 0.001],
+        "insert_effect": [0.20, 0.01, 0.40], "insert_p": [0.002, 0.001, 0.5]})
+    occl = decide(stats.copy(), 0.05, 0.05, "occlude")
+    assert occl["flagged"].tolist() == [True, True, False]
+    ins = decide(stats.copy(), 0.05, 0.05, "insert")
+    np.testing.assert_allclose(ins["q"], bh_qvalues([0.002, 0.001, 0.5]))
+    assert ins["flagged"].tolist() == [True, False, False]  # word 2's insertion is too small, word 3's not significant
+    both = decide(stats.copy(), 0.05, 0.05, "both")
+    np.testing.assert_allclose(both["q"], np.maximum(bh_qvalues([0.001] * 3), bh_qvalues([0.002, 0.001, 0.5])))
+    assert both["flagged"].tolist() == [True, False, False]
+    assert both["flagged"].tolist() == (occl["flagged"] & ins["flagged"]).tolist()
+
+
 def test_flag_rule_uses_flagged_words_only():
     import torch
 

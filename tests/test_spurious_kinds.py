@@ -22,7 +22,7 @@ from siftlens.errors import ConfigError
 from siftlens.models import load_backend
 from siftlens.options import build
 from siftlens.shortcuts import DiscoveryConfig, PromptConfig, discover
-from siftlens.shortcuts.discovery.causal import matched_control
+from siftlens.shortcuts.discovery.causal import matched_control, paste_patches
 from siftlens.shortcuts.discovery.vocabulary import load_vocabulary
 from siftlens.shortcuts.dropping import network_backend
 from siftlens.shortcuts.groups import read_sidecar
@@ -146,6 +146,59 @@ def test_matched_control_takes_patches_with_the_same_keypoint_counts():
     rand = [matched_control(flag, counts, np.random.default_rng(s), "random") for s in range(20)]
     assert any(sorted(counts[r]) != [3, 5] for r in rand) and all(r.sum() == 2 and not (r & flag).any() for r in rand)
     assert not matched_control(np.zeros(10, bool), counts, np.random.default_rng(0)).any()
+
+
+def test_paste_patches_copies_exactly_the_flagged_patches():
+    rng = np.random.default_rng(0)
+    dst, src = (rng.integers(0, 256, (2, 8, 12, 3), dtype=np.uint8) for _ in range(2))
+    flags = np.zeros((2, 6), bool)  # a 2 x 3 grid of 4-pixel patches
+    flags[0, [0, 5]] = True
+    out = paste_patches(dst, src, flags, 4, (2, 3))
+    want = dst.copy()
+    want[0, 0:4, 0:4], want[0, 4:8, 8:12] = src[0, 0:4, 0:4], src[0, 4:8, 8:12]
+    np.testing.assert_array_equal(out, want)
+    assert (dst != out).any() and not np.shares_memory(out, dst)  # dst itself is untouched
+
+
+def test_insertion_raises_the_class_with_its_marker_and_not_with_texture(colours):
+    """The insertion test on the planted model: a used marker pasted into another class's image raises p(class)
+    far more than its matched control patches; the checker in every class raises it no more than its control;
+    with causal_test=both a flag needs both tests, so every flag of ``both`` is a flag of ``occlude`` and of
+    ``insert``."""
+    from siftlens.shortcuts.discovery.decision import decide
+
+    root, _, tex = colours
+    res = discover(str(root / "run" / "model"), str(root / "train"), _discovery_config(causal_top=10,
+                                                                                      causal_test="both"),
+                   progress=False)
+    cand = res.candidates
+    tested = cand[cand["insert_p"].notna()]
+    assert len(tested) == int(cand["p"].notna().sum()) >= 20  # every checked candidate got both tests
+    used = {c for c, r in res.top.items() if r and (r[0]["causal"] or 0) > 0.1}
+    assert len(used) >= 2, res.top
+    for c in used:
+        top = cand[(cand["class"] == c) & (cand["rank"] == 1)].iloc[0]
+        assert top["insert_effect"] > 0.1 and top["insert_p"] < 1e-3, top
+        assert top["insert_rise"] > top["insert_control_rise"]
+    t = tested[tested["word"].isin(_texture_words(res, tex))]
+    # never above the minimum effect (below zero where the matched control patches happen to hold the marker)
+    assert len(t) >= 3 and t["insert_effect"].max() < 0.05, t[["class", "word", "insert_effect"]]
+    assert res.decision["causal_test"] == "both" and "both paired" in res.decision["test"]
+    both = cand["flagged"].to_numpy()
+    occl = decide(cand.copy(), 0.05, 0.05, "occlude")["flagged"].to_numpy()
+    ins = decide(cand.copy(), 0.05, 0.05, "insert")["flagged"].to_numpy()
+    assert both.any() and not (both & ~(occl & ins)).any()
+
+
+def test_insertion_without_recipients_tests_nothing_and_flags_nothing(control):
+    """The control's untrained model predicts one class for every image: no image of another class can receive
+    the patches, so the insertion test has no data; its columns stay empty and nothing is flagged."""
+    root, _ = control
+    res = discover(str(root / "model"), str(root / "train"), _discovery_config(causal_top=10, causal_test="insert"),
+                   progress=False)
+    assert len(np.unique(res.features.preds)) == 1
+    assert res.candidates["p"].notna().sum() >= 10 and res.candidates["insert_p"].isna().all()
+    assert all(res.verdict(c) == "no shortcut found" for c in res.class_names), res.decision
 
 
 def _texture_words(res, tex):

@@ -9,6 +9,7 @@ from ..benchmarks.spurious_cifar_eval import evaluate_markers, evaluate_patches
 from ..errors import SpuriousDataError
 from ..models.hub import with_revision
 from ..shortcuts.discovery.config import DiscoveryConfig
+from ..shortcuts.discovery.decision import claim_text, tests_of
 from ..shortcuts.discovery.pipeline import DiscoveryResult, discover
 from ..shortcuts.discovery.report import write_discovery_report
 from ..shortcuts.groups import find_sidecar, format_alignment, read_sidecar
@@ -67,15 +68,15 @@ def discovery_outcome(res: DiscoveryResult, paths: dict[str, Path]) -> str:
     lines = []
     d = res.decision
     if d:
+        test = d.get("causal_test", "occlude")
         lines.append(f"flagged: q < {d['alpha']:g} (BH over {d['tested']} tested candidates) and effect >= "
-                     f"{d['min_effect']:g}")
+                     f"{d['min_effect']:g} ({' and '.join(tests_of(test))} test)")
     for c, rows in res.top.items():
         best = rows[0] if rows else None
         head = f"  {c:12s} " + (f"best word {best['word']:4d} score {best['score']:.3g}" if best else "no candidate")
         if d:
             fl = res.flagged(c)
-            head += " | " + ("; ".join(f"flagged {r['word']}: effect {r['effect']:.3f} [{r['effect_lo']:.3f}, "
-                                       f"{r['effect_hi']:.3f}] q {r['q']:.2g}" for r in fl[:3])
+            head += " | " + ("; ".join(f"flagged {r['word']}: {claim_text(r, test)} q {r['q']:.2g}" for r in fl[:3])
                              + (f" (+{len(fl) - 3} more)" if len(fl) > 3 else "") if fl else res.verdict(c))
         lines.append(head)
     if res.evaluation:

@@ -5,9 +5,19 @@ same number of SIFT keypoints (the closest count when none is left; ties in a se
 
 A random control (``control="random"``, the old rule) mostly occludes empty background on small images, so
 it rewards any keypoint-rich candidate; the matched control removes that advantage, and a texture the model
-does not need for the class scores about zero."""
+does not need for the class scores about zero.
+
+The insertion test (``causal_test`` ``insert`` or ``both``) asks the converse question of the same patches:
+pasted at the same places into an image the model predicts as *another* class (a recipient drawn at random,
+seeded), how much do they raise p(class), against the same matched control patches pasted into the same
+recipient? Occlusion is weak for a fine-tuned encoder whose core features also predict the class: on an
+aligned image, removing the marker leaves the object, and p(class) barely moves. Insertion measures the marker
+where nothing else supports the class, and a word the model does not use for the class raises it no more
+than its control."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -19,7 +29,7 @@ from ...models.backend import Backend
 from ...progress import progress_bar
 from ..interventions import forward_drop
 from .config import DiscoveryConfig
-from .decision import paired_effect
+from .decision import INSERT_COLUMNS, paired_effect, tests_of
 from .features import Features, load_pixels, word_patches
 
 
@@ -54,6 +64,25 @@ def matched_control(flag: np.ndarray, counts: np.ndarray, rng: np.random.Generat
     return ctrl
 
 
+def paste_patches(dst: np.ndarray, src: np.ndarray, flags: np.ndarray, P: int, grid: tuple[int, int]) -> np.ndarray:
+    """``dst`` with ``src``'s flagged patches pasted at the same places. dst, src (B, H, W, 3) uint8, flags (B, N)
+    bool over the (gh, gw) patch grid -> (B, H, W, 3) uint8."""
+    gh, gw = grid
+    mask = flags.reshape(len(flags), gh, gw).repeat(P, 1).repeat(P, 2)
+    out = dst.copy()
+    out[:, : gh * P, : gw * P][mask] = src[:, : gh * P, : gw * P][mask]
+    return out
+
+
+def class_probs(backend: Backend, pixels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """p(class) of the plain forward: pixels (B, H, W, 3) uint8, classes (B,) -> (B,) float."""
+    logits = backend.forward(backend.normalize(torch.from_numpy(pixels)))
+    if logits is None:
+        raise ConfigError("the causal check needs a classifier: this model has no classification head")
+    p = logits.float().softmax(-1).cpu().numpy()
+    return p[np.arange(len(p)), classes]
+
+
 def occlude_probs(
     backend: Backend, pixels: np.ndarray, flags: np.ndarray, classes: np.ndarray, occlude: str = "drop",
     drop_mode: str = "group",
@@ -61,21 +90,55 @@ def occlude_probs(
     """p(class) after occluding the flagged patches. pixels (B, H, W, 3) uint8, flags (B, N) bool,
     classes (B,) -> (B,) float. ``drop`` removes the tokens; ``mean`` fills the patches with the image's
     mean colour."""
-    P, gw = backend.patch_size, backend.grid_size[1]
     if occlude == "mean":
-        px = pixels.copy()
         mean = pixels.reshape(len(pixels), -1, 3).mean(1).round().astype(np.uint8)
-        for b, p in zip(*np.nonzero(flags), strict=True):
-            r, c = divmod(int(p), gw)
-            px[b, r * P : (r + 1) * P, c * P : (c + 1) * P] = mean[b]
-        logits = backend.forward(backend.normalize(torch.from_numpy(px)))
-        if logits is None:
-            raise ConfigError("occlusion needs a classifier: this model has no classification head")
-    else:
-        x = backend.normalize(torch.from_numpy(pixels))
-        logits = forward_drop(backend, x, torch.from_numpy(flags), drop_mode)
-    p = logits.float().softmax(-1).cpu().numpy()
+        filled = np.broadcast_to(mean[:, None, None, :], pixels.shape)
+        return class_probs(backend, paste_patches(pixels, filled, flags, backend.patch_size, backend.grid_size),
+                           classes)
+    x = backend.normalize(torch.from_numpy(pixels))
+    p = forward_drop(backend, x, torch.from_numpy(flags), drop_mode).float().softmax(-1).cpu().numpy()
     return p[np.arange(len(p)), classes]
+
+
+@dataclass
+class Job:
+    """One image of one checked candidate: the candidate's row label, its class, the donor image (a feature row
+    predicted as the class and holding the word), the word's patches and their matched control (N,) bool, and
+    the recipient of the insertion test (a feature row predicted as another class; -1 when not inserting)."""
+
+    label: object
+    cls: int
+    image: int
+    word: np.ndarray
+    control: np.ndarray
+    recipient: int = -1
+
+
+def plan_jobs(f: Features, cands: pd.DataFrame, K: int, cfg: DiscoveryConfig, counts: np.ndarray) -> list[Job]:
+    """Up to ``cfg.causal_images`` donor images per candidate, each with its matched control and, when the
+    decision needs the insertion test, a random recipient predicted as another class. counts (n, N): keypoints
+    per patch for the matched control."""
+    n, N = f.attention.shape
+    ti, tv, tp = word_patches(f, K, N)
+    rng = np.random.default_rng(cfg.run.seed + 7)
+    pick = np.random.default_rng(cfg.run.seed + 11)  # recipients: a stream of their own, occlusion's is unchanged
+    insert = "insert" in tests_of(cfg.causal_test)
+    jobs = []
+    for lab, r in cands.iterrows():
+        c, v = int(r["class_index"]), int(r["word"])
+        sel = tv == v
+        imgs = np.unique(ti[sel])
+        imgs = imgs[f.preds[imgs] == c]
+        if len(imgs) > cfg.causal_images:
+            imgs = np.sort(rng.choice(imgs, cfg.causal_images, replace=False))
+        others = np.flatnonzero(f.preds != c)
+        for i in imgs:
+            word = np.zeros(N, bool)
+            word[tp[sel & (ti == i)]] = True
+            control = matched_control(word, counts[i], rng, cfg.control)
+            recipient = int(pick.choice(others)) if insert and len(others) else -1
+            jobs.append(Job(lab, c, int(i), word, control, recipient))
+    return jobs
 
 
 @torch.inference_mode()
@@ -88,48 +151,64 @@ def causal_check(
     ``control_fall``, ``halved_rate`` (share of the images whose p(class)
     fell below half its value), ``causal_images`` and, from the per-image paired differences, ``effect``,
     ``effect_lo``, ``effect_hi`` and ``p`` (:func:`~siftlens.shortcuts.discovery.decision.paired_effect`) to
-    ``cands`` rows."""
-    n, N = f.attention.shape
-    ti, tv, tp = word_patches(f, K, N)
-    counts = patch_counts(f if texture is None else texture, N)
-    rng = np.random.default_rng(cfg.run.seed + 7)
-    jobs = []  # (candidate row label, feature row, flags word, flags control)
-    for lab, r in cands.iterrows():
-        c, v = int(r["class_index"]), int(r["word"])
-        sel = tv == v
-        imgs = np.unique(ti[sel])
-        imgs = imgs[f.preds[imgs] == c]
-        if len(imgs) > cfg.causal_images:
-            imgs = np.sort(rng.choice(imgs, cfg.causal_images, replace=False))
-        for i in imgs:
-            flag = np.zeros(N, bool)
-            flag[tp[sel & (ti == i)]] = True
-            ctrl = matched_control(flag, counts[i], rng, cfg.control)
-            jobs.append((lab, int(i), flag, ctrl))
-    res: dict = {lab: {"w": [], "c": [], "flip": []} for lab in cands.index}
+    ``cands`` rows; with the insertion test also ``insert_rise``, ``insert_control_rise`` (mean rises of
+    p(class) in the recipients) and ``insert_effect``, ``insert_lo``, ``insert_hi``, ``insert_p``."""
+    N = f.attention.shape[1]
+    jobs = plan_jobs(f, cands, K, cfg, patch_counts(f if texture is None else texture, N))
+    res: dict = {lab: {k: [] for k in ("w", "c", "flip", "iw", "ic")} for lab in cands.index}
     bs = max(1, cfg.run.batch_size // 2)
     cache: dict[int, np.ndarray] = {}
+
+    def pixels(rows: list[int]) -> np.ndarray:
+        for i in rows:
+            if i not in cache:
+                cache[i] = load_pixels(backend, source, int(f.indices[i]))
+        return np.stack([cache[i] for i in rows])
+
     with progress_bar(progress) as pb:
-        task = pb.add_task("occlusion", total=len(jobs), info="")
+        task = pb.add_task("causal check", total=len(jobs), info="")
         for s in range(0, len(jobs), bs):
             chunk = jobs[s : s + bs]
-            for _, i, _, _ in chunk:
-                if i not in cache:
-                    cache[i] = load_pixels(backend, source, int(f.indices[i]))
-            px = np.stack([cache[i] for _, i, _, _ in chunk])
-            cls = np.array([int(cands.loc[lab, "class_index"]) for lab, _, _, _ in chunk])
-            flags = np.concatenate([np.stack([j[2] for j in chunk]), np.stack([j[3] for j in chunk])])
+            px = pixels([j.image for j in chunk])
+            cls = np.array([j.cls for j in chunk])
+            flags = np.stack([j.word for j in chunk] + [j.control for j in chunk])
             p = occlude_probs(backend, np.concatenate([px, px]), flags, np.concatenate([cls, cls]),
                               cfg.occlude, cfg.drop_mode)
-            m = len(chunk)
-            for k, (lab, i, _, _) in enumerate(chunk):
-                base = float(f.probs[i, cls[k]])
-                res[lab]["w"].append(base - p[k])
-                res[lab]["c"].append(base - p[m + k])
-                res[lab]["flip"].append(p[k] < 0.5 * base)
+            for k, j in enumerate(chunk):
+                base = float(f.probs[j.image, j.cls])
+                res[j.label]["w"].append(base - p[k])
+                res[j.label]["c"].append(base - p[len(chunk) + k])
+                res[j.label]["flip"].append(p[k] < 0.5 * base)
+            insert_rises(backend, f, [(k, j) for k, j in enumerate(chunk) if j.recipient >= 0], px, pixels, res)
             if len(cache) > 4096:
                 cache.clear()
             pb.update(task, advance=len(chunk))
+    return summarise(cands, res, cfg.run.seed)
+
+
+def insert_rises(backend: Backend, f: Features, chunk: list[tuple[int, Job]], donors: np.ndarray, pixels,
+                 res: dict) -> None:
+    """The insertion test of a batch: each job's word patches, then its control patches, pasted from its donor
+    (``donors[k]``, (B, H, W, 3) uint8) into its recipient; appends the rises of p(class) to ``res``."""
+    if not chunk:
+        return
+    rec = pixels([j.recipient for _, j in chunk])
+    src = donors[[k for k, _ in chunk]]
+    grid = backend.grid_size
+    pasted = np.concatenate([
+        paste_patches(rec, src, np.stack([j.word for _, j in chunk]), backend.patch_size, grid),
+        paste_patches(rec, src, np.stack([j.control for _, j in chunk]), backend.patch_size, grid)])
+    cls = np.array([j.cls for _, j in chunk])
+    p = class_probs(backend, pasted, np.concatenate([cls, cls]))
+    for k, (_, j) in enumerate(chunk):
+        base = float(f.probs[j.recipient, j.cls])
+        res[j.label]["iw"].append(p[k] - base)
+        res[j.label]["ic"].append(p[len(chunk) + k] - base)
+
+
+def summarise(cands: pd.DataFrame, res: dict, seed: int) -> pd.DataFrame:
+    """``cands`` with the causal columns of each row from its per-image falls (``w`` word, ``c`` control) and
+    rises (``iw``, ``ic``) in ``res``."""
     out = cands.copy()
     for k, lab in enumerate(cands.index):
         w, c = np.asarray(res[lab]["w"]), np.asarray(res[lab]["c"])
@@ -138,6 +217,13 @@ def causal_check(
         out.loc[lab, "control_fall"] = c.mean() if len(c) else np.nan
         out.loc[lab, "causal"] = (w - c).mean() if len(w) else np.nan
         out.loc[lab, "halved_rate"] = np.mean(res[lab]["flip"]) if len(w) else np.nan
-        for col, v in paired_effect(w - c, seed=cfg.run.seed + 1000 + 2 * k, alpha=0.05).items():
+        for col, v in paired_effect(w - c, seed=seed + 1000 + 2 * k, alpha=0.05).items():
             out.loc[lab, col] = v
+        iw, ic = np.asarray(res[lab]["iw"]), np.asarray(res[lab]["ic"])
+        if len(iw):
+            out.loc[lab, "insert_rise"] = iw.mean()
+            out.loc[lab, "insert_control_rise"] = ic.mean()
+            eff = paired_effect(iw - ic, seed=seed + 1001 + 2 * k, alpha=0.05)
+            for col, name in zip(("effect", "effect_lo", "effect_hi", "p"), INSERT_COLUMNS, strict=True):
+                out.loc[lab, name] = eff[col]
     return out

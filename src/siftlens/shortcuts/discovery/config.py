@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ...errors import ConfigError
 from ...keypoints import SiftOptions
 from ...options import RunOptions, group, option
+from .decision import CAUSAL_TESTS
 
 ATTENTION_KINDS = ("last", "rollout")
 OCCLUDE_KINDS = ("drop", "mean")
@@ -37,6 +38,10 @@ class DiscoveryConfig:
     regions: int = option(128, "Region words R (k-means of the model's patch tokens), ranked with the SIFT words; "
                                "0 = SIFT words only.")
     region_layer: int = option(0, "Block whose output tokens are clustered (0 = patch embedding, -1 = last).")
+    causal_test: str = option("occlude", "What a flag is decided on: occlude (the fall of p(class) with the "
+                                         "candidate's patches occluded, against matched control patches), insert "
+                                         "(the rise of p(class) with them pasted into images predicted as other "
+                                         "classes, against pasted control patches) or both (a flag needs both).")
     control: str = option("matched", "Causal check's control patches: matched (same keypoint counts as the "
                                      "candidate's patches) or random.")
     alpha: float = option(0.05, "Flag a checked candidate only when its Benjamini-Hochberg q (over every candidate "
@@ -51,6 +56,8 @@ class DiscoveryConfig:
             raise ConfigError(f"--attention must be one of {', '.join(ATTENTION_KINDS)}, not {self.attention!r}")
         if self.occlude not in OCCLUDE_KINDS:
             raise ConfigError(f"--occlude must be one of {', '.join(OCCLUDE_KINDS)}, not {self.occlude!r}")
+        if self.causal_test not in CAUSAL_TESTS:
+            raise ConfigError(f"--causal-test must be one of {', '.join(CAUSAL_TESTS)}, not {self.causal_test!r}")
         if self.control not in CONTROL_KINDS:
             raise ConfigError(f"--control must be one of {', '.join(CONTROL_KINDS)}, not {self.control!r}")
         if self.drop_mode not in ("group", "mask"):

@@ -20,6 +20,12 @@ patches occluded``. From those:
 - ``q``: Benjamini-Hochberg over every candidate tested in the run (:func:`siftlens.core.stats.bh_qvalues`);
 - ``flagged``: ``q < alpha`` and ``effect >= min_effect``.
 
+The insertion test (``--causal-test insert``, :mod:`siftlens.shortcuts.discovery.causal`) records the same
+statistics of its own paired differences (the rise of p(class) when v's patches are pasted into an image
+predicted as another class, minus the rise when the matched control patches are pasted) as ``insert_effect``,
+``insert_lo``, ``insert_hi`` and ``insert_p``. With ``--causal-test both`` a candidate is flagged only when both
+tests pass: ``q`` is then the larger of the two BH q-values (an intersection-union test, still at level alpha).
+
 With fewer than :data:`MIN_IMAGES` images the interval, p and q are empty (NaN) and the candidate is not flagged.
 A class with no flagged candidate has "no shortcut found" (:data:`NO_SHORTCUT`).
 """
@@ -36,10 +42,21 @@ EXACT_MAX = 16  # exact enumeration of the 2^n sign patterns up to n = 16 (65,53
 N_BOOT = 2000
 NO_SHORTCUT = "no shortcut found"
 SHORTCUT = "shortcut found"
-TEST = ("paired sign-flip test of the per-image differences (word occluded - matched control occluded), "
-        "one-sided for effect > 0; 95% percentile bootstrap CI over images; Benjamini-Hochberg q over every "
-        "candidate tested")
+_STATS = ("one-sided for effect > 0; 95% percentile bootstrap CI over images; Benjamini-Hochberg q over every "
+          "candidate tested")
+TEST = {  # the decision's test, as discovery.json records it, per --causal-test
+    "occlude": f"paired sign-flip test of the per-image differences (word occluded - matched control occluded), "
+               f"{_STATS}",
+    "insert": f"paired sign-flip test of the per-image differences (rise of p(class) with the word's patches pasted "
+              f"into an image predicted as another class - rise with the matched control patches pasted), {_STATS}",
+    "both": f"both paired sign-flip tests (occlusion and insertion), {_STATS} within each; flagged when both pass "
+            f"(q: the larger)",
+}
 COLUMNS = ("effect", "effect_lo", "effect_hi", "p", "q", "flagged")
+INSERT_COLUMNS = ("insert_effect", "insert_lo", "insert_hi", "insert_p")
+# the columns each causal test decides on: (p-value, effect)
+TEST_COLUMNS = {"occlude": ("p", "effect"), "insert": ("insert_p", "insert_effect")}
+CAUSAL_TESTS = ("occlude", "insert", "both")
 
 
 def sign_flip_p(d) -> float:
@@ -71,12 +88,39 @@ def paired_effect(d, seed: int = 0, n_boot: int = N_BOOT, alpha: float = 0.05) -
     return out
 
 
-def decide(stats: pd.DataFrame, alpha: float = 0.05, min_effect: float = 0.05) -> pd.DataFrame:
+def tests_of(test: str) -> tuple[str, ...]:
+    """The causal tests a decision needs: ``occlude``, ``insert`` or both."""
+    return ("occlude", "insert") if test == "both" else (test,)
+
+
+def decide(stats: pd.DataFrame, alpha: float = 0.05, min_effect: float = 0.05, test: str = "occlude"
+           ) -> pd.DataFrame:
     """Add ``q`` (BH over every row with a p-value: every candidate tested in the run) and ``flagged``
-    (``q < alpha`` and ``effect >= min_effect``) to ``stats`` (in place; returned)."""
-    stats["q"] = bh_qvalues(stats["p"].to_numpy(np.float64)) if len(stats) else np.nan
-    stats["flagged"] = (stats["q"] < alpha).to_numpy() & (stats["effect"] >= min_effect).to_numpy()
+    (``q < alpha`` and ``effect >= min_effect``) to ``stats`` (in place; returned). ``test``: ``occlude``
+    decides on ``p`` and ``effect``, ``insert`` on ``insert_p`` and ``insert_effect``, ``both`` on both (``q``
+    the larger of the two q-values, and both effects at least ``min_effect``)."""
+    q = np.zeros(len(stats))
+    big = np.ones(len(stats), bool)
+    for t in tests_of(test):
+        p_col, effect_col = TEST_COLUMNS[t]
+        q = np.maximum(q, bh_qvalues(stats[p_col].to_numpy(np.float64)) if len(stats) else q)
+        big &= stats[effect_col].to_numpy(np.float64) >= min_effect
+    stats["q"] = q
+    stats["flagged"] = (q < alpha) & big
     return stats
+
+
+def _number(v) -> str:
+    return "–" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+
+def claim_text(r: dict, test: str, fmt=_number) -> str:
+    """A flagged candidate's effect(s) as the decision used them: ``effect 0.12 [0.08, 0.16]`` (occlusion),
+    ``insertion 0.20 [0.15, 0.26]``, or both; ``r`` a candidate row as a dict, ``fmt`` formats one number."""
+    parts = {"occlude": f"effect {fmt(r['effect'])} [{fmt(r['effect_lo'])}, {fmt(r['effect_hi'])}]",
+             "insert": f"insertion {fmt(r.get('insert_effect'))} [{fmt(r.get('insert_lo'))}, "
+                       f"{fmt(r.get('insert_hi'))}]"}
+    return ", ".join(parts[t] for t in tests_of(test))
 
 
 def verdicts(stats: pd.DataFrame, class_names: list[str]) -> dict[str, dict]:

@@ -141,9 +141,10 @@ def discover(
     if cfg.causal_top > 0 and len(checked):
         upd = causal_check(backend, source, f, checked, total, cfg, progress, texture=sift_f)
         stats.loc[upd.index, upd.columns] = upd
-    decide(stats, cfg.alpha, cfg.min_effect)
+    decide(stats, cfg.alpha, cfg.min_effect, cfg.causal_test)
     stats, top = rank(stats, class_names, cfg.top)
-    decision = {"test": TEST, "alpha": cfg.alpha, "min_effect": cfg.min_effect,
+    decision = {"test": TEST[cfg.causal_test], "causal_test": cfg.causal_test, "alpha": cfg.alpha,
+                "min_effect": cfg.min_effect,
                 "tested": int(stats["p"].notna().sum()), "flagged": int(stats["flagged"].sum()),
                 "classes": verdicts(stats, class_names)}
     galleries = _galleries(backend, source, f, stats, total, cfg, k)

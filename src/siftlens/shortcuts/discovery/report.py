@@ -19,6 +19,7 @@ import numpy as np
 
 from ...io import write_text
 from ...report.page import page
+from .decision import claim_text
 
 EXPLAIN = (
     "For each class, the candidates that images <em>predicted</em> as that class hold: visual words (source "
@@ -47,6 +48,14 @@ DECIDE = (
     "&ge; {min_effect:g}; a class with no flagged candidate reads <em>no shortcut found</em>. prompt and repair "
     "use flagged candidates only."
 )
+INSERT_NOTE = {  # --causal-test insert or both: what the insertion test adds to the rule above
+    "insert": " This run decides on the <strong>insertion</strong> test instead: the rise of p(class) with the "
+              "word's patches pasted into an image predicted as another class, minus the rise with the matched "
+              "control patches pasted, with the same interval, test and correction.",
+    "both": " This run also runs the <strong>insertion</strong> test (the rise of p(class) with the word's patches "
+            "pasted into an image predicted as another class, minus the rise with the matched control patches "
+            "pasted): a flag needs both tests, and q is the larger of the two.",
+}
 
 
 def verdict_html(result) -> str:
@@ -56,13 +65,15 @@ def verdict_html(result) -> str:
     d = result.decision
     if not d:
         return ""
-    parts = ["<h2>Decision</h2><p>" + DECIDE.format(**d) + "</p><table><tr><th class='l'>class</th>"
-             "<th class='l'>verdict</th><th class='l'>flagged (word: effect [95% CI], q)</th></tr>"]
+    test = d.get("causal_test", "occlude")
+    parts = ["<h2>Decision</h2><p>" + DECIDE.format(**d) + INSERT_NOTE.get(test, "") + "</p><table><tr>"
+             "<th class='l'>class</th><th class='l'>verdict</th><th class='l'>flagged (word: effect [95% CI], q)</th>"
+             "</tr>"]
     for c in result.class_names:
         fl = result.flagged(c)
         found = bool(fl)
         txt = "; ".join(f"{e(r.get('source', 'sift'))} {r['word']} (rank {_fmt(r.get('rank'))}): "
-                        f"{_fmt(r['effect'])} [{_fmt(r['effect_lo'])}, {_fmt(r['effect_hi'])}], q {_fmt(r['q'])}"
+                        f"{e(claim_text(r, test, _fmt))}, q {_fmt(r['q'])}"
                         for r in fl)
         parts.append(f"<tr><td class='l'>{e(c)}</td><td class='l {'bad' if found else 'ok'}'>"
                      f"{e(result.verdict(c))}</td><td class='l'>{txt or '–'}</td></tr>")

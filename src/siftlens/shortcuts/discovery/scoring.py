@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .decision import COLUMNS
+from .decision import COLUMNS, INSERT_COLUMNS
 from .features import Features, word_patches
 
 CAUSAL_FLOOR = 0.01
@@ -72,7 +72,8 @@ def final_score(df: pd.DataFrame) -> pd.Series:
 
 def row_dict(r: pd.Series) -> dict:
     keys = ("word", "source", "rank", "score", "share", "lift", "assoc", "causal", "drop_fall", "control_fall",
-            "effect", "effect_lo", "effect_hi", "p", "q", "flagged", "causal_images", "support", "kp_per_patch",
+            "effect", "effect_lo", "effect_hi", "p", "insert_rise", "insert_control_rise", "insert_effect",
+            "insert_lo", "insert_hi", "insert_p", "q", "flagged", "causal_images", "support", "kp_per_patch",
             "present_in_class", "present_elsewhere", "off_object")
     out = {}
     for k in keys:
@@ -97,7 +98,8 @@ def candidate_stats(f: Features, K: int, n_classes: int, smoothing: float, min_i
     stats = class_word_stats(f, K, n_classes, smoothing)
     stats["eligible"] = stats["support"] >= min_images
     stats["pre_score"] = pre_score(stats)
-    for col in ("causal", "drop_fall", "control_fall", "halved_rate", "causal_images", *COLUMNS[:-1]):
+    for col in ("causal", "drop_fall", "control_fall", "halved_rate", "causal_images", *COLUMNS[:-1],
+                "insert_rise", "insert_control_rise", *INSERT_COLUMNS):
         stats[col] = np.nan
     stats["flagged"] = False
     return stats

@@ -1,0 +1,143 @@
+"""Which causal test should discovery decide on? A study on the validation builds only (issue 25, item 2).
+
+On the final run, discovery's decision (occlusion: q < 0.05 and effect >= 0.05) flags the marker first for too few
+classes of the shortcut models and still flags some classes of the controls. This script asks, on the seed-0
+builds (never the final's seed), how each decision rule does: ``--causal-test`` occlude, insert or both, at each
+``--min-effect`` of :data:`MIN_EFFECTS`. Discovery runs once per model with ``--causal-test both`` (which computes
+both tests); every rule is then applied to the same candidates, and the patch rule (sidecar boxes) says whether
+each class's first flagged candidate lies on its marker.
+
+The rule is chosen by :func:`choose`, written before the study ran: the largest sum over kinds of (classes with
+the marker flagged first on the shortcut model) minus (classes flagged on the control); ties go to fewer control
+flags, then to the rule listed first (the current default first).
+
+    python experiments/shortcut_benchmark/study_discovery.py --encoder experiments/shortcut_benchmark/encoder/model
+
+The builds and ERM models are run.py's (same work folder, so either script reuses the other's steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import RHO, ROOT, SCALES, Kind, encoder_accuracy, write  # noqa: E402
+from spurious import KINDS  # noqa: E402
+
+from siftlens.benchmarks.spurious_cifar_eval import evaluate_patches  # noqa: E402
+from siftlens.jobs._options import JobOptions  # noqa: E402
+from siftlens.jobs.shortcuts import run_discovery  # noqa: E402
+from siftlens.shortcuts.discovery.config import DiscoveryConfig  # noqa: E402
+from siftlens.shortcuts.discovery.decision import decide  # noqa: E402
+from siftlens.shortcuts.groups import find_sidecar, read_sidecar  # noqa: E402
+
+RULES = [(test, m) for test in ("occlude", "insert", "both") for m in (0.05, 0.02, 0.1)]
+
+
+def rule_name(test: str, min_effect: float) -> str:
+    return f"{test}@{min_effect:g}"
+
+
+def counts_per_rule(res, sidecar: dict) -> dict[str, dict]:
+    """For every rule: per class, whether the first flagged candidate is on the class's marker (None: no flag)."""
+    pt = res.manifest["patches"]
+    out = {}
+    for test, m in RULES:
+        cands = decide(res.candidates.copy(), 0.05, m, test)
+        ev = evaluate_patches(dataclasses.replace(res, candidates=cands), sidecar, pt["size"], tuple(pt["grid"]))
+        out[rule_name(test, m)] = ev["flagged_first_on_marker"]
+    return out
+
+
+def study_kind(kind: Kind) -> dict:
+    """Discovery (both tests) on the kind's shortcut model and control; per side and rule, the per-class result."""
+    d = kind.build()
+    out = {}
+    for side in RHO:
+        done = kind.work / f"study-{side}.json"
+        if done.exists():
+            out[side] = json.loads(done.read_text())
+            continue
+        erm = kind.finetune(side, d[f"{side}/train"])
+        c = kind.cfg["discover"]
+        cfg = DiscoveryConfig(vocab_size=c["vocab"], causal_top=c["causal_top"], causal_images=c["causal_images"],
+                              causal_test="both")
+        cfg.run.limit, cfg.run.seed = c["limit"], kind.a.seed
+        images = d[f"{side}/train"]
+        res, _ = run_discovery(str(erm), str(images), kind.work / f"study-discover-{side}", cfg, evaluate=False,
+                               options=JobOptions(report=False, progress=False))
+        out[side] = {"rank1_any": evaluate_patches(res, read_sidecar(find_sidecar(images)),
+                                                   res.manifest["patches"]["size"],
+                                                   tuple(res.manifest["patches"]["grid"]))["rank1_count"],
+                     "rules": counts_per_rule(res, read_sidecar(find_sidecar(images)))}
+        write(done, out[side])
+        print(f"[{kind.kind}] {side}: done", flush=True)
+    return out
+
+
+def summary(per_kind: dict) -> dict:
+    """rule -> kind -> {shortcut_rank1, control_flagged}."""
+    table = {}
+    for test, m in RULES:
+        name = rule_name(test, m)
+        table[name] = {k: {"shortcut_rank1": sum(bool(v) for v in b["shortcut"]["rules"][name].values()),
+                           "control_flagged": sum(v is not None for v in b["control"]["rules"][name].values())}
+                       for k, b in per_kind.items()}
+    return table
+
+
+def choose(table: dict) -> str:
+    """The rule with the largest sum of (shortcut_rank1 - control_flagged) over kinds; ties: fewer control flags,
+    then the order of :data:`RULES`."""
+    def key(item):
+        i, (_, per) = item
+        gain = sum(v["shortcut_rank1"] - v["control_flagged"] for v in per.values())
+        return (-gain, sum(v["control_flagged"] for v in per.values()), i)
+    return min(enumerate(table.items()), key=key)[1][0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--encoder", required=True)
+    ap.add_argument("--seed", type=int, default=0, help="the validation seed (never the final's)")
+    ap.add_argument("--scale", choices=SCALES, default="validation")
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.seed == 2:
+        raise SystemExit("seed 2 is the final run's: study on a validation seed")
+    torch.set_num_threads(a.threads)
+    tag = f"{'' if a.scale == 'full' else a.scale + '-'}seed{a.seed}"
+    a.work = str(ROOT / "runs" / f"shortcut-bench-{tag}")
+    a.cifar = str(ROOT.parent / "shared" / "data" / "cifar10-jpg.zip")
+    a.cifar_root, a.device, a.jobs = f"{a.cifar}/cifar10", "cpu", 1
+    a.kind_options = KINDS
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    if "imagenet" in a.kinds.split(","):
+        from spurious import imagenet_markers
+        imagenet_markers(str(ROOT.parent / "shared" / "data" / "imagenet-samples-dev.zip"),
+                         Path(a.work) / "imagenet-markers", a.seed)
+    per_kind = {k: study_kind(Kind(k, a, SCALES[a.scale], env)) for k in a.kinds.split(",")}
+    table = summary(per_kind)
+    out = Path(a.out or HERE / "results" / f"discovery-study-{tag}.json")
+    write(out, {"study": "discovery's decision rule on validation builds (issue 25)", "seed": a.seed,
+                "scale": a.scale, "encoder": a.encoder, "encoder_clean_acc": encoder_accuracy(a.encoder),
+                "rules": [rule_name(*r) for r in RULES], "chosen": choose(table), "table": table,
+                "per_kind": per_kind})
+    for name, per in table.items():
+        print(f"{name:14s} " + "  ".join(f"{k} {v['shortcut_rank1']}/{v['control_flagged']}" for k, v in per.items()))
+    print(f"chosen: {choose(table)}\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()
