@@ -11,6 +11,9 @@ The rule is chosen by :func:`choose`, written before the study ran: the largest 
 the marker flagged first on the shortcut model) minus (classes flagged on the control); ties go to fewer control
 flags, then to the rule listed first (the current default first).
 
+Outcome (README, "Status"): the insertion test flags nothing on any validation model, so ``choose`` picks a rule
+that never flags (the score counts saying nothing as break-even); it was not adopted.
+
     python experiments/shortcut_benchmark/study_discovery.py --encoder experiments/shortcut_benchmark/encoder/model
 
 The builds and ERM models are run.py's (same work folder, so either script reuses the other's steps).
