@@ -45,8 +45,8 @@ def main() -> None:
     px = np.stack([np.asarray(Image.open(root / n).convert("RGB")) for n in names])
     index = {c: i for i, c in enumerate(backend.class_names)}
     marker = np.array([index[sidecar[n]["marker"]] for n in names])
-    pred = class_probs(backend, px).argmax(1)
     base = class_probs(backend, px)
+    pred = base.argmax(1)
     rng = np.random.default_rng(a.seed)
     H, W = px.shape[1:3]
     rise, other = [], []
