@@ -494,3 +494,56 @@ def test_control_says_no_shortcut_and_drop_costs_it_nothing(control, tmp_path):
                                                            extent="footprint", dilate=1, flagged_only=False),
                  progress=False)
     assert (old.images["removed_patches"] > 0).mean() > 0.5
+
+
+def _mixed(root, dest):
+    """The planted fixture's aligned train images and its conflicting ones (as ``<class>/conf<i>.png``) in one
+    folder with their markers.json."""
+    import shutil
+
+    recs = {}
+    for split, prefix in (("train", ""), ("conflicting", "conf")):
+        side = read_sidecar(root / split / "markers.json")["images"]
+        for name, r in side.items():
+            c, stem = name.split("/")
+            new = f"{c}/{prefix}{stem}"
+            (dest / c).mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / split / name, dest / new)
+            recs[new] = r
+    (dest / "markers.json").write_text(json.dumps({"classes": list(COLOURS), "images": recs}))
+    return recs
+
+
+def test_jtt_discovery_upweights_the_images_carrying_another_class_flagged_marker(colours, tmp_path):
+    """JTT with discovery's error set: exactly repair's pseudo-conflicting images (whose flagged patches belong mostly
+    to another class's candidates) are repeated lambda_up times. On the planted data that is every conflicting image
+    whose marker discovery flagged, and few aligned ones (SIFT words are grey-level: a square of one colour can match
+    another colour's word)."""
+    from siftlens.shortcuts.anchors import JTTConfig, jtt
+    from siftlens.shortcuts.retraining.head import flagged_batches, pseudo_conflicting
+
+    root, res, _ = colours
+    res.save(tmp_path / "disc")
+    recs = _mixed(root, tmp_path / "mixed")
+    flagged = {c for c in res.class_names if res.flagged(c)}
+    assert len(flagged) == 2, flagged  # two of the three markers (test_the_planted_markers_are_flagged...)
+    erm = str(root / "run" / "model")
+    cfg = build(JTTConfig, dict(lambda_up=3, identifier=erm, error_set="discovery", candidates=str(tmp_path / "disc"),
+                                top_words=1, epochs=1, batch_size=40, lr=1e-3, warmup_epochs=0.0, pad=0, seed=0))
+    out = jtt(erm, str(tmp_path / "mixed"), cfg, progress=False)
+    up = out.table.set_index("name")["error"].reindex(list(recs))
+    expected = pd.Series({n: (not r["aligned"]) and r["marker"] in flagged for n, r in recs.items()})
+    aligned = pd.Series({n: r["aligned"] for n, r in recs.items()})
+    src, be = ImageSource(str(tmp_path / "mixed")), load_backend(erm)
+    rule = _repair_config(candidates=str(tmp_path / "disc"), top_words=1)
+    short = {src.names[i]: s for b in flagged_batches(be, src, load_vocabulary(str(tmp_path / "disc")), rule, False)
+             for i, s in zip(b["index"], b["shortcut"], strict=True)}
+    labels = {n: be.class_names.index(r["label"]) for n, r in recs.items()}
+    assert up.tolist() == [bool(pseudo_conflicting(np.array(short[n]), np.array(labels[n]))) for n in up.index]
+    assert expected.sum() >= 10 and up[expected].mean() >= 0.9, pd.crosstab(up, expected)
+    assert up[aligned].mean() <= 0.2, pd.crosstab(up, aligned)
+    assert (out.table["weight"] == np.where(out.table["error"], 3, 1)).all()
+    assert out.record["error_set"] == "discovery"
+    assert out.record["upsampled_images"] == len(recs) + 2 * int(up.sum())
+    with pytest.raises(ConfigError, match="error-set discovery needs"):
+        build(JTTConfig, dict(error_set="discovery", candidates=str(tmp_path / "disc"))).validate()

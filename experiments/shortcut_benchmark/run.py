@@ -96,8 +96,10 @@ class Kind:
         return out
 
     def finetune(self, name: str, data: Path, extra: tuple = (), anchor: str | None = None) -> Path:
+        """ERM from the encoder on ``data`` (``anchor`` None), or JTT (``anchor``: its folder, ``jtt-<build>`` or
+        ``jtt-discovery-<build>``, and its step's name)."""
         out = self.work / (anchor or f"erm-{name}")
-        cmd = [f"anchor-{anchor.split('-')[0]}" if anchor else "train", "--model", self.a.encoder, "--images" if anchor
+        cmd = ["anchor-jtt" if anchor else "train", "--model", self.a.encoder, "--images" if anchor
                else "--train", data, "--out", out, "--seed", self.a.seed, "--threads", self.a.threads,
                "--device", self.a.device, "--no-progress", *flags(self.cfg["finetune"]), *extra]
         return self.sh(anchor or "finetune", cmd, out / "model" / "model.safetensors").parent
@@ -134,6 +136,17 @@ class Kind:
                            "--out", rep, "--limit", self.cfg["holdout_limit"], *dev, *REPAIR], rep / "repair.json")
         # the repaired folder is one artefact: it applies its drop itself (docs/spurious.md, section 2b)
         res["repair"] = {s: self.score(rep / "model", s, f"repair-{name}", d) for s in splits}
+        if "repair-blocks" not in self.a.without:  # every block retrained, flagged tokens dropped (session 12)
+            rep = self.work / f"repair-blocks-{name}"
+            self.sh("repair-blocks", ["repair", "--model", erm, "--images", d[f"{name}/holdout"], "--candidates",
+                                      cand, "--out", rep, "--limit", self.cfg["holdout_limit"], *dev, *REPAIR,
+                                      "--blocks", self.a.depth, "--seed", self.a.seed], rep / "repair.json")
+            res["repair-blocks"] = {s: self.score(rep / "model", s, f"repair-blocks-{name}", d) for s in splits}
+        if "jtt-discovery" not in self.a.without:  # JTT's retraining, discovery's pseudo-conflicting images upweighted
+            jd = self.finetune(name, d[f"{name}/train"], ("--identifier", erm, "--error-set", "discovery",
+                                                          "--candidates", cand, *flags(self.cfg["jtt"])),
+                               anchor=f"jtt-discovery-{name}")
+            res["jtt-discovery"] = {s: self.score(jd, s, f"jtt-discovery-{name}", d) for s in splits}
         for method in [m for m in ("afr", "dfr") if m not in self.a.without]:
             o = self.work / f"{method}-{name}"
             self.sh(method, [f"anchor-{method}", "--model", erm, "--images", d[f"{name}/holdout"], "--out", o,
@@ -167,6 +180,14 @@ def encoder_accuracy(encoder: str) -> float | None:
     return json.loads(hist.read_text())["epochs"][-1].get("val_acc")
 
 
+def encoder_depth(encoder: str) -> int:
+    """The encoder's number of blocks, from its config.json (``repair-blocks`` retrains them all)."""
+    conf = Path(encoder) / "config.json"
+    if not conf.exists():
+        raise SystemExit(f"--encoder {encoder}: no config.json (a siftlens model folder is needed)")
+    return int(json.loads(conf.read_text())["depth"])
+
+
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encoder", required=True, help="the clean encoder: a siftlens model folder (train_encoder.sh)")
@@ -191,7 +212,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--annotate", action="store_true",
                     help="run nothing: mark the method chosen on --validation, and the targets met, in --out")
     ap.add_argument("--without", default="", type=lambda t: {x for x in t.split(",") if x},
-                    help="anchors not to run, comma-separated of jtt, afr, dfr (a later run without it adds them)")
+                    help="methods not to run, comma-separated of jtt, afr, dfr, repair-blocks, jtt-discovery (a "
+                         "later run without it adds them)")
     ap.add_argument("--jtt-control", action="store_true", help="also run JTT on the control (its control cost)")
     return ap.parse_args()
 
@@ -208,6 +230,7 @@ def main() -> None:
         return annotate(out, Path(a.validation))
     a.cifar_root = f"{a.cifar}/cifar10" if a.cifar.endswith(".zip") else a.cifar
     a.encoder_acc = encoder_accuracy(a.encoder)
+    a.depth = encoder_depth(a.encoder)
     kinds = a.kinds.split(",") + (["user"] if a.markers_dir and "user" not in a.kinds.split(",") else [])
     a.kind_options = {**KINDS, "user": ["--markers", str(Path(a.markers_dir or ".").resolve())]}
     unknown = [k for k in kinds if k not in a.kind_options or (k == "user" and not a.markers_dir)]

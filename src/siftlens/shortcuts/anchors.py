@@ -5,7 +5,9 @@ methods (docs/spurious.md, "Label-free anchors"):
   ``erm_epochs`` epochs of the full schedule, or a given ERM model) names its misclassified training images; the
   model is trained again from the same starting point on the training images with each error repeated
   ``lambda_up`` times (JTT's own upsampling: weight ``lambda_up`` for an error, 1 for the rest), by
-  :func:`siftlens.training.train` with the same configuration.
+  :func:`siftlens.training.train` with the same configuration. ``error_set="discovery"`` is siftlens's own variant,
+  still label-free: the upweighted images are those that carry another class's flagged candidates of a discovery
+  output (:func:`flagged_conflicting`, repair's pseudo-groups), not the identifier's errors.
 - :func:`afr`, Automatic Feature Reweighting (Qiu et al. 2023, arXiv 2306.11074), label-free: the ERM model's
   features are frozen; on held-out training images the head is refitted from ERM's, full batch (L-BFGS), on the
   cross-entropy weighted by ``exp(-gamma * p_ERM(y|x))`` (normalised to sum 1), plus ``pull`` times the squared
@@ -45,11 +47,21 @@ from ..options import RunOptions, group, option
 from ..training import TrainConfig, train
 from ..training.images import normalize
 from ..training.options import flat_values
+from .discovery.vocabulary import load_vocabulary
 from .dropping import DroppedBackend
+from .flags import FlagOptions
 from .groups import find_sidecar, read_sidecar
-from .retraining.head import fit_head, group_weights, pooled_features
+from .retraining.head import (
+    RepairConfig,
+    fit_head,
+    flagged_batches,
+    group_weights,
+    pooled_features,
+    pseudo_conflicting,
+)
 
 METHODS = ("jtt", "afr", "dfr")
+ERROR_SETS = ("errors", "discovery")
 DFR_GROUPS = ("aligned", "marker")
 DFR_BALANCE = ("subsample", "weights")
 
@@ -65,11 +77,25 @@ class JTTConfig:
                                 "the full ERM run).")
     identifier: str | None = option(None, "A trained ERM model (folder) whose errors are upweighted, instead of "
                                           "the identification run.")
+    error_set: str = option("errors", "Which images are upweighted: errors (JTT: those the identifier "
+                                      "misclassifies) | discovery (siftlens, label-free: those carrying another "
+                                      "class's flagged candidates of --candidates, found on --identifier).")
+    candidates: str = option("", "--error-set discovery: the discovery.json of `siftlens discover` on --identifier.")
+    flags: FlagOptions = group(FlagOptions, helps={
+        "top_words": "--error-set discovery: each class's this many best-ranked (flagged) candidates.",
+        "score_ratio": "...scoring at least this share of the class's best."},
+        top_words=5, score_ratio=0.25, extent="footprint")
     train: TrainConfig = group(TrainConfig)
 
     def validate(self) -> None:
         if self.lambda_up < 1 or self.erm_epochs < 1:
             raise ConfigError("--lambda-up and --erm-epochs must be >= 1")
+        if self.error_set not in ERROR_SETS:
+            raise ConfigError(f"--error-set must be one of {', '.join(ERROR_SETS)}, not {self.error_set!r}")
+        if self.error_set == "discovery" and not (self.candidates and self.identifier):
+            raise ConfigError("--error-set discovery needs --candidates and --identifier (the ERM model discovery "
+                              "ran on)")
+        self.flags.validate()
         if self.train.session.resume or self.train.session.stop_after is not None:
             raise ConfigError("jtt runs its trainings to the end: --resume and --stop-after do not apply")
 
@@ -231,18 +257,35 @@ def jtt(model, images, config: JTTConfig | None = None, *, progress: bool = True
                         "identification_epochs": first.record["epochs"]}
     ident = _vit(ident, tc.run.device)
     x, y, names = _labelled(source, ident)
-    with torch.no_grad():
-        pred = ident.head(frozen_features(ident, x, tc.run.batch_size, tc.run.device).to(tc.run.device)).argmax(1)
-    error = pred.cpu().numpy() != y
+    if cfg.error_set == "discovery":
+        error = flagged_conflicting(cfg, source, names, y, progress)
+    else:
+        with torch.no_grad():
+            pred = ident.head(frozen_features(ident, x, tc.run.batch_size, tc.run.device).to(tc.run.device))
+        error = pred.argmax(1).cpu().numpy() != y
     weight = np.where(error, cfg.lambda_up, 1)
     with tempfile.TemporaryDirectory(prefix="siftlens-jtt-") as tmp:
         n_up = upsampled_folder(source, names, weight, tmp)
         second = train(model, tmp, replace(tc, run=replace(tc.run, limit=None)), progress=progress)
-    record = _record("jtt", cfg, images=len(y), errors=int(error.sum()), error_rate=float(error.mean()),
+    record = _record("jtt", cfg, error_set=cfg.error_set, images=len(y), errors=int(error.sum()),
+                     error_rate=float(error.mean()),
                      upsampled_images=n_up, **ident_record, epochs=second.record["epochs"],
                      seconds=round(time.time() - t0, 2))
     table = pd.DataFrame({"name": names, "label": y, "error": error, "weight": weight})
     return AnchorResult(second.model.eval().cpu(), record, table)
+
+
+def flagged_conflicting(cfg: JTTConfig, source: ImageSource, names: list[str], y: np.ndarray,
+                        progress: bool = True) -> np.ndarray:
+    """JTT's error set from discovery instead of errors: (n,) True for the images ``names`` (labels ``y`` (n,), the
+    identifier's class indices) that carry flagged candidates of a class other than their own (repair's
+    pseudo-groups, flagged by the rule of ``prompt`` and ``repair`` on ``cfg.identifier``'s patch grid)."""
+    backend = load_backend(cfg.identifier, cfg.train.run.device)
+    flag_cfg = RepairConfig(candidates=cfg.candidates, flags=cfg.flags, sift=cfg.train.sift, run=cfg.train.run)
+    shortcut = dict.fromkeys(names, -1)
+    for b in flagged_batches(backend, source, load_vocabulary(cfg.candidates), flag_cfg, progress):
+        shortcut.update(zip((source.names[i] for i in b["index"]), b["shortcut"].tolist(), strict=True))
+    return pseudo_conflicting(np.array([shortcut[n] for n in names]), y)
 
 
 # -- AFR -----------------------------------------------------------------------------------------------------------

@@ -315,5 +315,10 @@ def _groups(cfg: RepairConfig, source: ImageSource, d: dict, y: np.ndarray) -> n
         recs = read_sidecar(side)["images"]
         names = source.names
         return np.array([bool(recs[names[i]]["aligned"]) for i in d["index"]], dtype=np.int64)
-    s = d["shortcut"]
-    return ((s >= 0) & (s != y)).astype(np.int64)
+    return pseudo_conflicting(d["shortcut"], y).astype(np.int64)
+
+
+def pseudo_conflicting(shortcut: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Discovery's label-free groups: (n,) True where an image's shortcut class (of :func:`flagged_batches`, -1:
+    none) is a class other than its label ``y`` (n,), i.e. it carries another class's flagged candidates."""
+    return (shortcut >= 0) & (shortcut != y)
