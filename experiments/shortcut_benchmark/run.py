@@ -11,6 +11,9 @@ Per kind of marker (glyphs, imagenet, large, watermark; ``--markers-dir`` adds a
 3. siftlens, label-free: ``discover`` (its decision flags), ``prompt --policy drop`` with the flags (and grown by
    one patch), ``repair`` (a new head on the holdout images with the flagged tokens dropped, pseudo-groups from
    discovery; the repaired folder carries the drop);
+   Two training-time candidates (session 12): ``repair-blocks`` (the same repair with every block fine-tuned) and
+   ``jtt-discovery`` (``anchor-jtt --error-set discovery``: JTT's retraining with discovery's pseudo-conflicting
+   training images upweighted in place of ERM's errors); ``--without repair-blocks,jtt-discovery`` skips them;
 4. anchors: ``anchor-afr`` and ``anchor-dfr`` (true groups: the upper reference) on the holdout images,
    ``anchor-jtt`` (errors of the ERM model upweighted, trained again from the encoder);
 5. the oracle: every patch the marker overlaps dropped (sidecar boxes), on the ERM model.

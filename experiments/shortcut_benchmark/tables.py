@@ -170,6 +170,7 @@ def markdown(results: dict) -> str:
                 v = m[name]
                 cost = "not run" if v["control_cost"] is None else f"{v['control_cost']:+.2f}"
                 mark = " (chosen on validation)" if name == chosen else ""
+                mark += " (added after the run was seen)" if v.get("added") else ""
                 out.append(f"| {LABELS[name]}{mark} | {'yes' if v['label_free'] else 'no'} | {v['aligned']:.3f} | "
                            f"{v['conflicting']:.3f} | {v['worst_group']:.3f} | {cost} |")
         out.append(f"\nDiscovery: marker flagged and first for {d['shortcut_rank1']}/10 classes of the shortcut model "
