@@ -7,7 +7,7 @@ computed here with the package's own rule, no training), each compared with the 
 build's ``markers.json``: size, precision (share of the set that is conflicting) and recall (share of the
 conflicting images in the set). Group labels are read only to score the sets, never to make them.
 
-    python experiments/shortcut_benchmark/error_sets.py runs/shortcut-bench-seed2 \
+    python experiments/shortcut_benchmark/error_sets.py runs/shortcut-bench-seed2 --jtt-only \
         --out experiments/shortcut_benchmark/results/error-sets-seed2.json
 """
 
@@ -58,10 +58,11 @@ def discovery_set(kind: Path, name: str) -> set[str]:
     return {n for n, m in zip(source.names, mask, strict=True) if m}
 
 
-def one_build(kind: Path, name: str) -> dict:
+def one_build(kind: Path, name: str, with_discovery: bool = True) -> dict:
     side = read_sidecar(kind / f"{name}-data" / "train" / "markers.json")["images"]
     conflicting = {n for n, r in side.items() if not r["aligned"]}
-    sets = {"discovery": discovery_set(kind, name), "jtt_errors": jtt_set(kind / f"jtt-{name}")}
+    sets = {"discovery": discovery_set(kind, name) if with_discovery else None,
+            "jtt_errors": jtt_set(kind / f"jtt-{name}")}
     return {"images": len(side), "conflicting": len(conflicting),
             **{k: scored(v, conflicting, len(side)) for k, v in sets.items() if v is not None}}
 
@@ -71,11 +72,13 @@ def main() -> None:
     ap.add_argument("work", help="a run.py working folder (runs/shortcut-bench-<tag>)")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--out", required=True, help="JSON to write")
+    ap.add_argument("--jtt-only", action="store_true",
+                    help="score JTT's sets only (a CSV read; discovery's runs SIFT and the flag rule on every image)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     out = {"work": a.work, "kinds": {}}
     for k in a.kinds.split(","):
-        out["kinds"][k] = {name: one_build(Path(a.work) / k, name) for name in ("shortcut", "control")}
+        out["kinds"][k] = {name: one_build(Path(a.work) / k, name, not a.jtt_only) for name in ("shortcut", "control")}
         print(k, json.dumps(out["kinds"][k]), flush=True)
     Path(a.out).write_text(json.dumps(out, indent=2, allow_nan=False))
 
