@@ -122,6 +122,15 @@ class Kind:
                 o / "prompting.json")
         return o / "prompting.json"
 
+    def repair(self, step: str, name: str, erm: Path, cand: Path, d: dict[str, Path], extra: tuple = ()
+               ) -> dict[str, Path]:
+        """``siftlens repair`` of ``erm`` on the build's holdout images into ``<step>-<name>``, then its scores."""
+        rep = self.work / f"{step}-{name}"
+        self.sh(step, ["repair", "--model", erm, "--images", d[f"{name}/holdout"], "--candidates", cand, "--out", rep,
+                       "--limit", self.cfg["holdout_limit"], "--device", self.a.device, "--no-progress", *REPAIR,
+                       *extra], rep / "repair.json")
+        return {s: self.score(rep / "model", s, f"{step}-{name}", d) for s in ("aligned", "conflicting")}
+
     def side(self, name: str, erm: Path, d: dict[str, Path]) -> dict[str, dict[str, Path]]:
         """Every method on one build (``shortcut`` or ``control``): method -> split -> result file."""
         dev = ["--device", self.a.device, "--no-progress"]
@@ -134,17 +143,11 @@ class Kind:
         res["discovery"] = {"json": cand}
         for pol, args in POLICIES.items():
             res[pol] = {s: self.prompt(erm, s, f"{name}-{pol}", args, cand, d) for s in splits}
-        rep = self.work / f"repair-{name}"
-        self.sh("repair", ["repair", "--model", erm, "--images", d[f"{name}/holdout"], "--candidates", cand,
-                           "--out", rep, "--limit", self.cfg["holdout_limit"], *dev, *REPAIR], rep / "repair.json")
         # the repaired folder is one artefact: it applies its drop itself (docs/spurious.md, section 2b)
-        res["repair"] = {s: self.score(rep / "model", s, f"repair-{name}", d) for s in splits}
+        res["repair"] = self.repair("repair", name, erm, cand, d)
         if "repair-blocks" not in self.a.without:  # every block retrained, flagged tokens dropped (session 12)
-            rep = self.work / f"repair-blocks-{name}"
-            self.sh("repair-blocks", ["repair", "--model", erm, "--images", d[f"{name}/holdout"], "--candidates",
-                                      cand, "--out", rep, "--limit", self.cfg["holdout_limit"], *dev, *REPAIR,
-                                      "--blocks", self.a.depth, "--seed", self.a.seed], rep / "repair.json")
-            res["repair-blocks"] = {s: self.score(rep / "model", s, f"repair-blocks-{name}", d) for s in splits}
+            res["repair-blocks"] = self.repair("repair-blocks", name, erm, cand, d,
+                                               ("--blocks", self.a.depth, "--seed", self.a.seed))
         if "jtt-discovery" not in self.a.without:  # JTT's retraining, discovery's pseudo-conflicting images upweighted
             jd = self.finetune(name, d[f"{name}/train"], ("--identifier", erm, "--error-set", "discovery",
                                                           "--candidates", cand, *flags(self.cfg["jtt"])),

@@ -268,9 +268,8 @@ def jtt(model, images, config: JTTConfig | None = None, *, progress: bool = True
         n_up = upsampled_folder(source, names, weight, tmp)
         second = train(model, tmp, replace(tc, run=replace(tc.run, limit=None)), progress=progress)
     record = _record("jtt", cfg, error_set=cfg.error_set, images=len(y), errors=int(error.sum()),
-                     error_rate=float(error.mean()),
-                     upsampled_images=n_up, **ident_record, epochs=second.record["epochs"],
-                     seconds=round(time.time() - t0, 2))
+                     error_rate=float(error.mean()), upsampled_images=n_up, **ident_record,
+                     epochs=second.record["epochs"], seconds=round(time.time() - t0, 2))
     table = pd.DataFrame({"name": names, "label": y, "error": error, "weight": weight})
     return AnchorResult(second.model.eval().cpu(), record, table)
 
