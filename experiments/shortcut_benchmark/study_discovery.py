@@ -14,7 +14,17 @@ flags, then to the rule listed first (the current default first).
 Outcome (README, "Status"): the insertion test flags nothing on any validation model, so ``choose`` picks a rule
 that never flags (the score counts saying nothing as break-even); it was not adopted.
 
+``--study checks`` (session 13) asks a second question with the same score and :func:`choose`, written before it
+ran: which occlusion check, with the default decision (occlude, q < 0.05, effect >= 0.05)? On the final builds the
+patch rule puts the marker first for most classes, but for the large marker few of them pass the decision: a SIFT
+word's keypoints sit in one or two of the marker's nine patches, so occluding them leaves the rest of the marker,
+and the effects sit near 0.05 with q just above it on 32 images. The checks are ``--causal-extent`` center (the
+default) or footprint (every patch the keypoints' squares touch, repair's extent) by ``--causal-images`` 32 (the
+default) or 128: one discovery run per check and model, listed default first.
+
     python experiments/shortcut_benchmark/study_discovery.py --encoder experiments/shortcut_benchmark/encoder/model
+    python experiments/shortcut_benchmark/study_discovery.py --encoder experiments/shortcut_benchmark/encoder/model \
+        --study checks
 
 The builds and ERM models are run.py's (same work folder, so either script reuses the other's steps).
 """
@@ -43,18 +53,23 @@ from siftlens.shortcuts.discovery.decision import decide  # noqa: E402
 from siftlens.shortcuts.groups import find_sidecar, read_sidecar  # noqa: E402
 
 RULES = [(test, m) for test in ("occlude", "insert", "both") for m in (0.05, 0.02, 0.1)]
+CHECKS = [(extent, images) for extent in ("center", "footprint") for images in (32, 128)]
+
+
+def check_name(extent: str, images: int) -> str:
+    return f"{extent}x{images}"
 
 
 def rule_name(test: str, min_effect: float) -> str:
     return f"{test}@{min_effect:g}"
 
 
-def counts_per_rule(res, sidecar: dict) -> dict:
+def counts_per_rule(res, sidecar: dict, rules: list[tuple[str, float]] = RULES) -> dict:
     """``rank1_any`` (classes whose best-ranked marker candidate is first: the ranking, the same for every rule) and,
     for every rule, per class whether the first flagged candidate is on the class's marker (None: no flag)."""
     pt = res.manifest["patches"]
     out: dict = {"rank1_any": None, "rules": {}}
-    for test, m in RULES:
+    for test, m in rules:
         cands = decide(res.candidates.copy(), 0.05, m, test)
         ev = evaluate_patches(dataclasses.replace(res, candidates=cands), sidecar, pt["size"], tuple(pt["grid"]))
         out["rank1_any"] = ev["rank1_count"]
@@ -62,36 +77,51 @@ def counts_per_rule(res, sidecar: dict) -> dict:
     return out
 
 
-def study_kind(kind: Kind) -> dict:
-    """Discovery (both tests) on the kind's shortcut model and control; per side and rule, the per-class result."""
+def discover_on(kind: Kind, erm: Path, images: Path, folder: str, **config):
+    """One discovery run (no report) on a build's training images with the benchmark's settings and ``config``."""
+    c = kind.cfg["discover"]
+    cfg = DiscoveryConfig(**{"vocab_size": c["vocab"], "causal_top": c["causal_top"],
+                             "causal_images": c["causal_images"], **config})
+    cfg.run.limit, cfg.run.seed = c["limit"], kind.a.seed
+    res, _ = run_discovery(str(erm), str(images), kind.work / folder, cfg, evaluate=False,
+                           options=JobOptions(report=False, progress=False))
+    return res
+
+
+def study_kind(kind: Kind, study: str) -> dict:
+    """Per side (shortcut model, control): ``rules``, discovery once with both tests and every rule applied to its
+    candidates; ``checks``, one discovery per check of :data:`CHECKS` under the default rule."""
     d = kind.build()
     out = {}
     for side in RHO:
-        done = kind.work / f"study-{side}.json"
+        done = kind.work / (f"study-{side}.json" if study == "rules" else f"study-checks-{side}.json")
         if done.exists():
             out[side] = json.loads(done.read_text())
             continue
-        erm = kind.finetune(side, d[f"{side}/train"])
-        c = kind.cfg["discover"]
-        cfg = DiscoveryConfig(vocab_size=c["vocab"], causal_top=c["causal_top"], causal_images=c["causal_images"],
-                              causal_test="both")
-        cfg.run.limit, cfg.run.seed = c["limit"], kind.a.seed
         images = d[f"{side}/train"]
-        res, _ = run_discovery(str(erm), str(images), kind.work / f"study-discover-{side}", cfg, evaluate=False,
-                               options=JobOptions(report=False, progress=False))
-        out[side] = counts_per_rule(res, read_sidecar(find_sidecar(images)))
+        erm = kind.finetune(side, images)
+        sidecar = read_sidecar(find_sidecar(images))
+        if study == "rules":
+            res = discover_on(kind, erm, images, f"study-discover-{side}", causal_test="both")
+            out[side] = counts_per_rule(res, sidecar)
+        else:
+            out[side] = {}
+            for extent, n in CHECKS:
+                res = discover_on(kind, erm, images, f"study-checks-{side}-{check_name(extent, n)}",
+                                  causal_extent=extent, causal_images=n)
+                out[side][check_name(extent, n)] = counts_per_rule(res, sidecar, [("occlude", 0.05)])
         write(done, out[side])
         print(f"[{kind.kind}] {side}: done", flush=True)
     return out
 
 
-def summary(per_kind: dict) -> dict:
-    """rule -> kind -> {shortcut_rank1, control_flagged}."""
+def summary(per_kind: dict, names: list[str], per_class) -> dict:
+    """name -> kind -> {shortcut_rank1, control_flagged}; ``per_class(side's result, name)``: class -> whether its
+    first flagged candidate is on its marker (None: no flag)."""
     table = {}
-    for test, m in RULES:
-        name = rule_name(test, m)
-        table[name] = {k: {"shortcut_rank1": sum(bool(v) for v in b["shortcut"]["rules"][name].values()),
-                           "control_flagged": sum(v is not None for v in b["control"]["rules"][name].values())}
+    for name in names:
+        table[name] = {k: {"shortcut_rank1": sum(bool(v) for v in per_class(b["shortcut"], name).values()),
+                           "control_flagged": sum(v is not None for v in per_class(b["control"], name).values())}
                        for k, b in per_kind.items()}
     return table
 
@@ -109,6 +139,9 @@ def choose(table: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encoder", required=True)
+    ap.add_argument("--study", choices=("rules", "checks"), default="rules",
+                    help="rules: the decision rule (causal test, minimum effect); checks: the occlusion check (extent, "
+                         "images per candidate)")
     ap.add_argument("--seed", type=int, default=0, help="the validation seed (never the final's)")
     ap.add_argument("--scale", choices=SCALES, default="validation")
     ap.add_argument("--kinds", default=",".join(KINDS))
@@ -129,13 +162,20 @@ def main() -> None:
         from spurious import imagenet_markers
         imagenet_markers(str(ROOT.parent / "shared" / "data" / "imagenet-samples-dev.zip"),
                          Path(a.work) / "imagenet-markers", a.seed)
-    per_kind = {k: study_kind(Kind(k, a, SCALES[a.scale], env)) for k in a.kinds.split(",")}
-    table = summary(per_kind)
-    out = Path(a.out or HERE / "results" / f"discovery-study-{tag}.json")
-    write(out, {"study": "discovery's decision rule on validation builds (issue 25)", "seed": a.seed,
-                "scale": a.scale, "encoder": a.encoder, "encoder_clean_acc": encoder_accuracy(a.encoder),
-                "rules": [rule_name(*r) for r in RULES], "chosen": choose(table), "table": table,
-                "per_kind": per_kind})
+    per_kind = {k: study_kind(Kind(k, a, SCALES[a.scale], env), a.study) for k in a.kinds.split(",")}
+    if a.study == "rules":
+        names = [rule_name(*r) for r in RULES]
+        table = summary(per_kind, names, lambda side, name: side["rules"][name])
+        what = "discovery's decision rule on validation builds (issue 25)"
+    else:
+        names = [check_name(*c) for c in CHECKS]
+        table = summary(per_kind, names, lambda side, name: side[name]["rules"][rule_name("occlude", 0.05)])
+        what = "discovery's occlusion check (extent, images per candidate) on validation builds (issue 25)"
+    prefix = "discovery-study" if a.study == "rules" else "discovery-checks"
+    out = Path(a.out or HERE / "results" / f"{prefix}-{tag}.json")
+    write(out, {"study": what, "seed": a.seed, "scale": a.scale, "encoder": a.encoder,
+                "encoder_clean_acc": encoder_accuracy(a.encoder), "rules" if a.study == "rules" else "checks": names,
+                "chosen": choose(table), "table": table, "per_kind": per_kind})
     for name, per in table.items():
         print(f"{name:14s} " + "  ".join(f"{k} {v['shortcut_rank1']}/{v['control_flagged']}" for k, v in per.items()))
     print(f"chosen: {choose(table)}\nresults: {out}")

@@ -27,14 +27,12 @@ import numpy as np
 import torch
 
 from ..errors import CandidatesError, ConfigError
-from ..keypoints import patch_index
+from ..keypoints import EXTENTS, keypoint_patches
 from ..models.backend import Backend
 from ..options import option
 from .discovery.regions import region_words
 from .discovery.vocabulary import Vocabulary
 from .interventions import dilate
-
-EXTENTS = ("center", "footprint")
 
 
 @dataclass
@@ -86,33 +84,6 @@ def word_sets(vocab: Vocabulary, top_words: int = 1, score_ratio: float = 0.0,
     if classes is None:
         return [set().union(*(class_words(vocab, c, top_words, score_ratio, flagged_only) for c in vocab.ranked))]
     return [class_words(vocab, c, top_words, score_ratio, flagged_only) for c in classes]
-
-
-def footprint_patches(xy: np.ndarray, size: np.ndarray, P: int, grid: tuple[int, int]) -> np.ndarray:
-    """(N,) bool: patches that overlap the square [x - s/2, x + s/2] x [y - s/2, y + s/2] of any keypoint
-    (pixel x covers [x - 0.5, x + 0.5); touching a patch's edge does not count)."""
-    gh, gw = grid
-    m = np.zeros((gh, gw), bool)
-    r = size / 2.0
-    c0 = np.clip(np.floor((xy[:, 0] - r + 0.5) / P), 0, gw - 1).astype(int)
-    c1 = np.clip(np.ceil((xy[:, 0] + r + 0.5) / P) - 1, 0, gw - 1).astype(int)  # half-open on the far side
-    r0 = np.clip(np.floor((xy[:, 1] - r + 0.5) / P), 0, gh - 1).astype(int)
-    r1 = np.clip(np.ceil((xy[:, 1] + r + 0.5) / P) - 1, 0, gh - 1).astype(int)
-    for a, b, c, d in zip(r0, r1, c0, c1, strict=True):
-        m[a : b + 1, c : d + 1] = True
-    return m.reshape(-1)
-
-
-def keypoint_patches(xy: np.ndarray, size: np.ndarray, P: int, grid: tuple[int, int], extent: str) -> np.ndarray:
-    """(N,) bool: the patches of keypoints ``xy (k, 2)``, ``size (k,)`` by ``extent`` (``center`` or
-    ``footprint``)."""
-    if extent == "footprint":
-        return footprint_patches(xy, size, P, grid)
-    if extent != "center":
-        raise ConfigError(f"extent must be one of {', '.join(EXTENTS)}, not {extent!r}")
-    out = np.zeros(grid[0] * grid[1], bool)
-    out[patch_index(xy, P, grid)] = True
-    return out
 
 
 @dataclass

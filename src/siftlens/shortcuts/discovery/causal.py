@@ -25,6 +25,7 @@ import torch
 
 from ...data import ImageSource
 from ...errors import ConfigError
+from ...keypoints import keypoint_patches
 from ...models.backend import Backend
 from ...progress import progress_bar
 from ..interventions import forward_drop
@@ -114,10 +115,11 @@ class Job:
     recipient: int = -1
 
 
-def plan_jobs(f: Features, cands: pd.DataFrame, K: int, cfg: DiscoveryConfig, counts: np.ndarray) -> list[Job]:
+def plan_jobs(f: Features, cands: pd.DataFrame, K: int, cfg: DiscoveryConfig, counts: np.ndarray,
+              geometry: tuple[int, tuple[int, int]]) -> list[Job]:
     """Up to ``cfg.causal_images`` donor images per candidate, each with its matched control and, when the
     decision needs the insertion test, a random recipient predicted as another class. counts (n, N): keypoints
-    per patch for the matched control."""
+    per patch for the matched control; geometry: the model's patch size and (g_h, g_w) grid."""
     n, N = f.attention.shape
     ti, tv, tp = word_patches(f, K, N)
     rng = np.random.default_rng(cfg.run.seed + 7)
@@ -132,9 +134,15 @@ def plan_jobs(f: Features, cands: pd.DataFrame, K: int, cfg: DiscoveryConfig, co
         if len(imgs) > cfg.causal_images:
             imgs = np.sort(rng.choice(imgs, cfg.causal_images, replace=False))
         others = np.flatnonzero(f.preds != c)
+        footprint = cfg.causal_extent == "footprint" and v < cfg.vocab_size  # region words: their own patches
+        kps = np.flatnonzero(f.words == v) if footprint else None
         for i in imgs:
-            word = np.zeros(N, bool)
-            word[tp[sel & (ti == i)]] = True
+            if kps is not None:
+                k = kps[f.kp_image[kps] == i]
+                word = keypoint_patches(f.kp_xy[k], f.kp_size[k], *geometry, "footprint")
+            else:
+                word = np.zeros(N, bool)
+                word[tp[sel & (ti == i)]] = True
             control = matched_control(word, counts[i], rng, cfg.control)
             recipient = int(pick.choice(others)) if insert and len(others) else -1
             jobs.append(Job(lab, c, int(i), word, control, recipient))
@@ -154,7 +162,8 @@ def causal_check(
     ``cands`` rows; with the insertion test also ``insert_rise``, ``insert_control_rise`` (mean rises of
     p(class) in the recipients) and ``insert_effect``, ``insert_lo``, ``insert_hi``, ``insert_p``."""
     N = f.attention.shape[1]
-    jobs = plan_jobs(f, cands, K, cfg, patch_counts(f if texture is None else texture, N))
+    jobs = plan_jobs(f, cands, K, cfg, patch_counts(f if texture is None else texture, N),
+                     (backend.patch_size, tuple(backend.grid_size)))
     res: dict = {lab: {k: [] for k in ("w", "c", "flip", "iw", "ic")} for lab in cands.index}
     bs = max(1, cfg.run.batch_size // 2)
     cache: dict[int, np.ndarray] = {}

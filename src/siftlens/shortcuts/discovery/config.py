@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import ConfigError
-from ...keypoints import SiftOptions
+from ...keypoints import EXTENTS, SiftOptions
 from ...options import RunOptions, group, option
 from .decision import CAUSAL_TESTS
 
@@ -31,6 +31,9 @@ class DiscoveryConfig:
     smoothing: float = option(0.5, "Added to every count of the association's log-odds.", cli=False)
     causal_top: int = option(10, "Candidates per class checked by occlusion.")
     causal_images: int = option(32, "Images per checked candidate.")
+    causal_extent: str = option("center", "Causal check's patches of a SIFT word: those holding its keypoints' "
+                                          "centres (center) or every patch their squares of side = size touch "
+                                          "(footprint, what repair drops). Region words: their own patches.")
     occlude: str = option("drop", "Causal check: drop (remove tokens) or mean (fill patches with the image's mean "
                                   "colour).")
     drop_mode: str = option("group", "Causal check's token removal: group (exact, one forward per kept count) or "
@@ -58,6 +61,8 @@ class DiscoveryConfig:
             raise ConfigError(f"--occlude must be one of {', '.join(OCCLUDE_KINDS)}, not {self.occlude!r}")
         if self.causal_test not in CAUSAL_TESTS:
             raise ConfigError(f"--causal-test must be one of {', '.join(CAUSAL_TESTS)}, not {self.causal_test!r}")
+        if self.causal_extent not in EXTENTS:
+            raise ConfigError(f"--causal-extent must be one of {', '.join(EXTENTS)}, not {self.causal_extent!r}")
         if self.control not in CONTROL_KINDS:
             raise ConfigError(f"--control must be one of {', '.join(CONTROL_KINDS)}, not {self.control!r}")
         if self.drop_mode not in ("group", "mask"):
