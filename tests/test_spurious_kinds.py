@@ -22,7 +22,8 @@ from siftlens.errors import ConfigError
 from siftlens.models import load_backend
 from siftlens.options import build
 from siftlens.shortcuts import DiscoveryConfig, PromptConfig, discover
-from siftlens.shortcuts.discovery.causal import matched_control, paste_patches
+from siftlens.shortcuts.discovery.causal import matched_control, paste_patches, plan_jobs
+from siftlens.shortcuts.discovery.features import Features
 from siftlens.shortcuts.discovery.vocabulary import load_vocabulary
 from siftlens.shortcuts.dropping import network_backend
 from siftlens.shortcuts.groups import read_sidecar
@@ -146,6 +147,42 @@ def test_matched_control_takes_patches_with_the_same_keypoint_counts():
     rand = [matched_control(flag, counts, np.random.default_rng(s), "random") for s in range(20)]
     assert any(sorted(counts[r]) != [3, 5] for r in rand) and all(r.sum() == 2 and not (r & flag).any() for r in rand)
     assert not matched_control(np.zeros(10, bool), counts, np.random.default_rng(0)).any()
+
+
+def _one_image_features(K: int) -> Features:
+    """One 16 x 16 image (a 4 x 4 grid of 4-pixel patches) predicted as class 0: two keypoints of SIFT word 3 near
+    the top-left corner (size 8 and 2) and region word K + 1 on the last patch."""
+    xy = np.array([[5.5, 5.5], [13.5, 1.5], [13.5, 13.5]], np.float32)
+    return Features(
+        names=["a"], indices=np.array([0]), labels=np.array([0]), preds=np.array([0]), probs=np.array([[0.9, 0.1]]),
+        attention=np.full((1, 16), 1 / 16), kp_image=np.zeros(3, np.int64), kp_xy=xy,
+        kp_size=np.array([8.0, 2.0, 4.0], np.float32), kp_patch=np.array([5, 3, 15]),
+        kp_desc=np.zeros((2, 128), np.uint8), words=np.array([3, 3, K + 1]))
+
+
+@pytest.mark.parametrize("extent", ["center", "footprint"])
+def test_causal_check_occludes_a_sift_word_by_its_extent_and_a_region_word_by_its_patch(extent):
+    K = 8
+    f = _one_image_features(K)
+    cands = pd.DataFrame({"class_index": [0, 0], "word": [3, K + 1]})
+    cfg = build(DiscoveryConfig, dict(vocab=K, causal_extent=extent))
+    counts = np.arange(16, dtype=float)  # every patch a different keypoint count: one control per patch
+    sift, region = plan_jobs(f, cands, K + 2, cfg, counts[None], (4, (4, 4)))
+    want = np.zeros((4, 4), bool)
+    if extent == "center":
+        want[1, 1] = want[0, 3] = True  # the patches holding the two centres
+    else:
+        want[0:3, 0:3] = True  # the size-8 square [1.5, 9.5] touches patch columns and rows 0..2
+        want[0, 3] = True  # the size-2 square stays inside its patch
+    np.testing.assert_array_equal(sift.word.reshape(4, 4), want)
+    free = 16 - want.sum()  # the control takes as many other patches as there are, at most the word's count
+    assert sift.control.sum() == min(want.sum(), free) and not (sift.control & sift.word).any()
+    assert np.flatnonzero(region.word).tolist() == [15] and region.control.sum() == 1
+
+
+def test_an_unknown_causal_extent_is_a_clear_error():
+    with pytest.raises(ConfigError, match="--causal-extent must be one of center, footprint"):
+        _discovery_config(causal_extent="box").validate()
 
 
 def test_paste_patches_copies_exactly_the_flagged_patches():

@@ -221,12 +221,17 @@ def parse() -> argparse.Namespace:
                     help="methods not to run, comma-separated of jtt, afr, dfr, repair-blocks, jtt-discovery (a "
                          "later run without it adds them)")
     ap.add_argument("--jtt-control", action="store_true", help="also run JTT on the control (its control cost)")
+    ap.add_argument("--causal-extent", choices=("center", "footprint"), default=None,
+                    help="discovery's occlusion check (`discover --causal-extent`; default: the scale's, center); "
+                         "study_discovery.py --study checks chose it on the validation builds")
+    ap.add_argument("--causal-images", type=int, default=None,
+                    help="images per checked candidate (`discover --causal-images`; default: the scale's)")
     return ap.parse_args()
 
 
 def main() -> None:
     a = parse()
-    cfg = SCALES[a.scale]
+    cfg = with_check(SCALES[a.scale], a.causal_extent, a.causal_images)
     tag = f"{'' if a.scale == 'full' else a.scale + '-'}seed{a.seed}"
     a.work = str(Path(a.work or ROOT / "runs" / f"shortcut-bench-{tag}").resolve())
     # the final table where issue 25 item 6 reads it; the validation and quick runs beside this script
@@ -275,6 +280,12 @@ def main() -> None:
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
         list(pool.map(one, kinds))
     print(f"results: {out}")
+
+
+def with_check(cfg: dict, extent: str | None, images: int | None) -> dict:
+    """The scale's settings with discovery's occlusion check overridden where given."""
+    check = {k: v for k, v in (("causal_extent", extent), ("causal_images", images)) if v is not None}
+    return {**cfg, "discover": {**cfg["discover"], **check}} if check else cfg
 
 
 def annotate(out: Path, validation: Path) -> None:
