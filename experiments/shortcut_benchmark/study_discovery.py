@@ -20,7 +20,11 @@ patch rule puts the marker first for most classes, but for the large marker few 
 word's keypoints sit in one or two of the marker's nine patches, so occluding them leaves the rest of the marker,
 and the effects sit near 0.05 with q just above it on 32 images. The checks are ``--causal-extent`` center (the
 default) or footprint (every patch the keypoints' squares touch, repair's extent) by ``--causal-images`` 32 (the
-default) or 128: one discovery run per check and model, listed default first.
+default) or 128: one discovery run per check and model, listed default first. Outcome
+(``results/discovery-checks-validation-seed0.json``; flagged first / control flagged for glyphs, imagenet, large,
+watermark): center x 32 0/5, 1/0, 1/1, 3/2 (score -3); center x 128 score -11; footprint x 32 3/1, 1/0, 4/3, 4/0
+(score 8, chosen); footprint x 128 score -5. More images per check flag more control classes: they find the
+features the controls really use.
 
     python experiments/shortcut_benchmark/study_discovery.py --encoder experiments/shortcut_benchmark/encoder/model
     python experiments/shortcut_benchmark/study_discovery.py --encoder experiments/shortcut_benchmark/encoder/model \
