@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from siftlens.errors import ConfigError, GeometryError
+from siftlens.keypoints import footprint_patches
 from siftlens.models.native import NativeBackend
 from siftlens.models.vit import ViT, ViTConfig, save_vit
 from siftlens.options import build
 from siftlens.shortcuts import (
     PromptConfig,
-    footprint_patches,
     group_accuracy,
     image_groups,
     prompt,

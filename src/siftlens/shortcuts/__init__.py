@@ -34,7 +34,6 @@ _EXPORTS = {
     "repair": "retraining.head", "RepairConfig": "retraining.head", "RepairResult": "retraining.head",
     "group_accuracy": "groups", "image_groups": "groups", "find_sidecar": "groups", "read_sidecar": "groups",
     "flag_patches": "flags", "word_sets": "flags", "Flags": "flags", "FlagOptions": "flags",
-    "footprint_patches": "flags",
     "jtt": "anchors", "afr": "anchors", "dfr": "anchors", "JTTConfig": "anchors", "AFRConfig": "anchors",
     "DFRConfig": "anchors", "AnchorResult": "anchors",
 }
