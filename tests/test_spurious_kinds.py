@@ -167,7 +167,7 @@ def test_causal_check_occludes_a_sift_word_by_its_extent_and_a_region_word_by_it
     cands = pd.DataFrame({"class_index": [0, 0], "word": [3, K + 1]})
     cfg = build(DiscoveryConfig, dict(vocab=K, causal_extent=extent))
     counts = np.arange(16, dtype=float)  # every patch a different keypoint count: one control per patch
-    sift, region = plan_jobs(f, cands, K + 2, cfg, counts[None], (4, (4, 4)))
+    sift, region = plan_jobs(f, cands, cfg, counts[None], (4, (4, 4)))
     want = np.zeros((4, 4), bool)
     if extent == "center":
         want[1, 1] = want[0, 3] = True  # the patches holding the two centres

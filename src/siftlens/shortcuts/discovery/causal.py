@@ -31,7 +31,7 @@ from ...progress import progress_bar
 from ..interventions import forward_drop
 from .config import DiscoveryConfig
 from .decision import INSERT_COLUMNS, paired_effect, tests_of
-from .features import Features, load_pixels, word_patches
+from .features import Features, load_pixels
 
 
 def patch_counts(f: Features, N: int) -> np.ndarray:
@@ -115,34 +115,26 @@ class Job:
     recipient: int = -1
 
 
-def plan_jobs(f: Features, cands: pd.DataFrame, K: int, cfg: DiscoveryConfig, counts: np.ndarray,
+def plan_jobs(f: Features, cands: pd.DataFrame, cfg: DiscoveryConfig, counts: np.ndarray,
               geometry: tuple[int, tuple[int, int]]) -> list[Job]:
     """Up to ``cfg.causal_images`` donor images per candidate, each with its matched control and, when the
     decision needs the insertion test, a random recipient predicted as another class. counts (n, N): keypoints
     per patch for the matched control; geometry: the model's patch size and (g_h, g_w) grid."""
-    n, N = f.attention.shape
-    ti, tv, tp = word_patches(f, K, N)
     rng = np.random.default_rng(cfg.run.seed + 7)
     pick = np.random.default_rng(cfg.run.seed + 11)  # recipients: a stream of their own, occlusion's is unchanged
     insert = "insert" in tests_of(cfg.causal_test)
     jobs = []
     for lab, r in cands.iterrows():
         c, v = int(r["class_index"]), int(r["word"])
-        sel = tv == v
-        imgs = np.unique(ti[sel])
+        kps = np.flatnonzero(f.words == v)
+        imgs = np.unique(f.kp_image[kps])
         imgs = imgs[f.preds[imgs] == c]
         if len(imgs) > cfg.causal_images:
             imgs = np.sort(rng.choice(imgs, cfg.causal_images, replace=False))
         others = np.flatnonzero(f.preds != c)
-        footprint = cfg.causal_extent == "footprint" and v < cfg.vocab_size  # region words: their own patches
-        kps = np.flatnonzero(f.words == v) if footprint else None
         for i in imgs:
-            if kps is not None:
-                k = kps[f.kp_image[kps] == i]
-                word = keypoint_patches(f.kp_xy[k], f.kp_size[k], *geometry, "footprint")
-            else:
-                word = np.zeros(N, bool)
-                word[tp[sel & (ti == i)]] = True
+            k = kps[f.kp_image[kps] == i]  # a region word's pseudo-keypoint: its patch's centre, size P (one patch)
+            word = keypoint_patches(f.kp_xy[k], f.kp_size[k], *geometry, cfg.causal_extent)
             control = matched_control(word, counts[i], rng, cfg.control)
             recipient = int(pick.choice(others)) if insert and len(others) else -1
             jobs.append(Job(lab, c, int(i), word, control, recipient))
@@ -151,7 +143,7 @@ def plan_jobs(f: Features, cands: pd.DataFrame, K: int, cfg: DiscoveryConfig, co
 
 @torch.inference_mode()
 def causal_check(
-    backend: Backend, source: ImageSource, f: Features, cands: pd.DataFrame, K: int, cfg: DiscoveryConfig,
+    backend: Backend, source: ImageSource, f: Features, cands: pd.DataFrame, cfg: DiscoveryConfig,
     progress: bool = True, texture: Features | None = None,
 ) -> pd.DataFrame:
     """``f``: the features whose words are the candidates (SIFT words, or patch regions); ``texture``: the
@@ -162,7 +154,7 @@ def causal_check(
     ``cands`` rows; with the insertion test also ``insert_rise``, ``insert_control_rise`` (mean rises of
     p(class) in the recipients) and ``insert_effect``, ``insert_lo``, ``insert_hi``, ``insert_p``."""
     N = f.attention.shape[1]
-    jobs = plan_jobs(f, cands, K, cfg, patch_counts(f if texture is None else texture, N),
+    jobs = plan_jobs(f, cands, cfg, patch_counts(f if texture is None else texture, N),
                      (backend.patch_size, tuple(backend.grid_size)))
     res: dict = {lab: {k: [] for k in ("w", "c", "flip", "iw", "ic")} for lab in cands.index}
     bs = max(1, cfg.run.batch_size // 2)

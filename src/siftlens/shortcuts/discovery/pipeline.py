@@ -139,7 +139,7 @@ def discover(
     stats["kp_per_patch"] = tex[stats["class_index"].to_numpy(int) * total + stats["word"].to_numpy(int)]
     checked = causal_candidates(stats, cfg.causal_top)
     if cfg.causal_top > 0 and len(checked):
-        upd = causal_check(backend, source, f, checked, total, cfg, progress, texture=sift_f)
+        upd = causal_check(backend, source, f, checked, cfg, progress, texture=sift_f)
         stats.loc[upd.index, upd.columns] = upd
     decide(stats, cfg.alpha, cfg.min_effect, cfg.causal_test)
     stats, top = rank(stats, class_names, cfg.top)
