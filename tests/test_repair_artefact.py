@@ -224,3 +224,29 @@ def test_retraining_takes_the_network_and_an_altered_folder_fails_in_one_line(re
     (tmp_path / "altered" / SIDECAR).write_text(json.dumps({**side, "words": side["words"][:-1]}))
     with pytest.raises(ModelLoadError, match="altered"):
         load_backend(tmp_path / "altered")
+
+
+def test_repair_leaves_a_model_in_which_discovery_flagged_nothing_unchanged(repaired, tmp_path):
+    """The random model relies on nothing: its discovery flags no candidate, so repair (discovery groups, flagged
+    candidates only) writes the network as it was, without a drop, and says so; sidecar groups still refit."""
+    from siftlens.shortcuts.discovery.vocabulary import load_vocabulary
+
+    root = repaired
+    assert not any(load_vocabulary(root / "disc").flagged.values())  # the premise: nothing flagged
+    before = load_vit(root / "model").state_dict()
+    r = subprocess.run([sys.executable, "-m", "siftlens.cli", "repair", "--model", str(root / "model"), "--images",
+                        str(root / "data"), "--candidates", str(root / "disc"), "--out", str(tmp_path / "r"),
+                        "--iters", "20", "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "no shortcut found" in r.stdout and "left unchanged" in r.stdout
+    rec = json.loads((tmp_path / "r" / "repair.json").read_text())
+    assert rec["unchanged"] is True and rec["images"] == 0 and rec["cells"] == {}
+    after = load_vit(tmp_path / "r" / "model").state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not (tmp_path / "r" / "model" / SIDECAR).exists()
+    assert not isinstance(load_backend(tmp_path / "r" / "model"), DroppedBackend)
+    oracle = repair(str(root / "model"), str(root / "data"),
+                    build(RepairConfig, dict(candidates=str(root / "disc"), groups="sidecar", iters=20, batch_size=8)),
+                    progress=False)
+    assert "unchanged" not in oracle.record and oracle.record["images"] == 20
+    assert not torch.equal(oracle.model.head.weight, before["head.weight"])

@@ -114,6 +114,8 @@ def repair_outcome(res: RepairResult, paths: dict[str, Path]) -> str:
     """What the CLI prints after repair: what was retrained, the accuracy on the fitting images with the shortcut
     dropped (aligned beside conflicting when they hold a markers.json) and the model folder, which carries its drop."""
     s = res.record
+    if s.get("unchanged"):
+        return f"{s['reason']}\nmodel (no drop): {paths['model']}"
     what = f"head and last {s['config']['blocks']} block(s)" if s["config"].get("blocks") else "head"
     al = format_alignment(s.get("alignment_dropped"))
     return (f"{what} retrained on {s['images']} images ({s['flagged_share']:.0%} with flagged patches; "

@@ -25,7 +25,10 @@ training images, as DFR does.
 5. ``dilate = R`` grows the flags of step 1 by R patches, so that the tokens left hold none of a marker that the
    candidates cover only in part. With every block retrained this is what meets the glyph benchmark's targets
    (docs/spurious.md).
-6. The repaired model is one artefact: :meth:`RepairResult.save` writes, into the model folder, the drop the network
+6. Nothing to repair: with ``groups="discovery"`` and no class holding a flagged candidate (discovery's "no shortcut
+   found" for every class), the model is returned as it is, with no drop and ``record["unchanged"]``; a head refitted
+   on a model with no shortcut can only cost it accuracy (docs/spurious.md, section 2b).
+7. The repaired model is one artefact: :meth:`RepairResult.save` writes, into the model folder, the drop the network
    was fitted for (:mod:`siftlens.shortcuts.artefact`: the discovery output, the flag and SIFT options), and
    ``load_backend`` of that folder applies it in the model's forward, as ``prompt --policy drop`` with the same
    ``--top-words``, ``--score-ratio``, ``--extent`` and ``--dilate`` would. A repaired folder given as ``model`` is
@@ -67,6 +70,7 @@ from ..record import config_record
 from .blocks import POOLS, TuneSettings, finetune, frozen_tokens, tuned_predictions
 
 GROUPINGS = ("discovery", "sidecar", "none")
+UNCHANGED = "discovery flagged no candidate in any class (no shortcut found): the model is left unchanged"
 STARTS = ("fit", "old")
 
 
@@ -119,7 +123,7 @@ class RepairResult:
     ``record``, the whole repair.json (config, images, cells, flagged share, accuracy on the fitting images with the
     flagged tokens dropped, overall, per group and aligned beside conflicting, fine-tuning losses with
     ``blocks > 0``, seconds), and ``config``, whose candidates, flag and SIFT options :meth:`save` stores as the
-    model's drop."""
+    model's drop (none when ``record["unchanged"]``: discovery flagged nothing, and the model is as it was)."""
 
     model: torch.nn.Module
     record: dict = field(repr=False)
@@ -150,7 +154,7 @@ class RepairResult:
         """Write ``out/model`` (a siftlens model folder with, from ``config``, its drop: ``shortcut_drop.json`` and
         ``shortcut_discovery.json``, written first) and ``out/repair.json``; returns their paths."""
         out = Path(out)
-        if self.config is not None:
+        if self.config is not None and not self.record.get("unchanged"):
             save_drop(out / "model", self.config.candidates, self.config.flags, self.config.sift)
         save_vit(self.model.cpu(), out / "model", extra={"repair": {k: self.record[k] for k in ("config", "cells")}})
         return {"model": out / "model", "json": write_json(out / "repair.json", self.record)}
@@ -179,8 +183,7 @@ def flagged_batches(backend: Backend, source: ImageSource, vocab: Vocabulary, cf
     ``shortcut`` (B,) the shortcut class (-1: none) and ``index`` (B,) the images' indices in ``source``."""
     if backend.kind != "native":
         raise ConfigError("repair retrains a siftlens ViT (native backend) only")
-    classes = list(backend.class_names or vocab.classes)
-    per_class = word_sets(vocab, cfg.flags.top_words, cfg.flags.score_ratio, classes, cfg.flags.flagged_only)
+    per_class = class_word_sets(backend, vocab, cfg)
     ds = KeypointDataset(source, backend, None, sift_params(backend.input_size, cfg.sift), descriptors=True)
     with progress_bar(progress) as pb, one_cv2_thread_per_worker(cfg.run.workers):
         task = pb.add_task("repair features", total=len(source), info="")
@@ -194,6 +197,12 @@ def flagged_batches(backend: Backend, source: ImageSource, vocab: Vocabulary, cf
             flag, cnt = fl.patches, fl.by_set.sum(2)  # (B, N), (B, C) flagged patches per class
             yield {"x": x, "flag": flag & ~flag.all(1, keepdim=True), "index": np.array([it["index"] for it in items]),
                    "shortcut": np.where(cnt.max(1) > 0, cnt.argmax(1), -1)}
+
+
+def class_word_sets(backend: Backend, vocab: Vocabulary, cfg: RepairConfig) -> list[set[int]]:
+    """The words each of the model's classes flags (one set per class, in the model's order; empty: no shortcut)."""
+    classes = list(backend.class_names or vocab.classes)
+    return word_sets(vocab, cfg.flags.top_words, cfg.flags.score_ratio, classes, cfg.flags.flagged_only)
 
 
 @torch.no_grad()
@@ -279,6 +288,8 @@ def repair(model: str | Backend, images, config: RepairConfig | None = None, *, 
     if source.labels is None or (labels < 0).any():
         raise ConfigError(f"{source.spec!s}: repair needs labelled images named as the model's classes")
     vocab = load_vocabulary(cfg.candidates)
+    if cfg.groups == "discovery" and not any(class_word_sets(backend, vocab, cfg)):
+        return _unchanged(backend, cfg, t0)
     d = dropped_features(backend, source, vocab, cfg, progress)
     y = labels[d["index"]]
     w, cells = group_weights(y, _groups(cfg, source, d, y))
@@ -288,6 +299,13 @@ def repair(model: str | Backend, images, config: RepairConfig | None = None, *, 
     record = {"kind": "siftlens-repair", "config": config_record(cfg), "images": int(len(y)), "cells": cells,
               "flagged_share": float((d["shortcut"] >= 0).mean()), **fit,
               **_accuracy_record(backend, source, d["index"], pred == y, y), "seconds": round(time.time() - t0, 2)}
+    return RepairResult(backend.model.cpu(), record, cfg)
+
+
+def _unchanged(backend: Backend, cfg: RepairConfig, t0: float) -> RepairResult:
+    """The repair of a model in which discovery flagged nothing: the network as it is, without a drop."""
+    record = {"kind": "siftlens-repair", "config": config_record(cfg), "unchanged": True, "reason": UNCHANGED,
+              "images": 0, "cells": {}, "flagged_share": 0.0, "seconds": round(time.time() - t0, 2)}
     return RepairResult(backend.model.cpu(), record, cfg)
 
 
