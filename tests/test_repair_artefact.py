@@ -228,7 +228,8 @@ def test_retraining_takes_the_network_and_an_altered_folder_fails_in_one_line(re
 
 def test_repair_leaves_a_model_in_which_discovery_flagged_nothing_unchanged(repaired, tmp_path):
     """The random model relies on nothing: its discovery flags no candidate, so repair (discovery groups, flagged
-    candidates only) writes the network as it was, without a drop, and says so; sidecar groups still refit."""
+    candidates only) writes the network as it was, without a drop, and says so; sidecar groups still refit, and
+    the refitted folder carries no drop."""
     from siftlens.shortcuts.discovery.vocabulary import load_vocabulary
 
     root = repaired
@@ -250,3 +251,7 @@ def test_repair_leaves_a_model_in_which_discovery_flagged_nothing_unchanged(repa
                     progress=False)
     assert "unchanged" not in oracle.record and oracle.record["images"] == 20
     assert not torch.equal(oracle.model.head.weight, before["head.weight"])
+    assert oracle.record["drop"] is False  # refitted, but with nothing flagged the folder carries no drop
+    oracle.save(tmp_path / "o")
+    assert not (tmp_path / "o" / "model" / SIDECAR).exists()
+    assert not isinstance(load_backend(tmp_path / "o" / "model"), DroppedBackend)

@@ -121,5 +121,12 @@ def repair_outcome(res: RepairResult, paths: dict[str, Path]) -> str:
     return (f"{what} retrained on {s['images']} images ({s['flagged_share']:.0%} with flagged patches; "
             f"groups {s['config']['groups']}, {len(s['cells'])} cells); "
             f"accuracy with the shortcut dropped {s['train_accuracy_dropped']:.3f}" + (f" ({al})" if al else "") + "\n"
-            f"repaired model: {paths['model']} (it drops the shortcut's tokens itself: load_backend and every "
-            f"command use it as it is)")
+            + _model_line(s, paths["model"]))
+
+
+def _model_line(record: dict, model: Path) -> str:
+    """Where the repaired model is, and whether it carries a drop (none when no class flags a candidate)."""
+    if not record.get("drop", True):
+        return f"repaired model: {model} (no drop: no class has a flagged candidate)"
+    return (f"repaired model: {model} (it drops the shortcut's tokens itself: load_backend and every command use it "
+            "as it is)")

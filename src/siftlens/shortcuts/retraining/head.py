@@ -123,7 +123,8 @@ class RepairResult:
     ``record``, the whole repair.json (config, images, cells, flagged share, accuracy on the fitting images with the
     flagged tokens dropped, overall, per group and aligned beside conflicting, fine-tuning losses with
     ``blocks > 0``, seconds), and ``config``, whose candidates, flag and SIFT options :meth:`save` stores as the
-    model's drop (none when ``record["unchanged"]``: discovery flagged nothing, and the model is as it was)."""
+    model's drop (none when no class flags a candidate: ``record["drop"]`` False, or ``record["unchanged"]`` with
+    ``groups="discovery"``, where the model is as it was)."""
 
     model: torch.nn.Module
     record: dict = field(repr=False)
@@ -288,7 +289,8 @@ def repair(model: str | Backend, images, config: RepairConfig | None = None, *, 
     if source.labels is None or (labels < 0).any():
         raise ConfigError(f"{source.spec!s}: repair needs labelled images named as the model's classes")
     vocab = load_vocabulary(cfg.candidates)
-    if cfg.groups == "discovery" and not any(class_word_sets(backend, vocab, cfg)):
+    flagged = any(class_word_sets(backend, vocab, cfg))
+    if cfg.groups == "discovery" and not flagged:
         return _unchanged(backend, cfg, t0)
     d = dropped_features(backend, source, vocab, cfg, progress)
     y = labels[d["index"]]
@@ -298,8 +300,10 @@ def repair(model: str | Backend, images, config: RepairConfig | None = None, *, 
         backend.model.cfg = replace(backend.model.cfg, pool=cfg.pool)
     record = {"kind": "siftlens-repair", "config": config_record(cfg), "images": int(len(y)), "cells": cells,
               "flagged_share": float((d["shortcut"] >= 0).mean()), **fit,
-              **_accuracy_record(backend, source, d["index"], pred == y, y), "seconds": round(time.time() - t0, 2)}
-    return RepairResult(backend.model.cpu(), record, cfg)
+              **_accuracy_record(backend, source, d["index"], pred == y, y), "drop": flagged,
+              "seconds": round(time.time() - t0, 2)}
+    # with no class flagging a word there is nothing to drop: the saved model is the refitted network alone
+    return RepairResult(backend.model.cpu(), record, cfg if flagged else None)
 
 
 def _unchanged(backend: Backend, cfg: RepairConfig, t0: float) -> RepairResult:
