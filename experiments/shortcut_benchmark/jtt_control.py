@@ -20,31 +20,30 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import run
+from tables import control_entry, method_accuracies
 
-SPLITS = ("aligned", "conflicting")
 
-
-def control_scores(kind: str, a: argparse.Namespace, cfg: dict, env: dict) -> dict[str, dict[str, float]]:
-    """ERM's and JTT's overall accuracy on the control model, per split: {"erm"|"jtt": {split: accuracy}}."""
+def control_scores(kind: str, a: argparse.Namespace, cfg: dict, env: dict) -> dict[str, dict]:
+    """ERM's and JTT's accuracies on the control model: {"erm"|"jtt": ``tables.method_accuracies``}."""
     k = run.Kind(kind, a, cfg, env)
     d = k.build()
     erm = k.finetune("control", d["control/train"])
     jtt = k.finetune("control", d["control/train"], ("--identifier", erm, *run.flags(cfg["jtt"])),
                      anchor="jtt-control")
-    files = {m: {s: k.score(model, s, f"{m}-control", d) for s in SPLITS} for m, model in (("erm", erm), ("jtt", jtt))}
-    return {m: {s: json.loads(f.read_text())["before"]["overall"] for s, f in v.items()} for m, v in files.items()}
+    files = {m: {s: k.score(model, s, f"{m}-control", d) for s in ("aligned", "conflicting")}
+             for m, model in (("erm", erm), ("jtt", jtt))}
+    return {m: method_accuracies(files, m, "before") for m in files}
 
 
 def fill(results: dict, scores: dict[str, dict], source: str) -> None:
     """Add JTT's control accuracy and cost to ``results``; refuses when a rebuilt ERM control differs from the run's."""
     for kind, acc in scores.items():
         methods = results["kinds"][kind]["methods"]
-        if acc["erm"] != methods["erm"]["control"]:
-            raise SystemExit(f"{kind}: the rebuilt ERM control {acc['erm']} is not the run's "
+        rebuilt = control_entry(acc["erm"], acc["erm"])["control"]
+        if rebuilt != methods["erm"]["control"]:
+            raise SystemExit(f"{kind}: the rebuilt ERM control {rebuilt} is not the run's "
                              f"{methods['erm']['control']}: nothing written")
-        mean = {m: sum(v.values()) / len(v) for m, v in acc.items()}
-        methods["jtt"].update(control=acc["jtt"], control_cost=round(100 * (mean["erm"] - mean["jtt"]), 2),
-                              control_from=source)
+        methods["jtt"].update(**control_entry(acc["erm"], acc["jtt"]), control_from=source)
 
 
 def main() -> None:

@@ -36,14 +36,22 @@ def _accuracies(path: Path, side: str) -> dict:
     return {"overall": acc["overall"], "worst": acc["worst_group"]["accuracy"], "n": acc["n"]}
 
 
-def _method(files: dict, step: str, side: str) -> dict | None:
+def method_accuracies(files: dict, step: str, side: str) -> dict | None:
+    """{"aligned"| "conflicting": ``_accuracies``} of one step's files (step -> split -> file); None: not run."""
     if step not in files:
         return None
     return {s: _accuracies(files[step][s], side) for s in ("aligned", "conflicting")}
 
 
-def _mean(acc: dict) -> float:
-    return (acc["aligned"]["overall"] + acc["conflicting"]["overall"]) / 2
+def control_entry(erm: dict, method: dict | None) -> dict:
+    """A method's control side: its overall accuracy per split and ``control_cost``, the points (x100) it loses
+    against ``erm`` over the aligned and conflicting images together (both None: not run on the control)."""
+    if method is None:
+        return {"control_cost": None, "control": None}
+    mean = {name: (acc["aligned"]["overall"] + acc["conflicting"]["overall"]) / 2
+            for name, acc in (("erm", erm), ("method", method))}
+    return {"control_cost": round(100 * (mean["erm"] - mean["method"]), 2),
+            "control": {s: method[s]["overall"] for s in ("aligned", "conflicting")}}
 
 
 def discovery_counts(shortcut_json: Path, control_json: Path) -> dict:
@@ -64,18 +72,15 @@ def discovery_counts(shortcut_json: Path, control_json: Path) -> dict:
 def results_block(files: dict[str, dict], encoder_acc: float | None) -> dict:
     """files: build (``shortcut``, ``control``) -> step -> split -> result file (run.py's ``Kind.side``)."""
     methods = {}
-    ctl_erm = _method(files["control"], "erm", "before")
+    ctl_erm = method_accuracies(files["control"], "erm", "before")
     for name, (step, side, label_free) in METHODS.items():
-        sc, ctl = _method(files["shortcut"], step, side), _method(files["control"], step, side)
+        sc = method_accuracies(files["shortcut"], step, side)
         if sc is None:
             continue
         methods[name] = {
             "aligned": sc["aligned"]["overall"], "conflicting": sc["conflicting"]["overall"],
-            "worst_group": sc["conflicting"]["worst"],
-            "control_cost": None if ctl is None else round(100 * (_mean(ctl_erm) - _mean(ctl)), 2),
-            "label_free": label_free,
-            "control": None if ctl is None else {"aligned": ctl["aligned"]["overall"],
-                                                  "conflicting": ctl["conflicting"]["overall"]},
+            "worst_group": sc["conflicting"]["worst"], "label_free": label_free,
+            **control_entry(ctl_erm, method_accuracies(files["control"], step, side)),
             "images": sc["conflicting"]["n"]}
     found = discovery_counts(files["shortcut"]["discovery"]["json"], files["control"]["discovery"]["json"])
     return {"encoder_clean_acc": encoder_acc, "discovery": found, "methods": methods}
