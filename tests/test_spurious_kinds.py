@@ -238,6 +238,85 @@ def test_insertion_without_recipients_tests_nothing_and_flags_nothing(control):
     assert all(res.verdict(c) == "no shortcut found" for c in res.class_names), res.decision
 
 
+@pytest.fixture(scope="module")
+def mixed(colours):
+    """The planted training images plus their conflicting ones (8 per class, carrying another class's marker),
+    labelled: the data a shortcut model is fine-tuned on, where a few images of each class carry another's marker."""
+    import shutil
+
+    root = colours[0]
+    mixed = root / "mixed"
+    if not mixed.exists():
+        shutil.copytree(root / "train", mixed)
+        for p in (root / "conflicting").glob("*/*.png"):
+            shutil.copy(p, mixed / p.parent.name / f"x{p.name}")
+        (mixed / "markers.json").unlink()  # it lists the training images only
+    return mixed
+
+
+@pytest.fixture(scope="module")
+def trained_control(tmp_path_factory):
+    """A tiny ViT *trained* on the control's data (the class in the grey level, every marker in every class): it
+    uses no marker, but occlusion flags its core feature (the region word of a class's background)."""
+    from siftlens.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("trained-control")
+    _write_control(root / "train", np.random.default_rng(1), 40)
+    tc = build(TrainConfig, dict(img_size=32, patch_size=4, dim=32, depth=2, heads=2, epochs=16, batch_size=20,
+                                 lr=3e-3, warmup_epochs=0.5, pad=0, seed=0))
+    train(None, str(root / "train"), tc, progress=False, out=root / "run")
+    return root
+
+
+def test_the_cross_class_test_keeps_the_planted_markers(colours, mixed):
+    """On the planted model, the markers occlusion flags pull the conflicting images of the other classes to their
+    class: occluding them there lowers p(class) far more than the matched control, so the cross-class test keeps
+    them; every flag of ``cross`` is a flag of occlusion alone."""
+    from siftlens.shortcuts.discovery.decision import decide
+
+    root = colours[0]
+    res = discover(str(root / "run" / "model"), str(mixed), _discovery_config(causal_top=10, causal_test="cross"),
+                   progress=False)
+    cand = res.candidates
+    flagged = cand[cand["flagged"].astype(bool)]
+    assert flagged["class"].nunique() >= 2, res.decision
+    assert (flagged["cross_fall"] > 0.1).all() and (flagged["cross_effect"] > 0.1).all(), flagged
+    occl = decide(cand.copy(), 0.05, 0.05, "occlude")["flagged"].to_numpy()
+    assert not (cand["flagged"].to_numpy() & ~occl).any()
+    assert res.decision["causal_test"] == "cross" and "labelled as another class" in res.decision["test"]
+
+
+def test_the_cross_class_test_drops_a_core_feature_that_occlusion_flags(trained_control):
+    """The trained control's background region word lowers p(class) when occluded in its own class (occlusion
+    flags it), but it also lies in the other classes' images, and there occluding it does not lower p(class):
+    tested on that data, not flagged, so the classes read "no shortcut found"."""
+    from siftlens.shortcuts.discovery.decision import decide
+
+    root = trained_control
+    model, images = str(root / "run" / "model"), str(root / "train")
+    occl = discover(model, images, _discovery_config(causal_top=10), progress=False)
+    core = occl.candidates[occl.candidates["flagged"].astype(bool)]
+    assert len(core), occl.decision
+    cross = discover(model, images, _discovery_config(causal_top=10, causal_test="cross"), progress=False)
+    # the occlusion test itself is the same (its random stream is untouched; batches differ in the last bits)
+    np.testing.assert_allclose(cross.candidates["effect"], occl.candidates["effect"], atol=1e-6)
+    assert (decide(cross.candidates.copy())["flagged"] == occl.candidates["flagged"]).all()
+    c = cross.candidates.set_index(["class", "word"]).loc[list(zip(core["class"], core["word"], strict=True))]
+    assert c["cross_p"].notna().all() and (c["cross_effect"] < 0.05).all(), c
+    assert not cross.candidates["flagged"].any()
+    assert all(cross.verdict(k) == "no shortcut found" for k in cross.class_names), cross.decision
+
+
+def test_the_cross_class_test_needs_labels(trained_control, tmp_path):
+    import shutil
+
+    for p in sorted((trained_control / "train").glob("*/*.png"))[::10]:
+        shutil.copy(p, tmp_path / f"{p.parent.name}-{p.name}")
+    with pytest.raises(ConfigError, match="--causal-test cross needs labelled images"):
+        discover(str(trained_control / "run" / "model"), str(tmp_path), _discovery_config(causal_test="cross"),
+                 progress=False)
+
+
 def _texture_words(res, tex):
     """Words (SIFT or region) whose keypoints lie at least half inside the checker planted in every image."""
     f = res.features

@@ -13,7 +13,11 @@ seeded), how much do they raise p(class), against the same matched control patch
 recipient? Occlusion is weak for a fine-tuned encoder whose core features also predict the class: on an
 aligned image, removing the marker leaves the object, and p(class) barely moves. Insertion measures the marker
 where nothing else supports the class, and a word the model does not use for the class raises it no more
-than its control."""
+than its control.
+
+The cross-class test (``causal_test`` ``cross``) occludes the same way, on images *labelled* as another class
+that hold the word, and records the fall of p(class) there against the same kind of matched control (a flag
+needs it as well as occlusion; :mod:`~siftlens.shortcuts.discovery.decision`)."""
 
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from ...models.backend import Backend
 from ...progress import progress_bar
 from ..interventions import forward_drop
 from .config import DiscoveryConfig
-from .decision import INSERT_COLUMNS, paired_effect, tests_of
+from .decision import CROSS_COLUMNS, INSERT_COLUMNS, paired_effect, tests_of
 from .features import Features, load_pixels
 
 
@@ -103,9 +107,10 @@ def occlude_probs(
 
 @dataclass
 class Job:
-    """One image of one checked candidate: the candidate's row label, its class, the donor image (a feature row
-    predicted as the class and holding the word), the word's patches and their matched control (N,) bool, and
-    the recipient of the insertion test (a feature row predicted as another class; -1 when not inserting)."""
+    """One image of one checked candidate: the candidate's row label, its class, the image (a feature row holding
+    the word: predicted as the class, or with ``cross`` labelled as another class), the word's patches and their
+    matched control (N,) bool, and the recipient of the insertion test (a feature row predicted as another class;
+    -1 when not inserting)."""
 
     label: object
     cls: int
@@ -113,32 +118,51 @@ class Job:
     word: np.ndarray
     control: np.ndarray
     recipient: int = -1
+    cross: bool = False
 
 
 def plan_jobs(f: Features, cands: pd.DataFrame, cfg: DiscoveryConfig, counts: np.ndarray,
               geometry: tuple[int, tuple[int, int]]) -> list[Job]:
     """Up to ``cfg.causal_images`` donor images per candidate, each with its matched control and, when the
-    decision needs the insertion test, a random recipient predicted as another class. counts (n, N): keypoints
-    per patch for the matched control; geometry: the model's patch size and (g_h, g_w) grid."""
-    rng = np.random.default_rng(cfg.run.seed + 7)
-    pick = np.random.default_rng(cfg.run.seed + 11)  # recipients: a stream of their own, occlusion's is unchanged
-    insert = "insert" in tests_of(cfg.causal_test)
+    decision needs the insertion test, a random recipient predicted as another class; with the cross-class test
+    also up to ``cfg.causal_images`` images labelled as another class that hold the word. counts (n, N):
+    keypoints per patch for the matched control; geometry: the model's patch size and (g_h, g_w) grid."""
+    rngs = (np.random.default_rng(cfg.run.seed + 7),  # donors and their controls
+            np.random.default_rng(cfg.run.seed + 11),  # recipients: a stream of their own, occlusion's is unchanged
+            np.random.default_rng(cfg.run.seed + 13))  # the cross-class images: likewise
     jobs = []
     for lab, r in cands.iterrows():
-        c, v = int(r["class_index"]), int(r["word"])
-        kps = np.flatnonzero(f.words == v)
-        imgs = np.unique(f.kp_image[kps])
-        imgs = imgs[f.preds[imgs] == c]
-        if len(imgs) > cfg.causal_images:
-            imgs = np.sort(rng.choice(imgs, cfg.causal_images, replace=False))
-        others = np.flatnonzero(f.preds != c)
-        for i in imgs:
-            k = kps[f.kp_image[kps] == i]  # a region word's pseudo-keypoint: its patch's centre, size P (one patch)
-            word = keypoint_patches(f.kp_xy[k], f.kp_size[k], *geometry, cfg.causal_extent)
-            control = matched_control(word, counts[i], rng, cfg.control)
-            recipient = int(pick.choice(others)) if insert and len(others) else -1
-            jobs.append(Job(lab, c, int(i), word, control, recipient))
+        jobs += _candidate_jobs(f, lab, int(r["class_index"]), int(r["word"]), cfg, counts, geometry, rngs)
     return jobs
+
+
+def _candidate_jobs(f: Features, lab, c: int, v: int, cfg: DiscoveryConfig, counts: np.ndarray,
+                    geometry: tuple[int, tuple[int, int]], rngs: tuple[np.random.Generator, ...]) -> list[Job]:
+    """The jobs of one candidate (class ``c``, word ``v``; row label ``lab``): see :func:`plan_jobs`."""
+    rng, pick, xrng = rngs
+    tests = tests_of(cfg.causal_test)
+    kps = np.flatnonzero(f.words == v)
+    holding = np.unique(f.kp_image[kps])
+    others = np.flatnonzero(f.preds != c)
+
+    def job(i: int, r: np.random.Generator, **kw) -> Job:
+        k = kps[f.kp_image[kps] == i]  # a region word's pseudo-keypoint: its patch's centre, size P (one patch)
+        word = keypoint_patches(f.kp_xy[k], f.kp_size[k], *geometry, cfg.causal_extent)
+        return Job(lab, c, int(i), word, matched_control(word, counts[i], r, cfg.control), **kw)
+
+    jobs = []
+    for i in _sample(holding[f.preds[holding] == c], cfg.causal_images, rng):
+        recipient = int(pick.choice(others)) if "insert" in tests and len(others) else -1
+        jobs.append(job(i, rng, recipient=recipient))
+    if "cross" in tests:
+        labelled = holding[(f.labels[holding] >= 0) & (f.labels[holding] != c)]
+        jobs += [job(i, xrng, cross=True) for i in _sample(labelled, cfg.causal_images, xrng)]
+    return jobs
+
+
+def _sample(rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``n`` of ``rows``, drawn without replacement and sorted (all of them when there are no more)."""
+    return np.sort(rng.choice(rows, n, replace=False)) if len(rows) > n else rows
 
 
 @torch.inference_mode()
@@ -156,7 +180,7 @@ def causal_check(
     N = f.attention.shape[1]
     jobs = plan_jobs(f, cands, cfg, patch_counts(f if texture is None else texture, N),
                      (backend.patch_size, tuple(backend.grid_size)))
-    res: dict = {lab: {k: [] for k in ("w", "c", "flip", "iw", "ic")} for lab in cands.index}
+    res: dict = {lab: {k: [] for k in ("w", "c", "flip", "iw", "ic", "xw", "xc")} for lab in cands.index}
     bs = max(1, cfg.run.batch_size // 2)
     cache: dict[int, np.ndarray] = {}
 
@@ -177,9 +201,11 @@ def causal_check(
                               cfg.occlude, cfg.drop_mode)
             for k, j in enumerate(chunk):
                 base = float(f.probs[j.image, j.cls])
-                res[j.label]["w"].append(base - p[k])
-                res[j.label]["c"].append(base - p[len(chunk) + k])
-                res[j.label]["flip"].append(p[k] < 0.5 * base)
+                w, c = ("xw", "xc") if j.cross else ("w", "c")
+                res[j.label][w].append(base - p[k])
+                res[j.label][c].append(base - p[len(chunk) + k])
+                if not j.cross:
+                    res[j.label]["flip"].append(p[k] < 0.5 * base)
             insert_rises(backend, f, [(k, j) for k, j in enumerate(chunk) if j.recipient >= 0], px, pixels, res)
             if len(cache) > 4096:
                 cache.clear()
@@ -226,5 +252,13 @@ def summarise(cands: pd.DataFrame, res: dict, seed: int) -> pd.DataFrame:
             out.loc[lab, "insert_control_rise"] = ic.mean()
             eff = paired_effect(iw - ic, seed=seed + 1001 + 2 * k, alpha=0.05)
             for col, name in zip(("effect", "effect_lo", "effect_hi", "p"), INSERT_COLUMNS, strict=True):
+                out.loc[lab, name] = eff[col]
+        xw, xc = np.asarray(res[lab]["xw"]), np.asarray(res[lab]["xc"])
+        if len(xw):
+            out.loc[lab, "cross_fall"] = xw.mean()
+            out.loc[lab, "cross_control_fall"] = xc.mean()
+            # a control that raises p(class) removed the label's own evidence, not the class's: it counts as no fall
+            eff = paired_effect(xw - np.maximum(xc, 0.0), seed=seed + 5000 + k, alpha=0.05)
+            for col, name in zip(("effect", "effect_lo", "effect_hi", "p"), CROSS_COLUMNS, strict=True):
                 out.loc[lab, name] = eff[col]
     return out

@@ -44,7 +44,10 @@ class DiscoveryConfig:
     causal_test: str = option("occlude", "What a flag is decided on: occlude (the fall of p(class) with the "
                                          "candidate's patches occluded, against matched control patches), insert "
                                          "(the rise of p(class) with them pasted into images predicted as other "
-                                         "classes, against pasted control patches) or both (a flag needs both).")
+                                         "classes, against pasted control patches), both (a flag needs both) or "
+                                         "cross (occlude, confirmed by the same occlusion on the images labelled "
+                                         "as other classes that hold the word: a shortcut pulls them to the "
+                                         "class, a core feature rarely does; needs labels).")
     control: str = option("matched", "Causal check's control patches: matched (same keypoint counts as the "
                                      "candidate's patches) or random.")
     alpha: float = option(0.05, "Flag a checked candidate only when its Benjamini-Hochberg q (over every candidate "

@@ -26,6 +26,18 @@ predicted as another class, minus the rise when the matched control patches are 
 ``insert_lo``, ``insert_hi`` and ``insert_p``. With ``--causal-test both`` a candidate is flagged only when both
 tests pass: ``q`` is then the larger of the two BH q-values (an intersection-union test, still at level alpha).
 
+The cross-class test (``--causal-test cross``) confirms an occlusion flag on *labelled* images of the other
+classes. Occlusion measures images predicted as c, so it cannot tell a shortcut from a feature the class really
+has (a wheel of a car): both lower p(c) when occluded. The two differ where the word appears in an image whose
+label is another class: a shortcut pulls that image towards c (the conflicting errors of a shortcut model), a
+core feature of c rarely overrides another class's evidence. So for images labelled c' != c that hold v, the same
+paired difference (fall of p(c) with v's patches occluded minus the fall with matched control patches occluded,
+where a control that *raises* p(c) counts as no fall: in another class's image the control patches can remove that
+class's own evidence, which lifts p(c) and would credit any word with an effect; so this test is conservative)
+gives ``cross_effect``, ``cross_lo``, ``cross_hi`` and ``cross_p``, and a flag needs both tests (q the larger, both
+effects at least ``min_effect``). It needs labels, and images of other classes that carry the word: a word seen
+only in its own class cannot be confirmed (nothing in labelled data tells such a shortcut from a core feature).
+
 With fewer than :data:`MIN_IMAGES` images the interval, p and q are empty (NaN) and the candidate is not flagged.
 A class with no flagged candidate has "no shortcut found" (:data:`NO_SHORTCUT`).
 """
@@ -51,12 +63,17 @@ TEST = {  # the decision's test, as discovery.json records it, per --causal-test
               f"into an image predicted as another class - rise with the matched control patches pasted), {_STATS}",
     "both": f"both paired sign-flip tests (occlusion and insertion), {_STATS} within each; flagged when both pass "
             f"(q: the larger)",
+    "cross": f"paired sign-flip tests of the per-image differences (word occluded - matched control occluded) on the "
+             f"images predicted as the class and, again, on the images labelled as another class that hold the word, "
+             f"{_STATS} within each; flagged when both pass (q: the larger)",
 }
 COLUMNS = ("effect", "effect_lo", "effect_hi", "p", "q", "flagged")
 INSERT_COLUMNS = ("insert_effect", "insert_lo", "insert_hi", "insert_p")
+CROSS_COLUMNS = ("cross_effect", "cross_lo", "cross_hi", "cross_p")
 # the columns each causal test decides on: (p-value, effect)
-TEST_COLUMNS = {"occlude": ("p", "effect"), "insert": ("insert_p", "insert_effect")}
-CAUSAL_TESTS = ("occlude", "insert", "both")
+TEST_COLUMNS = {"occlude": ("p", "effect"), "insert": ("insert_p", "insert_effect"),
+                "cross": ("cross_p", "cross_effect")}
+CAUSAL_TESTS = ("occlude", "insert", "both", "cross")
 
 
 def sign_flip_p(d) -> float:
@@ -89,8 +106,8 @@ def paired_effect(d, seed: int = 0, n_boot: int = N_BOOT, alpha: float = 0.05) -
 
 
 def tests_of(test: str) -> tuple[str, ...]:
-    """The causal tests a decision needs: ``occlude``, ``insert`` or both."""
-    return ("occlude", "insert") if test == "both" else (test,)
+    """The causal tests a decision needs: ``occlude``, ``insert``, both, or ``occlude`` and ``cross``."""
+    return {"both": ("occlude", "insert"), "cross": ("occlude", "cross")}.get(test, (test,))
 
 
 def decide(stats: pd.DataFrame, alpha: float = 0.05, min_effect: float = 0.05, test: str = "occlude"
@@ -98,7 +115,8 @@ def decide(stats: pd.DataFrame, alpha: float = 0.05, min_effect: float = 0.05, t
     """Add ``q`` (BH over every row with a p-value: every candidate tested in the run) and ``flagged``
     (``q < alpha`` and ``effect >= min_effect``) to ``stats`` (in place; returned). ``test``: ``occlude``
     decides on ``p`` and ``effect``, ``insert`` on ``insert_p`` and ``insert_effect``, ``both`` on both (``q``
-    the larger of the two q-values, and both effects at least ``min_effect``)."""
+    the larger of the two q-values, and both effects at least ``min_effect``), ``cross`` likewise on occlusion's
+    and the cross-class test's columns."""
     q = np.zeros(len(stats))
     big = np.ones(len(stats), bool)
     for t in tests_of(test):
@@ -119,7 +137,9 @@ def claim_text(r: dict, test: str, fmt=_number) -> str:
     ``insertion 0.20 [0.15, 0.26]``, or both; ``r`` a candidate row as a dict, ``fmt`` formats one number."""
     parts = {"occlude": f"effect {fmt(r['effect'])} [{fmt(r['effect_lo'])}, {fmt(r['effect_hi'])}]",
              "insert": f"insertion {fmt(r.get('insert_effect'))} [{fmt(r.get('insert_lo'))}, "
-                       f"{fmt(r.get('insert_hi'))}]"}
+                       f"{fmt(r.get('insert_hi'))}]",
+             "cross": f"other classes {fmt(r.get('cross_effect'))} [{fmt(r.get('cross_lo'))}, "
+                      f"{fmt(r.get('cross_hi'))}]"}
     return ", ".join(parts[t] for t in tests_of(test))
 
 

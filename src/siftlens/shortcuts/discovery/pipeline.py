@@ -119,6 +119,9 @@ def discover(
         boxes = read_boxes(boxes)
     sift = sift_params(backend.input_size, cfg.sift)
     f = extract_features(backend, source, cfg, sift, boxes, progress)
+    if cfg.causal_test == "cross" and not (f.labels >= 0).any():
+        raise ConfigError("--causal-test cross needs labelled images (class folders, or a dataset with labels) "
+                          "named as the model's classes")
     if len(f.kp_desc) == 0:
         raise ConfigError("no SIFT keypoints in any image; discovery needs keypoints (try a larger --upsample)")
     k = cfg.vocab_size

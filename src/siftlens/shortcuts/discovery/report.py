@@ -55,6 +55,9 @@ INSERT_NOTE = {  # --causal-test insert or both: what the insertion test adds to
     "both": " This run also runs the <strong>insertion</strong> test (the rise of p(class) with the word's patches "
             "pasted into an image predicted as another class, minus the rise with the matched control patches "
             "pasted): a flag needs both tests, and q is the larger of the two.",
+    "cross": " This run also runs the <strong>cross-class</strong> test: the same paired difference on images "
+             "<em>labelled</em> as another class that hold the word (a shortcut pulls them to the class, a core "
+             "feature of the class rarely does): a flag needs both tests, and q is the larger of the two.",
 }
 
 
