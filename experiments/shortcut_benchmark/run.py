@@ -229,12 +229,14 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--causal-test", choices=("occlude", "cross"), default=None,
                     help="what discovery's flags are decided on (`discover --causal-test`; default occlude); cross "
                          "also asks occlusion to lower p(class) in other classes' labelled images (session 16)")
+    ap.add_argument("--cross-select", choices=("random", "pulled"), default=None,
+                    help="the cross-class test's images (`discover --cross-select`; default random)")
     return ap.parse_args()
 
 
 def main() -> None:
     a = parse()
-    cfg = with_check(SCALES[a.scale], a.causal_extent, a.causal_images, a.causal_test)
+    cfg = with_check(SCALES[a.scale], a.causal_extent, a.causal_images, a.causal_test, a.cross_select)
     tag = f"{'' if a.scale == 'full' else a.scale + '-'}seed{a.seed}"
     a.work = str(Path(a.work or ROOT / "runs" / f"shortcut-bench-{tag}").resolve())
     # the final table where issue 25 item 6 reads it; the validation and quick runs beside this script
@@ -285,10 +287,12 @@ def main() -> None:
     print(f"results: {out}")
 
 
-def with_check(cfg: dict, extent: str | None, images: int | None, test: str | None = None) -> dict:
-    """The scale's settings with discovery's causal check (extent, images, decision test) overridden where given."""
-    check = {k: v for k, v in (("causal_extent", extent), ("causal_images", images), ("causal_test", test))
-             if v is not None}
+def with_check(cfg: dict, extent: str | None, images: int | None, test: str | None = None,
+               cross_select: str | None = None) -> dict:
+    """The scale's settings with discovery's causal check (extent, images, decision test, cross-class images)
+    overridden where given."""
+    check = {k: v for k, v in (("causal_extent", extent), ("causal_images", images), ("causal_test", test),
+                               ("cross_select", cross_select)) if v is not None}
     return {**cfg, "discover": {**cfg["discover"], **check}} if check else cfg
 
 

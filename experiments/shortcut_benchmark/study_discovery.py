@@ -30,6 +30,14 @@ features the controls really use.
     python experiments/shortcut_benchmark/study_discovery.py --encoder experiments/shortcut_benchmark/encoder/model \
         --study checks
 
+``--study cross`` (session 16) asks whether the cross-class test (``discover --causal-test cross``) with its
+images chosen as ``--cross-select pulled`` should decide, with the same score and rule as run.py's session-16
+validation (README, "The cross-class test"): adopted if its score is at least occlusion's minus 2. One discovery
+per model computes both; occlusion is read off the same candidates. It runs on run.py's full-scale seed-0 folder:
+
+    python experiments/shortcut_benchmark/study_discovery.py --encoder experiments/shortcut_benchmark/encoder/model \
+        --study cross --scale full --work runs/cf-validation-seed0-full --causal-extent footprint
+
 The builds and ERM models are run.py's (same work folder, so either script reuses the other's steps).
 """
 
@@ -57,6 +65,7 @@ from siftlens.shortcuts.discovery.decision import decide  # noqa: E402
 from siftlens.shortcuts.groups import find_sidecar, read_sidecar  # noqa: E402
 
 RULES = [(test, m) for test in ("occlude", "insert", "both") for m in (0.05, 0.02, 0.1)]
+CROSS_RULES = [("occlude", 0.05), ("cross", 0.05)]
 CHECKS = [(extent, images) for extent in ("center", "footprint") for images in (32, 128)]
 
 
@@ -92,13 +101,17 @@ def discover_on(kind: Kind, erm: Path, images: Path, folder: str, **config):
     return res
 
 
-def study_kind(kind: Kind, study: str) -> dict:
+def study_kind(kind: Kind, study: str, extent: dict | None = None) -> dict:
     """Per side (shortcut model, control): ``rules``, discovery once with both tests and every rule applied to its
-    candidates; ``checks``, one discovery per check of :data:`CHECKS` under the default rule."""
+    candidates; ``checks``, one discovery per check of :data:`CHECKS` under the default rule; ``cross``, discovery
+    once with the cross-class test on pulled images, and occlusion alone and the cross rule applied to its
+    candidates. ``extent``: ``{"causal_extent": ...}`` where given."""
+    extent = extent or {}
     d = kind.build()
     out = {}
     for side in RHO:
-        done = kind.work / (f"study-{side}.json" if study == "rules" else f"study-checks-{side}.json")
+        done = kind.work / {"rules": f"study-{side}.json", "checks": f"study-checks-{side}.json",
+                            "cross": f"study-cross-{side}.json"}[study]
         if done.exists():
             out[side] = json.loads(done.read_text())
             continue
@@ -108,6 +121,10 @@ def study_kind(kind: Kind, study: str) -> dict:
         if study == "rules":
             res = discover_on(kind, erm, images, f"study-discover-{side}", causal_test="both")
             out[side] = counts_per_rule(res, sidecar)
+        elif study == "cross":
+            res = discover_on(kind, erm, images, f"study-cross-{side}", causal_test="cross", cross_select="pulled",
+                              **extent)
+            out[side] = counts_per_rule(res, sidecar, CROSS_RULES)
         else:
             out[side] = {}
             for extent, n in CHECKS:
@@ -140,12 +157,26 @@ def choose(table: dict) -> str:
     return min(enumerate(table.items()), key=key)[1][0]
 
 
+def score(per: dict) -> int:
+    """Sum over kinds of (classes flagged first on the marker) minus (control classes flagged)."""
+    return sum(v["shortcut_rank1"] - v["control_flagged"] for v in per.values())
+
+
+def adopt_cross(table: dict) -> str:
+    """The session-16 rule, written before its runs: the cross rule if its score is at least occlusion's minus 2 (the
+    seed-0 controls have no occlusion flag to remove; 2 classes is the price set for the finals' false flags)."""
+    occl, cross = (rule_name(*r) for r in CROSS_RULES)
+    return cross if score(table[cross]) >= score(table[occl]) - 2 else occl
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encoder", required=True)
-    ap.add_argument("--study", choices=("rules", "checks"), default="rules",
+    ap.add_argument("--study", choices=("rules", "checks", "cross"), default="rules",
                     help="rules: the decision rule (causal test, minimum effect); checks: the occlusion check (extent, "
-                         "images per candidate)")
+                         "images per candidate); cross: the cross-class test on pulled images")
+    ap.add_argument("--work", default=None, help="working folder (default runs/shortcut-bench-<scale>-seed<seed>)")
+    ap.add_argument("--causal-extent", choices=("center", "footprint"), default=None)
     ap.add_argument("--seed", type=int, default=0, help="the validation seed (never the final's)")
     ap.add_argument("--scale", choices=SCALES, default="validation")
     ap.add_argument("--kinds", default=",".join(KINDS))
@@ -156,7 +187,7 @@ def main() -> None:
         raise SystemExit("seed 2 is the final run's: study on a validation seed")
     torch.set_num_threads(a.threads)
     tag = f"{'' if a.scale == 'full' else a.scale + '-'}seed{a.seed}"
-    a.work = str(ROOT / "runs" / f"shortcut-bench-{tag}")
+    a.work = str(Path(a.work).resolve() if a.work else ROOT / "runs" / f"shortcut-bench-{tag}")
     a.cifar = str(ROOT.parent / "shared" / "data" / "cifar10-jpg.zip")
     a.cifar_root, a.device, a.jobs = f"{a.cifar}/cifar10", "cpu", 1
     a.kind_options = KINDS
@@ -166,8 +197,13 @@ def main() -> None:
         from spurious import imagenet_markers
         imagenet_markers(str(ROOT.parent / "shared" / "data" / "imagenet-samples-dev.zip"),
                          Path(a.work) / "imagenet-markers", a.seed)
-    per_kind = {k: study_kind(Kind(k, a, SCALES[a.scale], env), a.study) for k in a.kinds.split(",")}
-    if a.study == "rules":
+    extent = {"causal_extent": a.causal_extent} if a.causal_extent else {}
+    per_kind = {k: study_kind(Kind(k, a, SCALES[a.scale], env), a.study, extent) for k in a.kinds.split(",")}
+    if a.study == "cross":
+        names = [rule_name(*r) for r in CROSS_RULES]
+        table = summary(per_kind, names, lambda side, name: side["rules"][name])
+        what = "the cross-class test (pulled images) against occlusion alone on validation builds (issue 25)"
+    elif a.study == "rules":
         names = [rule_name(*r) for r in RULES]
         table = summary(per_kind, names, lambda side, name: side["rules"][name])
         what = "discovery's decision rule on validation builds (issue 25)"
@@ -175,14 +211,15 @@ def main() -> None:
         names = [check_name(*c) for c in CHECKS]
         table = summary(per_kind, names, lambda side, name: side[name]["rules"][rule_name("occlude", 0.05)])
         what = "discovery's occlusion check (extent, images per candidate) on validation builds (issue 25)"
-    prefix = "discovery-study" if a.study == "rules" else "discovery-checks"
+    chosen = adopt_cross(table) if a.study == "cross" else choose(table)
+    prefix = {"rules": "discovery-study", "checks": "discovery-checks", "cross": "discovery-cross"}[a.study]
     out = Path(a.out or HERE / "results" / f"{prefix}-{tag}.json")
     write(out, {"study": what, "seed": a.seed, "scale": a.scale, "encoder": a.encoder,
-                "encoder_clean_acc": encoder_accuracy(a.encoder), "rules" if a.study == "rules" else "checks": names,
-                "chosen": choose(table), "table": table, "per_kind": per_kind})
+                "encoder_clean_acc": encoder_accuracy(a.encoder), "checks" if a.study == "checks" else "rules": names,
+                "chosen": chosen, "table": table, "per_kind": per_kind})
     for name, per in table.items():
         print(f"{name:14s} " + "  ".join(f"{k} {v['shortcut_rank1']}/{v['control_flagged']}" for k, v in per.items()))
-    print(f"chosen: {choose(table)}\nresults: {out}")
+    print(f"chosen: {chosen}\nresults: {out}")
 
 
 if __name__ == "__main__":

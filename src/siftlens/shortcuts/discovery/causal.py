@@ -156,7 +156,11 @@ def _candidate_jobs(f: Features, lab, c: int, v: int, cfg: DiscoveryConfig, coun
         jobs.append(job(i, rng, recipient=recipient))
     if "cross" in tests:
         labelled = holding[(f.labels[holding] >= 0) & (f.labels[holding] != c)]
-        jobs += [job(i, xrng, cross=True) for i in _sample(labelled, cfg.causal_images, xrng)]
+        if cfg.cross_select == "pulled":  # the images the model leans most towards c
+            picked = np.sort(labelled[np.argsort(-f.probs[labelled, c], kind="stable")[: cfg.causal_images]])
+        else:
+            picked = _sample(labelled, cfg.causal_images, xrng)
+        jobs += [job(i, xrng, cross=True) for i in picked]
     return jobs
 
 

@@ -12,6 +12,7 @@ from .decision import CAUSAL_TESTS
 ATTENTION_KINDS = ("last", "rollout")
 OCCLUDE_KINDS = ("drop", "mean")
 CONTROL_KINDS = ("matched", "random")
+CROSS_SELECT = ("random", "pulled")
 
 
 @dataclass
@@ -48,6 +49,9 @@ class DiscoveryConfig:
                                          "cross (occlude, confirmed by the same occlusion on the images labelled "
                                          "as other classes that hold the word: a shortcut pulls them to the "
                                          "class, a core feature rarely does; needs labels).")
+    cross_select: str = option("random", "Cross-class test's images, of the other classes' labelled images that "
+                                         "hold the word: random, or pulled (those with the highest p(class), "
+                                         "where a shortcut shows: a word common in every class is not diluted).")
     control: str = option("matched", "Causal check's control patches: matched (same keypoint counts as the "
                                      "candidate's patches) or random.")
     alpha: float = option(0.05, "Flag a checked candidate only when its Benjamini-Hochberg q (over every candidate "
@@ -66,6 +70,8 @@ class DiscoveryConfig:
             raise ConfigError(f"--causal-test must be one of {', '.join(CAUSAL_TESTS)}, not {self.causal_test!r}")
         if self.causal_extent not in EXTENTS:
             raise ConfigError(f"--causal-extent must be one of {', '.join(EXTENTS)}, not {self.causal_extent!r}")
+        if self.cross_select not in CROSS_SELECT:
+            raise ConfigError(f"--cross-select must be one of {', '.join(CROSS_SELECT)}, not {self.cross_select!r}")
         if self.control not in CONTROL_KINDS:
             raise ConfigError(f"--control must be one of {', '.join(CONTROL_KINDS)}, not {self.control!r}")
         if self.drop_mode not in ("group", "mask"):

@@ -1,0 +1,88 @@
+"""Discovery's counts under each decision rule, read off one run's saved candidates (session 16).
+
+``discover --causal-test cross`` runs the occlusion check unchanged and adds the cross-class test, so the
+occlusion-only rule can be applied to the same candidates (:func:`siftlens.shortcuts.discovery.decision.decide`).
+Per kind this prints and writes, for ``occlude`` and ``cross``: on the shortcut model, the classes whose first
+flagged candidate lies on the class's marker (the patch rule), and on the control, the classes with any flag.
+
+The patch rule needs every candidate's share of patches on its marker, and discovery.json keeps it for the top 5
+ranks only (``evaluation.patch_rule.on_marker``) with the best credited rank (``ranks``). A first flag ranked
+above the best credited one is off the marker, one at that rank is on it, one in the top 5 is read off
+``on_marker``; anything else is counted as unknown (none occurred where it is reported). For the rule the run
+decided on, the result is checked against the run's own evaluation (``flagged_first_on_marker``).
+
+    python experiments/shortcut_benchmark/compare_rules.py --work runs/cf-validation-seed0-full \
+        --out experiments/shortcut_benchmark/results/rules-validation-seed0-cross.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import write  # noqa: E402
+
+from siftlens.shortcuts.discovery.decision import decide  # noqa: E402
+
+KINDS = ("glyphs", "imagenet", "large", "watermark")
+RULES = ("occlude", "cross")
+
+
+def first_flag_on_marker(cands: pd.DataFrame, patch_rule: dict) -> dict:
+    """class -> True / False (first flagged candidate on / off the class's marker), None (no flag), or "unknown"."""
+    out: dict = {}
+    for c, rows in cands[cands["rank"].notna()].groupby("class"):
+        fl = rows[rows["flagged"].astype(bool)].sort_values("rank")
+        if not len(fl):
+            out[c] = None
+            continue
+        r, best = int(fl["rank"].iloc[0]), patch_rule["ranks"].get(c)
+        share = patch_rule["on_marker"].get(c, [])
+        if best is not None and r <= best:
+            out[c] = r == best
+        elif r <= len(share):
+            out[c] = share[r - 1] >= 0.5
+        else:
+            out[c] = False if best is None else "unknown"
+    return out
+
+
+def counts(folder: Path, rule: str) -> dict:
+    """One discovery folder under ``rule``: flags per class and, where the patch rule was evaluated, on-marker."""
+    d = json.loads((folder / "discovery.json").read_text())
+    cands = decide(pd.read_csv(folder / "candidates.csv"), d["decision"]["alpha"], d["decision"]["min_effect"], rule)
+    per = first_flag_on_marker(cands, d["evaluation"]["patch_rule"])
+    if rule == d["decision"]["causal_test"] and per != d["evaluation"]["patch_rule"]["flagged_first_on_marker"]:
+        raise SystemExit(f"{folder}: the counts read off the candidates differ from the run's own evaluation")
+    return {"flagged_classes": sum(v is not None for v in per.values()),
+            "first_on_marker": sum(v is True for v in per.values()),
+            "unknown": sum(v == "unknown" for v in per.values()), "per_class": per}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", required=True, help="run.py's working folder (discover-shortcut, discover-control)")
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    a = ap.parse_args()
+    table: dict = {}
+    for rule in RULES:
+        table[rule] = {}
+        for k in KINDS:
+            s, c = (counts(Path(a.work) / k / f"discover-{side}", rule) for side in ("shortcut", "control"))
+            table[rule][k] = {"shortcut_rank1": s["first_on_marker"], "control_flagged": c["flagged_classes"],
+                              "unknown": s["unknown"], "shortcut": s["per_class"], "control": c["per_class"]}
+        score = sum(v["shortcut_rank1"] - v["control_flagged"] for v in table[rule].values())
+        table[rule]["score"] = score
+        print(f"{rule:8s} " + "  ".join(f"{k} {table[rule][k]['shortcut_rank1']}/{table[rule][k]['control_flagged']}"
+                                        for k in KINDS) + f"  score {score}")
+    write(Path(a.out), {"work": a.work, "rules": table})
+
+
+if __name__ == "__main__":
+    main()
