@@ -69,18 +69,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, help="run.py's working folder (discover-shortcut, discover-control)")
     ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--kinds", default=",".join(KINDS))
     a = ap.parse_args()
+    kinds = a.kinds.split(",")
     table: dict = {}
     for rule in RULES:
         table[rule] = {}
-        for k in KINDS:
+        for k in kinds:
             s, c = (counts(Path(a.work) / k / f"discover-{side}", rule) for side in ("shortcut", "control"))
             table[rule][k] = {"shortcut_rank1": s["first_on_marker"], "control_flagged": c["flagged_classes"],
                               "unknown": s["unknown"], "shortcut": s["per_class"], "control": c["per_class"]}
         score = sum(v["shortcut_rank1"] - v["control_flagged"] for v in table[rule].values())
         table[rule]["score"] = score
         print(f"{rule:8s} " + "  ".join(f"{k} {table[rule][k]['shortcut_rank1']}/{table[rule][k]['control_flagged']}"
-                                        for k in KINDS) + f"  score {score}")
+                                        for k in kinds) + f"  score {score}")
     write(Path(a.out), {"work": a.work, "rules": table})
 
 
