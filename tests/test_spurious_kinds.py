@@ -307,6 +307,28 @@ def test_the_cross_class_test_drops_a_core_feature_that_occlusion_flags(trained_
     assert all(cross.verdict(k) == "no shortcut found" for k in cross.class_names), cross.decision
 
 
+@pytest.mark.parametrize("select", ["random", "pulled"])
+def test_cross_class_jobs_take_other_classes_images_holding_the_word(select):
+    """Six 16 x 16 images, each with one keypoint of word 3; images 0-1 labelled as the candidate's class 0, 2-5 as
+    class 1 (3 predicted as class 0). The cross-class jobs take only images 2-5 (another class's label, holding the
+    word); with 2 images per candidate, ``pulled`` takes the two with the highest p(class 0)."""
+    p0 = np.array([0.9, 0.8, 0.1, 0.7, 0.3, 0.6])
+    f = Features(names=list("abcdef"), indices=np.arange(6), labels=np.array([0, 0, 1, 1, 1, 1]),
+                 preds=np.array([0, 0, 1, 0, 1, 1]), probs=np.stack([p0, 1 - p0], 1),
+                 attention=np.full((6, 16), 1 / 16),
+                 kp_image=np.arange(6), kp_xy=np.full((6, 2), 5.5, np.float32), kp_size=np.full(6, 2.0, np.float32),
+                 kp_patch=np.full(6, 5), kp_desc=np.zeros((6, 128), np.uint8), words=np.full(6, 3))
+    cands = pd.DataFrame({"class_index": [0], "word": [3]})
+    cfg = build(DiscoveryConfig, dict(vocab=8, causal_images=2, causal_test="cross", cross_select=select))
+    jobs = plan_jobs(f, cands, cfg, np.arange(16, dtype=float)[None].repeat(6, 0), (4, (4, 4)))
+    own, cross = [j.image for j in jobs if not j.cross], [j.image for j in jobs if j.cross]
+    assert len(own) == 2 and set(own) <= {0, 1, 3}  # occlusion: the images *predicted* as class 0
+    assert len(cross) == 2 and set(cross) <= {2, 3, 4, 5}
+    if select == "pulled":
+        assert sorted(cross) == [3, 5]  # p(class 0) 0.7 and 0.6, the highest among the other classes' images
+    assert all(np.flatnonzero(j.word).tolist() == [5] for j in jobs)
+
+
 def test_the_cross_class_test_needs_labels(trained_control, tmp_path):
     import shutil
 
