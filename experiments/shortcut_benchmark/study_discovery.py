@@ -111,7 +111,7 @@ def study_kind(kind: Kind, study: str, extent: dict | None = None) -> dict:
     out = {}
     for side in RHO:
         done = kind.work / {"rules": f"study-{side}.json", "checks": f"study-checks-{side}.json",
-                            "cross": f"study-cross-{side}.json"}[study]
+                            "cross": f"study-cross-confirm-{side}.json"}[study]
         if done.exists():
             out[side] = json.loads(done.read_text())
             continue
@@ -122,8 +122,8 @@ def study_kind(kind: Kind, study: str, extent: dict | None = None) -> dict:
             res = discover_on(kind, erm, images, f"study-discover-{side}", causal_test="both")
             out[side] = counts_per_rule(res, sidecar)
         elif study == "cross":
-            res = discover_on(kind, erm, images, f"study-cross-{side}", causal_test="cross", cross_select="pulled",
-                              **extent)
+            res = discover_on(kind, erm, images, f"study-cross-confirm-{side}", causal_test="cross",
+                              cross_select="pulled", **extent)
             out[side] = counts_per_rule(res, sidecar, CROSS_RULES)
         else:
             out[side] = {}
