@@ -271,8 +271,8 @@ def trained_control(tmp_path_factory):
 def test_the_cross_class_test_keeps_the_planted_markers(colours, mixed):
     """On the planted model, the markers occlusion flags pull the conflicting images of the other classes to their
     class: occluding them there lowers p(class) far more than the matched control, so the cross-class test keeps
-    them; every flag of ``cross`` is a flag of occlusion alone."""
-    from siftlens.shortcuts.discovery.decision import decide
+    them; every flag of ``cross`` is a flag of occlusion alone, and discovery.json shows the confirmation."""
+    from siftlens.shortcuts.discovery.decision import claim_text, decide
 
     root = colours[0]
     res = discover(str(root / "run" / "model"), str(mixed), _discovery_config(causal_top=10, causal_test="cross"),
@@ -284,6 +284,9 @@ def test_the_cross_class_test_keeps_the_planted_markers(colours, mixed):
     occl = decide(cand.copy(), 0.05, 0.05, "occlude")["flagged"].to_numpy()
     assert not (cand["flagged"].to_numpy() & ~occl).any()
     assert res.decision["causal_test"] == "cross" and "labelled as another class" in res.decision["test"]
+    shown = [r for c in res.class_names for r in res.to_json()["decision"]["classes"][c]["candidates"]]
+    assert len(shown) == len(flagged) and all(r["cross_effect"] > 0.1 and r["cross_q"] < 0.05 for r in shown)
+    assert "other classes 0." in claim_text(shown[0], "cross")
 
 
 def test_the_cross_class_test_drops_a_core_feature_that_occlusion_flags(trained_control):

@@ -13,6 +13,8 @@ decided on, the result is checked against the run's own evaluation (``flagged_fi
 
     python experiments/shortcut_benchmark/compare_rules.py --work runs/cf-validation-seed0-full \
         --out experiments/shortcut_benchmark/results/rules-validation-seed0-cross.json
+    python experiments/shortcut_benchmark/compare_rules.py --controls runs/diag-seed5-controls/glyphs \
+        runs/diag-seed5-controls/large --out experiments/shortcut_benchmark/results/cross-seed5-controls.json
 """
 
 from __future__ import annotations
@@ -65,12 +67,30 @@ def counts(folder: Path, rule: str) -> dict:
             "unknown": sum(v == "unknown" for v in per.values()), "per_class": per}
 
 
+def control_flags(folders: list[str]) -> dict:
+    """Control models only (no shortcut side): per folder and rule, the flagged candidates per class."""
+    out: dict = {}
+    for folder in folders:
+        d = json.loads((Path(folder) / "discovery.json").read_text())
+        cands = pd.read_csv(Path(folder) / "candidates.csv")
+        out[folder] = {}
+        for rule in RULES:
+            fl = decide(cands.copy(), d["decision"]["alpha"], d["decision"]["min_effect"], rule)
+            per = fl[fl["flagged"].astype(bool)].groupby("class").size().to_dict()
+            out[folder][rule] = {"control_flagged": len(per), "flags_per_class": per}
+            print(f"{folder}: {rule:8s} {len(per)} classes flagged {per}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", required=True, help="run.py's working folder (discover-shortcut, discover-control)")
+    ap.add_argument("--work", help="run.py's working folder (discover-shortcut, discover-control)")
+    ap.add_argument("--controls", nargs="+", help="instead: discovery folders of control models only")
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--kinds", default=",".join(KINDS))
     a = ap.parse_args()
+    if a.controls:
+        return write(Path(a.out), {"controls": control_flags(a.controls)})
     kinds = a.kinds.split(",")
     table: dict = {}
     for rule in RULES:
