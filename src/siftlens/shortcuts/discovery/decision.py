@@ -157,7 +157,7 @@ def claim_text(r: dict, test: str, fmt=_number) -> str:
              "insert": f"insertion {fmt(r.get('insert_effect'))} [{fmt(r.get('insert_lo'))}, "
                        f"{fmt(r.get('insert_hi'))}]",
              "cross": f"other classes {fmt(r.get('cross_effect'))} [{fmt(r.get('cross_lo'))}, "
-                      f"{fmt(r.get('cross_hi'))}] (confirmation q {fmt(r.get('cross_q'))})"}
+                      f"{fmt(r.get('cross_hi'))}], cross q {fmt(r.get('cross_q'))}"}
     return ", ".join(parts[t] for t in tests_of(test))
 
 
