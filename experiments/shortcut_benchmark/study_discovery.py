@@ -30,6 +30,11 @@ features the controls really use.
     python experiments/shortcut_benchmark/study_discovery.py --encoder experiments/shortcut_benchmark/encoder/model \
         --study checks
 
+``--study region`` (session 16, after the cross-class test): the default rule against one where a region word also
+needs an occlusion effect of at least 0.1 (``discover --region-min-effect 0.1``), on both validation seeds (0 and 1),
+from one occlusion discovery per model. The rule, written before the run: adopted if its score summed over the two
+seeds is strictly larger than the default's.
+
 ``--study cross`` (session 16) asks whether the cross-class test (``discover --causal-test cross``) with its
 images chosen as ``--cross-select pulled`` should decide, with the same score and rule as run.py's session-16
 validation (README, "The cross-class test"): adopted if its score is at least occlusion's minus 2. One discovery
@@ -66,6 +71,7 @@ from siftlens.shortcuts.groups import find_sidecar, read_sidecar  # noqa: E402
 
 RULES = [(test, m) for test in ("occlude", "insert", "both") for m in (0.05, 0.02, 0.1)]
 CROSS_RULES = [("occlude", 0.05), ("cross", 0.05)]
+REGION_RULES = [("occlude", 0.05), ("occlude", 0.05, 0.1)]  # (test, min effect, region words' min effect)
 CHECKS = [(extent, images) for extent in ("center", "footprint") for images in (32, 128)]
 
 
@@ -73,20 +79,21 @@ def check_name(extent: str, images: int) -> str:
     return f"{extent}x{images}"
 
 
-def rule_name(test: str, min_effect: float) -> str:
-    return f"{test}@{min_effect:g}"
+def rule_name(test: str, min_effect: float, region_min_effect: float = 0.0) -> str:
+    return f"{test}@{min_effect:g}" + (f"/region@{region_min_effect:g}" if region_min_effect else "")
 
 
-def counts_per_rule(res, sidecar: dict, rules: list[tuple[str, float]] = RULES) -> dict:
+def counts_per_rule(res, sidecar: dict, rules: list[tuple] = RULES) -> dict:
     """``rank1_any`` (classes whose best-ranked marker candidate is first: the ranking, the same for every rule) and,
     for every rule, per class whether the first flagged candidate is on the class's marker (None: no flag)."""
     pt = res.manifest["patches"]
     out: dict = {"rank1_any": None, "rules": {}}
-    for test, m in rules:
-        cands = decide(res.candidates.copy(), 0.05, m, test)
+    for rule in rules:
+        test, min_effect, *region = rule
+        cands = decide(res.candidates.copy(), 0.05, min_effect, test, *region)
         ev = evaluate_patches(dataclasses.replace(res, candidates=cands), sidecar, pt["size"], tuple(pt["grid"]))
         out["rank1_any"] = ev["rank1_count"]
-        out["rules"][rule_name(test, m)] = ev["flagged_first_on_marker"]
+        out["rules"][rule_name(*rule)] = ev["flagged_first_on_marker"]
     return out
 
 
@@ -111,7 +118,7 @@ def study_kind(kind: Kind, study: str, extent: dict | None = None) -> dict:
     out = {}
     for side in RHO:
         done = kind.work / {"rules": f"study-{side}.json", "checks": f"study-checks-{side}.json",
-                            "cross": f"study-cross-confirm-{side}.json"}[study]
+                            "cross": f"study-cross-confirm-{side}.json", "region": f"study-region-{side}.json"}[study]
         if done.exists():
             out[side] = json.loads(done.read_text())
             continue
@@ -125,6 +132,9 @@ def study_kind(kind: Kind, study: str, extent: dict | None = None) -> dict:
             res = discover_on(kind, erm, images, f"study-cross-confirm-{side}", causal_test="cross",
                               cross_select="pulled", **extent)
             out[side] = counts_per_rule(res, sidecar, CROSS_RULES)
+        elif study == "region":
+            res = discover_on(kind, erm, images, f"study-region-{side}", **extent)
+            out[side] = counts_per_rule(res, sidecar, REGION_RULES)
         else:
             out[side] = {}
             for extent, n in CHECKS:
@@ -172,9 +182,10 @@ def adopt_cross(table: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encoder", required=True)
-    ap.add_argument("--study", choices=("rules", "checks", "cross"), default="rules",
+    ap.add_argument("--study", choices=("rules", "checks", "cross", "region"), default="rules",
                     help="rules: the decision rule (causal test, minimum effect); checks: the occlusion check (extent, "
-                         "images per candidate); cross: the cross-class test on pulled images")
+                         "images per candidate); cross: the cross-class test on pulled images; region: a higher "
+                         "minimum effect for region words")
     ap.add_argument("--work", default=None, help="working folder (default runs/shortcut-bench-<scale>-seed<seed>)")
     ap.add_argument("--causal-extent", choices=("center", "footprint"), default=None)
     ap.add_argument("--seed", type=int, default=0, help="the validation seed (never the final's)")
@@ -203,6 +214,10 @@ def main() -> None:
         names = [rule_name(*r) for r in CROSS_RULES]
         table = summary(per_kind, names, lambda side, name: side["rules"][name])
         what = "the cross-class test (pulled images) against occlusion alone on validation builds (issue 25)"
+    elif a.study == "region":
+        names = [rule_name(*r) for r in REGION_RULES]
+        table = summary(per_kind, names, lambda side, name: side["rules"][name])
+        what = "a region words' minimum effect of 0.1 against occlusion's default on validation builds (issue 25)"
     elif a.study == "rules":
         names = [rule_name(*r) for r in RULES]
         table = summary(per_kind, names, lambda side, name: side["rules"][name])
@@ -212,7 +227,8 @@ def main() -> None:
         table = summary(per_kind, names, lambda side, name: side[name]["rules"][rule_name("occlude", 0.05)])
         what = "discovery's occlusion check (extent, images per candidate) on validation builds (issue 25)"
     chosen = adopt_cross(table) if a.study == "cross" else choose(table)
-    prefix = {"rules": "discovery-study", "checks": "discovery-checks", "cross": "discovery-cross"}[a.study]
+    prefix = {"rules": "discovery-study", "checks": "discovery-checks", "cross": "discovery-cross",
+              "region": "discovery-region"}[a.study]
     out = Path(a.out or HERE / "results" / f"{prefix}-{tag}.json")
     write(out, {"study": what, "seed": a.seed, "scale": a.scale, "encoder": a.encoder,
                 "encoder_clean_acc": encoder_accuracy(a.encoder), "checks" if a.study == "checks" else "rules": names,

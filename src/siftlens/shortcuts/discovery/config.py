@@ -58,6 +58,8 @@ class DiscoveryConfig:
                                 "tested in the run) is below this...")
     min_effect: float = option(0.05, "...and its effect (mean paired fall of p(class), word occluded minus matched "
                                      "control occluded) is at least this.")
+    region_min_effect: float = option(0.0, "...and a region word's effect at least this, where larger than "
+                                           "--min-effect (0: the same bar as SIFT words).")
     top: int = option(10, "Candidates per class kept in discovery.json and the report.")
     gallery: int = option(12, "Example patches per top candidate in the report.")
 
@@ -84,6 +86,8 @@ class DiscoveryConfig:
             raise ConfigError(f"smoothing must be > 0, got {self.smoothing}")
         if not 0 < self.alpha < 1:
             raise ConfigError(f"--alpha must be in (0, 1), got {self.alpha}")
+        if not 0 <= self.region_min_effect <= 1:
+            raise ConfigError(f"--region-min-effect must be in [0, 1], got {self.region_min_effect}")
         if not 0 <= self.min_effect <= 1:
             raise ConfigError(f"--min-effect must be in [0, 1] (a fall in probability), got {self.min_effect}")
         if self.sift.upsample < 0:

@@ -112,21 +112,26 @@ def tests_of(test: str) -> tuple[str, ...]:
     return {"both": ("occlude", "insert"), "cross": ("occlude", "cross")}.get(test, (test,))
 
 
-def decide(stats: pd.DataFrame, alpha: float = 0.05, min_effect: float = 0.05, test: str = "occlude"
-           ) -> pd.DataFrame:
+def decide(stats: pd.DataFrame, alpha: float = 0.05, min_effect: float = 0.05, test: str = "occlude",
+           region_min_effect: float = 0.0) -> pd.DataFrame:
     """Add ``q`` (BH over every row with a p-value: every candidate tested in the run) and ``flagged``
     (``q < alpha`` and ``effect >= min_effect``) to ``stats`` (in place; returned). ``test``: ``occlude``
     decides on ``p`` and ``effect``, ``insert`` on ``insert_p`` and ``insert_effect``, ``both`` on both (``q``
     the larger of the two q-values, and both effects at least ``min_effect``); ``cross`` decides on occlusion, then
-    confirms its flags by the cross-class test (:func:`_confirm_across_classes`)."""
+    confirms its flags by the cross-class test (:func:`_confirm_across_classes`). ``region_min_effect``: a region
+    word (``source`` "region") also needs an occlusion ``effect`` of at least this (no bar beyond ``min_effect``
+    when smaller)."""
     if test == "cross":
-        return _confirm_across_classes(decide(stats, alpha, min_effect, "occlude"), alpha, min_effect)
+        return _confirm_across_classes(decide(stats, alpha, min_effect, "occlude", region_min_effect), alpha,
+                                       min_effect)
     q = np.zeros(len(stats))
     big = np.ones(len(stats), bool)
     for t in tests_of(test):
         p_col, effect_col = TEST_COLUMNS[t]
         q = np.maximum(q, bh_qvalues(stats[p_col].to_numpy(np.float64)) if len(stats) else q)
         big &= stats[effect_col].to_numpy(np.float64) >= min_effect
+    if region_min_effect > min_effect and "source" in stats:
+        big &= ~((stats["source"] == "region").to_numpy() & (stats["effect"].to_numpy(np.float64) < region_min_effect))
     stats["q"] = q
     stats["flagged"] = (q < alpha) & big
     return stats

@@ -144,10 +144,10 @@ def discover(
     if cfg.causal_top > 0 and len(checked):
         upd = causal_check(backend, source, f, checked, cfg, progress, texture=sift_f)
         stats.loc[upd.index, upd.columns] = upd
-    decide(stats, cfg.alpha, cfg.min_effect, cfg.causal_test)
+    decide(stats, cfg.alpha, cfg.min_effect, cfg.causal_test, cfg.region_min_effect)
     stats, top = rank(stats, class_names, cfg.top)
     decision = {"test": TEST[cfg.causal_test], "causal_test": cfg.causal_test, "alpha": cfg.alpha,
-                "min_effect": cfg.min_effect,
+                "min_effect": cfg.min_effect, "region_min_effect": cfg.region_min_effect,
                 "tested": int(stats["p"].notna().sum()), "flagged": int(stats["flagged"].sum()),
                 "classes": verdicts(stats, class_names)}
     galleries = _galleries(backend, source, f, stats, total, cfg, k)
