@@ -72,6 +72,30 @@ def test_insert_and_both_decide_on_their_own_columns():
     assert both["flagged"].tolist() == (occl["flagged"] & ins["flagged"]).tolist()
 
 
+def test_cross_confirms_occlusion_flags_as_a_second_family():
+    """cross: occlusion flags words 1, 2 and 4 (word 3's effect is too small); the confirmation's BH runs over those
+    three cross p-values only, and word 2's cross effect is too small, word 4's not significant."""
+    stats = pd.DataFrame({
+        "class": ["a", "a", "b", "b"], "word": [1, 2, 3, 4], "rank": [1, 2, 1, 2],
+        "effect": [0.30, 0.30, 0.01, 0.20], "p": [0.001, 0.001, 0.001, 0.002],
+        "cross_effect": [0.20, 0.01, 0.40, 0.10], "cross_p": [0.01, 0.001, 0.0001, 0.3]})
+    out = decide(stats.copy(), 0.05, 0.05, "cross")
+    np.testing.assert_allclose(out["q"], bh_qvalues([0.001, 0.001, 0.001, 0.002]))  # occlusion's q, unchanged
+    np.testing.assert_allclose(out["cross_q"].to_numpy()[[0, 1, 3]], bh_qvalues([0.01, 0.001, 0.3]))
+    assert np.isnan(out["cross_q"][2])
+    assert out["flagged"].tolist() == [True, False, False, False]
+
+
+def test_region_words_can_need_a_larger_effect():
+    stats = pd.DataFrame({
+        "class": ["a", "a", "a"], "word": [1, 300, 301], "source": ["sift", "region", "region"], "rank": [1, 2, 3],
+        "effect": [0.08, 0.08, 0.12], "p": [0.001, 0.001, 0.001]})
+    assert decide(stats.copy(), 0.05, 0.05)["flagged"].tolist() == [True, True, True]
+    assert decide(stats.copy(), 0.05, 0.05, region_min_effect=0.1)["flagged"].tolist() == [True, False, True]
+    # never a lower bar than --min-effect
+    assert decide(stats.copy(), 0.05, 0.1, region_min_effect=0.02)["flagged"].tolist() == [False, False, True]
+
+
 def test_flag_rule_uses_flagged_words_only():
     import torch
 
