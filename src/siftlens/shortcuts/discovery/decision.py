@@ -73,8 +73,7 @@ COLUMNS = ("effect", "effect_lo", "effect_hi", "p", "q", "flagged")
 INSERT_COLUMNS = ("insert_effect", "insert_lo", "insert_hi", "insert_p")
 CROSS_COLUMNS = ("cross_effect", "cross_lo", "cross_hi", "cross_p")
 # the columns each causal test decides on: (p-value, effect)
-TEST_COLUMNS = {"occlude": ("p", "effect"), "insert": ("insert_p", "insert_effect"),
-                "cross": ("cross_p", "cross_effect")}
+TEST_COLUMNS = {"occlude": ("p", "effect"), "insert": ("insert_p", "insert_effect")}  # cross: _confirm_across_classes
 CAUSAL_TESTS = ("occlude", "insert", "both", "cross")
 
 
