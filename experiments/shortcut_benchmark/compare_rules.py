@@ -2,19 +2,23 @@
 
 ``discover --causal-test cross`` runs the occlusion check unchanged and adds the cross-class test, so the
 occlusion-only rule can be applied to the same candidates (:func:`siftlens.shortcuts.discovery.decision.decide`).
-Per kind this prints and writes, for ``occlude`` and ``cross``: on the shortcut model, the classes whose first
+Per kind this prints and writes, for each rule of ``--rules`` (``occlude``, ``cross``, and ``region``: occlusion
+with region words held to an effect of 0.1, session 16): on the shortcut model, the classes whose first
 flagged candidate lies on the class's marker (the patch rule), and on the control, the classes with any flag.
 
 The patch rule needs every candidate's share of patches on its marker, and discovery.json keeps it for the top 5
 ranks only (``evaluation.patch_rule.on_marker``) with the best credited rank (``ranks``). A first flag ranked
 above the best credited one is off the marker, one at that rank is on it, one in the top 5 is read off
 ``on_marker``; anything else is counted as unknown (none occurred where it is reported). For the rule the run
-decided on, the result is checked against the run's own evaluation (``flagged_first_on_marker``).
+decided on (its test and region words' minimum), the result is checked against the run's own evaluation
+(``flagged_first_on_marker``).
 
     python experiments/shortcut_benchmark/compare_rules.py --work runs/cf-validation-seed0-full \
         --out experiments/shortcut_benchmark/results/rules-validation-seed0-cross.json
     python experiments/shortcut_benchmark/compare_rules.py --controls runs/diag-seed5-controls/glyphs \
         runs/diag-seed5-controls/large --out experiments/shortcut_benchmark/results/cross-seed5-controls.json
+    python experiments/shortcut_benchmark/compare_rules.py --work runs/shortcut-bench-seed6 --rules occlude,region \
+        --out experiments/shortcut_benchmark/results/rules-seed6-region.json
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from run import write  # noqa: E402
 from siftlens.shortcuts.discovery.decision import decide  # noqa: E402
 
 KINDS = ("glyphs", "imagenet", "large", "watermark")
-RULES = ("occlude", "cross")
+RULES = {"occlude": ("occlude", 0.0), "cross": ("cross", 0.0), "region": ("occlude", 0.1)}  # name: (test, region min)
 
 
 def first_flag_on_marker(cands: pd.DataFrame, patch_rule: dict) -> dict:
@@ -58,24 +62,26 @@ def first_flag_on_marker(cands: pd.DataFrame, patch_rule: dict) -> dict:
 def counts(folder: Path, rule: str) -> dict:
     """One discovery folder under ``rule``: flags per class and, where the patch rule was evaluated, on-marker."""
     d = json.loads((folder / "discovery.json").read_text())
-    cands = decide(pd.read_csv(folder / "candidates.csv"), d["decision"]["alpha"], d["decision"]["min_effect"], rule)
+    dec = d["decision"]
+    cands = decide(pd.read_csv(folder / "candidates.csv"), dec["alpha"], dec["min_effect"], *RULES[rule])
     per = first_flag_on_marker(cands, d["evaluation"]["patch_rule"])
-    if rule == d["decision"]["causal_test"] and per != d["evaluation"]["patch_rule"]["flagged_first_on_marker"]:
+    run_rule = (dec["causal_test"], dec.get("region_min_effect", 0.0))
+    if RULES[rule] == run_rule and per != d["evaluation"]["patch_rule"]["flagged_first_on_marker"]:
         raise SystemExit(f"{folder}: the counts read off the candidates differ from the run's own evaluation")
     return {"flagged_classes": sum(v is not None for v in per.values()),
             "first_on_marker": sum(v is True for v in per.values()),
             "unknown": sum(v == "unknown" for v in per.values()), "per_class": per}
 
 
-def control_flags(folders: list[str]) -> dict:
+def control_flags(folders: list[str], rules: list[str]) -> dict:
     """Control models only (no shortcut side): per folder and rule, the flagged candidates per class."""
     out: dict = {}
     for folder in folders:
         d = json.loads((Path(folder) / "discovery.json").read_text())
         cands = pd.read_csv(Path(folder) / "candidates.csv")
         out[folder] = {}
-        for rule in RULES:
-            fl = decide(cands.copy(), d["decision"]["alpha"], d["decision"]["min_effect"], rule)
+        for rule in rules:
+            fl = decide(cands.copy(), d["decision"]["alpha"], d["decision"]["min_effect"], *RULES[rule])
             per = fl[fl["flagged"].astype(bool)].groupby("class").size().to_dict()
             out[folder][rule] = {"control_flagged": len(per), "flags_per_class": per}
             print(f"{folder}: {rule:8s} {len(per)} classes flagged {per}")
@@ -88,12 +94,17 @@ def main() -> None:
     ap.add_argument("--controls", nargs="+", help="instead: discovery folders of control models only")
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--rules", default="occlude,cross",
+                    help=f"comma-separated, of {', '.join(RULES)} (cross needs a run with the cross-class columns)")
     a = ap.parse_args()
+    rules = a.rules.split(",")
+    if unknown := [r for r in rules if r not in RULES]:
+        raise SystemExit(f"unknown rules {unknown}: choose from {', '.join(RULES)}")
     if a.controls:
-        return write(Path(a.out), {"controls": control_flags(a.controls)})
+        return write(Path(a.out), {"controls": control_flags(a.controls, rules)})
     kinds = a.kinds.split(",")
     table: dict = {}
-    for rule in RULES:
+    for rule in rules:
         table[rule] = {}
         for k in kinds:
             s, c = (counts(Path(a.work) / k / f"discover-{side}", rule) for side in ("shortcut", "control"))
