@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from siftlens.errors import ConfigError
+from siftlens.models.backend import keep_groups
 from siftlens.models.vit import ViT, ViTConfig
-from siftlens.shortcuts.interventions import keep_groups
 from siftlens.shortcuts.retraining.blocks import (
     TuneSettings,
     finetune,

@@ -14,6 +14,8 @@ Per kind of marker (glyphs, imagenet, large, watermark; ``--markers-dir`` adds a
    Two training-time candidates (session 12): ``repair-blocks`` (the same repair with every block fine-tuned) and
    ``jtt-discovery`` (``anchor-jtt --error-set discovery``: JTT's retraining with discovery's pseudo-conflicting
    training images upweighted in place of ERM's errors); ``--without repair-blocks,jtt-discovery`` skips them;
+   ``retrain`` (session 18): ERM's fine-tuning from the encoder done again with the flagged tokens (grown by one
+   patch, as repair's) never seen; the retrained folder carries the drop;
 4. anchors: ``anchor-afr`` and ``anchor-dfr`` (true groups: the upper reference) on the holdout images,
    ``anchor-jtt`` (errors of the ERM model upweighted, trained again from the encoder);
 5. the oracle: every patch the marker overlaps dropped (sidecar boxes), on the ERM model.
@@ -66,6 +68,7 @@ RHO = {"shortcut": 0.95, "control": 0.1}
 DROP = ["--policy", "drop", "--extent", "footprint"]
 POLICIES = {"drop": DROP, "drop-dilate1": [*DROP, "--dilate", "1"]}
 REPAIR = ["--groups", "discovery", "--extent", "footprint", "--dilate", "1"]
+RETRAIN = ["--extent", "footprint", "--dilate", "1"]  # repair's flags
 LOCK = threading.Lock()
 
 
@@ -153,6 +156,12 @@ class Kind:
                                                           "--candidates", cand, *flags(self.cfg["jtt"])),
                                anchor=f"jtt-discovery-{name}")
             res["jtt-discovery"] = {s: self.score(jd, s, f"jtt-discovery-{name}", d) for s in splits}
+        if "retrain" not in self.a.without:  # ERM's fine-tuning again, the flagged tokens never seen (session 18)
+            rt = self.work / f"retrain-{name}"
+            self.sh("retrain", ["retrain", "--model", self.a.encoder, "--images", d[f"{name}/train"], "--candidates",
+                                cand, "--out", rt, "--seed", self.a.seed, "--threads", self.a.threads, *dev,
+                                *flags(self.cfg["finetune"]), *RETRAIN], rt / "model" / "model.safetensors")
+            res["retrain"] = {s: self.score(rt / "model", s, f"retrain-{name}", d) for s in splits}
         for method in [m for m in ("afr", "dfr") if m not in self.a.without]:
             o = self.work / f"{method}-{name}"
             self.sh(method, [f"anchor-{method}", "--model", erm, "--images", d[f"{name}/holdout"], "--out", o,
@@ -218,8 +227,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--annotate", action="store_true",
                     help="run nothing: mark the method chosen on --validation, and the targets met, in --out")
     ap.add_argument("--without", default="", type=lambda t: {x for x in t.split(",") if x},
-                    help="methods not to run, comma-separated of jtt, afr, dfr, repair-blocks, jtt-discovery (a "
-                         "later run without it adds them)")
+                    help="methods not to run, comma-separated of jtt, afr, dfr, repair-blocks, jtt-discovery, retrain "
+                         "(a later run without it adds them)")
     ap.add_argument("--jtt-control", action="store_true", help="also run JTT on the control (its control cost)")
     ap.add_argument("--causal-extent", choices=("center", "footprint"), default=None,
                     help="discovery's occlusion check (`discover --causal-extent`; default: the scale's, center); "

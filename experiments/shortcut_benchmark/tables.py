@@ -27,6 +27,7 @@ METHODS = {
     "repair": ("repair", "before", True),  # the repaired folder as it is: it carries its drop
     "repair_blocks": ("repair-blocks", "before", True),
     "jtt_discovery": ("jtt-discovery", "before", True),
+    "retrain": ("retrain", "before", True),  # the retrained folder as it is: it carries its drop
 }
 
 
@@ -96,7 +97,7 @@ def method_row(block: dict) -> str:
             "aligned/conflicting/worst: " + "; ".join(parts))
 
 
-SIFTLENS = ("prompt_drop", "prompt_drop_dilate1", "repair", "repair_blocks", "jtt_discovery")
+SIFTLENS = ("prompt_drop", "prompt_drop_dilate1", "repair", "repair_blocks", "jtt_discovery", "retrain")
 
 
 def _cheap(method: dict) -> bool:
@@ -152,7 +153,8 @@ def targets(block: dict, chosen: str) -> dict:
 LABELS = {"erm": "ERM", "jtt": "JTT", "afr": "AFR", "dfr_groups": "DFR, true groups (reference)",
           "prompt_drop": "siftlens prompt: drop", "prompt_drop_dilate1": "siftlens prompt: drop, grown 1 patch",
           "repair": "siftlens repair (+ its drop)", "repair_blocks": "siftlens repair, every block (+ its drop)",
-          "jtt_discovery": "siftlens JTT, discovery's error set", "oracle_drop": "oracle drop (reference)"}
+          "jtt_discovery": "siftlens JTT, discovery's error set", "oracle_drop": "oracle drop (reference)",
+          "retrain": "siftlens retrain: trained again, flagged tokens never seen (+ its drop)"}
 
 
 def markdown(results: dict) -> str:

@@ -1,9 +1,11 @@
-"""The shortcut commands: make-spurious, discover, prompt, repair, and the anchors anchor-jtt, anchor-afr, anchor-dfr.
+"""The shortcut commands: make-spurious, discover, prompt, repair, retrain, and the anchors anchor-jtt, anchor-afr,
+anchor-dfr.
 
 Their options are generated from the fields of :class:`~siftlens.benchmarks.spurious_cifar.SpuriousConfig`,
-:class:`~siftlens.shortcuts.DiscoveryConfig`, :class:`~siftlens.shortcuts.PromptConfig` and
-:class:`~siftlens.shortcuts.RepairConfig` (:func:`~siftlens.cli.generate.config_command`); the job arguments that
-are not config fields (the model, the images, the output folder ...) are declared here."""
+:class:`~siftlens.shortcuts.DiscoveryConfig`, :class:`~siftlens.shortcuts.PromptConfig`,
+:class:`~siftlens.shortcuts.RepairConfig` and :class:`~siftlens.shortcuts.RetrainConfig`
+(:func:`~siftlens.cli.generate.config_command`); the job arguments that are not config fields (the model, the
+images, the output folder ...) are declared here."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..shortcuts.anchors import AFRConfig, DFRConfig, JTTConfig, anchor
 from ..shortcuts.discovery.config import DiscoveryConfig
 from ..shortcuts.prompting import PromptConfig
 from ..shortcuts.retraining.head import RepairConfig
+from ..shortcuts.retraining.retrain import RetrainConfig
 from ._app import app
 from .generate import config_command, param
 
@@ -91,6 +94,24 @@ config_command(
             param("images", str, "Labelled training images in ImageFolder layout."),
             param("out", Path, "Output folder: model/ (the repaired model, which carries the drop it was fitted "
                                "for: use it as it is) and repair.json.")],
+    after=[PROGRESS],
+    defaults={"candidates": MISSING},  # required on the command line
+)
+
+
+def _retrain(cfg: RetrainConfig, *, model: str, images: str, out: Path, progress: bool) -> None:
+    res, paths = jobs.run_retrain(model, images, out, cfg, progress=progress)
+    typer.echo(jobs.retrain_outcome(res, paths))
+
+
+config_command(
+    app, RetrainConfig, _retrain, name="retrain",
+    doc="Train again from the pre-trained start with the shortcut's tokens never seen (repair at training time); "
+        "the model carries the drop it was trained with.",
+    before=[param("model", str, "The pre-trained start the ERM model was fine-tuned from (a siftlens model folder)."),
+            param("images", str, "The labelled training images of the ERM model, in ImageFolder layout."),
+            param("out", Path, "Output folder: model/ (it drops the shortcut's tokens itself: use it as it is) and "
+                               "retrain.json.")],
     after=[PROGRESS],
     defaults={"candidates": MISSING},  # required on the command line
 )

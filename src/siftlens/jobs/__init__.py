@@ -23,14 +23,16 @@ from .shortcuts import (
     make_spurious,
     prompt_outcome,
     repair_outcome,
+    retrain_outcome,
     run_discovery,
     run_prompt,
     run_repair,
+    run_retrain,
     spurious_outcome,
 )
 from .training import pretrain_outcome, run_pretrain, run_train, train_outcome
 
 __all__ = ["JobOptions", "analysis_outcome", "compare_outcome", "demo_images_dir", "discovery_outcome", "make_spurious",
            "prompt_outcome", "repair_outcome", "run_analysis", "run_compare", "run_demo", "run_discovery", "run_merge",
-           "run_prompt", "run_repair", "shard_outcome", "spurious_outcome",
+           "run_prompt", "run_repair", "run_retrain", "retrain_outcome", "shard_outcome", "spurious_outcome",
            "pretrain_outcome", "run_pretrain", "run_train", "train_outcome"]

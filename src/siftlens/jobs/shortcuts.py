@@ -15,6 +15,7 @@ from ..shortcuts.discovery.report import write_discovery_report
 from ..shortcuts.groups import find_sidecar, format_alignment, read_sidecar
 from ..shortcuts.prompting import PromptConfig, PromptResult, format_summary, prompt
 from ..shortcuts.retraining.head import RepairConfig, RepairResult, repair
+from ..shortcuts.retraining.retrain import RetrainConfig, RetrainResult, retrain
 from ._options import JobOptions
 
 
@@ -130,3 +131,22 @@ def _model_line(record: dict, model: Path) -> str:
         return f"repaired model: {model} (no drop: no class has a flagged candidate)"
     return (f"repaired model: {model} (it drops the shortcut's tokens itself: load_backend and every command use it "
             "as it is)")
+
+
+def run_retrain(model, images, out: str | Path, config: RetrainConfig | None = None, *,
+                progress: bool = True) -> tuple[RetrainResult, dict[str, Path]]:
+    """:func:`~siftlens.shortcuts.retraining.retrain.retrain`, then write ``out/model`` and ``out/retrain.json``."""
+    res = retrain(model, images, config, progress=progress)
+    return res, res.save(out)
+
+
+def retrain_outcome(res: RetrainResult, paths: dict[str, Path]) -> str:
+    """What the CLI prints after retrain: the drop it trained with (or why none), the last epoch, the model."""
+    s = res.record
+    last = s["epochs"][-1] if s["epochs"] else {}
+    fit = f"last epoch: loss {last['train_loss']:.3f}, accuracy {last['train_acc']:.3f}" if last else "no epoch run"
+    if res.rule is None:
+        return f"{s['reason']}; {fit}\nmodel (no drop): {paths['model']}"
+    return (f"trained with {len(s['words'])} flagged word(s) dropped ({s['flagged_share']:.0%} of the images had a "
+            f"flagged patch); {fit}\n" + _model_line(s, paths["model"]))
+

@@ -225,6 +225,20 @@ def check_keep_idx(keep_idx: torch.Tensor, batch: int, num_patches: int) -> None
         raise GeometryError(f"keep_idx holds indices outside [0, {num_patches})")
 
 
+def keep_groups(drop: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """drop (B, N) bool -> one ``(rows (b,), keep (b, k) long)`` per number ``k`` of kept patches: the images with
+    that many kept patches and the indices of those patches (row-major, ascending per row). An image whose every
+    patch is flagged keeps them all (an empty sequence of patches is not a valid input for every model)."""
+    drop = drop.to(torch.bool).cpu()
+    drop = drop & ~drop.all(1, keepdim=True)
+    counts = (~drop).sum(1)
+    out = []
+    for k in counts.unique().tolist():
+        rows = (counts == k).nonzero().flatten()
+        out.append((rows, (~drop[rows]).nonzero()[:, 1].view(len(rows), k)))
+    return out
+
+
 def key_bias_tokens(
     key_bias: torch.Tensor | None, keep_idx: torch.Tensor | None, num_prefix: int
 ) -> torch.Tensor | None:

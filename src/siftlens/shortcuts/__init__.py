@@ -12,7 +12,9 @@ The flow, each step in one place:
   (:class:`PromptConfig`, :class:`PromptResult`); ``groups``: reading a groups file (the ``markers.json`` a
   benchmark writes), overall, per-group and worst-group accuracy;
 - ``retraining/``: :func:`repair` retrains the head (``head``) and with ``blocks > 0`` the last blocks
-  (``blocks``) with the flagged tokens dropped (:class:`RepairConfig`, :class:`RepairResult`);
+  (``blocks``) with the flagged tokens dropped (:class:`RepairConfig`, :class:`RepairResult`); :func:`retrain`
+  trains again from the pre-trained start with the flagged tokens never seen (``retrain``: :class:`RetrainConfig`,
+  :class:`RetrainResult`);
 - ``artefact``, ``dropping``: the repaired model is one artefact: its folder holds the drop it was fitted for
   (``artefact``: the files), and ``load_backend`` of the folder runs the network with that drop (``dropping``).
 
@@ -32,6 +34,7 @@ _EXPORTS = {
     "prompt": "prompting", "PromptConfig": "prompting", "PromptResult": "prompting", "POLICIES": "prompting",
     "format_summary": "prompting",
     "repair": "retraining.head", "RepairConfig": "retraining.head", "RepairResult": "retraining.head",
+    "retrain": "retraining.retrain", "RetrainConfig": "retraining.retrain", "RetrainResult": "retraining.retrain",
     "group_accuracy": "groups", "image_groups": "groups", "find_sidecar": "groups", "read_sidecar": "groups",
     "flag_patches": "flags", "word_sets": "flags", "Flags": "flags", "FlagOptions": "flags",
     "jtt": "anchors", "afr": "anchors", "dfr": "anchors", "JTTConfig": "anchors", "AFRConfig": "anchors",

@@ -5,10 +5,11 @@ and work on patch masks over the model's grid (``N = g_h * g_w`` patches, row-ma
 discovery's occlusion check (:mod:`~siftlens.shortcuts.discovery.causal`), prompting and repair.
 
 Variable numbers of dropped tokens per image. ``mode="group"`` runs one forward per distinct number of
-kept tokens, each with ``keep_idx`` (exact removal for every model and pooling); ``mode="mask"`` runs one
-forward with ``-inf`` on the dropped keys in every layer, which gives the same CLS output because a key
-with ``-inf`` receives zero attention from every query, so it never influences another token (mean-pooling
-models differ: the masked tokens still enter the mean, except for the native ViT, which leaves them out).
+kept tokens (:func:`~siftlens.models.backend.keep_groups`), each with ``keep_idx`` (exact removal for every
+model and pooling); ``mode="mask"`` runs one forward with ``-inf`` on the dropped keys in every layer, which
+gives the same CLS output because a key with ``-inf`` receives zero attention from every query, so it never
+influences another token (mean-pooling models differ: the masked tokens still enter the mean, except for the
+native ViT, which leaves them out).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..models.backend import Backend
+from ..models.backend import Backend, keep_groups
 
 DROP_MODES = ("group", "mask")
 
@@ -27,20 +28,6 @@ DROP_MODES = ("group", "mask")
 def _ensure_logits(out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         raise ConfigError("this model has no classification head; interventions are measured on its logits")
-    return out
-
-
-def keep_groups(drop: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """drop (B, N) bool -> one ``(rows (b,), keep (b, k) long)`` per number ``k`` of kept patches: the images with
-    that many kept patches and the indices of those patches (row-major, ascending per row). An image whose every
-    patch is flagged keeps them all (an empty sequence of patches is not a valid input for every model)."""
-    drop = drop.to(torch.bool).cpu()
-    drop = drop & ~drop.all(1, keepdim=True)
-    counts = (~drop).sum(1)
-    out = []
-    for k in counts.unique().tolist():
-        rows = (counts == k).nonzero().flatten()
-        out.append((rows, (~drop[rows]).nonzero()[:, 1].view(len(rows), k)))
     return out
 
 

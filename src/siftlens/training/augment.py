@@ -53,3 +53,13 @@ def apply_augment(x: torch.Tensor, p: AugParams, pad: int) -> torch.Tensor:
 def augment(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     """Draw and apply a random crop and flip per image. x: (B, C, H, W) float -> same shape."""
     return apply_augment(x, draw_augment(len(x), pad, gen), pad)
+
+
+def augment_patch_mask(mask: torch.Tensor, p: AugParams, pad: int, patch: int) -> torch.Tensor:
+    """A patch mask moved with each image's crop and flip: mask (B, g_h, g_w) bool over the original image ->
+    (B, g_h, g_w) bool over the augmented one, True where an augmented patch holds any pixel of a True original
+    patch (padding holds none). So a model trained on the augmented image with the result's tokens removed sees no
+    pixel of the original's True patches."""
+    pixels = mask.float().repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, None]  # (B, 1, H, W)
+    moved = apply_augment(pixels, p, pad)
+    return F.max_pool2d(moved, patch)[:, 0] > 0

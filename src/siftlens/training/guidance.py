@@ -11,6 +11,9 @@ differ only by the weights, never by the random numbers.
   patches.
 - Token dropping keeps the top ``K = round(r * N)`` scores (:func:`keep_indices`): tau > 0 keeps
   keypoint-rich patches; ``keep_policy='random'`` keeps the top ``K`` of ``u`` (PatchDropout, FLIP).
+
+A given per-image drop (a caller's patch mask, e.g. a discovered shortcut's tokens, each image its own number) runs
+through :func:`forward_dropping`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..models.backend import keep_groups
 from .augment import AugParams
 from .keypoint_bank import KeypointBank, patch_counts, transform_keypoints
 
@@ -66,3 +70,17 @@ def augmented_counts(bank: KeypointBank, idx: torch.Tensor, aug: AugParams, pad:
     kxy, valid = bank.batch(idx, device)
     kxy, valid = transform_keypoints(kxy, valid, aug, pad, img_size)
     return kxy, valid, patch_counts(kxy, valid, patch, grid)
+
+
+def forward_dropping(model: torch.nn.Module, x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Logits (B, C) of a siftlens ViT on x (B, 3, H, W) with the patches where ``drop`` (B, N) bool is True
+    removed: one forward per number of kept tokens (:func:`~siftlens.models.backend.keep_groups`), each image with
+    its own position embeddings. Differentiable; an image whose every patch is True keeps them all."""
+    out: torch.Tensor | None = None
+    for rows, keep in keep_groups(drop):
+        logits = model(x[rows.to(x.device)], keep.to(x.device))
+        if out is None:
+            out = logits.new_empty((x.shape[0], logits.shape[1]))
+        out[rows.to(out.device)] = logits
+    assert out is not None
+    return out

@@ -11,6 +11,12 @@ Token dropping (docs/method.md, "Guided training"): with ``keep_rate`` r < 1 eve
 keypoints moved with the crop and flip). Evaluation always uses all tokens. r = 1 draws no extra random
 numbers, so it reproduces training without dropping exactly.
 
+A given drop (``token_drop``, e.g. a discovered shortcut's tokens, :mod:`siftlens.shortcuts.retraining.retrain`):
+``token_drop(model, x)`` names, for each image of a batch as it is before augmentation, the patches the model must
+never see; they are moved with the image's crop and flip (every augmented patch holding any of their pixels), removed
+from every training step (each image its own number of tokens) and from the evaluation. It draws no random numbers:
+a ``token_drop`` that names no patch reproduces training without it exactly.
+
 ``train(None, images, config)`` trains a new ViT of ``config.shape``; ``train(model, images, config)``
 fine-tunes a saved siftlens ViT (:mod:`siftlens.training.start`). Outputs in ``out/`` when it is given:
 ``checkpoint.pt`` (every epoch, so ``resume`` continues), and once all epochs are done ``history.json`` and
@@ -36,14 +42,17 @@ from ..keypoints import SiftOptions, sift_params
 from ..models.vit import ViT, ViTConfig, save_vit
 from ..options import RunOptions, group, option
 from ..progress import progress_bar
-from .augment import apply_augment, draw_augment
-from .guidance import augmented_counts, check_keep, keep_count, keep_indices
+from .augment import AugParams, apply_augment, augment_patch_mask, draw_augment
+from .guidance import augmented_counts, check_keep, forward_dropping, keep_count, keep_indices
 from .images import Labelled, channel_stats, load_train_val, normalize
 from .keypoint_bank import KeypointBank, cached_keypoints
 from .loop import EpochHistory, Loop, end_run, epoch_range, start_run
 from .optim import Schedule, adamw
 from .options import KeepOptions, ModelShape, OptimOptions, SessionOptions, flat_values
 from .start import StartModel, input_size, load_start, start_vit
+
+# token_drop(model, x) -> drop: x (B, 3, H, W) normalised, not augmented -> (B, N) bool, True: never seen
+TokenDrop = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -84,13 +93,14 @@ class TrainResult(EpochHistory):
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cfg: ViTConfig,
-             device: str, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on uint8 images (N, H, W, 3)."""
+             device: str, batch_size: int = 512, token_drop: TokenDrop | None = None) -> float:
+    """Top-1 accuracy of ``model`` on uint8 images (N, H, W, 3), with ``token_drop``'s patches removed if given."""
     model.eval()
     correct = 0
     for i in range(0, len(images), batch_size):
         x = normalize(torch.from_numpy(images[i : i + batch_size]).to(device), cfg.mean, cfg.std)
-        pred = model(x).argmax(-1).cpu().numpy()
+        logits = model(x) if token_drop is None else forward_dropping(model, x, token_drop(model, x))
+        pred = logits.argmax(-1).cpu().numpy()
         correct += int((pred == labels[i : i + batch_size]).sum())
     return correct / max(len(images), 1)
 
@@ -110,10 +120,32 @@ def kept_tokens(tc: TrainConfig, model: ViT, bank: KeypointBank | None, idx: tor
     return keep_indices(u, keep_count(tc.keep.keep_rate, n), counts, tc.keep.keep_tau, tc.keep.keep_eps)
 
 
+def moved_drop(token_drop: TokenDrop | None, model: ViT, x: torch.Tensor, aug: AugParams, pad: int
+               ) -> torch.Tensor | None:
+    """``token_drop``'s patches of the batch x (B, 3, H, W) before augmentation, moved with its crops and flips:
+    (B, N) bool on x's device, or None without a drop."""
+    if token_drop is None:
+        return None
+    gh, gw = model.grid_size
+    mask = token_drop(model, x).to(torch.bool).cpu().view(len(x), gh, gw)
+    return augment_patch_mask(mask, aug, pad, model.patch_size).view(len(x), gh * gw).to(x.device)
+
+
+def step_tokens(model: ViT, batch: int, keep: torch.Tensor | None, drop: torch.Tensor | None) -> int:
+    """Tokens a training step processes, prefix tokens included: every patch, or ``keep``'s (B, K), or those
+    ``drop`` (B, N) leaves (an image that would lose every patch keeps them all)."""
+    n = model.grid_size[0] * model.grid_size[1]
+    if drop is not None:
+        kept = (~drop).sum(1)
+        return batch * model.num_prefix_tokens + int(torch.where(kept == 0, n, kept).sum())
+    return batch * (model.num_prefix_tokens + (keep.shape[1] if keep is not None else n))
+
+
 def train_one_epoch(loop: Loop, data: Labelled, bank: KeypointBank | None, tc: TrainConfig, epoch: int,
-                    tick: Callable[[str], None]) -> dict:
-    """One epoch of shuffled, augmented batches; returns its record (loss and accuracy on this rank's slices,
-    and ``train_tokens``: the tokens the steps processed, prefix tokens included)."""
+                    tick: Callable[[str], None], token_drop: TokenDrop | None = None) -> dict:
+    """One epoch of shuffled, augmented batches (``token_drop``'s patches removed, moved with each image's crop and
+    flip); returns its record (loss and accuracy on this rank's slices, and ``train_tokens``: the tokens the steps
+    processed, prefix tokens included)."""
     t0 = time.time()
     model, device, cfg = loop.model, loop.run.device, loop.model.cfg
     model.train()
@@ -124,13 +156,14 @@ def train_one_epoch(loop: Loop, data: Labelled, bank: KeypointBank | None, tc: T
     for step, idx in batches:
         loop.set_lr(step)
         aug = draw_augment(len(idx), tc.pad, gen)
-        xb = apply_augment(normalize(x_all[idx].to(device), cfg.mean, cfg.std), aug, tc.pad)  # (B, 3, H, W)
+        x0 = normalize(x_all[idx].to(device), cfg.mean, cfg.std)  # (B, 3, H, W) before augmentation
+        xb = apply_augment(x0, aug, tc.pad)
         keep = kept_tokens(tc, model, bank, idx, aug, gen)  # (B, K) or None
-        tokens += len(idx) * (model.num_prefix_tokens + (keep.shape[1] if keep is not None else
-                                                          model.grid_size[0] * model.grid_size[1]))
-        xb, yb, keep = loop.run.shard(xb, y_all[idx].to(device), keep)
+        drop = moved_drop(token_drop, model, x0, aug, tc.pad)  # (B, N) or None
+        tokens += step_tokens(model, len(idx), keep, drop)
+        xb, yb, keep, drop = loop.run.shard(xb, y_all[idx].to(device), keep, drop)
         with loop.autocast():
-            logits = loop.ddp(xb, keep)
+            logits = loop.ddp(xb, keep) if drop is None else forward_dropping(loop.ddp, xb, drop)
             loss = F.cross_entropy(logits.float(), yb, label_smoothing=tc.label_smoothing)
         loop.step(loss)
         seen += len(yb)
@@ -142,23 +175,31 @@ def train_one_epoch(loop: Loop, data: Labelled, bank: KeypointBank | None, tc: T
 
 
 def train(model: StartModel, images: str, config: TrainConfig | None = None, *, progress: bool = True,
-          out: str | os.PathLike | None = None) -> TrainResult:
+          out: str | os.PathLike | None = None, token_drop: TokenDrop | None = None) -> TrainResult:
     """Train a ViT on ``images`` (an ImageFolder: a folder, a zip, or a folder inside a zip): a new one of
     ``config.shape`` when ``model`` is None, else fine-tune ``model`` (a siftlens ViT or its folder).
 
     With ``out``, checkpoints stream there every epoch (``config.session.resume`` continues from them) and the
     finished model and history are saved there; without, the run keeps its checkpoints in a temporary folder.
+    ``token_drop``: patches no training step and no evaluation sees (see the module's docstring).
     """
     tc = config or TrainConfig()
     check_keep(tc.keep.keep_rate, tc.keep.keep_policy, tc.keep.keep_eps)
+    if token_drop is not None and tc.keep.keep_rate < 1:
+        raise ConfigError("a given token drop and --keep-rate < 1 do not combine: train with --keep-rate 1")
     if out is None and tc.session.resume:
         raise ConfigError("resume needs the output folder of the run to continue (out)")
     with tempfile.TemporaryDirectory(prefix="siftlens-train-") as tmp:
-        return _train(load_start(model), images, tc, progress, Path(out) if out is not None else None, Path(tmp))
+        return _train(load_start(model), images, tc, progress, Path(out) if out is not None else None, Path(tmp),
+                      token_drop)
 
 
-def _train(start, images: str, tc: TrainConfig, progress: bool, out: Path | None, tmp: Path) -> TrainResult:
+def _train(start, images: str, tc: TrainConfig, progress: bool, out: Path | None, tmp: Path,
+           token_drop: TokenDrop | None) -> TrainResult:
     run = start_run(tc.run.device, out or tmp, tc.session.resume, tc.session.threads, tc.run.batch_size)
+    if token_drop is not None and run.dist.active:
+        end_run(run)
+        raise ConfigError("a given token drop runs in one process: start it without torchrun")
     tc = replace(tc, run=replace(tc.run, device=run.device))
     size = input_size(start, tc.shape.img_size)
     bank = None
@@ -185,9 +226,9 @@ def _train(start, images: str, tc: TrainConfig, progress: bool, out: Path | None
     with progress_bar(progress and run.is_main) as pb:
         tick = loop.ticker(pb, "train", start_epoch)
         for epoch in epoch_range(start_epoch, o.epochs, tc.session.stop_after):
-            rec = train_one_epoch(loop, tr, bank, tc, epoch, tick)
+            rec = train_one_epoch(loop, tr, bank, tc, epoch, tick, token_drop)
             if va is not None and run.is_main:
-                rec["val_acc"] = evaluate(model, va.x, va.y, cfg, run.device)
+                rec["val_acc"] = evaluate(model, va.x, va.y, cfg, run.device, token_drop=token_drop)
             loop.end_epoch(epoch, rec, history)
     history["wall_seconds"] = time.time() - t_start
     result = TrainResult(model.eval(), tc, history)

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError
+from ...models.backend import keep_groups
 from ...models.vit import POOLS as VIT_POOLS
 from ...progress import progress_bar
 from ...training.optim import lr_at, param_groups
-from ..interventions import keep_groups
 
 POOLS = ("model", *VIT_POOLS)  # repair's --pool: the model's own pooling, or one of the ViT's
 

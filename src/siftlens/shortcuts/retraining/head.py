@@ -55,7 +55,7 @@ from ...io import write_json
 from ...keypoints import SiftOptions, sift_params
 from ...loading import KeypointDataset, make_loader, one_cv2_thread_per_worker
 from ...models import load_backend
-from ...models.backend import Backend
+from ...models.backend import Backend, keep_groups
 from ...models.vit import save_vit
 from ...options import RunOptions, group, option
 from ...progress import progress_bar
@@ -65,7 +65,6 @@ from ..discovery.vocabulary import Vocabulary, load_vocabulary
 from ..dropping import network_backend
 from ..flags import FlagOptions, flag_patches, word_sets
 from ..groups import by_alignment, find_sidecar, group_accuracy, image_groups, read_sidecar
-from ..interventions import keep_groups
 from ..record import config_record
 from .blocks import POOLS, TuneSettings, finetune, frozen_tokens, tuned_predictions
 
