@@ -157,3 +157,21 @@ def test_retrain_with_nothing_flagged_is_plain_training_with_no_drop(marked, tmp
     got = load_vit(tmp_path / "r" / "model").state_dict()
     for k, v in plain.model.state_dict().items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+
+
+def test_the_drop_keeps_the_model_in_training_mode(marked, monkeypatch):
+    """The drop builds a Backend of the model in training (a Backend puts its model in eval mode): every training
+    step still runs in training mode."""
+    modes = []
+    forward = ViT.forward
+
+    def spy(self, x, keep_idx=None, *a, **kw):
+        if torch.is_grad_enabled():
+            modes.append(self.training)
+        return forward(self, x, keep_idx, *a, **kw)
+
+    monkeypatch.setattr(ViT, "forward", spy)
+    cfg = build(RetrainConfig, dict(candidates=str(marked / "disc"), flagged_only=False, top_words=2, epochs=1,
+                                    batch_size=8, seed=1))
+    retrain(str(marked / "model"), str(marked / "data"), cfg, progress=False)
+    assert modes and all(modes)
