@@ -149,4 +149,3 @@ def retrain_outcome(res: RetrainResult, paths: dict[str, Path]) -> str:
         return f"{s['reason']}; {fit}\nmodel (no drop): {paths['model']}"
     return (f"trained with {len(s['words'])} flagged word(s) dropped ({s['flagged_share']:.0%} of the images had a "
             f"flagged patch); {fit}\n" + _model_line(s, paths["model"]))
-

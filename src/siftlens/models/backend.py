@@ -239,6 +239,20 @@ def keep_groups(drop: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+def forward_kept(drop: torch.Tensor, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Logits (B, C) of a batch whose images keep their own patches: ``forward(rows (b,), keep (b, k))`` -> (b, C)
+    is called once per group of :func:`keep_groups` (``drop``: (B, N) bool) and the rows are put back in order.
+    Differentiable: the groups' logits are written into one new tensor."""
+    out: torch.Tensor | None = None
+    for rows, keep in keep_groups(drop):
+        logits = forward(rows, keep)
+        if out is None:
+            out = logits.new_empty((drop.shape[0], logits.shape[1]))
+        out[rows.to(out.device)] = logits
+    assert out is not None
+    return out
+
+
 def key_bias_tokens(
     key_bias: torch.Tensor | None, keep_idx: torch.Tensor | None, num_prefix: int
 ) -> torch.Tensor | None:

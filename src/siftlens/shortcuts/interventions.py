@@ -5,7 +5,7 @@ and work on patch masks over the model's grid (``N = g_h * g_w`` patches, row-ma
 discovery's occlusion check (:mod:`~siftlens.shortcuts.discovery.causal`), prompting and repair.
 
 Variable numbers of dropped tokens per image. ``mode="group"`` runs one forward per distinct number of
-kept tokens (:func:`~siftlens.models.backend.keep_groups`), each with ``keep_idx`` (exact removal for every
+kept tokens (:func:`~siftlens.models.backend.forward_kept`), each with ``keep_idx`` (exact removal for every
 model and pooling); ``mode="mask"`` runs one forward with ``-inf`` on the dropped keys in every layer, which
 gives the same CLS output because a key with ``-inf`` receives zero attention from every query, so it never
 influences another token (mean-pooling models differ: the masked tokens still enter the mean, except for the
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..models.backend import Backend, keep_groups
+from ..models.backend import Backend, forward_kept
 
 DROP_MODES = ("group", "mask")
 
@@ -35,8 +35,8 @@ def forward_drop(backend: Backend, x: torch.Tensor, drop: torch.Tensor, mode: st
                  key_bias: torch.Tensor | None = None, layers: Sequence[int] | None = None) -> torch.Tensor:
     """Logits (B, C) with the patches where ``drop: (B, N) bool`` is True removed from each image.
 
-    An image whose every patch is flagged keeps them all (see :func:`keep_groups`); callers can detect that case
-    from ``drop.all(1)``. ``key_bias`` (B, N) and ``layers``: an attention bias applied as well, as
+    An image whose every patch is flagged keeps them all (see :func:`~siftlens.models.backend.keep_groups`); callers
+    can detect that case from ``drop.all(1)``. ``key_bias`` (B, N) and ``layers``: an attention bias applied as well, as
     :meth:`~siftlens.models.backend.Backend.forward_intervened` applies it (``mode="group"`` only).
     """
     if mode not in DROP_MODES:
@@ -50,16 +50,13 @@ def forward_drop(backend: Backend, x: torch.Tensor, drop: torch.Tensor, mode: st
             raise ConfigError("a drop in mask mode takes no other attention bias; use mode 'group'")
         bias = torch.zeros(drop.shape, dtype=torch.float32).masked_fill(drop, float("-inf")).to(x.device)
         return _ensure_logits(backend.forward_intervened(x, key_bias=bias))
-    out: torch.Tensor | None = None
-    for rows, keep in keep_groups(drop):
+
+    def group(rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         kb = None if key_bias is None else key_bias[rows.to(key_bias.device)]
-        logits = _ensure_logits(backend.forward_intervened(x[rows.to(x.device)], keep_idx=keep.to(x.device),
-                                                           key_bias=kb, layers=layers))
-        if out is None:
-            out = logits.new_empty((x.shape[0], logits.shape[1]))
-        out[rows.to(out.device)] = logits
-    assert out is not None
-    return out
+        return _ensure_logits(backend.forward_intervened(x[rows.to(x.device)], keep_idx=keep.to(x.device),
+                                                         key_bias=kb, layers=layers))
+
+    return forward_kept(drop, group)
 
 
 def keep_top_idx(weights: torch.Tensor, q: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..models.backend import keep_groups
+from ..models.backend import forward_kept
 from .augment import AugParams
 from .keypoint_bank import KeypointBank, patch_counts, transform_keypoints
 
@@ -74,13 +74,6 @@ def augmented_counts(bank: KeypointBank, idx: torch.Tensor, aug: AugParams, pad:
 
 def forward_dropping(model: torch.nn.Module, x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     """Logits (B, C) of a siftlens ViT on x (B, 3, H, W) with the patches where ``drop`` (B, N) bool is True
-    removed: one forward per number of kept tokens (:func:`~siftlens.models.backend.keep_groups`), each image with
+    removed: one forward per number of kept tokens (:func:`~siftlens.models.backend.forward_kept`), each image with
     its own position embeddings. Differentiable; an image whose every patch is True keeps them all."""
-    out: torch.Tensor | None = None
-    for rows, keep in keep_groups(drop):
-        logits = model(x[rows.to(x.device)], keep.to(x.device))
-        if out is None:
-            out = logits.new_empty((x.shape[0], logits.shape[1]))
-        out[rows.to(out.device)] = logits
-    assert out is not None
-    return out
+    return forward_kept(drop, lambda rows, keep: model(x[rows.to(x.device)], keep.to(x.device)))
