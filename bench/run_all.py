@@ -8,7 +8,8 @@ without it, the full mode (about 20 minutes). Each benchmark runs in its own pro
 ``bench/results/summary[-quick].json`` with every check and prints the table. ``--strict`` exits with 1 when a
 check fails (the default is 0: on a shared machine a FAIL is information, not an error).
 
-The pre-training benchmark runs only when the pre-training code is present (``siftlens.training.pretraining``).
+The pre-training benchmark runs only when the pre-training code is present (``siftlens.training.pretraining``), the
+retrain one only when the shortcut benchmark's encoder is.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import time
 
 import _common as C
 
-BENCHMARKS = ("keypoints", "attention_metrics", "memory", "data_loading", "pretrain_step")
+BENCHMARKS = ("keypoints", "attention_metrics", "memory", "data_loading", "pretrain_step", "retrain_step")
 
 
 def available(name: str) -> bool:
     if name == "pretrain_step":
         src = C.ROOT / "src" / "siftlens"
         return (src / "training" / "masking.py").exists() and (src / "models" / "mae.py").exists()
+    if name == "retrain_step":  # the shortcut benchmark's encoder, committed with it
+        return (C.ROOT / "experiments" / "shortcut_benchmark" / "encoder" / "model" / "config.json").exists()
     return True
 
 

@@ -27,10 +27,10 @@ from siftlens.training.keypoint_bank import KeypointBank
 from siftlens.training.masking import attention_weights, mask_scores
 
 
-def old_train_one_epoch(loop, data, bank, tc, epoch, tick, token_drop=None):
+def old_train_one_epoch(loop, data, bank, tc, epoch, tick, drops=None):
     """The supervised epoch as it was before token dropping existed (frozen here as the reference; a run without a
     given drop passes it None)."""
-    assert token_drop is None
+    assert drops is None
     t0 = time.time()
     model, device, mcfg = loop.model, loop.run.device, loop.model.cfg
     model.train()

@@ -49,7 +49,7 @@ def start_model(path) -> str:
 
 
 def tc(**kw) -> TrainConfig:
-    return build(TrainConfig, dict(epochs=2, batch_size=8, lr=3e-3, warmup_epochs=0.5, pad=2, seed=3, **kw))
+    return build(TrainConfig, {**dict(epochs=2, batch_size=8, lr=3e-3, warmup_epochs=0.5, pad=2, seed=3), **kw})
 
 
 def top_left(model, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +93,25 @@ def test_training_never_sees_the_dropped_pixels_and_an_empty_drop_changes_nothin
         torch.testing.assert_close(nothing[k], plain[0][k], rtol=0, atol=0)
     with pytest.raises(ConfigError, match="keep-rate"):
         train(start, str(tmp_path / "a"), tc(keep_rate=0.5), progress=False, token_drop=top_left)
+
+
+def test_the_drop_is_asked_once_per_image_whatever_the_epochs(tmp_path):
+    """The images are the same every epoch, so the drop (SIFT, in ``retrain``) is asked once per training image and
+    once per validation image, before the first epoch: three epochs ask it no more than one, and train the same
+    weights as a drop asked again every epoch would (the asked masks are those of the images it was given)."""
+    two_class_folder(tmp_path / "a", fill_region=1)
+    start = start_model(tmp_path / "start")
+    asked = []
+
+    def counting(model, x):
+        asked.append(len(x))
+        return top_left(model, x)
+
+    for epochs in (1, 3):
+        asked.clear()
+        train(start, str(tmp_path / "a"), tc(epochs=epochs, val=str(tmp_path / "a")), progress=False,
+              token_drop=counting)
+        assert sum(asked) == 24 + 24  # 24 training images and the same 24 as validation, each asked once
 
 
 @pytest.fixture(scope="module")

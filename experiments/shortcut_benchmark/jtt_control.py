@@ -6,6 +6,8 @@ retraining (identifier: that ERM model), and score both on the aligned and confl
 control must equal the run's (``methods.erm.control`` in its results, to the printed digit), else nothing is written;
 then ``methods.jtt`` of each kind gains ``control``, ``control_cost`` and ``control_from``, written atomically.
 About 2,000 s per kind on one core (JTT retrains on ERM's errors repeated 20 times); steps resume like ``run.py``'s.
+``--kinds`` (default: the kinds whose JTT has no control cost yet); ``--threads`` as the run's (the rebuilt ERM
+control is compared with the run's, and torch's sums depend on the thread count).
 
     python experiments/shortcut_benchmark/jtt_control.py --encoder experiments/shortcut_benchmark/encoder/model \\
         --results experiments/shortcut_benchmark/results/final-seed5-run5.json
@@ -52,6 +54,9 @@ def main() -> None:
     ap.add_argument("--results", required=True, help="the finished run's results JSON (full scale)")
     ap.add_argument("--work", default=None, help="working folder (default runs/jtt-control-seed<seed>)")
     ap.add_argument("--jobs", type=int, default=2, help="kinds run in parallel")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per training")
+    ap.add_argument("--kinds", default=None, help="comma-separated kinds (default: those whose JTT has no control "
+                                                  "cost yet)")
     args = ap.parse_args()
     out = Path(args.results)
     results = json.loads(out.read_text())
@@ -59,12 +64,17 @@ def main() -> None:
         raise SystemExit(f"{out}: a full-scale run's results are needed, not {results.get('scale')!r}")
     seed, extent = results["seed"], results["config"]["discover"].get("causal_extent")
     work = Path(args.work or run.ROOT / "runs" / f"jtt-control-seed{seed}").resolve()
-    a = argparse.Namespace(encoder=args.encoder, seed=seed, threads=1, device="cpu", without=set(), work=str(work),
-                           cifar=str(run.DATA / "cifar10-jpg.zip"), imagenet=str(run.DATA / "imagenet-samples-dev.zip"))
+    a = argparse.Namespace(encoder=args.encoder, seed=seed, threads=args.threads, device="cpu", without=set(),
+                           work=str(work), cifar=str(run.DATA / "cifar10-jpg.zip"),
+                           imagenet=str(run.DATA / "imagenet-samples-dev.zip"))
     a.cifar_root, a.kind_options = f"{a.cifar}/cifar10", dict(run.KINDS)
     cfg = run.with_check(run.SCALES["full"], extent, None)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(run.ROOT / "src")}
-    kinds = [k for k in results["kinds"] if k in run.KINDS]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(run.ROOT / "src")}
+    kinds = args.kinds.split(",") if args.kinds else [
+        k for k, v in results["kinds"].items() if k in run.KINDS and v["methods"]["jtt"].get("control") is None]
+    unknown = [k for k in kinds if k not in results["kinds"] or k not in run.KINDS]
+    if unknown:
+        raise SystemExit(f"{out} has no results for kinds {unknown}")
     if "imagenet" in kinds:
         run.imagenet_markers(a.imagenet, Path(a.work) / "imagenet-markers", seed)
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:

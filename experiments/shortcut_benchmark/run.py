@@ -23,7 +23,8 @@ Per kind of marker (glyphs, imagenet, large, watermark; ``--markers-dir`` adds a
 Every method runs on the shortcut build and on the control build; ``control_cost`` is the points the method loses
 on the control (aligned and conflicting images together). Every step is a ``siftlens`` subprocess whose output file
 marks it done, so a run resumes where it stopped. Kinds run in parallel (``--jobs``); after each kind the results
-file is rewritten, so a stopped run keeps what it finished.
+file is rewritten, so a stopped run keeps what it finished, and a pass over some kinds (``--kinds``) keeps the other
+kinds an earlier pass of the same run wrote there.
 
     python experiments/shortcut_benchmark/run.py --encoder runs/encoder-half/model --seed 0 --scale validation
     python experiments/shortcut_benchmark/run.py --encoder runs/encoder-half/model --seed 2     # the final table
@@ -278,6 +279,7 @@ def main() -> None:
         for kind in kinds:
             Kind(kind, a, cfg, env).build()
         return
+    results["kinds"] = earlier_kinds(out, results, kinds)
     chosen = choose(json.loads(Path(a.validation).read_text())) if a.validation else None
     results["chosen"] = chosen and {**chosen, "from": str(a.validation)}
     t0 = time.time()
@@ -298,6 +300,22 @@ def main() -> None:
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
         list(pool.map(one, kinds))
     print(f"results: {out}")
+
+
+def earlier_kinds(out: Path, results: dict, kinds: list[str]) -> dict:
+    """The kinds an earlier pass of the same run (seed, scale, encoder and settings) wrote to ``out`` and this pass
+    does not run: a pass over some kinds keeps the others. A file of another run is refused, not overwritten."""
+    if not out.exists():
+        return {}
+    old = json.loads(out.read_text())
+    same = ("seed", "scale", "encoder", "config")
+    diff = [k for k in same if old.get(k) != json.loads(json.dumps(results[k]))]  # as JSON holds them
+    if diff:
+        raise SystemExit(f"{out} holds another run (different {', '.join(diff)}): give another --out")
+    kept = {k: v for k, v in old.get("kinds", {}).items() if k not in kinds}
+    if kept:
+        print(f"kept from {out}: {', '.join(kept)}", flush=True)
+    return kept
 
 
 def with_check(cfg: dict, extent: str | None, images: int | None, test: str | None = None,

@@ -13,9 +13,11 @@ numbers, so it reproduces training without dropping exactly.
 
 A given drop (``token_drop``, e.g. a discovered shortcut's tokens, :mod:`siftlens.shortcuts.retraining.retrain`):
 ``token_drop(model, x)`` names, for each image of a batch as it is before augmentation, the patches the model must
-never see; they are moved with the image's crop and flip (every augmented patch holding any of their pixels), removed
-from every training step (each image its own number of tokens) and from the evaluation. It draws no random numbers:
-a ``token_drop`` that names no patch reproduces training without it exactly.
+never see. It is asked once per image, before the first epoch (:func:`drop_masks`: the images are in memory and are
+the same every epoch, so a drop computed by SIFT costs one pass, not one per epoch); each step moves its images'
+masks with their crops and flips (every augmented patch holding any of their pixels) and removes those tokens (each
+image its own number of tokens), and the evaluation removes them too. It draws no random numbers: a ``token_drop``
+that names no patch reproduces training without it exactly.
 
 ``train(None, images, config)`` trains a new ViT of ``config.shape``; ``train(model, images, config)``
 fine-tunes a saved siftlens ViT (:mod:`siftlens.training.start`). Outputs in ``out/`` when it is given:
@@ -93,13 +95,14 @@ class TrainResult(EpochHistory):
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cfg: ViTConfig,
-             device: str, batch_size: int = 512, token_drop: TokenDrop | None = None) -> float:
-    """Top-1 accuracy of ``model`` on uint8 images (N, H, W, 3), with ``token_drop``'s patches removed if given."""
+             device: str, batch_size: int = 512, drop: torch.Tensor | None = None) -> float:
+    """Top-1 accuracy of ``model`` on uint8 images (N, H, W, 3), with ``drop`` (N, P) bool's patches removed if
+    given."""
     model.eval()
     correct = 0
     for i in range(0, len(images), batch_size):
         x = normalize(torch.from_numpy(images[i : i + batch_size]).to(device), cfg.mean, cfg.std)
-        logits = model(x) if token_drop is None else forward_dropping(model, x, token_drop(model, x))
+        logits = model(x) if drop is None else forward_dropping(model, x, drop[i : i + batch_size].to(device))
         pred = logits.argmax(-1).cpu().numpy()
         correct += int((pred == labels[i : i + batch_size]).sum())
     return correct / max(len(images), 1)
@@ -120,15 +123,29 @@ def kept_tokens(tc: TrainConfig, model: ViT, bank: KeypointBank | None, idx: tor
     return keep_indices(u, keep_count(tc.keep.keep_rate, n), counts, tc.keep.keep_tau, tc.keep.keep_eps)
 
 
-def moved_drop(token_drop: TokenDrop | None, model: ViT, x: torch.Tensor, aug: AugParams, pad: int
+def drop_masks(token_drop: TokenDrop | None, model: ViT, images: np.ndarray, device: str, batch_size: int = 512
                ) -> torch.Tensor | None:
-    """``token_drop``'s patches of the batch x (B, 3, H, W) before augmentation, moved with its crops and flips:
-    (B, N) bool on x's device, or None without a drop."""
+    """``token_drop``'s patches of every image of ``images`` (N, H, W, 3) uint8 as it is before augmentation: (N, P)
+    bool on the CPU, asked in batches of ``batch_size``; None without a drop. ``model`` is left in its mode."""
     if token_drop is None:
         return None
+    mode, cfg = model.training, model.cfg
+    masks = [token_drop(model, normalize(torch.from_numpy(images[i : i + batch_size]).to(device), cfg.mean,
+                                         cfg.std)).to(torch.bool).cpu()
+             for i in range(0, len(images), batch_size)]
+    model.train(mode)
+    n = model.grid_size[0] * model.grid_size[1]
+    return torch.cat(masks) if masks else torch.zeros(0, n, dtype=torch.bool)
+
+
+def moved_drop(drop: torch.Tensor | None, model: ViT, aug: AugParams, pad: int, device) -> torch.Tensor | None:
+    """A batch's patch masks before augmentation, ``drop`` (B, N) bool, moved with its crops and flips: (B, N) bool
+    on ``device``, or None without a drop."""
+    if drop is None:
+        return None
     gh, gw = model.grid_size
-    mask = token_drop(model, x).to(torch.bool).cpu().view(len(x), gh, gw)
-    return augment_patch_mask(mask, aug, pad, model.patch_size).view(len(x), gh * gw).to(x.device)
+    mask = drop.view(len(drop), gh, gw)
+    return augment_patch_mask(mask, aug, pad, model.patch_size).view(len(drop), gh * gw).to(device)
 
 
 def step_tokens(model: ViT, batch: int, keep: torch.Tensor | None, drop: torch.Tensor | None) -> int:
@@ -142,10 +159,10 @@ def step_tokens(model: ViT, batch: int, keep: torch.Tensor | None, drop: torch.T
 
 
 def train_one_epoch(loop: Loop, data: Labelled, bank: KeypointBank | None, tc: TrainConfig, epoch: int,
-                    tick: Callable[[str], None], token_drop: TokenDrop | None = None) -> dict:
-    """One epoch of shuffled, augmented batches (``token_drop``'s patches removed, moved with each image's crop and
-    flip); returns its record (loss and accuracy on this rank's slices, and ``train_tokens``: the tokens the steps
-    processed, prefix tokens included)."""
+                    tick: Callable[[str], None], drops: torch.Tensor | None = None) -> dict:
+    """One epoch of shuffled, augmented batches (``drops`` (N, P) bool, a mask per training image before
+    augmentation: its patches removed, moved with each image's crop and flip); returns its record (loss and
+    accuracy on this rank's slices, and ``train_tokens``: the tokens the steps processed, prefix tokens included)."""
     t0 = time.time()
     model, device, cfg = loop.model, loop.run.device, loop.model.cfg
     model.train()
@@ -159,7 +176,7 @@ def train_one_epoch(loop: Loop, data: Labelled, bank: KeypointBank | None, tc: T
         x0 = normalize(x_all[idx].to(device), cfg.mean, cfg.std)  # (B, 3, H, W) before augmentation
         xb = apply_augment(x0, aug, tc.pad)
         keep = kept_tokens(tc, model, bank, idx, aug, gen)  # (B, K) or None
-        drop = moved_drop(token_drop, model, x0, aug, tc.pad)  # (B, N) or None
+        drop = moved_drop(None if drops is None else drops[idx], model, aug, tc.pad, device)  # (B, N) or None
         tokens += step_tokens(model, len(idx), keep, drop)
         xb, yb, keep, drop = loop.run.shard(xb, y_all[idx].to(device), keep, drop)
         with loop.autocast():
@@ -217,6 +234,8 @@ def _train(start, images: str, tc: TrainConfig, progress: bool, out: Path | None
     )
     model = start_vit(start, cfg, tc.run.seed).to(run.device)
     cfg, o = model.cfg, tc.optim
+    drops = drop_masks(token_drop, model, tr.x, run.device)  # (N, P) bool or None, once for every epoch
+    val_drops = drop_masks(token_drop, model, va.x, run.device) if va is not None else None
     sched = Schedule.for_data(len(tr.x), tc.run.batch_size, o.epochs, o.warmup_epochs, o.lr, o.min_lr)
     loop = Loop(run, model, adamw(model, o.lr, o.weight_decay, betas=(0.9, 0.999)), sched, tc.run.seed)
     history = {"config": {"train": images, "out": None if out is None else str(out), **flat_values(tc)},
@@ -226,9 +245,9 @@ def _train(start, images: str, tc: TrainConfig, progress: bool, out: Path | None
     with progress_bar(progress and run.is_main) as pb:
         tick = loop.ticker(pb, "train", start_epoch)
         for epoch in epoch_range(start_epoch, o.epochs, tc.session.stop_after):
-            rec = train_one_epoch(loop, tr, bank, tc, epoch, tick, token_drop)
+            rec = train_one_epoch(loop, tr, bank, tc, epoch, tick, drops)
             if va is not None and run.is_main:
-                rec["val_acc"] = evaluate(model, va.x, va.y, cfg, run.device, token_drop=token_drop)
+                rec["val_acc"] = evaluate(model, va.x, va.y, cfg, run.device, drop=val_drops)
             loop.end_epoch(epoch, rec, history)
     history["wall_seconds"] = time.time() - t_start
     result = TrainResult(model.eval(), tc, history)

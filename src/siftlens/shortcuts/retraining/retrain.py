@@ -93,9 +93,7 @@ class ShortcutTokens:
     def __call__(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, H, W) normalised -> (B, N) bool."""
         if self.backend is None or self.backend.model is not model:
-            mode = model.training
-            self.backend = NativeBackend(model, x.device)  # a Backend puts its model in eval mode
-            model.train(mode)
+            self.backend = NativeBackend(model, x.device)  # puts the model in eval mode: train() restores it
         drop = self.rule.patches(self.backend, x)
         self.seen += len(x)
         self.flagged += int(drop.any(1).sum())
@@ -117,6 +115,6 @@ def retrain(model, images: str, config: RetrainConfig | None = None, *, progress
               "words": sorted(rule.words), "epochs": result.record["epochs"], "seconds": round(time.time() - t0, 2)}
     if drop is None:
         record["reason"] = NO_SHORTCUT
-    else:  # of every image the drop was asked about (each epoch's, before augmentation, and any evaluation's)
+    else:  # of every image the drop was asked about: each training and validation image once, before augmentation
         record["flagged_share"] = round(drop.flagged / drop.seen, 4) if drop.seen else 0.0
     return RetrainResult(result.model.eval().cpu(), rule if drop is not None else None, record)
