@@ -138,7 +138,8 @@ def drop_masks(token_drop: TokenDrop | None, model: ViT, images: np.ndarray, dev
     return torch.cat(masks) if masks else torch.zeros(0, n, dtype=torch.bool)
 
 
-def moved_drop(drop: torch.Tensor | None, model: ViT, aug: AugParams, pad: int, device) -> torch.Tensor | None:
+def moved_drop(drop: torch.Tensor | None, model: ViT, aug: AugParams, pad: int, device: str | torch.device
+               ) -> torch.Tensor | None:
     """A batch's patch masks before augmentation, ``drop`` (B, N) bool, moved with its crops and flips: (B, N) bool
     on ``device``, or None without a drop."""
     if drop is None:
