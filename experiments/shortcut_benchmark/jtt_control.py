@@ -5,7 +5,8 @@ For each kind, ``run.py``'s own steps with the run's seed rebuild the control's 
 retraining (identifier: that ERM model), and score both on the aligned and conflicting splits. The rebuilt ERM
 control must equal the run's (``methods.erm.control`` in its results, to the printed digit), else nothing is written;
 then ``methods.jtt`` of each kind gains ``control``, ``control_cost`` and ``control_from``, written atomically.
-About 2,000 s per kind on one core (JTT retrains on ERM's errors repeated 20 times); steps resume like ``run.py``'s.
+About 2,000 s per kind on one core (JTT retrains on ERM's errors repeated 20 times); steps resume like ``run.py``'s,
+so ``--work`` set to the run's own working folder, where it survives, reuses its build and ERM control.
 ``--kinds`` (default: the kinds whose JTT has no control cost yet); ``--threads`` as the run's (the rebuilt ERM
 control is compared with the run's, and torch's sums depend on the thread count).
 
@@ -79,8 +80,8 @@ def main() -> None:
         run.imagenet_markers(a.imagenet, Path(a.work) / "imagenet-markers", seed)
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         scores = dict(zip(kinds, pool.map(lambda k: control_scores(k, a, cfg, env), kinds), strict=True))
-    fill(results, scores, f"jtt_control.py: the control build, ERM and JTT rebuilt with run.py's steps and seed "
-                          f"{seed}; the rebuilt ERM control equals the run's")
+    fill(results, scores, f"jtt_control.py in {work.name}/: JTT on the control with run.py's steps and seed {seed}; "
+                          f"the ERM control it retrains from scores as the run's")
     run.write(out, results)
     print(json.dumps({k: v["methods"]["jtt"]["control_cost"] for k, v in results["kinds"].items()}))
 
