@@ -177,9 +177,8 @@ def causal_check(
     """``f``: the features whose words are the candidates (SIFT words, or patch regions); ``texture``: the
     features whose keypoints count for the matched control (default ``f``); ``reference``: a model with the same
     classes and patch grid, whose own paired differences are occluded alongside (the reference test). Adds
-    ``causal``, ``drop_fall``,
-    ``control_fall``, ``halved_rate`` (share of the images whose p(class)
-    fell below half its value), ``causal_images`` and, from the per-image paired differences, ``effect``,
+    ``causal``, ``drop_fall``, ``control_fall``, ``halved_rate`` (share of the images whose p(class) fell below
+    half its value), ``causal_images`` and, from the per-image paired differences, ``effect``,
     ``effect_lo``, ``effect_hi`` and ``p`` (:func:`~siftlens.shortcuts.discovery.decision.paired_effect`) to
     ``cands`` rows; with the insertion test also ``insert_rise``, ``insert_control_rise`` (mean rises of
     p(class) in the recipients) and ``insert_effect``, ``insert_lo``, ``insert_hi``, ``insert_p``; with a
