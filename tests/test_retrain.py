@@ -164,8 +164,11 @@ def test_retrain_with_nothing_flagged_is_plain_training_with_no_drop(marked, tmp
     """Discovery flagged nothing: the CLI says so, and the model is what `siftlens train` gives with the same recipe,
     with no drop in its folder."""
     common = ["--model", str(marked / "model"), "--epochs", "1", "--batch-size", "8", "--seed", "1", "--no-progress"]
+    # the same torch threads as the training below (conftest's), whatever OMP_NUM_THREADS and the cores say: the sums
+    # of a step differ in the last bits with the thread count
     r = subprocess.run([sys.executable, "-m", "siftlens.cli", "retrain", "--images", str(marked / "data"),
-                        "--candidates", str(marked / "disc"), "--out", str(tmp_path / "r"), *common],
+                        "--candidates", str(marked / "disc"), "--out", str(tmp_path / "r"), *common,
+                        "--threads", str(torch.get_num_threads())],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "no shortcut found" in r.stdout

@@ -258,13 +258,9 @@ def mixed(colours):
 def trained_control(tmp_path_factory):
     """A tiny ViT *trained* on the control's data (the class in the grey level, every marker in every class): it
     uses no marker, but occlusion flags its core feature (the region word of a class's background)."""
-    from siftlens.training import TrainConfig, train
-
     root = tmp_path_factory.mktemp("trained-control")
     _write_control(root / "train", np.random.default_rng(1), 40)
-    tc = build(TrainConfig, dict(img_size=32, patch_size=4, dim=32, depth=2, heads=2, epochs=16, batch_size=20,
-                                 lr=3e-3, warmup_epochs=0.5, pad=0, seed=0))
-    train(None, str(root / "train"), tc, progress=False, out=root / "run")
+    _train_control(root, seed=0, name="run")
     return root
 
 
@@ -340,6 +336,77 @@ def test_the_cross_class_test_needs_labels(trained_control, tmp_path):
     with pytest.raises(ConfigError, match="--causal-test cross needs labelled images"):
         discover(str(trained_control / "run" / "model"), str(tmp_path), _discovery_config(causal_test="cross"),
                  progress=False)
+
+
+def _train_control(root, seed: int, name: str):
+    """A tiny ViT trained (with ``seed``) on the control's data in ``root / "train"``; its model folder
+    ``root / name / "model"``."""
+    from siftlens.training import TrainConfig, train
+
+    tc = build(TrainConfig, dict(img_size=32, patch_size=4, dim=32, depth=2, heads=2, epochs=16, batch_size=20,
+                                 lr=3e-3, warmup_epochs=0.5, pad=0, seed=seed))
+    train(None, str(root / "train"), tc, progress=False, out=root / name)
+    return root / name / "model"
+
+
+def test_the_reference_test_drops_a_feature_every_model_of_the_task_uses(trained_control):
+    """The trained control's background region word lowers p(class) when occluded (occlusion flags it). A second
+    model trained on the same clean data (another seed) leans on it as much: the excess over that reference is
+    about zero, so nothing is flagged, and the occlusion columns are those of occlusion alone."""
+    from siftlens.shortcuts.discovery.decision import decide
+
+    root = trained_control
+    model, images = str(root / "run" / "model"), str(root / "train")
+    reference = str(_train_control(root, seed=1, name="run-seed1"))
+    occl = discover(model, images, _discovery_config(causal_top=10), progress=False)
+    core = occl.candidates[occl.candidates["flagged"].astype(bool)]
+    assert len(core), occl.decision
+    ref = discover(model, images, _discovery_config(causal_top=10, causal_test="reference", reference=reference),
+                   progress=False)
+    np.testing.assert_allclose(ref.candidates["effect"], occl.candidates["effect"], atol=1e-6)
+    assert (decide(ref.candidates.copy())["flagged"] == occl.candidates["flagged"]).all()
+    c = ref.candidates.set_index(["class", "word"]).loc[list(zip(core["class"], core["word"], strict=True))]
+    assert (c["reference_effect"] > 0.05).all(), c  # the reference uses the word too
+    assert (c["excess"] < 0.05).all(), c
+    assert not ref.candidates["flagged"].any()
+    assert all(ref.verdict(k) == "no shortcut found" for k in ref.class_names), ref.decision
+    assert ref.decision["causal_test"] == "reference" and "reference model" in ref.decision["test"]
+
+
+def test_the_reference_test_keeps_the_planted_markers_against_a_clean_reference(colours, trained_control):
+    """The planted model's markers against a reference that never relied on them (the trained control): every
+    marker occlusion flags keeps an excess above 0.1 over the reference and stays flagged, with the claim naming
+    the excess."""
+    from siftlens.shortcuts.discovery.decision import claim_text, decide
+
+    root = colours[0]
+    cfg = _discovery_config(causal_top=10, causal_test="reference", reference=str(trained_control / "run" / "model"))
+    res = discover(str(root / "run" / "model"), str(root / "train"), cfg, progress=False)
+    cand = res.candidates
+    occl = decide(cand.copy(), 0.05, 0.05, "occlude")
+    flagged = cand[cand["flagged"].astype(bool)]
+    assert flagged["class"].nunique() >= 2, res.decision
+    assert (flagged.index == occl.index[occl["flagged"]]).all()  # every occlusion flag is kept
+    assert (flagged["excess"] > 0.1).all() and (flagged["excess"] < flagged["effect"] + 0.05).all(), flagged
+    shown = [r for c in res.class_names for r in res.to_json()["decision"]["classes"][c]["candidates"]]
+    assert len(shown) == len(flagged) and "beyond the reference 0." in claim_text(shown[0], "reference")
+
+
+def test_the_reference_must_have_the_models_classes_and_grid(colours, tmp_path):
+    from siftlens.models.vit import ViT, ViTConfig, save_vit
+
+    root = colours[0]
+    for name, cfg in (("classes", dict(patch_size=4, class_names=["cat", "dog", "eel"])),
+                      ("grid", dict(patch_size=8, class_names=list(COLOURS)))):
+        save_vit(ViT(ViTConfig(img_size=(32, 32), dim=32, depth=1, heads=2, num_classes=3, **cfg)), tmp_path / name)
+    with pytest.raises(ConfigError, match="has classes"):
+        discover(str(root / "run" / "model"), str(root / "train"),
+                 _discovery_config(causal_test="reference", reference=str(tmp_path / "classes")), progress=False)
+    with pytest.raises(ConfigError, match="in patches of 8, not the model's"):
+        discover(str(root / "run" / "model"), str(root / "train"),
+                 _discovery_config(causal_test="reference", reference=str(tmp_path / "grid")), progress=False)
+    with pytest.raises(ConfigError, match="needs --reference"):
+        _discovery_config(causal_test="reference").validate()
 
 
 def _texture_words(res, tex):

@@ -2,8 +2,9 @@
 
 ``discover --causal-test cross`` runs the occlusion check unchanged and adds the cross-class test, so the
 occlusion-only rule can be applied to the same candidates (:func:`siftlens.shortcuts.discovery.decision.decide`).
-Per kind this prints and writes, for each rule of ``--rules`` (``occlude``, ``cross``, and ``region``: occlusion
-with region words held to an effect of 0.1, session 16): on the shortcut model, the classes whose first
+Per kind this prints and writes, for each rule of ``--rules`` (``occlude``, ``cross``, ``region``: occlusion
+with region words held to an effect of 0.1, session 16, and ``reference``: the region rule plus the excess over the
+reference model, session 20, on a run with ``--causal-test reference``): on the shortcut model, the classes whose first
 flagged candidate lies on the class's marker (the patch rule), and on the control, the classes with any flag.
 
 The patch rule needs every candidate's share of patches on its marker, and discovery.json keeps it for the top 5
@@ -37,7 +38,9 @@ from run import write  # noqa: E402
 from siftlens.shortcuts.discovery.decision import decide  # noqa: E402
 
 KINDS = ("glyphs", "imagenet", "large", "watermark")
-RULES = {"occlude": ("occlude", 0.0), "cross": ("cross", 0.0), "region": ("occlude", 0.1)}  # name: (test, region min)
+# name: (test, region min); reference needs a run with the reference test's columns (discover --causal-test reference)
+RULES = {"occlude": ("occlude", 0.0), "cross": ("cross", 0.0), "region": ("occlude", 0.1),
+         "reference": ("reference", 0.1)}
 
 
 def first_flag_on_marker(cands: pd.DataFrame, patch_rule: dict) -> dict:

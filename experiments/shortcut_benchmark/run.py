@@ -236,9 +236,10 @@ def parse() -> argparse.Namespace:
                          "study_discovery.py --study checks chose it on the validation builds")
     ap.add_argument("--causal-images", type=int, default=None,
                     help="images per checked candidate (`discover --causal-images`; default: the scale's)")
-    ap.add_argument("--causal-test", choices=("occlude", "cross"), default=None,
+    ap.add_argument("--causal-test", choices=("occlude", "cross", "reference"), default=None,
                     help="what discovery's flags are decided on (`discover --causal-test`; default occlude); cross "
-                         "also asks occlusion to lower p(class) in other classes' labelled images (session 16)")
+                         "also asks occlusion to lower p(class) in other classes' labelled images (session 16); "
+                         "reference, that the fall exceed the same fall in the encoder (`--reference`; session 20)")
     ap.add_argument("--cross-select", choices=("random", "pulled"), default=None,
                     help="the cross-class test's images (`discover --cross-select`; default random)")
     ap.add_argument("--region-min-effect", type=float, default=None,
@@ -250,7 +251,7 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     a = parse()
     cfg = with_check(SCALES[a.scale], a.causal_extent, a.causal_images, a.causal_test, a.cross_select,
-                     a.region_min_effect)
+                     a.region_min_effect, a.encoder if a.causal_test == "reference" else None)
     tag = f"{'' if a.scale == 'full' else a.scale + '-'}seed{a.seed}"
     a.work = str(Path(a.work or ROOT / "runs" / f"shortcut-bench-{tag}").resolve())
     # the final table where issue 25 item 6 reads it; the validation and quick runs beside this script
@@ -319,12 +320,13 @@ def earlier_kinds(out: Path, results: dict, kinds: list[str]) -> dict:
 
 
 def with_check(cfg: dict, extent: str | None, images: int | None, test: str | None = None,
-               cross_select: str | None = None, region_min_effect: float | None = None) -> dict:
+               cross_select: str | None = None, region_min_effect: float | None = None,
+               reference: str | None = None) -> dict:
     """The scale's settings with discovery's causal check (extent, images, decision test, cross-class images,
-    region words' minimum effect) overridden where given."""
+    region words' minimum effect, the reference test's model) overridden where given."""
     check = {k: v for k, v in (("causal_extent", extent), ("causal_images", images), ("causal_test", test),
-                               ("cross_select", cross_select), ("region_min_effect", region_min_effect))
-             if v is not None}
+                               ("cross_select", cross_select), ("region_min_effect", region_min_effect),
+                               ("reference", reference)) if v is not None}
     return {**cfg, "discover": {**cfg["discover"], **check}} if check else cfg
 
 

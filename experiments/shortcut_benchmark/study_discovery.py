@@ -43,6 +43,18 @@ per model computes both; occlusion is read off the same candidates. It runs on r
     python experiments/shortcut_benchmark/study_discovery.py --encoder experiments/shortcut_benchmark/encoder/model \
         --study cross --scale full --work runs/cf-validation-seed0-full --causal-extent footprint
 
+``--study reference`` (session 20) asks whether discovery should flag only what the fine-tuning taught: the
+reference test (``discover --causal-test reference --reference <encoder>``) also occludes each candidate's patches in
+the encoder the models were fine-tuned from, and a flag needs the fall's excess over the encoder's to pass the same
+test. One discovery per model computes both tests, so the current rule (occlusion, region words at 0.1) is read off
+the same candidates. Run on seeds 0 and 1 (full scale, footprint extent); the second run prints and writes the
+decision over both (:func:`adopt_reference`, written before the runs):
+
+    python experiments/shortcut_benchmark/study_discovery.py --encoder experiments/shortcut_benchmark/encoder/model \
+        --study reference --scale full --causal-extent footprint --seed 0
+    python experiments/shortcut_benchmark/study_discovery.py --encoder experiments/shortcut_benchmark/encoder/model \
+        --study reference --scale full --causal-extent footprint --seed 1
+
 The builds and ERM models are run.py's (same work folder, so either script reuses the other's steps).
 """
 
@@ -72,6 +84,8 @@ from siftlens.shortcuts.groups import find_sidecar, read_sidecar  # noqa: E402
 RULES = [(test, m) for test in ("occlude", "insert", "both") for m in (0.05, 0.02, 0.1)]
 CROSS_RULES = [("occlude", 0.05), ("cross", 0.05)]
 REGION_RULES = [("occlude", 0.05), ("occlude", 0.05, 0.1)]  # (test, min effect, region words' min effect)
+# the current rule first, the candidate second (README, "The reference test"); then both without the region minimum
+REFERENCE_RULES = [("occlude", 0.05, 0.1), ("reference", 0.05, 0.1), ("occlude", 0.05), ("reference", 0.05)]
 CHECKS = [(extent, images) for extent in ("center", "footprint") for images in (32, 128)]
 
 
@@ -118,7 +132,8 @@ def study_kind(kind: Kind, study: str, extent: dict | None = None) -> dict:
     out = {}
     for side in RHO:
         done = kind.work / {"rules": f"study-{side}.json", "checks": f"study-checks-{side}.json",
-                            "cross": f"study-cross-confirm-{side}.json", "region": f"study-region-{side}.json"}[study]
+                            "cross": f"study-cross-confirm-{side}.json", "region": f"study-region-{side}.json",
+                            "reference": f"study-reference-{side}.json"}[study]
         if done.exists():
             out[side] = json.loads(done.read_text())
             continue
@@ -135,6 +150,10 @@ def study_kind(kind: Kind, study: str, extent: dict | None = None) -> dict:
         elif study == "region":
             res = discover_on(kind, erm, images, f"study-region-{side}", **extent)
             out[side] = counts_per_rule(res, sidecar, REGION_RULES)
+        elif study == "reference":  # the fine-tuned model against the encoder it was fine-tuned from
+            res = discover_on(kind, erm, images, f"study-reference-{side}", causal_test="reference",
+                              reference=kind.a.encoder, **extent)
+            out[side] = counts_per_rule(res, sidecar, REFERENCE_RULES)
         else:
             out[side] = {}
             for extent, n in CHECKS:
@@ -179,13 +198,34 @@ def adopt_cross(table: dict) -> str:
     return cross if score(table[cross]) >= score(table[occl]) - 2 else occl
 
 
+def adopt_reference(tables: list[dict]) -> str:
+    """The session-20 rule, written before its runs: the reference test (with the region minimum) if its score summed
+    over the validation seeds is at least the current rule's minus 2. The validation controls have no flag under the
+    current rule, so only the test's price in marker classes can show there; 2 classes is the price set in advance,
+    as for the cross test (the finals' large controls had 1 to 2 flagged classes in each of runs 5 to 7)."""
+    current, candidate = (rule_name(*r) for r in REFERENCE_RULES[:2])
+    total = {name: sum(score(t[name]) for t in tables) for name in (current, candidate)}
+    return candidate if total[candidate] >= total[current] - 2 else current
+
+
+def reference_decision(scale: str) -> dict | None:
+    """The reference study's decision over seeds 0 and 1 (:func:`adopt_reference`) once both seeds' results exist."""
+    prefix = "" if scale == "full" else f"{scale}-"
+    files = [HERE / "results" / f"discovery-reference-{prefix}seed{s}.json" for s in (0, 1)]
+    if not all(f.exists() for f in files):
+        return None
+    tables = [json.loads(f.read_text())["table"] for f in files]
+    return {"seeds": [0, 1], "scores": {n: [score(t[n]) for t in tables] for n in tables[0]},
+            "adopted": adopt_reference(tables), "files": [str(f.relative_to(ROOT)) for f in files]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encoder", required=True)
-    ap.add_argument("--study", choices=("rules", "checks", "cross", "region"), default="rules",
+    ap.add_argument("--study", choices=("rules", "checks", "cross", "region", "reference"), default="rules",
                     help="rules: the decision rule (causal test, minimum effect); checks: the occlusion check (extent, "
                          "images per candidate); cross: the cross-class test on pulled images; region: a higher "
-                         "minimum effect for region words")
+                         "minimum effect for region words; reference: the reference test against the encoder")
     ap.add_argument("--work", default=None, help="working folder (default runs/shortcut-bench-<scale>-seed<seed>)")
     ap.add_argument("--causal-extent", choices=("center", "footprint"), default=None)
     ap.add_argument("--seed", type=int, default=0, help="the validation seed (never the final's)")
@@ -218,6 +258,10 @@ def main() -> None:
         names = [rule_name(*r) for r in REGION_RULES]
         table = summary(per_kind, names, lambda side, name: side["rules"][name])
         what = "a region words' minimum effect of 0.1 against occlusion's default on validation builds (issue 25)"
+    elif a.study == "reference":
+        names = [rule_name(*r) for r in REFERENCE_RULES]
+        table = summary(per_kind, names, lambda side, name: side["rules"][name])
+        what = "the reference test (excess over the encoder) against the current rule on validation builds (issue 25)"
     elif a.study == "rules":
         names = [rule_name(*r) for r in RULES]
         table = summary(per_kind, names, lambda side, name: side["rules"][name])
@@ -226,9 +270,9 @@ def main() -> None:
         names = [check_name(*c) for c in CHECKS]
         table = summary(per_kind, names, lambda side, name: side[name]["rules"][rule_name("occlude", 0.05)])
         what = "discovery's occlusion check (extent, images per candidate) on validation builds (issue 25)"
-    chosen = adopt_cross(table) if a.study == "cross" else choose(table)
+    chosen = {"cross": adopt_cross, "reference": lambda t: adopt_reference([t])}.get(a.study, choose)(table)
     prefix = {"rules": "discovery-study", "checks": "discovery-checks", "cross": "discovery-cross",
-              "region": "discovery-region"}[a.study]
+              "region": "discovery-region", "reference": "discovery-reference"}[a.study]
     out = Path(a.out or HERE / "results" / f"{prefix}-{tag}.json")
     write(out, {"study": what, "seed": a.seed, "scale": a.scale, "encoder": a.encoder,
                 "encoder_clean_acc": encoder_accuracy(a.encoder), "checks" if a.study == "checks" else "rules": names,
@@ -236,6 +280,10 @@ def main() -> None:
     for name, per in table.items():
         print(f"{name:14s} " + "  ".join(f"{k} {v['shortcut_rank1']}/{v['control_flagged']}" for k, v in per.items()))
     print(f"chosen: {chosen}\nresults: {out}")
+    if a.study == "reference" and (decision := reference_decision(a.scale)):
+        write(HERE / "results" / f"discovery-reference-{'' if a.scale == 'full' else a.scale + '-'}decision.json",
+              decision)
+        print(f"over seeds 0 and 1: {decision['scores']}; adopted: {decision['adopted']}")
 
 
 if __name__ == "__main__":

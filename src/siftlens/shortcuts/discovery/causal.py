@@ -34,7 +34,7 @@ from ...models.backend import Backend
 from ...progress import progress_bar
 from ..interventions import forward_drop
 from .config import DiscoveryConfig
-from .decision import CROSS_COLUMNS, INSERT_COLUMNS, paired_effect, tests_of
+from .decision import CROSS_COLUMNS, EXCESS_COLUMNS, INSERT_COLUMNS, paired_effect, tests_of
 from .features import Features, load_pixels
 
 
@@ -172,19 +172,21 @@ def _sample(rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 @torch.inference_mode()
 def causal_check(
     backend: Backend, source: ImageSource, f: Features, cands: pd.DataFrame, cfg: DiscoveryConfig,
-    progress: bool = True, texture: Features | None = None,
+    progress: bool = True, texture: Features | None = None, reference: Backend | None = None,
 ) -> pd.DataFrame:
     """``f``: the features whose words are the candidates (SIFT words, or patch regions); ``texture``: the
-    features whose keypoints count for the matched control (default ``f``). Adds ``causal``, ``drop_fall``,
-    ``control_fall``, ``halved_rate`` (share of the images whose p(class)
-    fell below half its value), ``causal_images`` and, from the per-image paired differences, ``effect``,
+    features whose keypoints count for the matched control (default ``f``); ``reference``: a model with the same
+    classes and patch grid, whose own paired differences are occluded alongside (the reference test). Adds
+    ``causal``, ``drop_fall``, ``control_fall``, ``halved_rate`` (share of the images whose p(class) fell below
+    half its value), ``causal_images`` and, from the per-image paired differences, ``effect``,
     ``effect_lo``, ``effect_hi`` and ``p`` (:func:`~siftlens.shortcuts.discovery.decision.paired_effect`) to
     ``cands`` rows; with the insertion test also ``insert_rise``, ``insert_control_rise`` (mean rises of
-    p(class) in the recipients) and ``insert_effect``, ``insert_lo``, ``insert_hi``, ``insert_p``."""
+    p(class) in the recipients) and ``insert_effect``, ``insert_lo``, ``insert_hi``, ``insert_p``; with a
+    ``reference`` also ``reference_effect`` and ``excess``, ``excess_lo``, ``excess_hi``, ``excess_p``."""
     N = f.attention.shape[1]
     jobs = plan_jobs(f, cands, cfg, patch_counts(f if texture is None else texture, N),
                      (backend.patch_size, tuple(backend.grid_size)))
-    res: dict = {lab: {k: [] for k in ("w", "c", "flip", "iw", "ic", "xw", "xc")} for lab in cands.index}
+    res: dict = {lab: {k: [] for k in ("w", "c", "flip", "iw", "ic", "xw", "xc", "r")} for lab in cands.index}
     bs = max(1, cfg.run.batch_size // 2)
     cache: dict[int, np.ndarray] = {}
 
@@ -203,6 +205,8 @@ def causal_check(
             flags = np.stack([j.word for j in chunk] + [j.control for j in chunk])
             p = occlude_probs(backend, np.concatenate([px, px]), flags, np.concatenate([cls, cls]),
                               cfg.occlude, cfg.drop_mode)
+            if reference is not None:
+                reference_differences(reference, chunk, px, flags, cfg, res)
             for k, j in enumerate(chunk):
                 base = float(f.probs[j.image, j.cls])
                 w, c = ("xw", "xc") if j.cross else ("w", "c")
@@ -215,6 +219,20 @@ def causal_check(
                 cache.clear()
             pb.update(task, advance=len(chunk))
     return summarise(cands, res, cfg.run.seed)
+
+
+def reference_differences(reference: Backend, chunk: list[Job], px: np.ndarray, flags: np.ndarray,
+                          cfg: DiscoveryConfig, res: dict) -> None:
+    """The reference test of a batch: the same images (px (B, H, W, 3) uint8) with each job's word patches, then its
+    control patches (flags (2B, N) bool), occluded in the ``reference`` model; appends, per job predicted as its
+    class, the reference's paired difference (word occluded - control occluded falls of p(class), which is p with
+    the control occluded minus p with the word occluded) to ``res``."""
+    cls = np.array([j.cls for j in chunk])
+    p = occlude_probs(reference, np.concatenate([px, px]), flags, np.concatenate([cls, cls]), cfg.occlude,
+                      cfg.drop_mode)
+    for k, j in enumerate(chunk):
+        if not j.cross:
+            res[j.label]["r"].append(p[len(chunk) + k] - p[k])
 
 
 def insert_rises(backend: Backend, f: Features, chunk: list[tuple[int, Job]], donors: np.ndarray, pixels,
@@ -238,8 +256,9 @@ def insert_rises(backend: Backend, f: Features, chunk: list[tuple[int, Job]], do
 
 
 def summarise(cands: pd.DataFrame, res: dict, seed: int) -> pd.DataFrame:
-    """``cands`` with the causal columns of each row from its per-image falls (``w`` word, ``c`` control) and
-    rises (``iw``, ``ic``) in ``res``."""
+    """``cands`` with the causal columns of each row from its per-image falls (``w`` word, ``c`` control), rises
+    (``iw``, ``ic``), cross-class falls (``xw``, ``xc``) and the reference's paired differences (``r``) in
+    ``res``."""
     out = cands.copy()
     for k, lab in enumerate(cands.index):
         w, c = np.asarray(res[lab]["w"]), np.asarray(res[lab]["c"])
@@ -254,15 +273,22 @@ def summarise(cands: pd.DataFrame, res: dict, seed: int) -> pd.DataFrame:
         if len(iw):
             out.loc[lab, "insert_rise"] = iw.mean()
             out.loc[lab, "insert_control_rise"] = ic.mean()
-            eff = paired_effect(iw - ic, seed=seed + 1001 + 2 * k, alpha=0.05)
-            for col, name in zip(("effect", "effect_lo", "effect_hi", "p"), INSERT_COLUMNS, strict=True):
-                out.loc[lab, name] = eff[col]
+            _put(out, lab, INSERT_COLUMNS, paired_effect(iw - ic, seed=seed + 1001 + 2 * k, alpha=0.05))
+        r = np.asarray(res[lab]["r"])
+        if len(r):
+            out.loc[lab, "reference_effect"] = r.mean()
+            _put(out, lab, EXCESS_COLUMNS, paired_effect((w - c) - r, seed=seed + 7000 + k, alpha=0.05))
         xw, xc = np.asarray(res[lab]["xw"]), np.asarray(res[lab]["xc"])
         if len(xw):
             out.loc[lab, "cross_fall"] = xw.mean()
             out.loc[lab, "cross_control_fall"] = xc.mean()
             # a control that raises p(class) removed the label's own evidence, not the class's: it counts as no fall
-            eff = paired_effect(xw - np.maximum(xc, 0.0), seed=seed + 5000 + k, alpha=0.05)
-            for col, name in zip(("effect", "effect_lo", "effect_hi", "p"), CROSS_COLUMNS, strict=True):
-                out.loc[lab, name] = eff[col]
+            _put(out, lab, CROSS_COLUMNS, paired_effect(xw - np.maximum(xc, 0.0), seed=seed + 5000 + k, alpha=0.05))
     return out
+
+
+def _put(out: pd.DataFrame, lab, names: tuple[str, ...], eff: dict) -> None:
+    """A second test's :func:`~siftlens.shortcuts.discovery.decision.paired_effect` into row ``lab`` under its own
+    column ``names`` (effect, lower, upper, p)."""
+    for col, name in zip(("effect", "effect_lo", "effect_hi", "p"), names, strict=True):
+        out.loc[lab, name] = eff[col]

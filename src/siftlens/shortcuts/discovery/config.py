@@ -48,7 +48,12 @@ class DiscoveryConfig:
                                          "classes, against pasted control patches), both (a flag needs both) or "
                                          "cross (occlude, confirmed by the same occlusion on the images labelled "
                                          "as other classes that hold the word: a shortcut pulls them to the "
-                                         "class, a core feature rarely does; needs labels).")
+                                         "class, a core feature rarely does; needs labels) or reference (occlude, "
+                                         "and the fall must exceed the same fall in --reference: what the "
+                                         "fine-tuning taught, not what any model of the task uses).")
+    reference: str | None = option(None, "Reference test's model: the model the checked one was fine-tuned from, "
+                                          "or any model trained on clean data with the same classes and patch grid "
+                                          "(named as --model is: a folder, a hub id ORG/NAME, or timm:<name>).")
     cross_select: str = option("random", "Cross-class test's images, of the other classes' labelled images that "
                                          "hold the word: random, or pulled (those with the highest p(class), "
                                          "where a shortcut shows: a word common in every class is not diluted).")
@@ -72,6 +77,8 @@ class DiscoveryConfig:
             raise ConfigError(f"--causal-test must be one of {', '.join(CAUSAL_TESTS)}, not {self.causal_test!r}")
         if self.causal_extent not in EXTENTS:
             raise ConfigError(f"--causal-extent must be one of {', '.join(EXTENTS)}, not {self.causal_extent!r}")
+        if (self.causal_test == "reference") != (self.reference is not None):
+            raise ConfigError("--causal-test reference needs --reference MODEL, and --reference is used by it only")
         if self.cross_select not in CROSS_SELECT:
             raise ConfigError(f"--cross-select must be one of {', '.join(CROSS_SELECT)}, not {self.cross_select!r}")
         if self.control not in CONTROL_KINDS:

@@ -40,6 +40,16 @@ alpha and ``cross_effect`` at least ``min_effect``. It needs labels, and images 
 word: a word seen only in its own class cannot be confirmed (nothing in labelled data tells such a shortcut from a
 core feature).
 
+The reference test (``--causal-test reference``, with ``--reference MODEL``: the model the checked one was
+fine-tuned from, or any model with the same classes trained on clean data) asks whether the checked model leans on
+the word *more than* the reference does. Occlusion cannot tell a shortcut the fine-tuning taught from a correlation
+every model of the task learns (the sky of an airplane, on a control that never relied on a marker): both lower
+p(c). A reference that never saw the bias shows the second and not the first. The same images, word patches and
+control patches are occluded in the reference, giving its own paired difference ``r_i``; the excess ``d_i - r_i``
+gives ``excess``, ``excess_lo``, ``excess_hi`` and ``excess_p`` (``reference_effect`` is the mean of r). A flag
+needs both tests, as with ``both``: ``q`` is the larger of the two BH q-values over every candidate tested, and
+both ``effect`` and ``excess`` at least ``min_effect``.
+
 With fewer than :data:`MIN_IMAGES` images the interval, p and q are empty (NaN) and the candidate is not flagged.
 A class with no flagged candidate has "no shortcut found" (:data:`NO_SHORTCUT`).
 """
@@ -68,13 +78,18 @@ TEST = {  # the decision's test, as discovery.json records it, per --causal-test
     "cross": f"paired sign-flip test of the per-image differences (word occluded - matched control occluded) on the "
              f"images predicted as the class, {_STATS}; each flag then confirmed by the same test on images labelled "
              f"as another class that hold the word (cross_q: Benjamini-Hochberg over the flagged candidates)",
+    "reference": f"paired sign-flip tests of the per-image differences (word occluded - matched control occluded) in "
+                 f"the checked model, and of their excess over the same differences in the reference model, "
+                 f"{_STATS} within each; flagged when both pass (q: the larger)",
 }
 COLUMNS = ("effect", "effect_lo", "effect_hi", "p", "q", "flagged")
 INSERT_COLUMNS = ("insert_effect", "insert_lo", "insert_hi", "insert_p")
 CROSS_COLUMNS = ("cross_effect", "cross_lo", "cross_hi", "cross_p")
+EXCESS_COLUMNS = ("excess", "excess_lo", "excess_hi", "excess_p")
 # the columns each causal test decides on: (p-value, effect)
-TEST_COLUMNS = {"occlude": ("p", "effect"), "insert": ("insert_p", "insert_effect")}  # cross: _confirm_across_classes
-CAUSAL_TESTS = ("occlude", "insert", "both", "cross")
+TEST_COLUMNS = {"occlude": ("p", "effect"), "insert": ("insert_p", "insert_effect"),
+                "reference": ("excess_p", "excess")}  # cross: _confirm_across_classes
+CAUSAL_TESTS = ("occlude", "insert", "both", "cross", "reference")
 
 
 def sign_flip_p(d) -> float:
@@ -107,8 +122,10 @@ def paired_effect(d, seed: int = 0, n_boot: int = N_BOOT, alpha: float = 0.05) -
 
 
 def tests_of(test: str) -> tuple[str, ...]:
-    """The causal tests a decision needs: ``occlude``, ``insert``, both, or ``occlude`` and ``cross``."""
-    return {"both": ("occlude", "insert"), "cross": ("occlude", "cross")}.get(test, (test,))
+    """The causal tests a decision needs: ``occlude``, ``insert``, both, ``occlude`` and ``cross``, or ``occlude``
+    and ``reference``."""
+    return {"both": ("occlude", "insert"), "cross": ("occlude", "cross"),
+            "reference": ("occlude", "reference")}.get(test, (test,))
 
 
 def decide(stats: pd.DataFrame, alpha: float = 0.05, min_effect: float = 0.05, test: str = "occlude",
@@ -116,7 +133,8 @@ def decide(stats: pd.DataFrame, alpha: float = 0.05, min_effect: float = 0.05, t
     """Add ``q`` (BH over every row with a p-value: every candidate tested in the run) and ``flagged``
     (``q < alpha`` and ``effect >= min_effect``) to ``stats`` (in place; returned). ``test``: ``occlude``
     decides on ``p`` and ``effect``, ``insert`` on ``insert_p`` and ``insert_effect``, ``both`` on both (``q``
-    the larger of the two q-values, and both effects at least ``min_effect``); ``cross`` decides on occlusion, then
+    the larger of the two q-values, and both effects at least ``min_effect``), ``reference`` likewise on occlusion and
+    its excess over the reference (``excess_p``, ``excess``); ``cross`` decides on occlusion, then
     confirms its flags by the cross-class test (:func:`_confirm_across_classes`). ``region_min_effect``: a region
     word (``source`` "region") also needs an occlusion ``effect`` of at least this (no bar beyond ``min_effect``
     when smaller)."""
@@ -161,7 +179,9 @@ def claim_text(r: dict, test: str, fmt=_number) -> str:
              "insert": f"insertion {fmt(r.get('insert_effect'))} [{fmt(r.get('insert_lo'))}, "
                        f"{fmt(r.get('insert_hi'))}]",
              "cross": f"other classes {fmt(r.get('cross_effect'))} [{fmt(r.get('cross_lo'))}, "
-                      f"{fmt(r.get('cross_hi'))}], cross q {fmt(r.get('cross_q'))}"}
+                      f"{fmt(r.get('cross_hi'))}], cross q {fmt(r.get('cross_q'))}",
+             "reference": f"beyond the reference {fmt(r.get('excess'))} [{fmt(r.get('excess_lo'))}, "
+                       f"{fmt(r.get('excess_hi'))}]"}
     return ", ".join(parts[t] for t in tests_of(test))
 
 

@@ -114,6 +114,7 @@ def discover(
     cfg.validate()
     t0 = time.time()
     backend = model if isinstance(model, Backend) else load_backend(model, cfg.run.device, weights=weights)
+    reference = load_reference(cfg, backend)  # checked before the long feature pass
     source = images if isinstance(images, ImageSource) else ImageSource(images, limit=cfg.run.limit)
     if isinstance(boxes, (str, Path)):
         boxes = read_boxes(boxes)
@@ -142,7 +143,7 @@ def discover(
     stats["kp_per_patch"] = tex[stats["class_index"].to_numpy(int) * total + stats["word"].to_numpy(int)]
     checked = causal_candidates(stats, cfg.causal_top)
     if cfg.causal_top > 0 and len(checked):
-        upd = causal_check(backend, source, f, checked, cfg, progress, texture=sift_f)
+        upd = causal_check(backend, source, f, checked, cfg, progress, texture=sift_f, reference=reference)
         stats.loc[upd.index, upd.columns] = upd
     decide(stats, cfg.alpha, cfg.min_effect, cfg.causal_test, cfg.region_min_effect)
     stats, top = rank(stats, class_names, cfg.top)
@@ -166,6 +167,24 @@ def discover(
     }
     return DiscoveryResult(stats, top, centers.numpy(), f, class_names, galleries, manifest,
                            regions=None if region_centers is None else region_centers.numpy(), decision=decision)
+
+
+def load_reference(cfg: DiscoveryConfig, backend: Backend) -> Backend | None:
+    """The reference test's model (``cfg.reference``), checked against the checked model: the same classes in the
+    same order, and the same input size and patch grid (the occluded patches are the checked model's); None without
+    the reference test."""
+    if cfg.reference is None:
+        return None
+    ref = load_backend(cfg.reference, cfg.run.device)
+    if list(ref.class_names or []) != list(backend.class_names or []):
+        raise ConfigError(f"--reference {cfg.reference} has classes {ref.class_names}, not the model's "
+                          f"{backend.class_names}")
+    if (ref.patch_size, tuple(ref.grid_size), tuple(ref.input_size)) != (
+            backend.patch_size, tuple(backend.grid_size), tuple(backend.input_size)):
+        raise ConfigError(f"--reference {cfg.reference} sees {tuple(ref.input_size)} pixels in patches of "
+                          f"{ref.patch_size}, not the model's {tuple(backend.input_size)} in patches of "
+                          f"{backend.patch_size}")
+    return ref
 
 
 def texture_per_patch(f: Features, sift_f: Features, K: int, n_classes: int) -> np.ndarray:

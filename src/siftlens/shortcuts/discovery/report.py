@@ -48,7 +48,7 @@ DECIDE = (
     "&ge; {min_effect:g}; a class with no flagged candidate reads <em>no shortcut found</em>. prompt and repair "
     "use flagged candidates only."
 )
-INSERT_NOTE = {  # --causal-test insert or both: what the insertion test adds to the rule above
+TEST_NOTE = {  # --causal-test other than occlude: what its test adds to the rule above
     "insert": " This run decides on the <strong>insertion</strong> test instead: the rise of p(class) with the "
               "word's patches pasted into an image predicted as another class, minus the rise with the matched "
               "control patches pasted, with the same interval, test and correction.",
@@ -57,7 +57,12 @@ INSERT_NOTE = {  # --causal-test insert or both: what the insertion test adds to
             "pasted): a flag needs both tests, and q is the larger of the two.",
     "cross": " This run also runs the <strong>cross-class</strong> test: the same paired difference on images "
              "<em>labelled</em> as another class that hold the word (a shortcut pulls them to the class, a core "
-             "feature of the class rarely does): a flag needs both tests, and q is the larger of the two.",
+             "feature of the class rarely does): an occlusion flag stays only when that test confirms it (cross q, "
+             "Benjamini-Hochberg over the candidates occlusion flagged, below alpha).",
+    "reference": " This run also occludes the same patches in the <strong>reference</strong> model (the model "
+                 "fine-tuned from, or one trained on clean data): the <em>excess</em> of the paired difference over "
+                 "the reference's is what the fine-tuning taught. A flag needs both tests (occlusion, and its excess "
+                 "over the reference), q is the larger of the two, and both effects are at least the minimum.",
 }
 
 
@@ -69,7 +74,7 @@ def verdict_html(result) -> str:
     if not d:
         return ""
     test = d.get("causal_test", "occlude")
-    parts = ["<h2>Decision</h2><p>" + DECIDE.format(**d) + INSERT_NOTE.get(test, "") + "</p><table><tr>"
+    parts = ["<h2>Decision</h2><p>" + DECIDE.format(**d) + TEST_NOTE.get(test, "") + "</p><table><tr>"
              "<th class='l'>class</th><th class='l'>verdict</th><th class='l'>flagged (word: effect [95% CI], q)</th>"
              "</tr>"]
     for c in result.class_names:

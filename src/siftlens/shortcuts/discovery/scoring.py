@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .decision import COLUMNS, CROSS_COLUMNS, INSERT_COLUMNS
+from .decision import COLUMNS, CROSS_COLUMNS, EXCESS_COLUMNS, INSERT_COLUMNS
 from .features import Features, word_patches
 
 CAUSAL_FLOOR = 0.01
@@ -74,7 +74,8 @@ def row_dict(r: pd.Series) -> dict:
     keys = ("word", "source", "rank", "score", "share", "lift", "assoc", "causal", "drop_fall", "control_fall",
             "effect", "effect_lo", "effect_hi", "p", "insert_rise", "insert_control_rise", "insert_effect",
             "insert_lo", "insert_hi", "insert_p", "cross_fall", "cross_control_fall", "cross_effect", "cross_lo",
-            "cross_hi", "cross_p", "cross_q", "q", "flagged", "causal_images", "support", "kp_per_patch",
+            "cross_hi", "cross_p", "cross_q", "reference_effect", "excess", "excess_lo", "excess_hi", "excess_p", "q",
+            "flagged", "causal_images", "support", "kp_per_patch",
             "present_in_class", "present_elsewhere", "off_object")
     out = {}
     for k in keys:
@@ -101,7 +102,7 @@ def candidate_stats(f: Features, K: int, n_classes: int, smoothing: float, min_i
     stats["pre_score"] = pre_score(stats)
     for col in ("causal", "drop_fall", "control_fall", "halved_rate", "causal_images", *COLUMNS[:-1],
                 "insert_rise", "insert_control_rise", *INSERT_COLUMNS, "cross_fall", "cross_control_fall",
-                *CROSS_COLUMNS, "cross_q"):
+                *CROSS_COLUMNS, "cross_q", "reference_effect", *EXCESS_COLUMNS):
         stats[col] = np.nan
     stats["flagged"] = False
     return stats
